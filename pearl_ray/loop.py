@@ -1,0 +1,113 @@
+"""The PEARL decoding loop over any ``RoundChannel``: plan, run both sides, decide, stop. No Ray.
+
+The same loop serves ``backend="local"`` (``LocalChannel``: both sides in this process, one after the
+other: same tokens, no speed-up) and the Ray backend (its channel runs the two sides at once in actors).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .messages import DraftChunk, DraftRequest, TargetOutput, TargetRequest
+from .metrics import GenerationStats, RoundTiming
+from .pearl import PearlState, RoundOptions, pearl_step, plan_round
+from .stopping import StopRule
+from .workers import CausalLM, DraftSide, TargetSide
+
+
+class RoundChannel(Protocol):
+    """Runs one PEARL round on both sides. Knows nothing about acceptance."""
+
+    def start(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float, draft_greedy: bool,
+              draft_seed: int) -> None: ...
+
+    def run_round(self, draft_req: DraftRequest, target_req: TargetRequest
+                  ) -> tuple[DraftChunk, TargetOutput | None]: ...
+
+    def forward_counts(self) -> tuple[int, int]:
+        """(draft forwards, target forwards) since ``start``."""
+        ...
+
+
+class LocalChannel:
+    """Both sides in this process, run one after the other."""
+
+    def __init__(self, draft_model: CausalLM, target_model: CausalLM):
+        self.draft = DraftSide(draft_model)
+        self.target = TargetSide(target_model)
+
+    def start(self, prompt_ids, temperature, top_k, top_p, draft_greedy, draft_seed) -> None:
+        from .sampling import make_generator
+
+        gen = make_generator(draft_seed, 1) if temperature > 0 and not draft_greedy else None
+        self.draft.start(prompt_ids, temperature, top_k, top_p, draft_greedy, gen)
+        self.target.start(prompt_ids, temperature, top_k, top_p)
+
+    def run_round(self, draft_req, target_req):
+        return self.draft.draft(draft_req), self.target.verify(target_req)
+
+    def forward_counts(self) -> tuple[int, int]:
+        return self.draft.mirror.forwards, self.target.mirror.forwards
+
+
+def overlap_s(chunk: DraftChunk | None, target_out: TargetOutput | None) -> float:
+    """Time both sides were busy at once, from their own start timestamps and busy durations."""
+    if chunk is None or target_out is None or not chunk.busy_s or not target_out.busy_s:
+        return 0.0
+    start = max(chunk.started_at, target_out.started_at)
+    end = min(chunk.started_at + chunk.busy_s, target_out.started_at + target_out.busy_s)
+    return max(0.0, end - start)
+
+
+def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, stop: StopRule,
+              seed: int, temperature: float, top_k: int, top_p: float,
+              on_tokens: Callable[[list[int]], None] | None = None,
+              method: str = "pearl") -> tuple[list[int], GenerationStats]:
+    """Generate one request; returns (output ids after the stop rule, stats).
+
+    ``on_tokens`` receives each round's newly committed tokens (after the stop cut): the token stream.
+    """
+    from .sampling import make_generator
+
+    t_start = time.perf_counter()
+    stats = GenerationStats(method=method, gamma=opts.gamma)
+    channel.start(prompt_ids, temperature, top_k, top_p, opts.draft_greedy, seed)
+    state = PearlState(committed=list(prompt_ids), prompt_len=len(prompt_ids))
+    coins = None if opts.greedy else make_generator(seed, 0)
+    emitted = 0
+    while True:
+        # 1. Plan both sides' work from the state; 2. run them (concurrently on Ray); 3. decide once.
+        plan = plan_round(state, opts)
+        t0 = time.perf_counter()
+        chunk, target_out = channel.run_round(plan.draft, plan.target)
+        t1 = time.perf_counter()
+        outcome = pearl_step(state, plan, chunk, target_out, coins, opts)
+        # 4. Stop rule on the newly committed tokens only.
+        output = state.committed[state.prompt_len:]
+        decision = stop.check(output, len(outcome.update.appended_token_ids))
+        t2 = time.perf_counter()
+        timing = RoundTiming(
+            plan.round_id, plan.mode.value,
+            draft_busy_s=chunk.busy_s, target_busy_s=target_out.busy_s if target_out else 0.0,
+            round_s=t2 - t0, decide_s=t2 - t1, overlap_s=overlap_s(chunk, target_out),
+            bytes_moved=chunk.num_bytes() + (target_out.num_bytes() if target_out else 0),
+            num_candidates=outcome.num_candidates, num_accepted=outcome.num_accepted)
+        stats.observe_round(outcome.num_drafted, outcome.num_candidates, outcome.num_accepted,
+                            outcome.recovered_token_id >= 0, outcome.bonus_token_id >= 0,
+                            outcome.candidate_positions, timing)
+        if not chunk.draft_token_ids and plan.draft.num_steps:
+            stats.fallback_rounds += 1
+        visible = min(len(output), decision.keep)
+        if on_tokens is not None and visible > emitted:
+            on_tokens(output[emitted:visible])
+        emitted = max(emitted, visible)
+        if decision.finished:
+            output = output[: decision.keep]
+            break
+    stats.draft_forwards, stats.target_forwards = channel.forward_counts()
+    stats.finish(len(output), time.perf_counter() - t_start, decision.reason)
+    return output, stats

@@ -1,0 +1,148 @@
+"""The PEARL round state machine (Liu et al., ICLR 2025, arXiv 2408.11850). Pure: no Ray, no HF.
+
+Notation as in ``verify``: p = target, q = draft, ``gamma`` = draft window. *Committed* tokens are
+verified and final; *pending* tokens were drafted but not yet verified.
+
+One round: the draft drafts ``gamma`` tokens while the target runs one forward over the last committed
+token plus the pending tokens (PRE: 1 token, POST: gamma tokens); then ``pearl_step`` decides once.
+Candidates are ``pending + [d0]``: in PRE mode that is *pre-verify* (the first new draft token is checked
+in the round that drafted it), in POST mode *post-verify* (the pending window is checked while the draft
+already drafted the next one). The mode follows from the state (``VerifyMode``).
+
+Ablations are options of the same loop (``RoundOptions``):
+- ``pre_verify=False``: in PRE rounds the target sits out and the whole window becomes pending;
+- ``post_verify=False``: in POST rounds the draft sits out; the target verifies the pending tokens and,
+  if all pass, takes a bonus token from its extra row (as vanilla SD).
+With both off the schedule is exactly vanilla speculative decoding. A round whose draft produced nothing
+(draft failure or timeout) is verified the same way: pending tokens, then a bonus row (spec §7.6).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .messages import DraftChunk, DraftRequest, Outcome, SeqUpdate, TargetOutput, TargetRequest
+from .verify import NO_TOKEN, verify_greedy, verify_sampled
+
+
+class VerifyMode(enum.Enum):
+    PRE = "pre"  # nothing pending: the target pre-verifies the first token of the window being drafted
+    POST = "post"  # a window is pending: the target post-verifies it while the draft drafts the next
+
+
+@dataclass(frozen=True)
+class RoundOptions:
+    gamma: int
+    greedy: bool  # temperature 0: ids only, no coins
+    draft_greedy: bool = False  # sampling target with an argmax draft (q one-hot, ids only on the wire)
+    pre_verify: bool = True
+    post_verify: bool = True
+
+
+@dataclass
+class PearlState:
+    committed: list[int]  # prompt + verified output ids
+    prompt_len: int
+    pending: list[int] = field(default_factory=list)
+    pending_q: torch.Tensor | None = None  # [len(pending), vocab] fp32, only when the draft samples
+    pending_positions: list[int] = field(default_factory=list)  # index of each pending token in its window
+    round_id: int = 0
+    last_update: SeqUpdate | None = None  # sent to the workers with the next round's requests
+
+    @property
+    def mode(self) -> VerifyMode:
+        return VerifyMode.POST if self.pending else VerifyMode.PRE
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round_id: int
+    mode: VerifyMode
+    draft: DraftRequest
+    target: TargetRequest
+    verify_first_draft: bool  # whether d[0] of this round is a candidate
+
+
+def plan_round(state: PearlState, opts: RoundOptions) -> RoundPlan:
+    """Build both workers' requests for the next round from the state alone."""
+    mode = state.mode
+    round_id = state.round_id + 1
+    num_steps = 0 if (mode is VerifyMode.POST and not opts.post_verify) else opts.gamma
+    target_sits_out = mode is VerifyMode.PRE and not opts.pre_verify
+    num_rows = 0 if target_sits_out else len(state.pending) + 1
+    seq_len = len(state.committed) + len(state.pending)
+    return RoundPlan(
+        round_id=round_id,
+        mode=mode,
+        draft=DraftRequest(round_id, seq_len, num_steps, state.last_update),
+        target=TargetRequest(round_id, len(state.committed), num_rows, state.last_update),
+        verify_first_draft=num_rows > 0 and num_steps > 0,
+    )
+
+
+def pearl_step(
+    state: PearlState,
+    plan: RoundPlan,
+    chunk: DraftChunk,
+    target_out: TargetOutput | None,
+    generator: torch.Generator | None,
+    opts: RoundOptions,
+) -> Outcome:
+    """Decide one round and advance ``state`` in place. The only place coins are drawn.
+
+    ``chunk.draft_token_ids`` may be empty even if the plan asked for a window (draft failure): then the
+    round verifies the pending tokens and takes a bonus token from the target's last row.
+    """
+    # 1. Check that both messages belong to this round and this position.
+    if chunk.round_id != plan.round_id or chunk.start_pos != plan.draft.start_pos:
+        raise RuntimeError(f"stale draft chunk: got round {chunk.round_id} pos {chunk.start_pos}, "
+                           f"expected round {plan.round_id} pos {plan.draft.start_pos}")
+    num_rows = plan.target.num_rows
+    if num_rows:
+        if target_out is None or target_out.round_id != plan.round_id or target_out.start_pos != plan.target.start_pos:
+            raise RuntimeError(f"stale target output for round {plan.round_id}")
+        if target_out.num_rows != num_rows:
+            raise RuntimeError(f"target returned {target_out.num_rows} rows, expected {num_rows}")
+    drafted = chunk.draft_token_ids
+    # 2. Candidates: the pending window, then d[0] unless the target sits out or the draft produced nothing.
+    take_first = bool(drafted) and plan.verify_first_draft
+    candidates = list(state.pending) + ([drafted[0]] if take_first else [])
+    positions = list(state.pending_positions) + ([0] if take_first else [])
+    cand_q = None
+    if not opts.greedy and not opts.draft_greedy:
+        parts = [t for t in (state.pending_q, chunk.draft_probs[:1] if take_first else None) if t is not None]
+        cand_q = torch.cat(parts) if parts else None
+    # 3. Verify: one coin per candidate in order; a bonus row exists only when the target has a row to spare.
+    allow_bonus = num_rows > len(candidates)
+    if not num_rows:
+        num_accepted, extra = 0, NO_TOKEN
+    elif opts.greedy:
+        num_accepted, extra = verify_greedy(target_out.target_argmax_ids, candidates, allow_bonus)
+    else:
+        num_accepted, extra = verify_sampled(target_out.target_probs, candidates, cand_q, generator, allow_bonus)
+    # 4. Advance the state: commit accepted (+ recovered or bonus) tokens; carry the rest of the window.
+    committed_before = len(state.committed)
+    recovered = bonus = NO_TOKEN
+    if extra != NO_TOKEN:
+        appended = candidates[:num_accepted] + [extra]
+        if num_accepted < len(candidates):
+            recovered = extra
+        else:
+            bonus = extra
+        new_pending, new_q, new_pos = [], None, []
+    else:
+        appended = candidates
+        skip = 1 if take_first else 0
+        new_pending = list(drafted[skip:])
+        new_pos = list(range(skip, len(drafted)))
+        new_q = chunk.draft_probs[skip:] if chunk.draft_probs is not None and new_pending else None
+    state.committed.extend(appended)
+    state.pending, state.pending_q, state.pending_positions = new_pending, new_q, new_pos
+    state.round_id = plan.round_id
+    update = SeqUpdate(plan.round_id, committed_before, appended, list(new_pending))
+    state.last_update = update
+    return Outcome(plan.round_id, len(candidates), num_accepted, recovered, bonus, len(drafted), update,
+                   positions[: len(candidates)])

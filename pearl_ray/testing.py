@@ -1,0 +1,117 @@
+"""Toy models for tests and examples: a tabular LM over a tiny vocabulary and tiny random Llama models.
+
+``TabularLM`` implements ``workers.CausalLM`` with logits that depend on the last two tokens, so exact
+continuation distributions can be enumerated; its "cache" is the list of fed ids, so crop is exact.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from .sampling import warp_probs
+
+
+class TabularLM:
+    def __init__(self, vocab_size: int = 6, seed: int = 0, sharpness: float = 1.5, max_context: int = 4096,
+                 table: torch.Tensor | None = None):
+        self.vocab_size = vocab_size
+        self.max_context = max_context
+        if table is None:
+            g = torch.Generator().manual_seed(seed)
+            table = torch.randn(vocab_size, vocab_size, vocab_size, generator=g) * sharpness
+        self.table = table  # [prev, cur, next] logits
+        self.ids: list[int] = []
+        self.num_forwards = 0
+
+    def reset(self) -> None:
+        self.ids = []
+
+    @property
+    def cache_len(self) -> int:
+        return len(self.ids)
+
+    def logits_at(self, ids: list[int]) -> torch.Tensor:
+        """Next-token logits after the sequence ``ids``."""
+        prev = ids[-2] if len(ids) >= 2 else 0
+        return self.table[prev, ids[-1]].clone()
+
+    def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
+        if not token_ids or num_logits > len(token_ids):
+            raise ValueError("bad forward")
+        self.num_forwards += 1
+        self.ids.extend(token_ids)
+        n = len(self.ids)
+        return torch.stack([self.logits_at(self.ids[: n - num_logits + 1 + j]) for j in range(num_logits)])
+
+    def crop(self, length: int) -> None:
+        if length > len(self.ids):
+            raise ValueError("crop past the end")
+        self.ids = self.ids[:length]
+
+    def continuation_probs(self, prompt: list[int], length: int, temperature: float, top_k: int = 0,
+                           top_p: float = 1.0) -> dict[tuple[int, ...], float]:
+        """Exact joint distribution of the next ``length`` tokens under the warped model (enumeration)."""
+        out = {}
+        for cont in itertools.product(range(self.vocab_size), repeat=length):
+            prob, seq = 1.0, list(prompt)
+            for tok in cont:
+                p = warp_probs(self.logits_at(seq), temperature, top_k, top_p)[tok].item()
+                prob *= p
+                if prob == 0.0:
+                    break
+                seq.append(tok)
+            if prob > 0:
+                out[cont] = prob
+        return out
+
+
+class PermutedLM(TabularLM):
+    """An 'unrelated' draft: the other model's table with next-token logits shuffled."""
+
+    def __init__(self, base: TabularLM, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(base.vocab_size, generator=g)
+        super().__init__(base.vocab_size, table=base.table[..., perm].clone(), max_context=base.max_context)
+
+
+def save_tiny_llama(path: str | Path, seed: int = 0, vocab_size: int = 96, hidden_size: int = 32,
+                    num_layers: int = 2, tokenizer_dir: str | Path | None = None, max_position_embeddings: int = 256,
+                    eos_token_id: int = 2) -> Path:
+    """Build a tiny random Llama in float32 and save it (plus a tokenizer if given) for the real loader."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)  # model init only; never used inside generation
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_position_embeddings, eos_token_id=eos_token_id,
+                      bos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharpen the random logits so greedy paths are not near-ties
+        model.lm_head.weight.mul_(8.0)
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
+    return path
+
+
+def make_word_tokenizer(path: str | Path, words: list[str]) -> Path:
+    """A tiny word-level tokenizer (built offline with ``tokenizers``) saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+    path = Path(path)
+    fast.save_pretrained(path)
+    return path

@@ -1,0 +1,51 @@
+"""Cache rollback helper, stop rule and metrics arithmetic."""
+
+import torch
+
+from pearl_ray.metrics import GenerationStats
+from pearl_ray.models import crop_to
+from pearl_ray.stopping import StopRule
+
+
+def test_crop_to_keeps_the_first_n_positions():
+    from transformers import DynamicCache, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2)
+    cache = DynamicCache(config=cfg)
+    k = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 4).contiguous()
+    for layer in range(2):
+        cache.update(k, k.clone(), layer)
+    crop_to(cache, 7)
+    assert cache.get_seq_length() == 7
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == list(range(7))
+    crop_to(cache, 7)
+    assert cache.get_seq_length() == 7
+    crop_to(cache, 0)
+    assert cache.get_seq_length() == 0
+
+
+def test_stop_rule_cuts_at_first_committed_eos_and_at_length():
+    rule = StopRule(max_new_tokens=10, eos_token_ids=[2])
+    assert rule.check([5, 6, 2, 7, 2], 5).keep == 3
+    assert rule.check([5, 6], 2).finished is False
+    r = rule.check(list(range(3, 15)), 12)
+    assert (r.finished, r.keep, r.reason) == (True, 10, "length")
+    assert StopRule(10, [2], ignore_eos=True).check([2, 2], 2).finished is False
+
+
+def test_metrics_definitions():
+    s = GenerationStats()
+    # round 1: 1 candidate accepted; round 2: 3 candidates, 2 accepted then a rejection; round 3: 2 accepted
+    s.observe_round(4, 1, 1, False, False, [0])
+    s.observe_round(4, 3, 2, True, False, [1, 2, 0])
+    s.observe_round(4, 2, 2, False, False, [0, 1])
+    s.target_forwards = 4
+    s.finish(new_tokens=8, wall_s=2.0, finish_reason="length")
+    assert s.accepted_tokens == 5 and s.verified_tokens == 6
+    assert s.acceptance_rate == 5 / 6 and s.draft_utilisation == 5 / 12
+    assert s.runs == 2 and s.mean_accepted_len == 2.5  # runs [1, 1, 1] ended by rejection (3), final run 2
+    assert s.mal_official == 3.0
+    assert s.tokens_per_target_forward == 2.0 and s.tokens_per_s == 4.0
+    assert s.acceptance_by_position == [2 / 3, 1.0, 1.0]  # position 0 rejected once in round 2
+    merged = GenerationStats.merge([s, s])
+    assert merged.acceptance_rate == s.acceptance_rate and merged.new_tokens == 16
