@@ -152,16 +152,63 @@ def build_draft(target_model, layers: list[int], draft_to_target: list[int]):
     return draft
 
 
-def pick_vocab(records: list[dict], size: int, eos_ids: list[int]) -> list[int]:
+def pick_vocab(records: list[dict], size: int, eos_ids: list[int], vocab_total: int) -> list[int]:
+    """The ``size`` target ids the draft can propose: every id seen in the teacher data (most frequent
+    first), then the lowest remaining ids (byte-level BPE numbers its merges roughly by frequency)."""
     counts = Counter()
     for r in records:
         counts.update(r["continuation_ids"])
-        counts.update(r["prompt_ids"][-200:])
-    vocab = [t for t, _ in counts.most_common(size)]
-    for e in eos_ids:
-        if e not in vocab:
-            vocab[-1 - eos_ids.index(e)] = e
-    return sorted(vocab)
+        counts.update(r["prompt_ids"])
+    chosen = [t for t, _ in counts.most_common(size)]
+    seen = set(chosen) | set(eos_ids)
+    chosen = chosen[: size - len(set(eos_ids) - set(chosen))] + [e for e in eos_ids if e not in chosen]
+    seen = set(chosen)
+    fill = (t for t in range(vocab_total) if t not in seen)
+    while len(chosen) < size:
+        chosen.append(next(fill))
+    return sorted(chosen)
+
+
+def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool) -> tuple[torch.Tensor, float]:
+    """Loss and argmax agreement on the continuation tokens of ``batch`` (target ids mapped by ``in_map``)."""
+    # Shared few-shot prefix without gradient, then prompt tails + continuations with gradient.
+    from transformers import DynamicCache
+
+    unk = int(in_map.max())
+    prompts = [r["prompt_ids"] for r in batch]
+    plen = common_prefix_len(prompts) - 1
+    plen = max(1, min(plen, min(len(p) for p in prompts) - 1))
+    seqs = [r["prompt_ids"][plen:] + r["continuation_ids"] for r in batch]
+    width = max(len(s) for s in seqs)
+    b = len(batch)
+    ids = torch.zeros((b, width), dtype=torch.long)
+    smask = torch.zeros((b, width), dtype=torch.long)
+    labels = torch.full((b, width), -100, dtype=torch.long)
+    for i, (r, s) in enumerate(zip(batch, seqs)):
+        off = width - len(s)
+        ids[i, off:] = in_map[torch.tensor(s)]
+        smask[i, off:] = 1
+        cont_start = off + len(r["prompt_ids"]) - plen  # index of first continuation token
+        tgt = torch.tensor(s[1:] + [-100])  # next-token targets, in target ids
+        lab = torch.where(tgt >= 0, in_map[tgt.clamp(min=0)], torch.full_like(tgt, -100))
+        lab[lab == unk] = -100  # the draft cannot emit tokens outside its vocabulary
+        lab[: cont_start - 1 - off] = -100  # loss on continuation tokens only (and the first one)
+        labels[i, off:] = lab
+    cache = DynamicCache(config=draft.config)
+    with torch.no_grad():
+        draft(input_ids=in_map[torch.tensor([prompts[0][:plen]])], past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    cache.batch_repeat_interleave(b)
+    mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
+    pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
+    with torch.set_grad_enabled(train_mode):
+        logits = draft(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[..., :unk]  # the "unknown" id is input-only
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100)
+    valid = labels != -100
+    acc = float((logits.argmax(-1)[valid] == labels[valid]).float().mean()) if valid.any() else 0.0
+    return loss, acc
 
 
 def phase_train(args) -> None:
@@ -173,6 +220,8 @@ def phase_train(args) -> None:
     rng.shuffle(records)
     n_val = max(1, min(args.val_questions, len(records) // 10))
     val, train = records[:n_val], records[n_val:]
+    val_plain, val_chat = [r for r in val if not r["chat"]], [r for r in val if r["chat"]]
+    train_groups = [g for g in ([r for r in train if not r["chat"]], [r for r in train if r["chat"]]) if g]
     target, tok, tpath = load_target(args.target)
     eos = target.generation_config.eos_token_id
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -186,7 +235,7 @@ def phase_train(args) -> None:
         step = state["step"]
         log(f"train: resumed from step {step}")
     else:
-        draft_to_target = pick_vocab(train, args.vocab, eos_ids)
+        draft_to_target = pick_vocab(train, args.vocab, eos_ids, len(tok))
         draft = build_draft(target, layers, draft_to_target)
         step, state = 0, None
     del target
@@ -199,52 +248,14 @@ def phase_train(args) -> None:
                             "draft_vocab": len(draft_to_target)}
     (work / "train_config.json").write_text(json.dumps(cfg_out, indent=2))
 
-    def batch_loss(batch: list[dict], train_mode: bool) -> tuple[torch.Tensor, float]:
-        # Shared few-shot prefix without gradient, then prompt tails + continuations with gradient.
-        from transformers import DynamicCache
-
-        prompts = [r["prompt_ids"] for r in batch]
-        plen = common_prefix_len(prompts) - 1
-        plen = max(1, min(plen, min(len(p) for p in prompts) - 1))
-        seqs = [r["prompt_ids"][plen:] + r["continuation_ids"] for r in batch]
-        width = max(len(s) for s in seqs)
-        b = len(batch)
-        ids = torch.zeros((b, width), dtype=torch.long)
-        smask = torch.zeros((b, width), dtype=torch.long)
-        labels = torch.full((b, width), -100, dtype=torch.long)
-        for i, (r, s) in enumerate(zip(batch, seqs)):
-            off = width - len(s)
-            ids[i, off:] = in_map[torch.tensor(s)]
-            smask[i, off:] = 1
-            cont_start = off + len(r["prompt_ids"]) - plen  # index of first continuation token
-            tgt = torch.tensor(s[1:] + [-100])  # next-token targets, in target ids
-            lab = torch.where(tgt >= 0, in_map[tgt.clamp(min=0)], torch.full_like(tgt, -100))
-            lab[lab == len(draft_to_target)] = -100  # the draft cannot emit tokens outside its vocabulary
-            lab[: cont_start - 1 - off] = -100  # loss on continuation tokens only (and the first one)
-            labels[i, off:] = lab
-        cache = DynamicCache(config=draft.config)
-        with torch.no_grad():
-            draft(input_ids=in_map[torch.tensor([prompts[0][:plen]])], past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
-        cache.batch_repeat_interleave(b)
-        mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
-        pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
-        with torch.set_grad_enabled(train_mode):
-            logits = draft(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100)
-        valid = labels != -100
-        acc = float((logits.argmax(-1)[valid] == labels[valid]).float().mean()) if valid.any() else 0.0
-        return loss, acc
-
     def evaluate() -> tuple[float, float]:
         draft.eval()
         losses, accs = [], []
-        for i in range(0, len(val), args.batch):
-            loss, acc = batch_loss(val[i: i + args.batch], False)
-            losses.append(float(loss))
-            accs.append(acc)
+        for group in (val_plain, val_chat):  # one prompt format per batch: the few-shot prefix is shared
+            for i in range(0, len(group), args.batch):
+                loss, acc = batch_loss(draft, group[i: i + args.batch], in_map, False)
+                losses.append(float(loss))
+                accs.append(acc)
         draft.train()
         return sum(losses) / len(losses), sum(accs) / len(accs)
 
@@ -258,8 +269,9 @@ def phase_train(args) -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
-        batch = random.Random(args.seed * 100_003 + step).sample(train, min(args.batch, len(train)))
-        loss, acc = batch_loss(batch, True)
+        pool = train_groups[step % len(train_groups)]
+        batch = random.Random(args.seed * 100_003 + step).sample(pool, min(args.batch, len(pool)))
+        loss, acc = batch_loss(draft, batch, in_map, True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)

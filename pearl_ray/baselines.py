@@ -21,7 +21,7 @@ def generate_ar(target: CausalLM, prompt_ids: list[int], stop: StopRule, seed: i
     """Target-only decoding: one target forward per token."""
     t0 = time.perf_counter()
     stats = GenerationStats(method="ar", gamma=0)
-    gen = make_generator(seed, 2) if temperature > 0 else None
+    gen = make_generator(seed, 0) if temperature > 0 else None  # the decider stream, as the Ray loop uses
     target.reset()
     logits = target.forward(list(prompt_ids), 1)[-1]
     stats.target_forwards = 1

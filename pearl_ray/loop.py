@@ -7,6 +7,7 @@ other: same tokens, no speed-up) and the Ray backend (its channel runs the two s
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from typing import Protocol
 
@@ -32,6 +33,11 @@ class RoundChannel(Protocol):
         """(draft forwards, target forwards) since ``start``."""
         ...
 
+    @property
+    def draft_ok(self) -> bool:
+        """False once the draft failed during this request: the rest runs on the target alone."""
+        ...
+
 
 class LocalChannel:
     """Both sides in this process, run one after the other."""
@@ -52,6 +58,8 @@ class LocalChannel:
 
     def forward_counts(self) -> tuple[int, int]:
         return self.draft.mirror.forwards, self.target.mirror.forwards
+
+    draft_ok = True
 
 
 def overlap_s(chunk: DraftChunk | None, target_out: TargetOutput | None) -> float:
@@ -76,12 +84,17 @@ def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, 
     t_start = time.perf_counter()
     stats = GenerationStats(method=method, gamma=opts.gamma)
     channel.start(prompt_ids, temperature, top_k, top_p, opts.draft_greedy, seed)
+    if opts.use_draft and not channel.draft_ok:
+        stats.draft_failures += 1  # the draft failed at the start of the request
     state = PearlState(committed=list(prompt_ids), prompt_len=len(prompt_ids))
     coins = None if opts.greedy else make_generator(seed, 0)
     emitted = 0
+    fallback_opts = replace(opts, use_draft=False, pre_verify=True)
     while True:
         # 1. Plan both sides' work from the state; 2. run them (concurrently on Ray); 3. decide once.
-        plan = plan_round(state, opts)
+        #    After a draft failure, the remaining rounds run on the target alone (still lossless, spec §7.6).
+        draft_ok = channel.draft_ok
+        plan = plan_round(state, opts if draft_ok else fallback_opts)
         t0 = time.perf_counter()
         chunk, target_out = channel.run_round(plan.draft, plan.target)
         t1 = time.perf_counter()
@@ -99,8 +112,10 @@ def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, 
         stats.observe_round(outcome.num_drafted, outcome.num_candidates, outcome.num_accepted,
                             outcome.recovered_token_id >= 0, outcome.bonus_token_id >= 0,
                             outcome.candidate_positions, timing)
-        if not chunk.draft_token_ids and plan.draft.num_steps:
+        if opts.use_draft and (not draft_ok or (plan.draft.num_steps and not chunk.draft_token_ids)):
             stats.fallback_rounds += 1
+        if draft_ok and not channel.draft_ok:
+            stats.draft_failures += 1
         visible = min(len(output), decision.keep)
         if on_tokens is not None and visible > emitted:
             on_tokens(output[emitted:visible])

@@ -40,6 +40,7 @@ class RoundOptions:
     draft_greedy: bool = False  # sampling target with an argmax draft (q one-hot, ids only on the wire)
     pre_verify: bool = True
     post_verify: bool = True
+    use_draft: bool = True  # False: target-only rounds (AR through this loop; fallback after a draft failure)
 
 
 @dataclass
@@ -70,8 +71,8 @@ def plan_round(state: PearlState, opts: RoundOptions) -> RoundPlan:
     """Build both workers' requests for the next round from the state alone."""
     mode = state.mode
     round_id = state.round_id + 1
-    num_steps = 0 if (mode is VerifyMode.POST and not opts.post_verify) else opts.gamma
-    target_sits_out = mode is VerifyMode.PRE and not opts.pre_verify
+    num_steps = 0 if (not opts.use_draft or (mode is VerifyMode.POST and not opts.post_verify)) else opts.gamma
+    target_sits_out = mode is VerifyMode.PRE and not opts.pre_verify and num_steps > 0
     num_rows = 0 if target_sits_out else len(state.pending) + 1
     seq_len = len(state.committed) + len(state.pending)
     return RoundPlan(

@@ -53,7 +53,7 @@ def uniform(generator: torch.Generator) -> float:
 
 
 def make_generator(seed: int, stream: int) -> torch.Generator:
-    """A CPU generator for one request and one purpose (``stream``: 0 = decider coins, 1 = draft, 2 = AR).
+    """A CPU generator for one request and one purpose (``stream``: 0 = decider coins and target draws, 1 = draft).
 
     Seeds derive from (seed, stream) by a fixed mixing rule, so no two purposes share a stream and
     nothing depends on the global RNG.

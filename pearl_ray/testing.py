@@ -115,3 +115,21 @@ def make_word_tokenizer(path: str | Path, words: list[str]) -> Path:
     path = Path(path)
     fast.save_pretrained(path)
     return path
+
+
+class SlowLM(TabularLM):
+    """A tabular LM whose forwards take ``delay_s`` (sleeping), optionally only from the ``after``-th call on.
+
+    Used to make rounds long enough to see overlap, and to provoke timeouts."""
+
+    def __init__(self, base: TabularLM, delay_s: float, after: int = 0):
+        super().__init__(base.vocab_size, table=base.table, max_context=base.max_context)
+        self.delay_s, self.after, self.calls = delay_s, after, 0
+
+    def forward(self, token_ids, num_logits):
+        import time
+
+        self.calls += 1
+        if self.calls > self.after:
+            time.sleep(self.delay_s)
+        return super().forward(token_ids, num_logits)

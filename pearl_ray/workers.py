@@ -53,6 +53,7 @@ class SeqMirror:
         self.model.reset()
         self.tokens = list(prompt_ids)
         self.cached = []
+        self.forwards = 0
 
     def apply(self, update: SeqUpdate | None) -> None:
         if update is None:
@@ -132,6 +133,9 @@ class TargetSide:
         m.apply(req.update)
         if req.num_rows == 0:
             return TargetOutput(req.round_id, req.start_pos, busy_s=0.0, started_at=started)
+        if len(m.cached) > len(m.tokens) - req.num_rows:  # a repeated request (retry): recompute its rows
+            m.model.crop(len(m.tokens) - req.num_rows)
+            m.cached = m.cached[: len(m.tokens) - req.num_rows]
         feed = m.tokens[len(m.cached):]
         if len(m.tokens) - req.num_rows + 1 != req.start_pos or len(feed) < req.num_rows:
             raise RuntimeError(f"target mirror out of step in round {req.round_id}: {len(m.tokens)} tokens, "

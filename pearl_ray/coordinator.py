@@ -1,0 +1,201 @@
+"""The coordinator actor: owns the worker actors and each request's PEARL state, runs the rounds.
+
+It creates the draft worker and the target-group leader in a placement group (one bundle each), measures
+the cost ratio to pick gamma, drives ``loop.run_pearl`` over the chosen channel, streams committed tokens,
+and handles faults: a draft that dies or times out is replaced after the request (which finishes on the
+target alone, still lossless); a target that dies raises ``TargetUnavailable`` and is replaced for later
+requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .actors import DraftWorker, TargetWorker
+from .channels import CHANNELS
+from .errors import TargetUnavailable
+from .loop import run_pearl
+from .pearl import RoundOptions
+
+log = logging.getLogger(__name__)
+
+
+def choose_gamma(t_draft: float, t_target_1: float, t_target_k: float, k: int, lo: int = 1, hi: int = 16) -> int:
+    """Largest window whose drafting fits inside the target's verification of it.
+
+    The target's k-token forward is modelled as a + b*k from two measurements (on CPU it grows with k; on a
+    GPU at batch 1 it is nearly flat, giving the paper's rule gamma = round(t_target / t_draft)). Gamma is
+    the largest g with g * t_draft <= a + b * g, clamped to [lo, hi].
+
+    Example:
+        >>> choose_gamma(0.01, 0.05, 0.05, 8)   # flat target: 5 draft steps per target pass
+        5
+    """
+    b = max(0.0, (t_target_k - t_target_1) / max(1, k - 1))
+    a = max(1e-9, t_target_1 - b)
+    if t_draft <= b:
+        return hi
+    g = math.floor(a / (t_draft - b) + 1e-9)
+    return int(min(hi, max(lo, g)))
+
+
+@ray.remote(num_cpus=0)
+class Coordinator:
+    def __init__(self, draft_factory, target_factory, placement_group, draft_options: dict, target_options: dict,
+                 channel: str = "actor", round_timeout_s: float = 30.0, num_threads: int = 1,
+                 start_timeout_s: float = 600.0):
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {sorted(CHANNELS)}, got {channel!r}")
+        self.draft_factory, self.target_factory = draft_factory, target_factory
+        self.pg = placement_group
+        self.draft_options, self.target_options = draft_options, target_options
+        self.channel_name, self.round_timeout_s, self.num_threads = channel, round_timeout_s, num_threads
+        self.draft = self._make("draft") if draft_factory is not None else None
+        self.target = self._make("target")
+        self.channel = None
+        self._draft_starting = None  # ping ref of a restarted draft that may still be loading
+        self._target_starting = None  # same for a restarted target: requests wait for it (bounded)
+        self.start_timeout_s = start_timeout_s
+        self.restarts = {"draft": 0, "target": 0}
+
+    def _make(self, side: str):
+        cls, opts, factory, bundle = ((DraftWorker, self.draft_options, self.draft_factory, 0) if side == "draft"
+                                      else (TargetWorker, self.target_options, self.target_factory, 1))
+        strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundle)
+        return cls.options(scheduling_strategy=strategy, max_concurrency=2, **opts).remote(factory, self.num_threads)
+
+    def draft_ready(self) -> bool:
+        """False while a restarted draft is still loading (requests meanwhile run on the target alone)."""
+        if self._draft_starting is None:
+            return self.draft is not None
+        ready, _ = ray.wait([self._draft_starting], timeout=0)
+        if ready:
+            self._draft_starting = None
+        return not self._draft_starting
+
+    def _channel(self):
+        if not self.draft_ready():
+            if self.channel is not None:
+                self.channel.close()
+            self.channel = None
+            return CHANNELS["actor"](None, self.target, self.round_timeout_s)
+        if self.channel is None or not self.channel.draft_ok or getattr(self.channel, "broken", False):
+            if self.channel is not None:
+                self.channel.close()
+            self.channel = CHANNELS[self.channel_name](self.draft, self.target, self.round_timeout_s) \
+                if self.draft is not None else CHANNELS["actor"](None, self.target, self.round_timeout_s)
+        return self.channel
+
+    def ready(self, timeout_s: float = 300.0) -> dict:
+        refs = [self.target.info.remote()] + ([self.draft.info.remote()] if self.draft is not None else [])
+        infos = ray.get(refs, timeout=timeout_s)
+        return {"target": infos[0], "draft": infos[1] if len(infos) > 1 else None}
+
+    def measure(self, context_len: int = 128, reps: int = 30, warmup: int = 5, k: int = 8) -> dict:
+        """Time one-token draft forwards and 1- and k-token target forwards on the actual placement."""
+        t1 = ray.get(self.target.time_forward.remote(context_len, 1, reps, warmup), timeout=600)
+        tk = ray.get(self.target.time_forward.remote(context_len, k, max(5, reps // 3), 2), timeout=600)
+        td = ray.get(self.draft.time_forward.remote(context_len, 1, reps, warmup), timeout=600)
+        return {"t_draft_s": td, "t_target_s": t1, f"t_target_{k}_s": tk, "cost_ratio": t1 / td,
+                "auto_gamma": choose_gamma(td, t1, tk, k)}
+
+    def handles(self) -> dict:
+        return {"draft": self.draft, "target": self.target}
+
+    def _after_request(self) -> None:
+        ch = self.channel
+        if ch is not None and self.draft is not None and not ch.draft_ok:
+            log.warning("restarting the draft worker after a failure: %s", ch.draft_error)
+            try:
+                ray.kill(self.draft)
+            except Exception:  # already dead
+                pass
+            ch.close()
+            self.channel = None
+            self.draft = self._make("draft")
+            self._draft_starting = self.draft.ping.remote()
+            self.restarts["draft"] += 1
+
+    def _restart_target(self) -> None:
+        try:
+            ray.kill(self.target)
+        except Exception:
+            pass
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = None
+        self.target = self._make("target")
+        self._target_starting = self.target.ping.remote()
+        self.restarts["target"] += 1
+
+    def _wait_for_target(self) -> None:
+        if self._target_starting is None:
+            return
+        try:
+            ray.get(self._target_starting, timeout=self.start_timeout_s)
+        except Exception as exc:
+            raise TargetUnavailable(f"the restarted target did not come up within {self.start_timeout_s:.0f} s: "
+                                    f"{exc.__class__.__name__}") from exc
+        self._target_starting = None
+
+    def _run(self, prompt_ids, opts: RoundOptions, stop, seed, temperature, top_k, top_p, method, on_tokens):
+        self._wait_for_target()
+        channel = self._channel()
+        if channel.draft is None and opts.use_draft:  # draft restarting: this request runs on the target alone
+            from dataclasses import replace
+
+            opts = replace(opts, use_draft=False, pre_verify=True)
+        try:
+            ids, stats = run_pearl(channel, prompt_ids, opts, stop, seed, temperature, top_k, top_p, on_tokens,
+                                   method=method)
+        except TargetUnavailable:
+            self._restart_target()
+            raise
+        finally:
+            self._after_request()
+        return ids, stats
+
+    def generate(self, prompt_ids, opts, stop, seed, temperature, top_k, top_p, method):
+        return self._run(prompt_ids, opts, stop, seed, temperature, top_k, top_p, method, None)
+
+    def generate_stream(self, prompt_ids, opts, stop, seed, temperature, top_k, top_p, method):
+        """Yields {"token_ids": [...]} per round with new committed tokens, then {"done": True, ...}."""
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue()
+        result = {}
+
+        def work():
+            try:
+                result["out"] = self._run(prompt_ids, opts, stop, seed, temperature, top_k, top_p, method,
+                                          lambda ids: q.put(list(ids)))
+            except BaseException as exc:  # re-raised in the generator below
+                result["error"] = exc
+            q.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while True:
+            item = q.get(timeout=self.round_timeout_s * 4 + 60)
+            if item is None:
+                break
+            yield {"token_ids": item}
+        if "error" in result:
+            raise result["error"]
+        ids, stats = result["out"]
+        yield {"done": True, "token_ids": ids, "stats": stats}
+
+    def shutdown(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        for h in (self.draft, self.target):
+            if h is not None:
+                try:
+                    ray.kill(h)
+                except Exception:
+                    pass

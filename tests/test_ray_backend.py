@@ -1,0 +1,157 @@
+"""The Ray backend: concurrent draft/target actors, channels, streaming, faults, auto gamma.
+
+A private local Ray instance (2 CPUs, 2 fake GPUs) for the module; every engine is shut down by its test.
+"""
+
+import time
+
+import pytest
+import ray
+
+from pearl_ray import PearlEngine, SamplingParams, TargetUnavailable
+from pearl_ray.coordinator import choose_gamma
+from pearl_ray.testing import SlowLM, TabularLM
+
+from ray_utils import start_local_ray, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+PROMPTS = [[1, 2], [3], [4, 5, 1]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    start_local_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def engines():
+    made = []
+    yield made
+    for e in made:
+        e.shutdown()
+
+
+def pair():
+    return TabularLM(6, seed=0), TabularLM(6, seed=5)
+
+
+@pytest.mark.parametrize("channel", ["actor", "compiled"])
+def test_transport_invariance(engines, channel):
+    target, draft = pair()
+    eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", channel=channel)
+    engines.append(eng)
+    local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
+    for params in (SamplingParams(max_new_tokens=17, ignore_eos=True),
+                   SamplingParams(max_new_tokens=17, ignore_eos=True, temperature=1.0, seed=9),
+                   SamplingParams(max_new_tokens=17, ignore_eos=True, temperature=0.7, top_k=3, top_p=0.9, seed=2)):
+        for method in ("pearl", "sd", "ar"):
+            want = [o.token_ids for o in local.generate(PROMPTS, params, method=method)]
+            got = eng.generate(PROMPTS, params, method=method)
+            assert [o.token_ids for o in got] == want, (channel, method, params)
+    # the token stream carries exactly the output, in order
+    streamed = {}
+    outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=17, ignore_eos=True),
+                        on_tokens=lambda i, ids: streamed.setdefault(i, []).extend(ids))
+    assert [streamed[i] for i in range(3)] == [o.token_ids for o in outs]
+    s = outs[0].stats
+    assert len(s.round_timings) == s.rounds and s.bytes_moved > 0
+    assert all(t.draft_idle_s >= 0 and t.target_idle_s >= 0 for t in s.round_timings)
+
+
+def test_draft_and_target_are_busy_at_the_same_time(engines):
+    target, draft = pair()
+    slow_t, slow_d = SlowLM(target, 0.03), SlowLM(draft, 0.01)
+    eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", channel="actor")
+    engines.append(eng)
+    info = eng._ray.info
+    assert info["draft"]["pid"] != info["target"]["pid"]
+    out = eng.generate([[1, 2]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    s = out.stats
+    overlapped = [t for t in s.round_timings if t.overlap_s > 0]
+    assert len(overlapped) >= s.rounds - 1, [t.overlap_s for t in s.round_timings]
+    assert s.overlap_s > 0.5 * min(s.draft_busy_s, s.target_busy_s)
+
+
+def test_draft_killed_mid_request_finishes_on_target_alone(engines):
+    target, draft = pair()
+    slow_d = SlowLM(draft, 0.005)
+    eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", channel="actor",
+                      round_timeout_s=10)
+    engines.append(eng)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
+    draft_handle = eng._ray.handles()["draft"]
+    killed = []
+
+    def kill_once(i, ids):
+        if not killed:
+            ray.kill(draft_handle)
+            killed.append(True)
+
+    t0 = time.monotonic()
+    out = eng.generate([[1, 2]], params, on_tokens=kill_once)[0]
+    assert out.token_ids == want
+    assert out.stats.draft_failures == 1 and out.stats.fallback_rounds > 0
+    assert time.monotonic() - t0 < 20
+    # the draft was restarted: once it is up, a later request speculates again
+    assert wait_for(eng._ray.draft_ready, timeout_s=120)
+    again = eng.generate([[1, 2]], params)[0]
+    assert again.token_ids == want and again.stats.draft_failures == 0 and again.stats.verified_tokens > 0
+    assert eng._ray.handles()["draft"] != draft_handle
+
+
+def test_draft_timeout_falls_back_and_stays_lossless(engines):
+    target, draft = pair()
+    stalls = SlowLM(draft, 5.0, after=6)  # fine for 6 forwards, then each forward takes 5 s
+    eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", channel="compiled",
+                      round_timeout_s=1.0)
+    engines.append(eng)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
+    t0 = time.monotonic()
+    out = eng.generate([[1, 2]], params)[0]
+    assert out.token_ids == want and out.stats.draft_failures == 1
+    assert time.monotonic() - t0 < 20  # one 1 s timeout, then target-only rounds
+
+
+def test_dead_target_raises_a_typed_error_promptly(engines):
+    target, draft = pair()
+    eng = PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
+                      channel="actor", round_timeout_s=5)
+    engines.append(eng)
+    handle = eng._ray.handles()["target"]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    t0 = time.monotonic()
+    with pytest.raises(TargetUnavailable):
+        eng.generate([[1, 2]], params, on_tokens=lambda i, ids: ray.kill(handle))
+    assert time.monotonic() - t0 < 10
+    # the target was replaced for later requests
+    out = eng.generate([[1, 2]], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5
+
+
+def test_auto_gamma_from_measured_forwards(engines):
+    assert choose_gamma(0.01, 0.05, 0.05, 8) == 5
+    assert choose_gamma(0.01, 0.04, 0.075, 8) == 7  # t_target(k) = 0.035 + 0.005 k >= 0.01 k up to k = 7
+    assert choose_gamma(0.5, 0.05, 0.05, 8) == 1
+    target, draft = pair()
+    eng = PearlEngine(draft_model=SlowLM(draft, 0.004), target_model=SlowLM(target, 0.02), gamma=None,
+                      backend="ray", channel="actor")
+    engines.append(eng)
+    m = eng._ray.measured
+    assert m["t_target_s"] > m["t_draft_s"] > 0
+    assert 3 <= eng.gamma <= 6, m  # ~0.02 / 0.004 = 5, give or take sleep jitter
+    out = eng.generate([[1, 2]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
+    assert out.stats.gamma == eng.gamma
+
+
+def test_bad_ray_options_are_refused():
+    from pearl_ray import InvalidParameterError
+
+    target, draft = pair()
+    with pytest.raises(InvalidParameterError, match="placement"):
+        PearlEngine(draft_model=draft, target_model=target, backend="ray", placement="ANYWHERE")
+    with pytest.raises(InvalidParameterError, match="channel"):
+        PearlEngine(draft_model=draft, target_model=target, backend="ray", channel="carrier-pigeon")
