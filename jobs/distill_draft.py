@@ -216,10 +216,10 @@ def phase_train(args) -> None:
     torch.manual_seed(args.seed)
     work = Path(args.work)
     records = [json.loads(line) for line in (work / "teacher.jsonl").read_text().splitlines() if line.strip()]
-    rng = random.Random(args.seed)
-    rng.shuffle(records)
-    n_val = max(1, min(args.val_questions, len(records) // 10))
-    val, train = records[:n_val], records[n_val:]
+    # Validation questions are fixed by index (every 25th), so a resumed run with more data keeps them out.
+    val = [r for r in records if r["idx"] % 25 == 0][: args.val_questions]
+    val_ids = {r["idx"] for r in val}
+    train = [r for r in records if r["idx"] not in val_ids]
     val_plain, val_chat = [r for r in val if not r["chat"]], [r for r in val if r["chat"]]
     train_groups = [g for g in ([r for r in train if not r["chat"]], [r for r in train if r["chat"]]) if g]
     target, tok, tpath = load_target(args.target)

@@ -139,13 +139,23 @@ class PearlEngine:
 
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | None = None, on_tokens=None,
-                 method: str | None = None) -> list[GenerationOutput]:
+                 method: str | None = None, gamma: int | None = None) -> list[GenerationOutput]:
         """Generate for each prompt (text or token ids). ``on_tokens(i, ids)`` streams committed tokens.
 
-        ``method`` overrides the engine's method for this call (the draft must be loaded for "pearl"/"sd").
+        ``method`` and ``gamma`` override the engine's settings for this call (the draft must be loaded for
+        "pearl"/"sd").
         """
         params = params or SamplingParams()
         method = self._check_method(method)
+        if gamma is not None:
+            EngineOptions(gamma=gamma)  # validates
+        saved, self.gamma = self.gamma, gamma or self.gamma
+        try:
+            return self._generate(prompts, params, on_tokens, method)
+        finally:
+            self.gamma = saved
+
+    def _generate(self, prompts, params, on_tokens, method) -> list[GenerationOutput]:
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:

@@ -133,9 +133,9 @@ def test_dead_target_raises_a_typed_error_promptly(engines):
 
 
 def test_auto_gamma_from_measured_forwards(engines):
-    assert choose_gamma(0.01, 0.05, 0.05, 8) == 5
-    assert choose_gamma(0.01, 0.04, 0.075, 8) == 7  # t_target(k) = 0.035 + 0.005 k >= 0.01 k up to k = 7
-    assert choose_gamma(0.5, 0.05, 0.05, 8) == 1
+    assert choose_gamma(0.01, 0.05) == 5
+    assert choose_gamma(0.01, 0.5) == 16  # clamped
+    assert choose_gamma(0.5, 0.05) == 1
     target, draft = pair()
     eng = PearlEngine(draft_model=SlowLM(draft, 0.004), target_model=SlowLM(target, 0.02), gamma=None,
                       backend="ray", channel="actor")

@@ -1,0 +1,55 @@
+"""Placement on a simulated multi-node cluster: STRICT_SPREAD puts draft and target on different nodes,
+with fake GPUs, and the output does not change."""
+
+import os
+import tempfile
+
+import pytest
+import ray
+
+from pearl_ray import PearlEngine, SamplingParams
+from pearl_ray.testing import TabularLM
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = tmp  # the cluster helper writes its address file under <RAY_TMPDIR>/ray
+    os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
+    c = Cluster(initialize_head=True, connect=True,
+                head_node_args={"num_cpus": 0, "include_dashboard": False, "temp_dir": tmp})
+    nodes = [c.add_node(num_cpus=1, num_gpus=2) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_strict_spread_places_draft_and_target_on_different_nodes(cluster):
+    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
+    params = SamplingParams(max_new_tokens=15, ignore_eos=True, temperature=1.0, seed=7)
+    want = [o.token_ids for o in PearlEngine(draft_model=draft, target_model=target, gamma=3)
+            .generate([[1, 2], [3]], params)]
+    eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", placement="STRICT_SPREAD",
+                      draft_num_gpus=0.5, target_num_gpus=1, channel="actor")
+    try:
+        info = eng._ray.info
+        assert info["draft"]["node_id"] != info["target"]["node_id"]
+        assert len(info["draft"]["gpu_ids"]) == 1 and len(info["target"]["gpu_ids"]) == 1
+        assert [o.token_ids for o in eng.generate([[1, 2], [3]], params)] == want
+    finally:
+        eng.shutdown()
+    packed = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", placement="STRICT_PACK",
+                         draft_num_cpus=0.5, target_num_cpus=0.5, channel="compiled")
+    try:
+        info = packed._ray.info
+        assert info["draft"]["node_id"] == info["target"]["node_id"]
+        assert [o.token_ids for o in packed.generate([[1, 2], [3]], params)] == want
+    finally:
+        packed.shutdown()
