@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
+	$(PY) jobs/bench_channels.py
 	$(PY) jobs/bench_latency.py
 
 measure: $(STAMP)

@@ -30,7 +30,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 def hf_assisted_runner(target_path: str, draft_path: str):
     """HF transformers assisted generation with our reduced-vocabulary draft mapped to target ids."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from pearl_ray.models import VOCAB_MAP_FILE
 
@@ -42,17 +42,23 @@ def hf_assisted_runner(target_path: str, draft_path: str):
         in_map = torch.full((meta["target_vocab_size"],), len(out_ids), dtype=torch.long)
         in_map[out_ids] = torch.arange(len(out_ids))
 
-        class MappedDraft(LlamaForCausalLM):
-            """Target ids in, full-vocabulary logits out (-inf outside the draft's vocabulary)."""
+        # Target ids in, full-vocabulary logits out (-inf outside the draft's vocabulary). Done with hooks
+        # so that generate() still sees the model's own forward signature (it slices inputs by it).
+        draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
 
-            def forward(self, input_ids=None, **kw):
-                out = super().forward(input_ids=in_map[input_ids], **kw)
-                full = torch.full((*out.logits.shape[:-1], len(in_map)), float("-inf"), dtype=out.logits.dtype)
-                full[..., out_ids] = out.logits[..., : len(out_ids)]
-                out.logits = full
-                return out
+        def map_inputs(module, args, kwargs):
+            kwargs["input_ids"] = in_map[kwargs["input_ids"]]
+            return args, kwargs
 
-        draft = MappedDraft.from_pretrained(draft_path, dtype=torch.float32).eval()
+        def widen_logits(module, args, kwargs, out):
+            logits = out.logits[:, -1:]  # generate() reads only the last position
+            full = torch.full((*logits.shape[:-1], len(in_map)), float("-inf"), dtype=logits.dtype)
+            full[..., out_ids] = logits[..., : len(out_ids)]
+            out.logits = full
+            return out
+
+        draft.register_forward_pre_hook(map_inputs, with_kwargs=True)
+        draft.register_forward_hook(widen_logits, with_kwargs=True)
         draft.config.vocab_size = len(in_map)
     else:
         draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()

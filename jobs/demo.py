@@ -1,4 +1,5 @@
-"""Demo on the embedded default pair: target-only (AR), vanilla SD and PEARL on GSM8K test prompts.
+"""Demo on the embedded default pair: target-only (AR), vanilla SD and PEARL on GSM8K test prompts,
+by default on the Ray backend (draft and target as concurrent actors).
 
 Prints each method's output for the first prompt, a table of speed and acceptance, and checks that all
 three methods produced the same tokens (greedy decoding is lossless).
@@ -20,7 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-prompts", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--backend", default="local", choices=["local", "ray"])
+    ap.add_argument("--backend", default="ray", choices=["local", "ray"],
+                    help="ray: draft and target in concurrent actors (PEARL overlaps them); local: one process")
     args = ap.parse_args(argv)
 
     import pandas as pd

@@ -118,7 +118,7 @@ def phase_gen(args) -> None:
     with open(out_path, "a") as f:
         for start in range(0, len(todo), args.batch):
             batch = todo[start: start + args.batch]
-            chat = (start // args.batch) % 2 == 1  # alternate plain and chat batches
+            chat = args.chat and (start // args.batch) % 2 == 1  # alternate plain and chat batches
             texts = [build_prompt(data[i]["question"], chat=chat, tokenizer=tok) for i in batch]
             prompts = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
             conts = batched_greedy(model, prompts, args.gen_tokens, pad)
@@ -218,6 +218,8 @@ def phase_train(args) -> None:
     records = [json.loads(line) for line in (work / "teacher.jsonl").read_text().splitlines() if line.strip()]
     # Validation questions are fixed by index (every 25th), so a resumed run with more data keeps them out.
     val = [r for r in records if r["idx"] % 25 == 0][: args.val_questions]
+    if not val:  # tiny runs: hold out the first few records instead
+        val = records[: max(1, min(args.val_questions, len(records) // 3))]
     val_ids = {r["idx"] for r in val}
     train = [r for r in records if r["idx"] not in val_ids]
     val_plain, val_chat = [r for r in val if not r["chat"]], [r for r in val if r["chat"]]
@@ -326,6 +328,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--num-questions", type=int, default=1200, help="gen: GSM8K train questions")
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--no-chat", dest="chat", action="store_false",
+                    help="gen: plain 8-shot prompts only (default alternates plain and chat-template batches)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--layers", default="0,1,2,29", help="target layers copied into the draft")
     ap.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (most frequent target ids)")

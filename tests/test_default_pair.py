@@ -1,0 +1,65 @@
+"""The embedded default pair (SmolLM2-135M target + the distilled draft) and the distillation script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pearl_ray import PearlEngine, SamplingParams
+from pearl_ray.default_pair import draft_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return PearlEngine(draft="default-draft", target="default-target", method="pearl", gamma=4)
+
+
+def test_default_pair_loads_offline_with_matching_tokenizers(default_engine):
+    assert (draft_dir() / "pearl_vocab.json").exists()
+    assert default_engine.vocab_size == 49152
+    assert default_engine.tokenizer is not None and default_engine.eos_token_ids
+    meta = json.loads((draft_dir() / "distill_config.json").read_text())
+    assert meta["final"]["step"] > 0
+
+
+def test_pearl_on_default_pair_equals_target_greedy(default_engine):
+    from pearl_ray.evals.gsm8k import build_prompt, load_split
+
+    prompts = [build_prompt(r["question"]) for r in load_split("test")[:2]]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    ar = default_engine.generate(prompts, params, method="ar")
+    pearl = default_engine.generate(prompts, params)
+    assert [o.token_ids for o in pearl] == [o.token_ids for o in ar]
+    rates = [o.stats.acceptance_rate for o in pearl]
+    assert sum(rates) / len(rates) > 0.1, rates  # a random draft of this vocabulary would accept ~0
+
+
+def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
+    work, out = tmp_path / "work", tmp_path / "draft"
+    base = [sys.executable, str(ROOT / "jobs" / "distill_draft.py"), "--target", tiny_pair["target"],
+            "--work", str(work), "--out", str(out), "--layers", "0,1", "--vocab", "40", "--batch", "2",
+            "--val-questions", "2", "--log-every", "1", "--ckpt-every", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = lambda *extra: subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env)  # noqa: E731
+    res = run("--phase", "gen", "--num-questions", "6", "--gen-tokens", "6", "--no-chat")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len((work / "teacher.jsonl").read_text().splitlines()) == 6
+    res = run("--phase", "train", "--steps", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run("--phase", "train", "--steps", "4")  # resumes from the step-2 checkpoint
+    assert res.returncode == 0 and "resumed from step 2" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    res = run("--phase", "export")
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = json.loads((out / "distill_config.json").read_text())
+    assert cfg["final"]["step"] == 4 and cfg["train"]["layers"] == "0,1"
+    # the exported draft loads through the normal runner, maps its reduced vocabulary, and is lossless
+    eng = PearlEngine(draft=str(out), target=tiny_pair["target"], gamma=3)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert eng.generate([[1, 5, 9]], params)[0].token_ids == eng.generate([[1, 5, 9]], params, method="ar")[0].token_ids
