@@ -155,3 +155,23 @@ def test_bad_ray_options_are_refused():
         PearlEngine(draft_model=draft, target_model=target, backend="ray", placement="ANYWHERE")
     with pytest.raises(InvalidParameterError, match="channel"):
         PearlEngine(draft_model=draft, target_model=target, backend="ray", channel="carrier-pigeon")
+
+
+def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tokenizer_dir):
+    """Tiny random Llamas doing real CPU work: the actors' own timestamps show both busy at once."""
+    import statistics
+
+    from pearl_ray.testing import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("mid")
+    target = save_tiny_llama(root / "t", seed=0, hidden_size=512, num_layers=8, tokenizer_dir=tiny_tokenizer_dir)
+    draft = save_tiny_llama(root / "d", seed=1, hidden_size=256, num_layers=2, tokenizer_dir=tiny_tokenizer_dir)
+    eng = PearlEngine(draft=str(draft), target=str(target), gamma=3, backend="ray", channel="compiled")
+    engines.append(eng)
+    out = eng.generate([[1] + list(range(10, 70))], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
+    rounds = out.stats.round_timings[1:]  # round 1 is the prefill
+    busy = statistics.median(max(t.draft_busy_s, t.target_busy_s) for t in rounds)
+    overhead = statistics.median(t.round_s - max(t.draft_busy_s, t.target_busy_s) for t in rounds)
+    assert busy > 2 * overhead, (busy, overhead)  # forwards dominate the round
+    overlapping = sum(t.overlap_s > 0 for t in rounds)
+    assert overlapping >= 0.8 * len(rounds), [round(t.overlap_s * 1e3, 2) for t in rounds]
