@@ -44,7 +44,10 @@ class StopRule:
         return StopDecision(False, len(output_ids))
 
     def _stop_at(self, ids: list[int]) -> bool:
-        text = self.decode(ids)
+        # A stop string completed by the last token lies within the last len(stop) + 2 tokens (every token
+        # decodes to at least one character), so decoding that tail suffices: O(1) per token, not O(n).
+        window = max(len(s) for s in self.stop) + 2
+        text = self.decode(ids[-window:])
         return any(s in text for s in self.stop)
 
     def cut_text(self, text: str) -> str:

@@ -49,3 +49,13 @@ def test_metrics_definitions():
     assert s.acceptance_by_position == [2 / 3, 1.0, 1.0]  # position 0 rejected once in round 2
     merged = GenerationStats.merge([s, s])
     assert merged.acceptance_rate == s.acceptance_rate and merged.new_tokens == 16
+
+
+def test_stop_string_spanning_several_tokens_is_found_at_its_last_token():
+    decode = lambda ids: "".join("xy"[i % 2] if i >= 26 else chr(97 + i) for i in ids)  # noqa: E731
+    rule = StopRule(max_new_tokens=50, stop=["cde"], decode=decode)
+    out = [30, 31] * 20 + [2, 3, 4, 5, 6]  # 40 filler tokens, then c d e f g
+    r = rule.check(out, len(out))
+    assert (r.finished, r.keep, r.reason) == (True, 43, "stop")
+    assert rule.cut_text("xyabcdefg") == "xyab"
+    assert rule.check([30, 31, 2, 3], 4).finished is False
