@@ -6,7 +6,7 @@ committed draft, local backend: checks AR == SD == PEARL greedy on CUDA in fp32 
 """
 import json, os, sys, time, torch
 sys.path.insert(0, os.getcwd())
-from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.models import load_model, HFCausalLM
 print(torch.__version__, torch.cuda.get_device_name(0))

@@ -12,26 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def time_one_token(model, context: list[int], reps: int = 30, warmup: int = 5) -> float:
-    model.reset()
-    model.forward(context, 1)
-    times = []
-    for r in range(reps + warmup):
-        base = model.cache_len
-        t0 = time.perf_counter()
-        model.forward([context[-1 - (r % 7)]], 1)
-        times.append(time.perf_counter() - t0)
-        model.crop(base)
-    return statistics.median(times[warmup:])
 
 
 def main(argv=None) -> int:
@@ -49,6 +35,7 @@ def main(argv=None) -> int:
 
     from pearl_ray import GenerationStats, PearlEngine, SamplingParams
     from pearl_ray.evals.gsm8k import build_prompt, load_split
+    from pearl_ray.workers import time_forward
 
     torch.set_num_threads(1)
     engine = PearlEngine(draft=args.draft, target=args.target, method="sd", gamma=args.gamma)
@@ -60,8 +47,8 @@ def main(argv=None) -> int:
     outs = engine.generate(prompts, params, method="sd")
     sd_s = time.time() - t0
     s = GenerationStats.merge([o.stats for o in outs])
-    t_target = time_one_token(engine.target_model, prompts[0])
-    t_draft = time_one_token(engine.draft_model, prompts[0])
+    t_target = time_forward(engine.target_model, prompts[0])
+    t_draft = time_forward(engine.draft_model, prompts[0])
     result = {
         "draft": args.draft, "target": args.target, "questions": args.num_questions, "chat": args.chat,
         "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "threads_per_model": 1,

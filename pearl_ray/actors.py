@@ -12,15 +12,13 @@ without changing the coordinator.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass
 
 import ray
 import torch
 
 from .messages import DraftRequest, TargetRequest
-from .workers import DraftSide, TargetSide
+from .workers import DraftSide, TargetSide, time_forward
 
 
 @dataclass(frozen=True)
@@ -51,22 +49,6 @@ class ObjectFactory:
         return self.model
 
 
-def _time_forwards(model, context_len: int, num_tokens: int, reps: int, warmup: int) -> float:
-    """Median wall time of a ``num_tokens``-token forward after a ``context_len``-token prefill."""
-    vocab = max(2, min(model.vocab_size, 1000))
-    model.reset()
-    model.forward([(7 * i) % vocab for i in range(context_len)], 1)
-    times = []
-    for r in range(reps + warmup):
-        base = model.cache_len
-        t0 = time.perf_counter()
-        model.forward([(3 * r + j) % vocab for j in range(num_tokens)], 1)
-        times.append(time.perf_counter() - t0)
-        model.crop(base)
-    model.reset()
-    return statistics.median(times[warmup:])
-
-
 class _WorkerBase:
     def __init__(self, model_factory, num_threads: int | None):
         if num_threads:
@@ -79,7 +61,9 @@ class _WorkerBase:
                 "threads": torch.get_num_threads()}
 
     def time_forward(self, context_len: int = 128, num_tokens: int = 1, reps: int = 30, warmup: int = 5) -> float:
-        return _time_forwards(self.model, context_len, num_tokens, reps, warmup)
+        vocab = max(2, min(self.model.vocab_size, 1000))
+        context = [(7 * i) % vocab for i in range(context_len)]
+        return time_forward(self.model, context, num_tokens, reps, warmup)
 
     def ping(self) -> bool:
         return True

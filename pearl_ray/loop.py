@@ -11,7 +11,6 @@ from dataclasses import replace
 from collections.abc import Callable
 from typing import Protocol
 
-import torch
 
 from .messages import DraftChunk, DraftRequest, TargetOutput, TargetRequest
 from .metrics import GenerationStats, RoundTiming

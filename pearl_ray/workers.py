@@ -11,6 +11,7 @@ same tokens.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Protocol
 
@@ -148,3 +149,21 @@ class TargetSide:
                                target_probs=warp_probs(logits, self.temperature, self.top_k, self.top_p))
         out.busy_s, out.started_at = time.perf_counter() - t0, started
         return out
+
+
+def time_forward(model: CausalLM, context_ids: list[int], num_tokens: int = 1, reps: int = 30,
+                 warmup: int = 5) -> float:
+    """Median wall time of a ``num_tokens``-token forward after prefilling ``context_ids`` (the cache is
+    cropped back after each call, so every call sees the same context length)."""
+    model.reset()
+    model.forward(list(context_ids), 1)
+    base = model.cache_len
+    times = []
+    for r in range(reps + warmup):
+        feed = [context_ids[-1 - ((r + j) % 7) % len(context_ids)] for j in range(num_tokens)]
+        t0 = time.perf_counter()
+        model.forward(feed, 1)
+        times.append(time.perf_counter() - t0)
+        model.crop(base)
+    model.reset()
+    return statistics.median(times[warmup:])
