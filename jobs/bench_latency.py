@@ -112,14 +112,16 @@ def main(argv=None) -> int:
     print("[bench] loading models ...", flush=True)
     local = PearlEngine(draft=args.draft, target=args.target, method="sd", device=args.device, dtype=args.dtype)
     tok = local.tokenizer
-    # One PEARL engine per channel, alive together (half a CPU each in scheduling terms; threads stay 1 each).
+    # One PEARL engine per channel, alive together (they share the 2 CPUs in scheduling terms; each worker
+    # still runs one thread).
     channels = args.channels.split(",")
+    share = int(100 / max(2, len(channels))) / 100
     engines = {}
     for ch in channels:
         engines[ch] = PearlEngine(draft=args.draft, target=args.target, gamma=engines[channels[0]].gamma if engines
                                   else None, backend="ray", channel=ch, device=args.device, dtype=args.dtype,
                                   draft_num_gpus=args.num_gpus, target_num_gpus=args.num_gpus,
-                                  draft_num_cpus=0.5, target_num_cpus=0.5)
+                                  draft_num_cpus=share, target_num_cpus=share)
         engines[ch].generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))  # warm the channel up
     auto_gamma, measured = engines[channels[0]].gamma, engines[channels[0]]._ray.measured
     print(f"[bench] measured {json.dumps(measured)}; auto gamma {auto_gamma}", flush=True)

@@ -31,6 +31,11 @@ class ActorCallChannel:
         self.round_timeout_s = round_timeout_s
         self.draft_ok = draft is not None
         self.draft_error: str | None = None
+        self.broken = False
+
+    def usable(self) -> bool:
+        """Whether the coordinator may keep this channel for the next request."""
+        return self.draft_ok and not self.broken
 
     def start(self, prompt_ids, temperature, top_k, top_p, draft_greedy, draft_seed) -> None:
         refs = [self.target.start.remote(prompt_ids, temperature, top_k, top_p)]
@@ -96,7 +101,6 @@ class CompiledGraphChannel(ActorCallChannel):
             dag = MultiOutputNode([d, t])
         self.graph = dag.experimental_compile(_submit_timeout=round_timeout_s,
                                               _buffer_size_bytes=buffer_size_bytes)
-        self.broken = False
 
     def run_round(self, draft_req, target_req):
         if not self.draft_ok or self.broken:
@@ -135,4 +139,8 @@ class CompiledGraphChannel(ActorCallChannel):
             teardown()
 
 
+# Channels the coordinator drives (the decider runs in the coordinator) ...
 CHANNELS = {"actor": ActorCallChannel, "compiled": CompiledGraphChannel}
+# ... and "collective": the target leader runs the loop itself over a gloo link to the draft
+# (``collective.DraftLinkChannel``); the coordinator only starts it and relays the token stream.
+CHANNEL_NAMES = ("actor", "compiled", "collective")

@@ -94,7 +94,7 @@ def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, 
         #    After a draft failure, the remaining rounds run on the target alone (still lossless, spec §7.6).
         draft_ok = channel.draft_ok
         plan = plan_round(state, opts if draft_ok else fallback_opts)
-        t0 = time.perf_counter()
+        wall0, t0 = time.time(), time.perf_counter()
         chunk, target_out = channel.run_round(plan.draft, plan.target)
         t1 = time.perf_counter()
         outcome = pearl_step(state, plan, chunk, target_out, coins, opts)
@@ -107,7 +107,9 @@ def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, 
             draft_busy_s=chunk.busy_s, target_busy_s=target_out.busy_s if target_out else 0.0,
             round_s=t2 - t0, decide_s=t2 - t1, overlap_s=overlap_s(chunk, target_out),
             bytes_moved=chunk.num_bytes() + (target_out.num_bytes() if target_out else 0),
-            num_candidates=outcome.num_candidates, num_accepted=outcome.num_accepted)
+            num_candidates=outcome.num_candidates, num_accepted=outcome.num_accepted, started_at=wall0,
+            draft_started_at=chunk.started_at if chunk.busy_s else 0.0,
+            target_started_at=target_out.started_at if target_out and target_out.busy_s else 0.0)
         stats.observe_round(outcome.num_drafted, outcome.num_candidates, outcome.num_accepted,
                             outcome.recovered_token_id >= 0, outcome.bonus_token_id >= 0,
                             outcome.candidate_positions, timing)

@@ -35,6 +35,11 @@ class RoundTiming:
     bytes_moved: int = 0
     num_candidates: int = 0
     num_accepted: int = 0
+    # Wall-clock (time.time()) stamps: when the coordinator began the round and when each side began its
+    # work (0.0 if it did none). Same-node runs can split the overhead into dispatch and return latency.
+    started_at: float = 0.0
+    draft_started_at: float = 0.0
+    target_started_at: float = 0.0
 
     @property
     def draft_idle_s(self) -> float:

@@ -43,8 +43,10 @@ class RayBackend:
                  start_timeout_s: float = 600.0, measure_context: int = 128, ray_init: dict | None = None):
         if placement not in PLACEMENTS:
             raise InvalidParameterError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        if channel not in ("actor", "compiled"):
-            raise InvalidParameterError(f"channel must be 'actor' or 'compiled', got {channel!r}")
+        from .channels import CHANNEL_NAMES
+
+        if channel not in CHANNEL_NAMES:
+            raise InvalidParameterError(f"channel must be one of {CHANNEL_NAMES}, got {channel!r}")
         if round_timeout_s <= 0 or start_timeout_s <= 0:
             raise InvalidParameterError("timeouts must be positive")
         init_local_ray(**(ray_init or {}))

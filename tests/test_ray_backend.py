@@ -37,7 +37,7 @@ def pair():
     return TabularLM(6, seed=0), TabularLM(6, seed=5)
 
 
-@pytest.mark.parametrize("channel", ["actor", "compiled"])
+@pytest.mark.parametrize("channel", ["actor", "compiled", "collective"])
 def test_transport_invariance(engines, channel):
     target, draft = pair()
     eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", channel=channel)
@@ -60,10 +60,11 @@ def test_transport_invariance(engines, channel):
     assert all(t.draft_idle_s >= 0 and t.target_idle_s >= 0 for t in s.round_timings)
 
 
-def test_draft_and_target_are_busy_at_the_same_time(engines):
+@pytest.mark.parametrize("channel", ["actor", "collective"])
+def test_draft_and_target_are_busy_at_the_same_time(engines, channel):
     target, draft = pair()
     slow_t, slow_d = SlowLM(target, 0.03), SlowLM(draft, 0.01)
-    eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", channel="actor")
+    eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", channel=channel)
     engines.append(eng)
     info = eng._ray.info
     assert info["draft"]["pid"] != info["target"]["pid"]
@@ -74,10 +75,11 @@ def test_draft_and_target_are_busy_at_the_same_time(engines):
     assert s.overlap_s > 0.5 * min(s.draft_busy_s, s.target_busy_s)
 
 
-def test_draft_killed_mid_request_finishes_on_target_alone(engines):
+@pytest.mark.parametrize("channel", ["actor", "collective"])
+def test_draft_killed_mid_request_finishes_on_target_alone(engines, channel):
     target, draft = pair()
     slow_d = SlowLM(draft, 0.005)
-    eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", channel="actor",
+    eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", channel=channel,
                       round_timeout_s=10)
     engines.append(eng)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
@@ -102,10 +104,11 @@ def test_draft_killed_mid_request_finishes_on_target_alone(engines):
     assert eng._ray.handles()["draft"] != draft_handle
 
 
-def test_draft_timeout_falls_back_and_stays_lossless(engines):
+@pytest.mark.parametrize("channel", ["compiled", "collective"])
+def test_draft_timeout_falls_back_and_stays_lossless(engines, channel):
     target, draft = pair()
     stalls = SlowLM(draft, 5.0, after=6)  # fine for 6 forwards, then each forward takes 5 s
-    eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", channel="compiled",
+    eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", channel=channel,
                       round_timeout_s=1.0)
     engines.append(eng)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
@@ -116,10 +119,11 @@ def test_draft_timeout_falls_back_and_stays_lossless(engines):
     assert time.monotonic() - t0 < 20  # one 1 s timeout, then target-only rounds
 
 
-def test_dead_target_raises_a_typed_error_promptly(engines):
+@pytest.mark.parametrize("channel", ["actor", "collective"])
+def test_dead_target_raises_a_typed_error_promptly(engines, channel):
     target, draft = pair()
     eng = PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
-                      channel="actor", round_timeout_s=5)
+                      channel=channel, round_timeout_s=5)
     engines.append(eng)
     handle = eng._ray.handles()["target"]
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -166,9 +170,10 @@ def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tok
     root = tmp_path_factory.mktemp("mid")
     target = save_tiny_llama(root / "t", seed=0, hidden_size=512, num_layers=8, tokenizer_dir=tiny_tokenizer_dir)
     draft = save_tiny_llama(root / "d", seed=1, hidden_size=256, num_layers=2, tokenizer_dir=tiny_tokenizer_dir)
-    eng = PearlEngine(draft=str(draft), target=str(target), gamma=3, backend="ray", channel="compiled")
+    eng = PearlEngine(draft=str(draft), target=str(target), gamma=3, backend="ray", channel="collective")
     engines.append(eng)
     out = eng.generate([[1] + list(range(10, 70))], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
+    assert out.stats.draft_forwards > 0 and out.stats.draft_failures == 0
     rounds = out.stats.round_timings[1:]  # round 1 is the prefill
     busy = statistics.median(max(t.draft_busy_s, t.target_busy_s) for t in rounds)
     overhead = statistics.median(t.round_s - max(t.draft_busy_s, t.target_busy_s) for t in rounds)

@@ -1,0 +1,145 @@
+"""Round messages as tensors, for transports that move raw tensors (``channels.CollectiveChannel``).
+
+A message is one fixed-size int64 *frame* (header plus up to ``INLINE_IDS`` token ids, so a typical round
+is a single send each way), then, only when needed, an int64 tensor with the ids that did not fit and an
+fp32 ``[rows, vocab]`` tensor of probabilities (sampling only). Token ids always travel as int64; nothing
+is packed into float tensors. Pure torch, no transport: ``encode_*`` return the tensors to send in order,
+``decode_*`` take the frame plus a ``recv(shape, dtype)`` callable that fetches the next tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .messages import DraftChunk, DraftRequest, SeqUpdate, TargetOutput, TargetRequest
+
+HEADER = 16
+INLINE_IDS = 112
+FRAME = HEADER + INLINE_IDS  # 128 int64 = 1 KiB
+
+# op codes (frame[0])
+OP_DRAFT, OP_TARGET, OP_STOP, OP_REPLY, OP_ERROR, OP_START, OP_COUNT, OP_ACK = 1, 2, 3, 4, 5, 6, 7, 8
+
+Recv = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def _frame() -> torch.Tensor:
+    return torch.zeros(FRAME, dtype=torch.int64)
+
+
+def _put_ids(frame: torch.Tensor, ids: list[int]) -> list[torch.Tensor]:
+    """Ids into the frame's inline area; returns the overflow tensor to send after it (or nothing)."""
+    n = min(len(ids), INLINE_IDS)
+    if n:
+        frame[HEADER:HEADER + n] = torch.tensor(ids[:n], dtype=torch.int64)
+    return [torch.tensor(ids[INLINE_IDS:], dtype=torch.int64)] if len(ids) > INLINE_IDS else []
+
+
+def _get_ids(frame: torch.Tensor, count: int, recv: Recv) -> list[int]:
+    ids = frame[HEADER:HEADER + min(count, INLINE_IDS)].tolist()
+    if count > INLINE_IDS:
+        ids += recv((count - INLINE_IDS,), torch.int64).tolist()
+    return ids
+
+
+def stop_frame() -> torch.Tensor:
+    frame = _frame()
+    frame[0] = OP_STOP
+    return frame
+
+
+def error_frame(round_id: int, code: int = 1) -> torch.Tensor:
+    frame = _frame()
+    frame[0], frame[1], frame[2] = OP_ERROR, round_id, code
+    return frame
+
+
+def ack_frame(value: int = 0) -> torch.Tensor:
+    frame = _frame()
+    frame[0], frame[1] = OP_ACK, value
+    return frame
+
+
+def count_frame() -> torch.Tensor:
+    frame = _frame()
+    frame[0] = OP_COUNT
+    return frame
+
+
+def encode_start(prompt_ids: list[int], temperature: float, top_k: int, top_p: float, draft_greedy: bool,
+                 seed: int) -> list[torch.Tensor]:
+    """frame: OP_START, n_prompt, top_k, draft_greedy, seed; prompt ids inline (+ overflow); then fp64
+    [temperature, top_p] (floats travel in their own tensor, never in the int frame)."""
+    frame = _frame()
+    frame[0:5] = torch.tensor([OP_START, len(prompt_ids), top_k, int(draft_greedy), seed])
+    return [frame] + _put_ids(frame, list(prompt_ids)) + [torch.tensor([temperature, top_p], dtype=torch.float64)]
+
+
+def decode_start(frame: torch.Tensor, recv: Recv) -> tuple:
+    op, n, top_k, draft_greedy, seed = frame[:5].tolist()
+    if op != OP_START:
+        raise ValueError(f"not a start frame (op {op})")
+    ids = _get_ids(frame, n, recv)
+    temperature, top_p = recv((2,), torch.float64).tolist()
+    return ids, temperature, top_k, top_p, bool(draft_greedy), seed
+
+
+def encode_request(req: DraftRequest | TargetRequest) -> list[torch.Tensor]:
+    """frame: op, round_id, start_pos, num (steps or rows), has_update, update.round_id,
+    committed_len_before, n_appended, n_pending; ids = appended + pending."""
+    frame = _frame()
+    is_draft = isinstance(req, DraftRequest)
+    num = req.num_steps if is_draft else req.num_rows
+    frame[0:5] = torch.tensor([OP_DRAFT if is_draft else OP_TARGET, req.round_id, req.start_pos, num,
+                               int(req.update is not None)])
+    extra: list[torch.Tensor] = []
+    if req.update is not None:
+        u = req.update
+        frame[5:9] = torch.tensor([u.round_id, u.committed_len_before, len(u.appended_token_ids),
+                                   len(u.pending_token_ids)])
+        extra = _put_ids(frame, list(u.appended_token_ids) + list(u.pending_token_ids))
+    return [frame] + extra
+
+
+def decode_request(frame: torch.Tensor, recv: Recv) -> DraftRequest | TargetRequest:
+    op, round_id, start_pos, num, has_update, u_round, before, n_app, n_pend = frame[:9].tolist()
+    update = None
+    if has_update:
+        ids = _get_ids(frame, n_app + n_pend, recv)
+        update = SeqUpdate(u_round, before, ids[:n_app], ids[n_app:])
+    if op == OP_DRAFT:
+        return DraftRequest(round_id, start_pos, num, update)
+    if op == OP_TARGET:
+        return TargetRequest(round_id, start_pos, num, update)
+    raise ValueError(f"not a request frame (op {op})")
+
+
+def encode_reply(msg: DraftChunk | TargetOutput) -> list[torch.Tensor]:
+    """frame: OP_REPLY, round_id, start_pos, n_ids (-1: no ids), prob_rows, prob_cols, busy_ns,
+    started_at_us; ids inline; then overflow ids; then the fp32 probabilities."""
+    frame = _frame()
+    if isinstance(msg, DraftChunk):
+        ids, probs = msg.draft_token_ids, msg.draft_probs
+    else:
+        ids, probs = msg.target_argmax_ids, msg.target_probs
+    rows, cols = (0, 0) if probs is None else tuple(probs.shape)
+    frame[0:8] = torch.tensor([OP_REPLY, msg.round_id, msg.start_pos, -1 if ids is None else len(ids), rows, cols,
+                               int(msg.busy_s * 1e9), int(msg.started_at * 1e6)])
+    out = [frame] + (_put_ids(frame, list(ids)) if ids else [])
+    if probs is not None:
+        out.append(probs.detach().to("cpu", torch.float32).contiguous())
+    return out
+
+
+def decode_reply(frame: torch.Tensor, recv: Recv, kind: type) -> DraftChunk | TargetOutput:
+    op, round_id, start_pos, n_ids, rows, cols, busy_ns, started_us = frame[:8].tolist()
+    if op != OP_REPLY:
+        raise ValueError(f"not a reply frame (op {op})")
+    ids = None if n_ids < 0 else _get_ids(frame, n_ids, recv)
+    probs = recv((rows, cols), torch.float32) if rows else None
+    busy_s, started_at = busy_ns / 1e9, started_us / 1e6
+    if kind is DraftChunk:
+        return DraftChunk(round_id, start_pos, ids or [], probs, busy_s, started_at)
+    return TargetOutput(round_id, start_pos, ids, probs, busy_s, started_at)

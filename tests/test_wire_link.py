@@ -1,0 +1,146 @@
+"""Round messages as tensors (``wire``) and the target leader's gloo link to the draft (``collective``),
+without Ray: both ends of the link run in this process, the draft loop on a thread."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from pearl_ray import wire
+from pearl_ray.collective import DraftLinkChannel, GlooLink, serve_rounds
+from pearl_ray.loop import LocalChannel, run_pearl
+from pearl_ray.messages import DraftChunk, DraftRequest, SeqUpdate, TargetOutput, TargetRequest
+from pearl_ray.pearl import RoundOptions
+from pearl_ray.sampling import make_generator
+from pearl_ray.stopping import StopRule
+from pearl_ray.testing import SlowLM, TabularLM
+from pearl_ray.workers import DraftSide, TargetSide
+
+
+def _no_more(shape, dtype):
+    raise AssertionError("unexpected extra tensor")
+
+
+def _feeder(tensors):
+    it = iter(tensors)
+
+    def recv(shape, dtype):
+        t = next(it)
+        assert tuple(t.shape) == tuple(shape) and t.dtype == dtype
+        return t
+
+    return recv
+
+
+@pytest.mark.parametrize("n_ids", [0, 3, wire.INLINE_IDS, wire.INLINE_IDS + 57])
+def test_requests_round_trip(n_ids):
+    ids = list(range(1000, 1000 + n_ids))
+    for req in (DraftRequest(7, 120, 5, SeqUpdate(6, 100, ids[: n_ids // 2], ids[n_ids // 2:])),
+                TargetRequest(7, 101, 4, SeqUpdate(6, 100, ids[:1], ids[1:])),
+                DraftRequest(1, 9, 0, None)):
+        tensors = wire.encode_request(req)
+        assert all(t.dtype == torch.int64 for t in tensors)  # ids never ride in a float tensor
+        assert wire.decode_request(tensors[0], _feeder(tensors[1:])) == req
+
+
+def test_replies_round_trip():
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(4, 300, generator=g), -1)
+    replies = [DraftChunk(3, 50, [5, 6, 7, 2**40], q, 0.0123, 1.7e9 + 0.25),
+               DraftChunk(3, 50, [], None, 0.0, 0.0),
+               TargetOutput(3, 47, [1, 2, 3], None, 0.05, 1.7e9),
+               TargetOutput(3, 47, None, q, 0.05, 1.7e9),
+               TargetOutput(3, 47, None, None, 0.0, 1.7e9)]
+    for msg in replies:
+        tensors = wire.encode_reply(msg)
+        got = wire.decode_reply(tensors[0], _feeder(tensors[1:]), type(msg))
+        ids = "draft_token_ids" if isinstance(msg, DraftChunk) else "target_argmax_ids"
+        probs = "draft_probs" if isinstance(msg, DraftChunk) else "target_probs"
+        assert getattr(got, ids) == getattr(msg, ids) and (got.round_id, got.start_pos) == (3, msg.start_pos)
+        if getattr(msg, probs) is None:
+            assert getattr(got, probs) is None
+        else:
+            assert torch.equal(getattr(got, probs), getattr(msg, probs))  # bit-exact fp32
+        assert abs(got.busy_s - msg.busy_s) < 1e-8 and abs(got.started_at - msg.started_at) < 1e-5
+
+
+def test_start_round_trip():
+    prompt = list(range(300))
+    tensors = wire.encode_start(prompt, 0.7, 5, 0.9, True, 12345)
+    assert wire.decode_start(tensors[0], _feeder(tensors[1:])) == (prompt, 0.7, 5, 0.9, True, 12345)
+    with pytest.raises(ValueError):
+        wire.decode_request(wire.stop_frame(), _no_more)
+
+
+class _DraftEnd:
+    """The draft worker's side of the link, as ``actors.DraftWorker`` runs it, on a thread."""
+
+    def __init__(self, model, port, name):
+        self.side = DraftSide(model)
+        self.link = GlooLink("127.0.0.1", port, 1, 2, name, timeout_s=60, connect_timeout_s=20)
+        self.result = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _on_frame(self, frame, recv):
+        op = int(frame[0])
+        if op == wire.OP_DRAFT:
+            return wire.encode_reply(self.side.draft(wire.decode_request(frame, recv)))
+        if op == wire.OP_START:
+            ids, temperature, top_k, top_p, draft_greedy, seed = wire.decode_start(frame, recv)
+            gen = make_generator(seed, 1) if temperature > 0 and not draft_greedy else None
+            self.side.start(ids, temperature, top_k, top_p, draft_greedy, gen)
+            return [wire.ack_frame()]
+        if op == wire.OP_COUNT:
+            return [wire.ack_frame(self.side.mirror.forwards)]
+        raise ValueError(op)
+
+    def _run(self):
+        self.result = serve_rounds(self.link, self._on_frame, reply_timeout_s=10, idle_timeout_s=30)
+
+
+def _linked(draft_model, name):
+    leader = GlooLink("127.0.0.1", 0, 0, 2, name, timeout_s=60, connect_timeout_s=20)
+    end = _DraftEnd(draft_model, leader.port, name)
+    leader.connect()
+    return leader, end
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_link_channel_matches_local_and_survives_requests(temperature):
+    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
+    leader, end = _linked(draft, "t-link")
+    opts = RoundOptions(gamma=3, greedy=temperature == 0.0)
+    stop = StopRule(max_new_tokens=25, eos_token_ids=(), ignore_eos=True)
+    try:
+        for prompt, seed in (([1, 2], 3), ([4, 5, 1], 4)):  # two requests over one link
+            want, want_stats = run_pearl(LocalChannel(draft, target), prompt, opts, stop, seed, temperature, 0, 1.0)
+            ch = DraftLinkChannel(TargetSide(target), leader, round_timeout_s=10)
+            got, stats = run_pearl(ch, prompt, opts, stop, seed, temperature, 0, 1.0)
+            ch.close()
+            assert got == want and ch.draft_ok
+            assert stats.draft_forwards == want_stats.draft_forwards > 0
+            assert stats.rounds == want_stats.rounds
+    finally:
+        leader.send([wire.stop_frame()], 1, 5)
+        end.thread.join(10)
+        leader.close()
+    assert end.result == "stopped"
+
+
+def test_link_draft_timeout_finishes_on_target_alone():
+    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
+    stalls = SlowLM(draft, 3.0, after=5)  # fine for 5 forwards, then 3 s per forward
+    leader, end = _linked(stalls, "t-stall")
+    opts = RoundOptions(gamma=2, greedy=True)
+    stop = StopRule(max_new_tokens=20, eos_token_ids=(), ignore_eos=True)
+    want, _ = run_pearl(LocalChannel(draft, target), [1, 2], opts, stop, 0, 0.0, 0, 1.0)
+    ch = DraftLinkChannel(TargetSide(target), leader, round_timeout_s=0.5)
+    t0 = time.monotonic()
+    got, stats = run_pearl(ch, [1, 2], opts, stop, 0, 0.0, 0, 1.0)
+    ch.close()
+    assert got == want and not ch.draft_ok and stats.draft_failures == 1 and stats.fallback_rounds > 0
+    assert time.monotonic() - t0 < 5
+    end.thread.join(15)  # its reply fails on the closed link and the loop ends
+    assert end.result is not None and end.result.startswith("link closed")
