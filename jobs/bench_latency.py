@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sd-gammas", default="2,3,4,6")
     ap.add_argument("--pearl-gammas", default="", help="sweep; default: 3, 4, 5, 6 and the auto gamma")
     ap.add_argument("--protocols", default="fixed,eos")
-    ap.add_argument("--channels", default="compiled,actor")
+    ap.add_argument("--channels", default="collective,compiled,actor")
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--num-gpus", type=float, default=0, help="per actor (e.g. 0.5 to share one GPU)")
     ap.add_argument("--device", default="cpu")

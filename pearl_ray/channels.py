@@ -1,5 +1,6 @@
-"""Round channels over Ray: how one PEARL round reaches both workers at once and comes back.
+"""Coordinator-driven round channels over Ray: how one PEARL round reaches both workers at once and comes back.
 
+(The third channel, "collective", runs the loop in the target leader instead: see ``collective.py``.)
 Both implement ``loop.RoundChannel`` and give identical tokens; they differ only in transport:
 - ``ActorCallChannel``: two ``.remote()`` calls and one bounded wait (the simple reference path).
 - ``CompiledGraphChannel``: a Ray compiled graph (``experimental_compile``) with the two worker methods as

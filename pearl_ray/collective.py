@@ -114,7 +114,7 @@ class GlooLink:
 def serve_rounds(link: GlooLink, on_frame: Callable, reply_timeout_s: float, idle_timeout_s: float) -> str:
     """A worker's persistent loop: receive a frame from rank 0, answer it with ``on_frame(frame, recv)``
     (the tensors to send back); until a stop frame, a broken link, or ``idle_timeout_s`` without a frame.
-    Returns why it ended."""
+    Returns why it ended. (Polling instead of blocking was tried: on 2 cores it made the hop slower.)"""
     try:
         link.connect()
         while True:
@@ -157,6 +157,8 @@ class DraftLinkChannel:
         self.draft_ok = link is not None and link.pg is not None
         self.draft_error: str | None = None
         self._io = None
+        self.round_bytes = 0
+        self._caller_waiting = False
 
     def _fail(self, exc: Exception) -> None:
         self.draft_ok = False
@@ -204,19 +206,29 @@ class DraftLinkChannel:
                 got = wire.decode_reply(
                     frame, lambda shape, dtype: link.recv_tensor(1, shape, dtype, deadline - time.monotonic()),
                     DraftChunk)
-                # Post the next round's receive before handing the chunk over: posting holds the GIL for
-                # 0.1-0.3 ms, which would otherwise stall the caller's next send; when the target is the
-                # slower side (the usual case) this all happens during its forward.
-                link.prepost(1)
+                # Post the next round's receive now. Posting holds the GIL for 0.1-0.3 ms: while the target
+                # is still computing (the usual case) do it before handing the chunk over, so it cannot
+                # stall the caller's next send; if the caller is already waiting, hand over first.
+                late = self._caller_waiting
+                if not late:
+                    link.prepost(1)
             except Exception as exc:  # handed to the caller's thread, which closes the link
                 self._outbox.put(exc)
                 return
-            self._outbox.put(got)
+            got_bytes = 8 * wire.FRAME + (0 if got.draft_probs is None else 4 * got.draft_probs.numel())
+            self._outbox.put((got, got_bytes))
+            if late:
+                try:
+                    link.prepost(1)
+                except Exception as exc:  # the link was closed meanwhile; the next use reports it
+                    log.debug("prepost: %s", exc)
 
     def run_round(self, draft_req, target_req):
         from .messages import DraftChunk
 
         chunk = None
+        self.round_bytes = 0  # what crossed the link this round (p rows never do: they stay here)
+        self._caller_waiting = False
         if self.draft_ok:
             # This thread sends the draft's request and runs the target's forward; a helper thread waits
             # for the chunk and posts the next receive (off the target's critical path).
@@ -233,6 +245,7 @@ class DraftLinkChannel:
                 sends = [self.link.pg.send([t], 1, 0) for t in tensors]
                 self._inbox.put((draft_req.round_id, sends, time.monotonic() + self.round_timeout_s))
                 self._keep = tensors  # the tensors must outlive their sends
+                self.round_bytes += sum(t.numel() * t.element_size() for t in tensors)
             except (LinkError, RuntimeError, AttributeError) as exc:
                 self._fail(exc)
         with self.lock:
@@ -240,6 +253,7 @@ class DraftLinkChannel:
         if self.draft_ok:
             import queue
 
+            self._caller_waiting = True
             try:
                 got = self._outbox.get(timeout=self.round_timeout_s + 1.0)
             except queue.Empty:
@@ -247,7 +261,8 @@ class DraftLinkChannel:
             if isinstance(got, Exception):
                 self._fail(got)
             else:
-                chunk = got
+                chunk, got_bytes = got
+                self.round_bytes += got_bytes
         if chunk is None:
             chunk = DraftChunk(draft_req.round_id, draft_req.start_pos, [])
         return chunk, target_out

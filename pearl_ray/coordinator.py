@@ -1,7 +1,8 @@
 """The coordinator actor: owns the worker actors and each request's PEARL state, runs the rounds.
 
 It creates the draft worker and the target-group leader in a placement group (one bundle each), measures
-the cost ratio to pick gamma, drives ``loop.run_pearl`` over the chosen channel, streams committed tokens,
+the cost ratio to pick gamma, drives ``loop.run_pearl`` over the chosen channel (or, with channel
+"collective", links the target leader to the draft and lets the leader run the loop), streams committed tokens,
 and handles faults: a draft that dies or times out is replaced after the request (which finishes on the
 target alone, still lossless); a target that dies raises ``TargetUnavailable`` and is replaced for later
 requests.

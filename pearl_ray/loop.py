@@ -70,6 +70,14 @@ def overlap_s(chunk: DraftChunk | None, target_out: TargetOutput | None) -> floa
     return max(0.0, end - start)
 
 
+def _bytes_moved(channel, chunk: DraftChunk, target_out: TargetOutput | None) -> int:
+    """What the round moved: the channel's own count when it keeps one, else both replies' payloads."""
+    counted = getattr(channel, "round_bytes", None)
+    if counted is not None:
+        return counted
+    return chunk.num_bytes() + (target_out.num_bytes() if target_out else 0)
+
+
 def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, stop: StopRule,
               seed: int, temperature: float, top_k: int, top_p: float,
               on_tokens: Callable[[list[int]], None] | None = None,
@@ -106,7 +114,7 @@ def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, 
             plan.round_id, plan.mode.value,
             draft_busy_s=chunk.busy_s, target_busy_s=target_out.busy_s if target_out else 0.0,
             round_s=t2 - t0, decide_s=t2 - t1, overlap_s=overlap_s(chunk, target_out),
-            bytes_moved=chunk.num_bytes() + (target_out.num_bytes() if target_out else 0),
+            bytes_moved=_bytes_moved(channel, chunk, target_out),
             num_candidates=outcome.num_candidates, num_accepted=outcome.num_accepted, started_at=wall0,
             draft_started_at=chunk.started_at if chunk.busy_s else 0.0,
             target_started_at=target_out.started_at if target_out and target_out.busy_s else 0.0)

@@ -37,7 +37,7 @@ def init_local_ray(num_cpus: int | None = None, num_gpus: int | None = None, **k
 
 class RayBackend:
     def __init__(self, engine, draft=None, target=None, draft_model=None, target_model=None, tokenizer=None,
-                 eos_token_ids=None, channel: str = "compiled", placement: str = "STRICT_PACK",
+                 eos_token_ids=None, channel: str = "collective", placement: str = "STRICT_PACK",
                  draft_num_gpus: float = 0, target_num_gpus: float = 0, draft_num_cpus: float = 1,
                  target_num_cpus: float = 1, num_threads: int = 1, round_timeout_s: float = 30.0,
                  start_timeout_s: float = 600.0, measure_context: int = 128, ray_init: dict | None = None):
