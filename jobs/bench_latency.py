@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sd-gammas", default="2,3,4,6")
     ap.add_argument("--pearl-gammas", default="", help="sweep; default: 3, 4, 5, 6 and the auto gamma")
     ap.add_argument("--protocols", default="fixed,eos")
-    ap.add_argument("--channels", default="collective,compiled,actor")
+    ap.add_argument("--channels", default="collective,compiled,actor",
+                    help="the first runs the gamma sweep, the others --other-gammas")
+    ap.add_argument("--other-gammas", default="5,auto", help="gammas for the other channels (auto = measured)")
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--num-gpus", type=float, default=0, help="per actor (e.g. 0.5 to share one GPU)")
     ap.add_argument("--device", default="cpu")
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
     # On CPU a k-token target forward grows with k, so the best window usually lies below the paper's rule.
     pearl_gammas = ([int(g) for g in args.pearl_gammas.split(",")] if args.pearl_gammas else
                     sorted({3, 4, 5, 6, auto_gamma}))
+    other_gammas = sorted({auto_gamma if g == "auto" else int(g) for g in args.other_gammas.split(",")})
 
     rows = []
     for protocol in args.protocols.split(","):
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
                 st.finish(len(ids), wall, "")
                 record(f"hf-assisted-{'heuristic' if g is None else f'g{g}'}", i, ids, st)
             for ch in channels:
-                for g in (pearl_gammas if ch == channels[0] else [auto_gamma]):
+                for g in (pearl_gammas if ch == channels[0] else other_gammas):
                     o = engines[ch].generate([p], params, gamma=g)[0]
                     record(f"pearl-{ch}-g{g}" + ("-auto" if g == auto_gamma else ""), i, o.token_ids, o.stats)
 

@@ -19,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="pearl", choices=["pearl", "sd", "ar"])
     g.add_argument("--gamma", type=int, default=4, help="draft window (0 = auto on the ray backend)")
     g.add_argument("--backend", default="local", choices=["local", "ray"])
+    g.add_argument("--channel", choices=["collective", "compiled", "actor"],
+                   help="ray backend only: how draft and target exchange rounds (default collective)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         engine = PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
                              backend=args.backend, device=args.device, dtype=args.dtype,
-                             pre_verify=not args.no_pre_verify, post_verify=not args.no_post_verify)
+                             pre_verify=not args.no_pre_verify, post_verify=not args.no_post_verify,
+                             **({"channel": args.channel} if args.channel else {}))
         prompts = args.prompt
         if args.chat:
             tok = engine.tokenizer

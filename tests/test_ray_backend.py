@@ -180,3 +180,25 @@ def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tok
     assert busy > 2 * overhead, (busy, overhead)  # forwards dominate the round
     overlapping = sum(t.overlap_s > 0 for t in rounds)
     assert overlapping >= 0.8 * len(rounds), [round(t.overlap_s * 1e3, 2) for t in rounds]
+
+
+def test_cli_on_the_ray_backend_matches_local(tiny_pair):
+    """``python -m pearl_ray generate --backend ray --channel collective`` in its own process (its own Ray)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="rcli", dir="/tmp"))
+    base = [sys.executable, "-m", "pearl_ray", "generate", "--draft", tiny_pair["draft"], "--target",
+            tiny_pair["target"], "--prompt", "w1 w2", "--max-new-tokens", "12", "--temperature", "0",
+            "--ignore-eos", "--json", "--gamma", "3"]
+    outs = {}
+    for name, extra in (("local", []), ("ray", ["--backend", "ray", "--channel", "collective"])):
+        res = subprocess.run(base + extra, capture_output=True, text=True, timeout=240, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        outs[name] = json.loads(res.stdout)["outputs"][0]
+    assert outs["ray"]["token_ids"] == outs["local"]["token_ids"]
+    assert outs["ray"]["stats"]["draft_forwards"] > 0
