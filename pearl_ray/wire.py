@@ -29,12 +29,14 @@ def _frame() -> torch.Tensor:
     return torch.zeros(FRAME, dtype=torch.int64)
 
 
-def _put_ids(frame: torch.Tensor, ids: list[int]) -> list[torch.Tensor]:
-    """Ids into the frame's inline area; returns the overflow tensor to send after it (or nothing)."""
-    n = min(len(ids), INLINE_IDS)
-    if n:
-        frame[HEADER:HEADER + n] = torch.tensor(ids[:n], dtype=torch.int64)
-    return [torch.tensor(ids[INLINE_IDS:], dtype=torch.int64)] if len(ids) > INLINE_IDS else []
+def _build(header: list[int], ids: list[int] = ()) -> list[torch.Tensor]:
+    """One frame from a header and ids (one tensor construction: this runs on the round's critical path),
+    plus the overflow tensor for ids that do not fit inline."""
+    ids = list(ids)
+    inline = ids[:INLINE_IDS]
+    frame = torch.tensor(header + [0] * (HEADER - len(header)) + inline + [0] * (INLINE_IDS - len(inline)),
+                         dtype=torch.int64)
+    return [frame] + ([torch.tensor(ids[INLINE_IDS:], dtype=torch.int64)] if len(ids) > INLINE_IDS else [])
 
 
 def _get_ids(frame: torch.Tensor, count: int, recv: Recv) -> list[int]:
@@ -72,9 +74,8 @@ def encode_start(prompt_ids: list[int], temperature: float, top_k: int, top_p: f
                  seed: int) -> list[torch.Tensor]:
     """frame: OP_START, n_prompt, top_k, draft_greedy, seed; prompt ids inline (+ overflow); then fp64
     [temperature, top_p] (floats travel in their own tensor, never in the int frame)."""
-    frame = _frame()
-    frame[0:5] = torch.tensor([OP_START, len(prompt_ids), top_k, int(draft_greedy), seed])
-    return [frame] + _put_ids(frame, list(prompt_ids)) + [torch.tensor([temperature, top_p], dtype=torch.float64)]
+    return _build([OP_START, len(prompt_ids), top_k, int(draft_greedy), seed], prompt_ids) + [
+        torch.tensor([temperature, top_p], dtype=torch.float64)]
 
 
 def decode_start(frame: torch.Tensor, recv: Recv) -> tuple:
@@ -89,18 +90,14 @@ def decode_start(frame: torch.Tensor, recv: Recv) -> tuple:
 def encode_request(req: DraftRequest | TargetRequest) -> list[torch.Tensor]:
     """frame: op, round_id, start_pos, num (steps or rows), has_update, update.round_id,
     committed_len_before, n_appended, n_pending; ids = appended + pending."""
-    frame = _frame()
     is_draft = isinstance(req, DraftRequest)
-    num = req.num_steps if is_draft else req.num_rows
-    frame[0:5] = torch.tensor([OP_DRAFT if is_draft else OP_TARGET, req.round_id, req.start_pos, num,
-                               int(req.update is not None)])
-    extra: list[torch.Tensor] = []
-    if req.update is not None:
-        u = req.update
-        frame[5:9] = torch.tensor([u.round_id, u.committed_len_before, len(u.appended_token_ids),
-                                   len(u.pending_token_ids)])
-        extra = _put_ids(frame, list(u.appended_token_ids) + list(u.pending_token_ids))
-    return [frame] + extra
+    header = [OP_DRAFT if is_draft else OP_TARGET, req.round_id, req.start_pos,
+              req.num_steps if is_draft else req.num_rows, int(req.update is not None)]
+    if req.update is None:
+        return _build(header)
+    u = req.update
+    header += [u.round_id, u.committed_len_before, len(u.appended_token_ids), len(u.pending_token_ids)]
+    return _build(header, list(u.appended_token_ids) + list(u.pending_token_ids))
 
 
 def decode_request(frame: torch.Tensor, recv: Recv) -> DraftRequest | TargetRequest:
@@ -119,15 +116,13 @@ def decode_request(frame: torch.Tensor, recv: Recv) -> DraftRequest | TargetRequ
 def encode_reply(msg: DraftChunk | TargetOutput) -> list[torch.Tensor]:
     """frame: OP_REPLY, round_id, start_pos, n_ids (-1: no ids), prob_rows, prob_cols, busy_ns,
     started_at_us; ids inline; then overflow ids; then the fp32 probabilities."""
-    frame = _frame()
     if isinstance(msg, DraftChunk):
         ids, probs = msg.draft_token_ids, msg.draft_probs
     else:
         ids, probs = msg.target_argmax_ids, msg.target_probs
     rows, cols = (0, 0) if probs is None else tuple(probs.shape)
-    frame[0:8] = torch.tensor([OP_REPLY, msg.round_id, msg.start_pos, -1 if ids is None else len(ids), rows, cols,
-                               int(msg.busy_s * 1e9), int(msg.started_at * 1e6)])
-    out = [frame] + (_put_ids(frame, list(ids)) if ids else [])
+    out = _build([OP_REPLY, msg.round_id, msg.start_pos, -1 if ids is None else len(ids), rows, cols,
+                  int(msg.busy_s * 1e9), int(msg.started_at * 1e6)], ids or [])
     if probs is not None:
         out.append(probs.detach().to("cpu", torch.float32).contiguous())
     return out
