@@ -126,22 +126,10 @@ class DraftWorker(_WorkerBase):
                    connect_timeout_s: float) -> str:
         """The draft's end of the target leader's ``DraftLinkChannel`` (rank 1 of 2): a long-running call that
         answers start / draft / count frames until stopped, the link breaks or it sits idle too long."""
-        from . import wire
-        from .collective import GlooLink, serve_rounds
-
-        def on_frame(frame, recv):
-            op = int(frame[0])
-            if op == wire.OP_DRAFT:
-                return wire.encode_reply(self.draft(wire.decode_request(frame, recv)))
-            if op == wire.OP_START:
-                self.start(*wire.decode_start(frame, recv))
-                return [wire.ack_frame()]
-            if op == wire.OP_COUNT:
-                return [wire.ack_frame(self.forwards())]
-            raise ValueError(f"unexpected op {op}")
+        from .collective import GlooLink, draft_frame_handler, serve_rounds
 
         link = GlooLink(host, port, 1, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s)
-        return serve_rounds(link, on_frame, reply_timeout_s, idle_timeout_s)
+        return serve_rounds(link, draft_frame_handler(self), reply_timeout_s, idle_timeout_s)
 
 
 @ray.remote
@@ -176,11 +164,11 @@ class TargetWorker(_WorkerBase):
         self.link.connect()
         return True
 
-    def close_link(self, stop_peer: bool = True) -> None:
+    def close_link(self) -> None:
         link, self.link = getattr(self, "link", None), None
         if link is None:
             return
-        if stop_peer and link.pg is not None:
+        if link.pg is not None:
             from . import wire
             from .collective import LinkError
 
@@ -202,9 +190,9 @@ class TargetWorker(_WorkerBase):
         from .collective import DraftLinkChannel
         from .loop import run_pearl
 
-        link = getattr(self, "link", None) if use_link else None
-        channel = DraftLinkChannel(self.side, link if link is not None and link.pg is not None else None,
-                                   round_timeout_s, self.lock)
+        channel = DraftLinkChannel(self.side, getattr(self, "link", None) if use_link else None, round_timeout_s,
+                                   self.lock)
+
         def run(on_tokens):
             try:
                 return run_pearl(channel, prompt_ids, opts, stop, seed, temperature, top_k, top_p,
@@ -212,9 +200,7 @@ class TargetWorker(_WorkerBase):
             finally:
                 channel.close()
 
-        yield from stream_call(run, item_timeout_s=round_timeout_s * 4 + 60)
-        if link is not None and not channel.draft_ok:
-            self.close_link(stop_peer=False)
+        yield from stream_call(run, item_timeout_s=round_timeout_s * 4 + 60)  # a broken link closes itself
 
     def forwards(self) -> int:
         return self.side.mirror.forwards

@@ -40,7 +40,7 @@ class GlooLink:
         self.store = dist.TCPStore(host, port, world_size, rank == 0,
                                    timeout=datetime.timedelta(seconds=connect_timeout_s), wait_for_workers=False)
         self.host, self.port = host, self.store.port
-        self._connect_args = (timeout_s,)
+        self.timeout_s = timeout_s  # the group's default; every wait below passes its own
         self.pg = None
         self._posted: dict[int, tuple] = {}
 
@@ -48,7 +48,7 @@ class GlooLink:
         """Join the group (blocks until every rank has joined, bounded by the store's timeout)."""
         opts = dist.ProcessGroupGloo._Options()
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
-        opts._timeout = datetime.timedelta(seconds=self._connect_args[0])
+        opts._timeout = datetime.timedelta(seconds=self.timeout_s)
         try:
             self.pg = dist.ProcessGroupGloo(dist.PrefixStore(self.name, self.store), self.rank, self.world_size, opts)
         except RuntimeError as exc:
@@ -61,17 +61,16 @@ class GlooLink:
         except RuntimeError as exc:
             raise LinkError(f"{what}: {str(exc)[:200]}") from exc
 
-    def send(self, tensors: list[torch.Tensor], dst: int, timeout_s: float) -> None:
-        self.send_many([(tensors, dst)], timeout_s)
-
-    def send_many(self, messages: list[tuple[list[torch.Tensor], int]], timeout_s: float) -> None:
-        """Post every send first (so peers start at once), then wait for all of them."""
-        deadline = time.monotonic() + timeout_s
+    def post_send(self, tensors: list[torch.Tensor], dst: int) -> list:
+        """Post the sends without waiting; returns their works (the tensors must outlive them)."""
         try:
-            works = [(self.pg.send([t], dst, 0), dst) for tensors, dst in messages for t in tensors]
+            return [self.pg.send([t], dst, 0) for t in tensors]
         except (RuntimeError, AttributeError) as exc:  # a closed pair, or this end already closed
             raise LinkError(f"send: {str(exc)[:200]}") from exc
-        for w, dst in works:
+
+    def send(self, tensors: list[torch.Tensor], dst: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for w in self.post_send(tensors, dst):
             self._wait(w, deadline - time.monotonic(), f"send to rank {dst}")
 
     def recv_frame(self, src: int):
@@ -109,6 +108,25 @@ class GlooLink:
             except Exception as exc:  # already broken: nothing more to free
                 log.debug("gloo abort: %s", exc)
         self.store = None
+
+
+def draft_frame_handler(worker) -> Callable:
+    """The draft's answers to the leader's frames, for ``serve_rounds``. ``worker`` has
+    ``start(prompt_ids, temperature, top_k, top_p, draft_greedy, seed)``, ``draft(DraftRequest)`` and
+    ``forwards()``, as ``actors.DraftWorker`` does."""
+
+    def on_frame(frame, recv):
+        op = int(frame[0])
+        if op == wire.OP_DRAFT:
+            return wire.encode_reply(worker.draft(wire.decode_request(frame, recv)))
+        if op == wire.OP_START:
+            worker.start(*wire.decode_start(frame, recv))
+            return [wire.ack_frame()]
+        if op == wire.OP_COUNT:
+            return [wire.ack_frame(worker.forwards())]
+        raise ValueError(f"unexpected op {op}")
+
+    return on_frame
 
 
 def serve_rounds(link: GlooLink, on_frame: Callable, reply_timeout_s: float, idle_timeout_s: float) -> str:
@@ -242,7 +260,7 @@ class DraftLinkChannel:
                 self._io.start()
             try:
                 tensors = wire.encode_request(draft_req)
-                sends = [self.link.pg.send([t], 1, 0) for t in tensors]
+                sends = self.link.post_send(tensors, 1)
                 self._inbox.put((draft_req.round_id, sends, time.monotonic() + self.round_timeout_s))
                 self._keep = tensors  # the tensors must outlive their sends
                 self.round_bytes += sum(t.numel() * t.element_size() for t in tensors)

@@ -158,9 +158,9 @@ class Coordinator:
             self.link_loop = self.draft.serve_link.remote(host, port, name, self.round_timeout_s,
                                                           self.idle_timeout_s, connect_timeout)
             ray.get(self.target.connect_link.remote(), timeout=connect_timeout + 5)
-        except Exception as exc:  # run this request on the target alone; the draft is replaced afterwards
+        except Exception as exc:  # this request runs on the target alone; later ones get a new draft
             log.warning("could not link the target leader to the draft: %s", str(exc)[:300])
-            self._replace_draft("no link")  # this request runs on the target alone; later ones get a new draft
+            self._replace_draft("no link")
             return False
         self.link_pair = (self.draft, self.target)
         return True

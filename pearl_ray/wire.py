@@ -25,10 +25,6 @@ OP_DRAFT, OP_TARGET, OP_STOP, OP_REPLY, OP_ERROR, OP_START, OP_COUNT, OP_ACK = 1
 Recv = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
-def _frame() -> torch.Tensor:
-    return torch.zeros(FRAME, dtype=torch.int64)
-
-
 def _build(header: list[int], ids: list[int] = ()) -> list[torch.Tensor]:
     """One frame from a header and ids (one tensor construction: this runs on the round's critical path),
     plus the overflow tensor for ids that do not fit inline."""
@@ -47,27 +43,19 @@ def _get_ids(frame: torch.Tensor, count: int, recv: Recv) -> list[int]:
 
 
 def stop_frame() -> torch.Tensor:
-    frame = _frame()
-    frame[0] = OP_STOP
-    return frame
+    return _build([OP_STOP])[0]
 
 
 def error_frame(round_id: int, code: int = 1) -> torch.Tensor:
-    frame = _frame()
-    frame[0], frame[1], frame[2] = OP_ERROR, round_id, code
-    return frame
+    return _build([OP_ERROR, round_id, code])[0]
 
 
 def ack_frame(value: int = 0) -> torch.Tensor:
-    frame = _frame()
-    frame[0], frame[1] = OP_ACK, value
-    return frame
+    return _build([OP_ACK, value])[0]
 
 
 def count_frame() -> torch.Tensor:
-    frame = _frame()
-    frame[0] = OP_COUNT
-    return frame
+    return _build([OP_COUNT])[0]
 
 
 def encode_start(prompt_ids: list[int], temperature: float, top_k: int, top_p: float, draft_greedy: bool,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pearl_ray import wire
-from pearl_ray.collective import DraftLinkChannel, GlooLink, serve_rounds
+from pearl_ray.collective import DraftLinkChannel, GlooLink, draft_frame_handler, serve_rounds
 from pearl_ray.loop import LocalChannel, run_pearl
 from pearl_ray.messages import DraftChunk, DraftRequest, SeqUpdate, TargetOutput, TargetRequest
 from pearl_ray.pearl import RoundOptions
@@ -83,21 +83,18 @@ class _DraftEnd:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _on_frame(self, frame, recv):
-        op = int(frame[0])
-        if op == wire.OP_DRAFT:
-            return wire.encode_reply(self.side.draft(wire.decode_request(frame, recv)))
-        if op == wire.OP_START:
-            ids, temperature, top_k, top_p, draft_greedy, seed = wire.decode_start(frame, recv)
-            gen = make_generator(seed, 1) if temperature > 0 and not draft_greedy else None
-            self.side.start(ids, temperature, top_k, top_p, draft_greedy, gen)
-            return [wire.ack_frame()]
-        if op == wire.OP_COUNT:
-            return [wire.ack_frame(self.side.mirror.forwards)]
-        raise ValueError(op)
+    def start(self, ids, temperature, top_k, top_p, draft_greedy, seed):
+        gen = make_generator(seed, 1) if temperature > 0 and not draft_greedy else None
+        self.side.start(ids, temperature, top_k, top_p, draft_greedy, gen)
+
+    def draft(self, req):
+        return self.side.draft(req)
+
+    def forwards(self):
+        return self.side.mirror.forwards
 
     def _run(self):
-        self.result = serve_rounds(self.link, self._on_frame, reply_timeout_s=10, idle_timeout_s=30)
+        self.result = serve_rounds(self.link, draft_frame_handler(self), reply_timeout_s=10, idle_timeout_s=30)
 
 
 def _linked(draft_model, name):
