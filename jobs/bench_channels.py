@@ -1,8 +1,8 @@
-"""Per-round coordination overhead of each Ray channel, with near-zero model compute.
+"""Per-round coordination overhead of each Ray transport, with near-zero model compute.
 
 A tabular toy pair (forwards cost microseconds), greedy, gamma 4: every round's wall time is then almost
-pure coordination (submit, exchange, wait, decide). Reports ms per round for the actor-call reference, the
-compiled-graph channel and the gloo collective channel, side by side in one run, plus ratios to the reference.
+pure coordination (send, exchange, wait, decide). Reports ms per round for the actor-call reference and the
+gloo link, side by side in one run, plus their ratio.
 """
 
 from __future__ import annotations
@@ -22,25 +22,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--channels", default="actor,compiled,collective")
+    ap.add_argument("--transports", default="actor,gloo")
     ap.add_argument("--out", default="results/bench/bench_channels.json")
     args = ap.parse_args(argv)
 
     import ray
 
     from pearl_ray import PearlEngine, SamplingParams
-    from pearl_ray.ray_backend import init_local_ray
+    from pearl_ray.runtime.backend import connect_ray
     from pearl_ray.testing import TabularLM
 
-    init_local_ray(num_cpus=2)
+    connect_ray(num_cpus=2)
     target, draft = TabularLM(16, seed=0), TabularLM(16, seed=0)  # same table: every draft token accepted
     params = SamplingParams(max_new_tokens=args.tokens, ignore_eos=True)
-    engines = {ch: PearlEngine(draft_model=draft, target_model=target, gamma=4, backend="ray", channel=ch,
-                               draft_num_cpus=0.25, target_num_cpus=0.25) for ch in args.channels.split(",")}
+    engines = {ch: PearlEngine(draft_model=draft, target_model=target, gamma=4, backend="ray", transport=ch,
+                               draft_num_cpus=0.25, target_num_cpus=0.25) for ch in args.transports.split(",")}
     per_round = {ch: [] for ch in engines}
     for ch, eng in engines.items():
         eng.generate([[1, 2]], SamplingParams(max_new_tokens=20, ignore_eos=True))  # warm-up
-    for _ in range(args.repeats):  # alternate channels
+    for _ in range(args.repeats):  # alternate transports
         for ch, eng in engines.items():
             s = eng.generate([[1, 2]], params)[0].stats
             overhead = [t.round_s - max(t.draft_busy_s, t.target_busy_s) for t in s.round_timings[1:]]

@@ -32,7 +32,7 @@ def hf_assisted_runner(target_path: str, draft_path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pearl_ray.models import VOCAB_MAP_FILE
+    from pearl_ray.modeling.resolve import VOCAB_MAP_FILE
 
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
     vocab_file = Path(draft_path) / VOCAB_MAP_FILE
@@ -89,9 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sd-gammas", default="2,3,4,6")
     ap.add_argument("--pearl-gammas", default="", help="sweep; default: 3, 4, 5, 6 and the auto gamma")
     ap.add_argument("--protocols", default="fixed,eos")
-    ap.add_argument("--channels", default="collective,compiled,actor",
+    ap.add_argument("--transports", default="gloo,actor",
                     help="the first runs the gamma sweep, the others --other-gammas")
-    ap.add_argument("--other-gammas", default="5,auto", help="gammas for the other channels (auto = measured)")
+    ap.add_argument("--other-gammas", default="5,auto", help="gammas for the other transports (auto = measured)")
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--num-gpus", type=float, default=0, help="per actor (e.g. 0.5 to share one GPU)")
     ap.add_argument("--device", default="cpu")
@@ -104,30 +104,30 @@ def main(argv=None) -> int:
 
     from pearl_ray import GenerationStats, PearlEngine, SamplingParams
     from pearl_ray.evals.gsm8k import STOP_STRINGS, build_prompt, load_split
-    from pearl_ray.models import _local_or_hub
-    from pearl_ray.ray_backend import init_local_ray
+    from pearl_ray.modeling.resolve import resolve_path
+    from pearl_ray.runtime.backend import connect_ray
 
     torch.set_num_threads(1)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    init_local_ray(num_cpus=max(2, os.cpu_count() or 2), num_gpus=None)
+    connect_ray(num_cpus=max(2, os.cpu_count() or 2))
     print("[bench] loading models ...", flush=True)
     local = PearlEngine(draft=args.draft, target=args.target, method="sd", device=args.device, dtype=args.dtype)
     tok = local.tokenizer
-    # One PEARL engine per channel, alive together (they share the 2 CPUs in scheduling terms; each worker
+    # One PEARL engine per transport, alive together (they share the 2 CPUs in scheduling terms; each worker
     # still runs one thread).
-    channels = args.channels.split(",")
+    channels = args.transports.split(",")
     share = int(100 / max(2, len(channels))) / 100
     engines = {}
     for ch in channels:
         engines[ch] = PearlEngine(draft=args.draft, target=args.target, gamma=engines[channels[0]].gamma if engines
-                                  else None, backend="ray", channel=ch, device=args.device, dtype=args.dtype,
+                                  else None, backend="ray", transport=ch, device=args.device, dtype=args.dtype,
                                   draft_num_gpus=args.num_gpus, target_num_gpus=args.num_gpus,
                                   draft_num_cpus=share, target_num_cpus=share)
         engines[ch].generate([[1, 2, 3]], SamplingParams(max_new_tokens=8))  # warm the channel up
-    auto_gamma, measured = engines[channels[0]].gamma, engines[channels[0]]._ray.measured
+    auto_gamma, measured = engines[channels[0]].gamma, engines[channels[0]].measured
     print(f"[bench] measured {json.dumps(measured)}; auto gamma {auto_gamma}", flush=True)
-    hf_run = hf_assisted_runner(_local_or_hub(args.target), _local_or_hub(args.draft))
+    hf_run = hf_assisted_runner(resolve_path(args.target), resolve_path(args.draft))
     questions = [r["question"] for r in load_split("test")[: args.num_prompts]]
     prompts = [tok(build_prompt(q))["input_ids"] for q in questions]
     sd_gammas = [int(g) for g in args.sd_gammas.split(",")]

@@ -8,7 +8,7 @@ import json, os, sys, time, torch
 sys.path.insert(0, os.getcwd())
 from transformers import LlamaConfig, LlamaForCausalLM
 from pearl_ray import PearlEngine, SamplingParams
-from pearl_ray.models import load_model, HFCausalLM
+from pearl_ray.modeling.hf import load_model, HFCausalLM
 print(torch.__version__, torch.cuda.get_device_name(0))
 cfg = LlamaConfig.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else ".gpucarry")
 torch.manual_seed(0)

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     from pearl_ray import GenerationStats, PearlEngine, SamplingParams
     from pearl_ray.evals.gsm8k import build_prompt, load_split
-    from pearl_ray.workers import time_forward
+    from pearl_ray.core.sides import time_forward
 
     torch.set_num_threads(1)
     engine = PearlEngine(draft=args.draft, target=args.target, method="sd", gamma=args.gamma)
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     outs = engine.generate(prompts, params, method="sd")
     sd_s = time.time() - t0
     s = GenerationStats.merge([o.stats for o in outs])
-    t_target = time_forward(engine.target_model, prompts[0])
-    t_draft = time_forward(engine.draft_model, prompts[0])
+    t_target = time_forward(engine.backend.target_model, prompts[0])
+    t_draft = time_forward(engine.backend.draft_model, prompts[0])
     result = {
         "draft": args.draft, "target": args.target, "questions": args.num_questions, "chat": args.chat,
         "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "threads_per_model": 1,

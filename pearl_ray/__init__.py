@@ -1,16 +1,20 @@
 """pearl_ray: PEARL (parallel speculative decoding with adaptive draft length) on Ray.
 
-Public surface: ``PearlEngine``, ``SamplingParams``, ``GenerationOutput``, ``GenerationStats`` and the
-typed errors. See README.md for usage.
+Public surface: ``PearlEngine`` (``generate``, ``stream``, ``astream``), ``SamplingParams``,
+``EngineConfig``, ``GenerationOutput``, ``StreamChunk``, ``GenerationStats`` and the typed errors.
+Layers: ``core`` (pure torch), ``modeling`` (transformers runners, model resolution), ``runtime`` (Ray),
+``backends`` (local and the protocol), ``evals``. See README.md for usage.
 """
 
-from .config import EngineOptions, SamplingParams
-from .engine import GenerationOutput, PearlEngine
-from .errors import (DraftUnavailable, InvalidParameterError, ModelNotFoundError, PearlError, PromptError,
-                     QueueFullError, TargetUnavailable, TokenizerMismatchError)
-from .metrics import GenerationStats, RoundTiming
+from .config import EngineConfig, SamplingParams
+from .core.metrics import GenerationStats, RoundTiming
+from .engine import GenerationOutput, PearlEngine, StreamChunk
+from .errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError, InvalidParameterError,
+                     ModelNotFoundError, PearlError, PromptError, QueueFullError, ResourcesUnavailable,
+                     TargetUnavailable, TokenizerMismatchError)
 
-__all__ = ["PearlEngine", "SamplingParams", "EngineOptions", "GenerationOutput", "GenerationStats", "RoundTiming",
-           "PearlError", "InvalidParameterError", "PromptError", "ModelNotFoundError", "TokenizerMismatchError",
-           "DraftUnavailable", "TargetUnavailable", "QueueFullError"]
-__version__ = "0.1.0"
+__all__ = ["PearlEngine", "SamplingParams", "EngineConfig", "GenerationOutput", "StreamChunk", "GenerationStats",
+           "RoundTiming", "PearlError", "InvalidParameterError", "PromptError", "ModelNotFoundError",
+           "TokenizerMismatchError", "DraftUnavailable", "TargetUnavailable", "CoordinatorUnavailable",
+           "ResourcesUnavailable", "QueueFullError", "EngineClosedError"]
+__version__ = "0.2.0"

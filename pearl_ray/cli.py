@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .errors import PearlError
+from .errors import PearlError, PromptError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,8 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", default="pearl", choices=["pearl", "sd", "ar"])
     g.add_argument("--gamma", type=int, default=4, help="draft window (0 = auto on the ray backend)")
     g.add_argument("--backend", default="local", choices=["local", "ray"])
-    g.add_argument("--channel", choices=["collective", "compiled", "actor"],
-                   help="ray backend only: how draft and target exchange rounds (default collective)")
+    g.add_argument("--transport", choices=["gloo", "actor"],
+                   help="ray backend only: how the target leader reaches the draft (default gloo)")
+    g.add_argument("--num-threads", type=int, help="torch threads per model (local) or per worker (ray)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """``text`` as one user turn in the tokenizer's chat template, ready for the assistant's reply."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise PromptError("--chat needs a tokenizer with a chat template; this model's tokenizer has none")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import PearlEngine, SamplingParams
@@ -48,17 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-        engine = PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
-                             backend=args.backend, device=args.device, dtype=args.dtype,
-                             pre_verify=not args.no_pre_verify, post_verify=not args.no_post_verify,
-                             **({"channel": args.channel} if args.channel else {}))
-        prompts = args.prompt
-        if args.chat:
-            tok = engine.tokenizer
-            prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
-        outs = engine.generate(prompts, params)
-        engine.shutdown()
+        extra = {"transport": args.transport} if args.transport else {}
+        with PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
+                         backend=args.backend, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
+                         pre_verify=not args.no_pre_verify, post_verify=not args.no_post_verify, **extra) as engine:
+            prompts = [chat_prompt(engine.tokenizer, p) for p in args.prompt] if args.chat else args.prompt
+            outs = engine.generate(prompts, params)
     except PearlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

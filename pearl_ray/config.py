@@ -1,18 +1,49 @@
-"""Validated, frozen configuration: sampling parameters and engine options. No I/O.
+"""Validated, frozen configuration, and the one place where defaults live. No I/O, no Ray.
 
-``gamma`` is the draft window (synonyms elsewhere: gpt-fast ``speculate_k``, vLLM ``num_speculative_tokens``,
-HF ``num_assistant_tokens``, TRT-LLM ``max_draft_len``).
+- ``SamplingParams``: what a caller asks of one generation (length, temperature, filters, seed, stops).
+- ``EngineConfig``: how an engine is built (models, backend, gamma, placement, transport, timeouts).
+  Plain data: it pickles, prints and saves as JSON next to a job's results (``engine.config``).
+- ``Request``: one generation, built and validated once by the engine and passed whole to the side that
+  runs the decoding loop (this process for ``backend="local"``, the target leader on Ray).
+
+``gamma`` is the draft window (elsewhere: gpt-fast ``speculate_k``, vLLM ``num_speculative_tokens``, HF
+``num_assistant_tokens``, TRT-LLM ``max_draft_len``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import dataclasses
+from dataclasses import dataclass
 
+from .core.rounds import RoundOptions
 from .errors import InvalidParameterError
 
-Method = Literal["pearl", "sd", "ar"]
 METHODS = ("pearl", "sd", "ar")
+BACKENDS = ("local", "ray")
+TRANSPORTS = ("gloo", "actor")
+"""How the target leader reaches the draft on Ray: a private gloo link (default) or plain actor calls."""
+PLACEMENTS = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
+DEFAULT_GAMMA = 4
+MAX_GAMMA = 16
+SEED_LIMIT = 2**63
+"""Seeds lie in [0, 2**63): they travel as int64 and seed torch generators."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_gamma(gamma, allow_auto: bool = False) -> None:
+    if gamma is None and allow_auto:
+        return
+    if not _is_int(gamma) or not 1 <= gamma <= MAX_GAMMA:
+        auto = " (or None for auto)" if allow_auto else ""
+        raise InvalidParameterError(f"gamma must be an integer in [1, {MAX_GAMMA}]{auto}, got {gamma!r}")
+
+
+def check_method(method) -> None:
+    if method not in METHODS:
+        raise InvalidParameterError(f"method must be one of {METHODS}, got {method!r}")
 
 
 @dataclass(frozen=True)
@@ -26,7 +57,7 @@ class SamplingParams:
     top_k: int = 0
     """Keep the k most likely tokens; 0 disables it."""
     seed: int = 0
-    """Seeds the per-request generators (coins, draft sampling); request i uses (seed, i)."""
+    """Seeds the request's generators (coins, draft sampling): an int in [0, 2**63)."""
     stop: tuple[str, ...] | None = None
     """Stop strings: generation ends at the first committed token whose text completes one; the text is cut before it."""
     ignore_eos: bool = False
@@ -36,40 +67,141 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif self.stop is not None:
+            if not isinstance(self.stop, (list, tuple)):
+                raise InvalidParameterError(f"stop must be a string or a list of strings, got {self.stop!r}")
             object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InvalidParameterError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (self.temperature >= 0.0):
-            raise InvalidParameterError(f"temperature must be >= 0, got {self.temperature!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidParameterError(f"{name} must be a number, got {value!r}")
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            raise InvalidParameterError(f"temperature must be >= 0 and finite, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidParameterError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise InvalidParameterError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise InvalidParameterError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.stop is not None and any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise InvalidParameterError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidParameterError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @classmethod
+    def coerce(cls, params) -> "SamplingParams":
+        """``None`` -> defaults; a dict -> ``SamplingParams(**dict)`` (unknown keys are an error)."""
+        if params is None:
+            return cls()
+        if isinstance(params, cls):
+            return params
+        if isinstance(params, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(params) - known)
+            if unknown:
+                raise InvalidParameterError(f"unknown sampling parameters {unknown}; known: {sorted(known)}")
+            return cls(**params)
+        raise InvalidParameterError(f"params must be SamplingParams or a dict, got {type(params).__name__}")
+
 
 @dataclass(frozen=True)
-class EngineOptions:
+class EngineConfig:
+    """Everything that decides how an engine is built. ``engine.config`` holds the resolved copy (model
+    paths instead of names, the chosen gamma) and ``to_dict()`` is what jobs save beside their results."""
+
+    draft: str | None = None
+    target: str | None = None
     method: str = "pearl"
-    """"pearl" (parallel draft/verify), "sd" (vanilla speculative decoding) or "ar" (target only)."""
-    gamma: int | None = 4
-    """Draft window; None = auto (measured cost ratio, Ray backend) or 4 (local backend)."""
+    """Default method of the engine's requests: "pearl", "sd" (vanilla speculative decoding) or "ar"."""
+    gamma: int | None = DEFAULT_GAMMA
+    """Draft window; None = auto (measured cost ratio on Ray; DEFAULT_GAMMA locally)."""
     pre_verify: bool = True
-    """PEARL ablation switch: check the first draft token in the round that drafts it."""
     post_verify: bool = True
-    """PEARL ablation switch: keep drafting while the target verifies the pending window."""
     draft_greedy: bool = False
     """When sampling, draft by argmax (q one-hot, ids only on the wire). Still lossless."""
-    extra: dict = field(default_factory=dict)
+    backend: str = "local"
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_threads: int | None = None
+    """torch threads per model (local) or per worker (Ray; None = the worker's CPU count, at least 1)."""
+    max_queued: int = 64
+    """Requests that may wait behind the running one; past it a call raises ``QueueFullError``."""
+    queue_timeout_s: float = 600.0
+    # Ray backend
+    transport: str = "gloo"
+    placement: str = "STRICT_PACK"
+    draft_num_cpus: float = 1.0
+    target_num_cpus: float = 1.0
+    draft_num_gpus: float = 0.0
+    target_num_gpus: float = 0.0
+    round_timeout_s: float = 30.0
+    start_timeout_s: float = 600.0
+    """Loading the models in the workers."""
+    placement_timeout_s: float = 60.0
+    """Waiting for the cluster to grant the draft's and the target's resources."""
+    measure_context: int = 128
+    ray_address: str | None = None
+    """Where to join Ray when it is not running in this process; None: $RAY_ADDRESS or a private local one."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InvalidParameterError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.gamma is not None and (not isinstance(self.gamma, int) or isinstance(self.gamma, bool)
-                                       or self.gamma < 1):
-            raise InvalidParameterError(f"gamma must be an integer >= 1 (or None for auto), got {self.gamma!r}")
+        check_method(self.method)
+        check_gamma(self.gamma, allow_auto=True)
+        if self.backend not in BACKENDS:
+            raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.transport not in TRANSPORTS:
+            raise InvalidParameterError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.placement not in PLACEMENTS:
+            raise InvalidParameterError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
+            raise InvalidParameterError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
+        if not _is_int(self.max_queued) or self.max_queued < 0:
+            raise InvalidParameterError(f"max_queued must be an integer >= 0, got {self.max_queued!r}")
+        for name in ("round_timeout_s", "start_timeout_s", "placement_timeout_s", "queue_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidParameterError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus"):
+            if not getattr(self, name) >= 0:
+                raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def round_options(self, method: str, gamma: int, greedy: bool) -> RoundOptions:
+        """The loop's options for one request: vanilla SD is the loop with both PEARL ablations off, and
+        target-only decoding is the loop without the draft."""
+        if method == "ar":
+            return RoundOptions(gamma, greedy, self.draft_greedy, pre_verify=True, post_verify=False, use_draft=False)
+        if method == "sd":
+            return RoundOptions(gamma, greedy, self.draft_greedy, pre_verify=False, post_verify=False)
+        return RoundOptions(gamma, greedy, self.draft_greedy, self.pre_verify, self.post_verify)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: everything the loop needs, and nothing that refers back to the engine."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    method: str
+    rounds: RoundOptions
+    seed: int
+    """The request's own seed, derived from ``params.seed`` and its index in the call, in [0, 2**63)."""
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def uses_draft(self) -> bool:
+        return self.rounds.use_draft
+
+    def target_only(self) -> "Request":
+        """The same request run on the target alone (the draft is down): still lossless."""
+        return dataclasses.replace(self, rounds=dataclasses.replace(self.rounds, use_draft=False, pre_verify=True))
+
+
+def request_seed(seed: int, index: int) -> int:
+    """Seed of the ``index``-th prompt of a call with ``SamplingParams.seed == seed``."""
+    return (seed * 1_000_003 + index) % SEED_LIMIT

@@ -1,28 +1,32 @@
 """``PearlEngine``: the public entry point. Loads (or is handed) a draft/target pair and generates with
 PEARL, vanilla SD or target-only decoding, behind one API whatever the backend.
 
-``backend="local"`` runs both sides in this process, one after the other (same tokens as the Ray backend,
-no speed-up). ``backend="ray"`` runs them at once in Ray actors (``pearl_ray.ray_backend``).
+One request path: ``stream``/``astream``/``generate`` build a ``config.Request`` (validated once: prompt,
+sampling parameters, method, gamma, lengths), wait their turn in the engine's bounded queue (requests to
+one pair run one at a time, in arrival order), and hand the request whole to the backend, which yields
+the committed tokens round by round. The engine turns those into ``StreamChunk`` deltas (ids and text).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import dataclasses
 import logging
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from .baselines import generate_ar, generate_sd
-from .config import EngineOptions, SamplingParams
-from .errors import InvalidParameterError, PromptError
-from .loop import LocalChannel, run_pearl
-from .metrics import GenerationStats
-from .models import check_same_tokenizer, load_model
-from .pearl import RoundOptions
-from .stopping import StopRule
-from .workers import CausalLM
+from .config import (DEFAULT_GAMMA, EngineConfig, Request, SamplingParams, check_gamma, check_method,
+                     request_seed)
+from .core.metrics import GenerationStats
+from .core.stopping import cut_at_stop
+from .errors import EngineClosedError, InvalidParameterError, PromptError, QueueFullError
 
 log = logging.getLogger(__name__)
-BACKENDS = ("local", "ray")
-DEFAULT_GAMMA = 4
+RAY_ONLY = ("transport", "placement", "draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus",
+            "round_timeout_s", "start_timeout_s", "placement_timeout_s", "measure_context", "ray_address")
 
 
 @dataclass
@@ -34,74 +38,152 @@ class GenerationOutput:
     stats: GenerationStats = field(repr=False, default_factory=GenerationStats)
 
 
+@dataclass
+class StreamChunk:
+    """One step of a stream: the newly committed ids and their new text. The last chunk of a stream has
+    ``finish_reason`` and ``stats`` set (and possibly no new ids); the others have them None."""
+
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None = None
+    stats: GenerationStats | None = field(default=None, repr=False)
+
+
+class _Admission:
+    """Requests to one pair run one at a time, in arrival order; at most ``max_queued`` wait."""
+
+    def __init__(self, max_queued: int, timeout_s: float):
+        self.max_queued, self.timeout_s = max_queued, timeout_s
+        self.cv = threading.Condition()
+        self.waiting: collections.deque = collections.deque()
+        self.busy = False
+
+    def enter(self) -> None:
+        me = object()
+        with self.cv:
+            if self.busy and len(self.waiting) >= self.max_queued:
+                raise QueueFullError(f"{len(self.waiting)} requests are already waiting for this engine's pair "
+                                     f"(max_queued={self.max_queued}); try again later")
+            self.waiting.append(me)
+            ok = self.cv.wait_for(lambda: not self.busy and self.waiting[0] is me, timeout=self.timeout_s)
+            self.waiting.remove(me)
+            if not ok:
+                self.cv.notify_all()
+                raise QueueFullError(f"the pair stayed busy for queue_timeout_s={self.timeout_s:.0f} s")
+            self.busy = True
+
+    def leave(self) -> None:
+        with self.cv:
+            self.busy = False
+            self.cv.notify_all()
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting) + int(self.busy)
+
+
 class PearlEngine:
     """Generate with a draft/target pair.
 
     Args:
         draft, target: local model dirs, preset names (``default-draft`` / ``default-target``) or hub ids.
-            ``draft`` may be None for ``method="ar"``.
-        method: "pearl" | "sd" | "ar".
-        gamma: draft window (>= 1); None picks it automatically on the Ray backend (measured cost ratio)
-            and uses 4 locally.
+            ``draft`` may be None when only ``method="ar"`` is used.
+        method: default method: "pearl" | "sd" | "ar" (per call: ``method=``).
+        gamma: draft window in [1, 16]; None picks it from the measured cost ratio on Ray (4 locally).
         backend: "local" or "ray". device: "cpu" | "cuda" | "cuda:N". dtype: "float32" | "bfloat16" | "float16".
         pre_verify, post_verify: PEARL ablation switches. draft_greedy: argmax draft when sampling.
-        draft_model, target_model, tokenizer, eos_token_ids: inject ready ``CausalLM`` objects instead of
-            loading (tests, custom runners).
-        backend_options: passed to the Ray backend (resources, channel, timeouts, placement).
+        num_threads: torch threads (local: this process; Ray: each worker).
+        max_queued: requests that may wait behind the running one before ``QueueFullError``.
+        draft_model, target_model, tokenizer, eos_token_ids: inject ready ``core.sides.CausalLM`` objects
+            instead of loading (tests, custom runners).
+        placement_group, bundle_indices: Ray only: run the draft and the target in these bundles of a
+            placement group you reserved (e.g. a Serve replica's) instead of reserving one.
+        ray_init: extra ``ray.init`` arguments when the engine starts a private local Ray.
+        **options: the other ``EngineConfig`` fields (transport, placement, resources, timeouts, ...).
+
+    Use as a context manager, or call ``shutdown()``; an engine that is garbage-collected or alive at
+    interpreter exit releases its actors and placement group too.
     """
 
     def __init__(self, draft: str | None = None, target: str | None = None, method: str = "pearl",
-                 gamma: int | None = DEFAULT_GAMMA, backend: str = "local", device: str = "cpu",
-                 dtype: str = "float32", pre_verify: bool = True, post_verify: bool = True,
-                 draft_greedy: bool = False, draft_model: CausalLM | None = None,
-                 target_model: CausalLM | None = None, tokenizer=None, eos_token_ids=None,
-                 num_threads: int | None = None, **backend_options):
-        self.options = EngineOptions(method=method, gamma=gamma, pre_verify=pre_verify, post_verify=post_verify,
-                                     draft_greedy=draft_greedy)
-        if backend not in BACKENDS:
-            raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.method, self.backend = method, backend
-        self.draft_name, self.target_name = draft, target
-        self.device, self.dtype = device, dtype
-        if backend == "ray":
-            from .ray_backend import RayBackend
-
-            self._ray = RayBackend(self, draft=draft, target=target, draft_model=draft_model,
-                                   target_model=target_model, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
-                                   **backend_options)
-            self.tokenizer = self._ray.tokenizer
-            self.eos_token_ids = self._ray.eos_token_ids
-            self.max_context, self.vocab_size = self._ray.max_context, self._ray.vocab_size
-            self.gamma = self._ray.gamma
-            return
-        if backend_options:
-            raise InvalidParameterError(f"unknown options for the local backend: {sorted(backend_options)}")
-        self._ray = None
-        self.gamma = gamma or DEFAULT_GAMMA
+                 gamma: int | None = DEFAULT_GAMMA, backend: str = "local", *, draft_model=None, target_model=None,
+                 tokenizer=None, eos_token_ids=None, placement_group=None, bundle_indices: tuple[int, int] = (0, 1),
+                 ray_init: dict | None = None, **options):
+        fields = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise InvalidParameterError(f"unknown engine options {unknown}; known: {sorted(fields)}")
+        config = EngineConfig(draft=draft, target=target, method=method, gamma=gamma, backend=backend, **options)
+        if backend == "local":
+            ray_set = sorted(k for k in RAY_ONLY if k in options)
+            if ray_set or placement_group is not None:
+                raise InvalidParameterError(f"options {ray_set or ['placement_group']} apply to backend='ray' only")
+        self._closed = True
+        pair = None
         if target_model is None:
+            from .modeling.resolve import inspect_pair
+
             if target is None:
                 raise InvalidParameterError("target is required (a model path, preset name or hub id)")
-            loaded = load_model(target, device, dtype, num_threads=num_threads)
-            target_model, tokenizer = loaded.runner, loaded.tokenizer
-            eos_token_ids = loaded.eos_token_ids if eos_token_ids is None else eos_token_ids
-        if draft_model is None and method != "ar":
-            if draft is None:
-                raise InvalidParameterError(f"method {method!r} needs a draft model")
-            loaded_d = load_model(draft, device, dtype, target_vocab_size=target_model.vocab_size)
-            if tokenizer is not None:
-                check_same_tokenizer(loaded_d.tokenizer, tokenizer, draft, target or "target")
-            draft_model = loaded_d.runner
-        self.draft_model, self.target_model = draft_model, target_model
+            if draft_model is not None:
+                raise InvalidParameterError("inject both draft_model and target_model, or neither")
+            pair = inspect_pair(target, draft)
+            tokenizer = pair.tokenizer
+            eos_token_ids = pair.eos_token_ids if eos_token_ids is None else eos_token_ids
+            config = dataclasses.replace(config, draft=pair.draft_path, target=pair.target_path)
+        self.has_draft = draft_model is not None or (pair is not None and pair.draft_path is not None)
+        if method != "ar" and not self.has_draft:
+            raise InvalidParameterError(f"method {method!r} needs a draft model")
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids or ())
-        self.max_context = target_model.max_context
-        self.vocab_size = target_model.vocab_size
+        if backend == "ray":
+            from .runtime.backend import RayBackend
 
-    # -- input handling ---------------------------------------------------------------------------------
+            self._backend = RayBackend(config, pair, draft_model, target_model, tokenizer, placement_group,
+                                       bundle_indices, ray_init)
+        else:
+            from .backends import LocalBackend
+
+            self._backend = LocalBackend(config, pair, draft_model, target_model, tokenizer)
+        self.measured = self._backend.measured
+        if config.gamma is None:
+            config = dataclasses.replace(config, gamma=self.measured["auto_gamma"] if self.measured else DEFAULT_GAMMA)
+        self.config: EngineConfig = config
+        """The resolved configuration (model paths, chosen gamma); ``config.to_dict()`` for saving."""
+        self.max_context, self.vocab_size = self._backend.max_context, self._backend.vocab_size
+        self._queue = _Admission(config.max_queued, config.queue_timeout_s)
+        self._closed = False
+        self._finalizer = weakref.finalize(self, self._backend.shutdown)
+
+    # -- read-only views ---------------------------------------------------------------------------------
+    @property
+    def gamma(self) -> int:
+        return self.config.gamma
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def backend(self):
+        """The backend object (``LocalBackend`` or ``RayBackend``)."""
+        return self._backend
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests running or waiting on this engine."""
+        return self._queue.depth
+
+    # -- requests ----------------------------------------------------------------------------------------
     def encode(self, prompt) -> list[int]:
+        """Text (tokenised with special tokens) or a list of token ids -> checked token ids."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("prompt is empty")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise PromptError(f"prompt is not valid Unicode text ({exc.reason} at position {exc.start})") from None
             if self.tokenizer is None:
                 raise PromptError("text prompts need a tokenizer; pass token-id lists instead")
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
@@ -112,91 +194,163 @@ class PearlEngine:
             bad = [t for t in ids if t < 0 or t >= self.vocab_size]
             if bad:
                 raise PromptError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        elif isinstance(prompt, (bytes, bytearray)):
+            raise PromptError("a prompt must be str or token ids, not bytes: decode it (UTF-8) first")
         else:
             raise PromptError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise PromptError("prompt is empty")
-        room = self.max_context - len(ids) - (self.gamma or DEFAULT_GAMMA) - 1
-        if room < 1:
-            raise PromptError(f"prompt has {len(ids)} tokens, too long for the model's context of "
-                              f"{self.max_context} (window {self.gamma} needs room to draft)")
         return ids
 
-    def _stop_rule(self, params: SamplingParams, prompt_len: int) -> StopRule:
-        room = self.max_context - prompt_len - (self.gamma or DEFAULT_GAMMA) - 1
-        decode = None
-        if self.tokenizer is not None:
-            decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        elif params.stop:
-            raise InvalidParameterError("stop strings need a tokenizer")
-        return StopRule(min(params.max_new_tokens, room), self.eos_token_ids, params.ignore_eos, params.stop, decode)
-
-    def round_options(self, params: SamplingParams, method: str = "pearl") -> RoundOptions:
-        o = self.options
-        if method == "sd":  # vanilla SD expressed on the PEARL loop: both ablations off
-            return RoundOptions(self.gamma, params.greedy, o.draft_greedy, pre_verify=False, post_verify=False)
-        return RoundOptions(self.gamma, params.greedy, o.draft_greedy, o.pre_verify, o.post_verify)
-
-    # -- generation ---------------------------------------------------------------------------------------
-    def generate(self, prompts, params: SamplingParams | None = None, on_tokens=None,
-                 method: str | None = None, gamma: int | None = None) -> list[GenerationOutput]:
-        """Generate for each prompt (text or token ids). ``on_tokens(i, ids)`` streams committed tokens.
-
-        ``method`` and ``gamma`` override the engine's settings for this call (the draft must be loaded for
-        "pearl"/"sd").
-        """
-        params = params or SamplingParams()
-        method = self._check_method(method)
-        if gamma is not None:
-            EngineOptions(gamma=gamma)  # validates
-        saved, self.gamma = self.gamma, gamma or self.gamma
-        try:
-            return self._generate(prompts, params, on_tokens, method)
-        finally:
-            self.gamma = saved
-
-    def _generate(self, prompts, params, on_tokens, method) -> list[GenerationOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise PromptError("no prompts given")
-        encoded = [self.encode(p) for p in prompts]  # validate everything before generating anything
-        return [self.generate_one(ids, params, request_index=i, method=method,
-                                  on_tokens=None if on_tokens is None else (lambda t, i=i: on_tokens(i, t)))
-                for i, ids in enumerate(encoded)]
-
-    def _check_method(self, method: str | None) -> str:
-        method = method or self.method
-        EngineOptions(method=method)  # validates the name
-        if method != "ar" and self._ray is None and self.draft_model is None:
+    def make_request(self, prompt, params=None, method: str | None = None, gamma: int | None = None,
+                     index: int = 0) -> Request:
+        """Build and validate one request (``index``: its place in a call, which picks its seed)."""
+        params = SamplingParams.coerce(params)
+        method = method or self.config.method
+        check_method(method)
+        if method != "ar" and not self.has_draft:
             raise InvalidParameterError(f"method {method!r} needs a draft model; this engine has none")
-        return method
+        if gamma is None:
+            gamma = self.config.gamma
+        check_gamma(gamma)
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameterError("stop strings need a tokenizer")
+        ids = self.encode(prompt)
+        window = gamma if method != "ar" else 0
+        n, ctx = len(ids), self.max_context
+        if n + 1 >= ctx:
+            raise PromptError(f"prompt has {n} tokens, too long for the model's context of {ctx}")
+        if n + window + 1 >= ctx:
+            raise InvalidParameterError(f"gamma {gamma} is too large for a {n}-token prompt in a context of {ctx}: "
+                                        f"the draft window needs room past the prompt")
+        room = ctx - n - window - 1
+        if params.max_new_tokens > room:
+            raise InvalidParameterError(
+                f"max_new_tokens {params.max_new_tokens} does not fit: prompt {n} tokens + {params.max_new_tokens} "
+                f"new tokens + draft window {window} + 1 exceed the context of {ctx} tokens; at most {room} fit")
+        rounds = self.config.round_options(method, gamma, params.greedy)
+        return Request(tuple(ids), params, method, rounds, request_seed(params.seed, index), self.eos_token_ids)
 
-    def generate_one(self, prompt_ids: list[int], params: SamplingParams, request_index: int = 0,
-                     on_tokens=None, method: str | None = None) -> GenerationOutput:
-        method = self._check_method(method)
-        stop = self._stop_rule(params, len(prompt_ids))
-        seed = params.seed * 1_000_003 + request_index
-        if self._ray is not None:
-            ids, stats = self._ray.generate_one(prompt_ids, params, stop, seed, on_tokens, method)
-        elif method == "ar":
-            ids, stats = generate_ar(self.target_model, prompt_ids, stop, seed, params.temperature, params.top_k,
-                                     params.top_p, on_tokens)
-        elif method == "sd":
-            ids, stats = generate_sd(self.draft_model, self.target_model, prompt_ids, self.gamma, stop, seed,
-                                     params.temperature, params.top_k, params.top_p, self.options.draft_greedy,
-                                     on_tokens)
-        else:
-            channel = LocalChannel(self.draft_model, self.target_model)
-            ids, stats = run_pearl(channel, prompt_ids, self.round_options(params, method), stop, seed, params.temperature,
-                                   params.top_k, params.top_p, on_tokens)
-        text = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if stats.finish_reason == "stop":
-                text = stop.cut_text(text)
-        return GenerationOutput(list(prompt_ids), ids, text, stats.finish_reason, stats)
+    def _text(self, ids: list[int], request: Request, finished: bool) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        stops = request.params.stop
+        if finished:
+            return cut_at_stop(text, stops)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next token
+            text = text[:-1]
+        if stops:  # a stop string may be forming at the end: hold that much back
+            text = text[: max(0, len(text) - max(len(s) for s in stops) + 1)]
+        return text
+
+    def _run(self, request: Request) -> Iterator[StreamChunk]:
+        if self._closed:
+            raise EngineClosedError("this engine was shut down")
+        self._queue.enter()
+        try:
+            if self._closed:
+                raise EngineClosedError("this engine was shut down")
+            gen = self._backend.stream(request)
+            ids: list[int] = []
+            sent = ""
+            try:
+                while True:
+                    try:
+                        delta = next(gen)
+                    except StopIteration as done:
+                        ids, stats = done.value
+                        break
+                    ids.extend(delta)
+                    text = self._text(ids, request, False)
+                    new = None
+                    if text is not None:
+                        new = text[len(sent):] if text.startswith(sent) else ""
+                        sent = sent + new
+                    yield StreamChunk(list(delta), new)
+            finally:
+                gen.close()
+            final = self._text(ids, request, True)
+            rest = None if final is None else (final[len(sent):] if final.startswith(sent) else "")
+            yield StreamChunk([], rest, stats.finish_reason, stats)
+        finally:
+            self._queue.leave()
+
+    def stream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None
+               ) -> Iterator[StreamChunk]:
+        """Stream one prompt: yields ``StreamChunk`` deltas as tokens are committed. The request is checked
+        now; it waits for its turn (or raises ``QueueFullError``) when iteration starts."""
+        return self._run(self.make_request(prompt, params, method, gamma))
+
+    async def astream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None
+                      ) -> AsyncIterator[StreamChunk]:
+        """``stream`` for asyncio: the request runs on a worker thread; leaving the loop early cancels it."""
+        chunks = self.stream(prompt, params, method=method, gamma=gamma)
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        end = object()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(inbox.put_nowait, item)
+            except RuntimeError:  # the event loop is gone
+                cancelled.set()
+
+        def pump() -> None:
+            try:
+                for chunk in chunks:
+                    put(chunk)
+                    if cancelled.is_set():
+                        break
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's task
+                put(exc)
+            finally:
+                chunks.close()
+                put(end)
+
+        threading.Thread(target=pump, name="pearl-astream", daemon=True).start()
+        try:
+            while True:
+                item = await inbox.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+
+    def generate(self, prompts, params=None, on_tokens=None, method: str | None = None,
+                 gamma: int | None = None) -> list[GenerationOutput]:
+        """Generate for each prompt (text or token ids), one after the other; ``on_tokens(i, ids)`` sees the
+        committed tokens as they come. Every prompt is checked before any is generated."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], int) and not isinstance(prompts[0], bool)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise PromptError("no prompts given")
+        requests = [self.make_request(p, params, method, gamma, index=i) for i, p in enumerate(prompts)]
+        outs = []
+        for i, request in enumerate(requests):
+            ids: list[int] = []
+            for chunk in self._run(request):
+                if on_tokens is not None and chunk.token_ids:
+                    on_tokens(i, chunk.token_ids)
+                ids.extend(chunk.token_ids)
+            stats = chunk.stats  # the last chunk's
+            outs.append(GenerationOutput(list(request.prompt_ids), ids, self._text(ids, request, True),
+                                         stats.finish_reason, stats))
+        return outs
 
     def shutdown(self) -> None:
-        if self._ray is not None:
-            self._ray.shutdown()
+        """Release the workers and the placement group; later calls raise ``EngineClosedError``."""
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> "PearlEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -6,11 +6,11 @@ class PearlError(Exception):
 
 
 class InvalidParameterError(PearlError, ValueError):
-    """A parameter is out of range (gamma < 1, negative temperature, top_p outside (0, 1], ...)."""
+    """A parameter is out of range or of the wrong type (gamma < 1, negative temperature, seed=None, ...)."""
 
 
 class PromptError(PearlError, ValueError):
-    """A prompt is empty or longer than the model's context."""
+    """A prompt is empty, not text or token ids, or longer than the model's context allows."""
 
 
 class ModelNotFoundError(PearlError, FileNotFoundError):
@@ -22,12 +22,24 @@ class TokenizerMismatchError(PearlError, ValueError):
 
 
 class DraftUnavailable(PearlError, RuntimeError):
-    """The draft worker died or timed out (the coordinator falls back to the target alone)."""
+    """A request needs the draft, and the draft cannot come up (it failed to start repeatedly)."""
 
 
 class TargetUnavailable(PearlError, RuntimeError):
-    """The target worker died or timed out; the request cannot finish."""
+    """The target worker died or timed out; the request cannot finish (the target is restarted)."""
+
+
+class CoordinatorUnavailable(PearlError, RuntimeError):
+    """The Ray coordinator died or stopped answering; the request failed and the next one rebuilds it."""
+
+
+class ResourcesUnavailable(PearlError, RuntimeError):
+    """The Ray cluster could not grant the draft's and the target's resources in time."""
 
 
 class QueueFullError(PearlError, RuntimeError):
-    """Too many requests are waiting."""
+    """Too many requests are waiting for this engine's pair; try again later."""
+
+
+class EngineClosedError(PearlError, RuntimeError):
+    """The engine was shut down."""

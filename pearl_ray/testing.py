@@ -1,6 +1,6 @@
 """Toy models for tests and examples: a tabular LM over a tiny vocabulary and tiny random Llama models.
 
-``TabularLM`` implements ``workers.CausalLM`` with logits that depend on the last two tokens, so exact
+``TabularLM`` implements ``core.sides.CausalLM`` with logits that depend on the last two tokens, so exact
 continuation distributions can be enumerated; its "cache" is the list of fed ids, so crop is exact.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .sampling import warp_probs
+from .core.sampling import warp_probs
 
 
 class TabularLM:
@@ -66,15 +66,6 @@ class TabularLM:
             if prob > 0:
                 out[cont] = prob
         return out
-
-
-class PermutedLM(TabularLM):
-    """An 'unrelated' draft: the other model's table with next-token logits shuffled."""
-
-    def __init__(self, base: TabularLM, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(base.vocab_size, generator=g)
-        super().__init__(base.vocab_size, table=base.table[..., perm].clone(), max_context=base.max_context)
 
 
 def save_tiny_llama(path: str | Path, seed: int = 0, vocab_size: int = 96, hidden_size: int = 32,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pearl_ray import PearlEngine, SamplingParams
-from pearl_ray.default_pair import draft_dir
+from pearl_ray.modeling.default_pair import draft_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

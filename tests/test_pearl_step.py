@@ -2,8 +2,8 @@
 
 import pytest
 
-from pearl_ray.messages import DraftChunk, TargetOutput
-from pearl_ray.pearl import PearlState, RoundOptions, VerifyMode, pearl_step, plan_round
+from pearl_ray.core.messages import DraftChunk, TargetOutput
+from pearl_ray.core.rounds import PearlState, RoundOptions, VerifyMode, pearl_step, plan_round
 
 OPTS = RoundOptions(gamma=3, greedy=True)
 

@@ -1,4 +1,4 @@
-"""The Ray backend: concurrent draft/target actors, channels, streaming, faults, auto gamma.
+"""The Ray backend: concurrent draft/target actors, transports, streaming, faults, auto gamma.
 
 A private local Ray instance (2 CPUs, 2 fake GPUs) for the module; every engine is shut down by its test.
 """
@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from pearl_ray import PearlEngine, SamplingParams, TargetUnavailable
-from pearl_ray.coordinator import choose_gamma
+from pearl_ray.runtime.coordinator import choose_gamma
 from pearl_ray.testing import SlowLM, TabularLM
 
 from ray_utils import start_local_ray, wait_for
@@ -37,10 +37,10 @@ def pair():
     return TabularLM(6, seed=0), TabularLM(6, seed=5)
 
 
-@pytest.mark.parametrize("channel", ["actor", "compiled", "collective"])
-def test_transport_invariance(engines, channel):
+@pytest.mark.parametrize("transport", ["actor", "gloo"])
+def test_transport_invariance(engines, transport):
     target, draft = pair()
-    eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", channel=channel)
+    eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", transport=transport)
     engines.append(eng)
     local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
     for params in (SamplingParams(max_new_tokens=17, ignore_eos=True),
@@ -49,7 +49,7 @@ def test_transport_invariance(engines, channel):
         for method in ("pearl", "sd", "ar"):
             want = [o.token_ids for o in local.generate(PROMPTS, params, method=method)]
             got = eng.generate(PROMPTS, params, method=method)
-            assert [o.token_ids for o in got] == want, (channel, method, params)
+            assert [o.token_ids for o in got] == want, (transport, method, params)
     # the token stream carries exactly the output, in order
     streamed = {}
     outs = eng.generate(PROMPTS, SamplingParams(max_new_tokens=17, ignore_eos=True),
@@ -60,13 +60,13 @@ def test_transport_invariance(engines, channel):
     assert all(t.draft_idle_s >= 0 and t.target_idle_s >= 0 for t in s.round_timings)
 
 
-@pytest.mark.parametrize("channel", ["actor", "collective"])
-def test_draft_and_target_are_busy_at_the_same_time(engines, channel):
+@pytest.mark.parametrize("transport", ["actor", "gloo"])
+def test_draft_and_target_are_busy_at_the_same_time(engines, transport):
     target, draft = pair()
     slow_t, slow_d = SlowLM(target, 0.03), SlowLM(draft, 0.01)
-    eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", channel=channel)
+    eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", transport=transport)
     engines.append(eng)
-    info = eng._ray.info
+    info = eng.backend.info
     assert info["draft"]["pid"] != info["target"]["pid"]
     out = eng.generate([[1, 2]], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
     s = out.stats
@@ -75,16 +75,16 @@ def test_draft_and_target_are_busy_at_the_same_time(engines, channel):
     assert s.overlap_s > 0.5 * min(s.draft_busy_s, s.target_busy_s)
 
 
-@pytest.mark.parametrize("channel", ["actor", "collective"])
-def test_draft_killed_mid_request_finishes_on_target_alone(engines, channel):
+@pytest.mark.parametrize("transport", ["actor", "gloo"])
+def test_draft_killed_mid_request_finishes_on_target_alone(engines, transport):
     target, draft = pair()
     slow_d = SlowLM(draft, 0.005)
-    eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", channel=channel,
+    eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", transport=transport,
                       round_timeout_s=10)
     engines.append(eng)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
-    draft_handle = eng._ray.handles()["draft"]
+    draft_handle = eng.backend.status()["handles"]["draft"]
     killed = []
 
     def kill_once(i, ids):
@@ -98,17 +98,17 @@ def test_draft_killed_mid_request_finishes_on_target_alone(engines, channel):
     assert out.stats.draft_failures == 1 and out.stats.fallback_rounds > 0
     assert time.monotonic() - t0 < 20
     # the draft was restarted: once it is up, a later request speculates again
-    assert wait_for(eng._ray.draft_ready, timeout_s=120)
+    assert wait_for(lambda: eng.backend.status()["draft_ready"], timeout_s=120)
     again = eng.generate([[1, 2]], params)[0]
     assert again.token_ids == want and again.stats.draft_failures == 0 and again.stats.verified_tokens > 0
-    assert eng._ray.handles()["draft"] != draft_handle
+    assert eng.backend.status()["handles"]["draft"] != draft_handle
 
 
-@pytest.mark.parametrize("channel", ["compiled", "collective"])
-def test_draft_timeout_falls_back_and_stays_lossless(engines, channel):
+@pytest.mark.parametrize("transport", ["actor", "gloo"])
+def test_draft_timeout_falls_back_and_stays_lossless(engines, transport):
     target, draft = pair()
     stalls = SlowLM(draft, 5.0, after=6)  # fine for 6 forwards, then each forward takes 5 s
-    eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", channel=channel,
+    eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", transport=transport,
                       round_timeout_s=1.0)
     engines.append(eng)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
@@ -119,13 +119,13 @@ def test_draft_timeout_falls_back_and_stays_lossless(engines, channel):
     assert time.monotonic() - t0 < 20  # one 1 s timeout, then target-only rounds
 
 
-@pytest.mark.parametrize("channel", ["actor", "collective"])
-def test_dead_target_raises_a_typed_error_promptly(engines, channel):
+@pytest.mark.parametrize("transport", ["actor", "gloo"])
+def test_dead_target_raises_a_typed_error_promptly(engines, transport):
     target, draft = pair()
     eng = PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
-                      channel=channel, round_timeout_s=5)
+                      transport=transport, round_timeout_s=5)
     engines.append(eng)
-    handle = eng._ray.handles()["target"]
+    handle = eng.backend.status()["handles"]["target"]
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     t0 = time.monotonic()
     with pytest.raises(TargetUnavailable):
@@ -142,9 +142,9 @@ def test_auto_gamma_from_measured_forwards(engines):
     assert choose_gamma(0.5, 0.05) == 1
     target, draft = pair()
     eng = PearlEngine(draft_model=SlowLM(draft, 0.004), target_model=SlowLM(target, 0.02), gamma=None,
-                      backend="ray", channel="actor")
+                      backend="ray", transport="actor")
     engines.append(eng)
-    m = eng._ray.measured
+    m = eng.measured
     assert m["t_target_s"] > m["t_draft_s"] > 0
     assert 3 <= eng.gamma <= 6, m  # ~0.02 / 0.004 = 5, give or take sleep jitter
     out = eng.generate([[1, 2]], SamplingParams(max_new_tokens=8, ignore_eos=True))[0]
@@ -157,8 +157,8 @@ def test_bad_ray_options_are_refused():
     target, draft = pair()
     with pytest.raises(InvalidParameterError, match="placement"):
         PearlEngine(draft_model=draft, target_model=target, backend="ray", placement="ANYWHERE")
-    with pytest.raises(InvalidParameterError, match="channel"):
-        PearlEngine(draft_model=draft, target_model=target, backend="ray", channel="carrier-pigeon")
+    with pytest.raises(InvalidParameterError, match="transport"):
+        PearlEngine(draft_model=draft, target_model=target, backend="ray", transport="carrier-pigeon")
 
 
 def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tokenizer_dir):
@@ -170,7 +170,7 @@ def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tok
     root = tmp_path_factory.mktemp("mid")
     target = save_tiny_llama(root / "t", seed=0, hidden_size=512, num_layers=8, tokenizer_dir=tiny_tokenizer_dir)
     draft = save_tiny_llama(root / "d", seed=1, hidden_size=256, num_layers=2, tokenizer_dir=tiny_tokenizer_dir)
-    eng = PearlEngine(draft=str(draft), target=str(target), gamma=3, backend="ray", channel="collective")
+    eng = PearlEngine(draft=str(draft), target=str(target), gamma=3, backend="ray", transport="gloo")
     engines.append(eng)
     out = eng.generate([[1] + list(range(10, 70))], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
     assert out.stats.draft_forwards > 0 and out.stats.draft_failures == 0
@@ -183,7 +183,7 @@ def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tok
 
 
 def test_cli_on_the_ray_backend_matches_local(tiny_pair):
-    """``python -m pearl_ray generate --backend ray --channel collective`` in its own process (its own Ray)."""
+    """``python -m pearl_ray generate --backend ray --transport gloo`` in its own process (its own Ray)."""
     import json
     import os
     import subprocess
@@ -196,7 +196,7 @@ def test_cli_on_the_ray_backend_matches_local(tiny_pair):
             tiny_pair["target"], "--prompt", "w1 w2", "--max-new-tokens", "12", "--temperature", "0",
             "--ignore-eos", "--json", "--gamma", "3"]
     outs = {}
-    for name, extra in (("local", []), ("ray", ["--backend", "ray", "--channel", "collective"])):
+    for name, extra in (("local", []), ("ray", ["--backend", "ray", "--transport", "gloo"])):
         res = subprocess.run(base + extra, capture_output=True, text=True, timeout=240, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
         outs[name] = json.loads(res.stdout)["outputs"][0]

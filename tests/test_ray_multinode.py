@@ -31,16 +31,16 @@ def cluster():
     c.shutdown()
 
 
-@pytest.mark.parametrize("channel", ["actor", "collective"])
-def test_strict_spread_places_draft_and_target_on_different_nodes(cluster, channel):
+@pytest.mark.parametrize("transport", ["actor", "gloo"])
+def test_strict_spread_places_draft_and_target_on_different_nodes(cluster, transport):
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
     params = SamplingParams(max_new_tokens=15, ignore_eos=True, temperature=1.0, seed=7)
     want = [o.token_ids for o in PearlEngine(draft_model=draft, target_model=target, gamma=3)
             .generate([[1, 2], [3]], params)]
     eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", placement="STRICT_SPREAD",
-                      draft_num_gpus=0.5, target_num_gpus=1, channel=channel)
+                      draft_num_gpus=0.5, target_num_gpus=1, transport=transport)
     try:
-        info = eng._ray.info
+        info = eng.backend.info
         assert info["draft"]["node_id"] != info["target"]["node_id"]
         assert len(info["draft"]["gpu_ids"]) == 1 and len(info["target"]["gpu_ids"]) == 1
         outs = eng.generate([[1, 2], [3]], params)
@@ -48,12 +48,12 @@ def test_strict_spread_places_draft_and_target_on_different_nodes(cluster, chann
         assert all(o.stats.draft_forwards > 0 and o.stats.draft_failures == 0 for o in outs)
     finally:
         eng.shutdown()
-    if channel != "actor":
+    if transport != "actor":
         return
     packed = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", placement="STRICT_PACK",
-                         draft_num_cpus=0.5, target_num_cpus=0.5, channel="compiled")
+                         draft_num_cpus=0.5, target_num_cpus=0.5, transport="gloo")
     try:
-        info = packed._ray.info
+        info = packed.backend.info
         assert info["draft"]["node_id"] == info["target"]["node_id"]
         assert [o.token_ids for o in packed.generate([[1, 2], [3]], params)] == want
     finally:

@@ -2,9 +2,9 @@
 
 import torch
 
-from pearl_ray.metrics import GenerationStats
-from pearl_ray.models import crop_to
-from pearl_ray.stopping import StopRule
+from pearl_ray.core.metrics import GenerationStats
+from pearl_ray.modeling.hf import crop_to
+from pearl_ray.core.stopping import StopRule
 
 
 def test_crop_to_keeps_the_first_n_positions():

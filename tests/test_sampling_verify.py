@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pearl_ray.sampling import make_generator, sample, warp_probs
-from pearl_ray.verify import NO_TOKEN, residual_probs, verify_greedy, verify_sampled
+from pearl_ray.core.sampling import make_generator, sample, warp_probs
+from pearl_ray.core.verify import NO_TOKEN, residual_probs, verify_greedy, verify_sampled
 
 
 def test_greedy_warp_is_one_hot_argmax():

@@ -1,5 +1,6 @@
-"""Round messages as tensors (``wire``) and the target leader's gloo link to the draft (``collective``),
-without Ray: both ends of the link run in this process, the draft loop on a thread."""
+"""The draft's round messages as tensors (``runtime.wire``) and the target leader's gloo link to the draft
+(``runtime.link``, ``runtime.transports``), without Ray: both ends of the link run in this process, the
+draft loop on a thread."""
 
 import threading
 import time
@@ -7,15 +8,15 @@ import time
 import pytest
 import torch
 
-from pearl_ray import wire
-from pearl_ray.collective import DraftLinkChannel, GlooLink, draft_frame_handler, serve_rounds
-from pearl_ray.loop import LocalChannel, run_pearl
-from pearl_ray.messages import DraftChunk, DraftRequest, SeqUpdate, TargetOutput, TargetRequest
-from pearl_ray.pearl import RoundOptions
-from pearl_ray.sampling import make_generator
-from pearl_ray.stopping import StopRule
+from pearl_ray.runtime import wire
+from pearl_ray.runtime.link import GlooLink, draft_frame_handler, serve_rounds
+from pearl_ray.runtime.transports import GlooDraftChannel
+from pearl_ray.config import EngineConfig, Request, SamplingParams
+from pearl_ray.core.loop import LocalChannel, run_request, start_draft
+from pearl_ray.core.messages import DraftChunk, DraftRequest, SeqUpdate
+from pearl_ray.core.stopping import StopRule
 from pearl_ray.testing import SlowLM, TabularLM
-from pearl_ray.workers import DraftSide, TargetSide
+from pearl_ray.core.sides import DraftSide, TargetSide
 
 
 def _no_more(shape, dtype):
@@ -37,7 +38,7 @@ def _feeder(tensors):
 def test_requests_round_trip(n_ids):
     ids = list(range(1000, 1000 + n_ids))
     for req in (DraftRequest(7, 120, 5, SeqUpdate(6, 100, ids[: n_ids // 2], ids[n_ids // 2:])),
-                TargetRequest(7, 101, 4, SeqUpdate(6, 100, ids[:1], ids[1:])),
+                DraftRequest(7, 101, 0, SeqUpdate(6, 100, ids[:1], ids[1:])),
                 DraftRequest(1, 9, 0, None)):
         tensors = wire.encode_request(req)
         assert all(t.dtype == torch.int64 for t in tensors)  # ids never ride in a float tensor
@@ -49,19 +50,15 @@ def test_replies_round_trip():
     q = torch.softmax(torch.randn(4, 300, generator=g), -1)
     replies = [DraftChunk(3, 50, [5, 6, 7, 2**40], q, 0.0123, 1.7e9 + 0.25),
                DraftChunk(3, 50, [], None, 0.0, 0.0),
-               TargetOutput(3, 47, [1, 2, 3], None, 0.05, 1.7e9),
-               TargetOutput(3, 47, None, q, 0.05, 1.7e9),
-               TargetOutput(3, 47, None, None, 0.0, 1.7e9)]
+               DraftChunk(3, 47, list(range(wire.INLINE_IDS + 9)), None, 0.05, 1.7e9)]
     for msg in replies:
         tensors = wire.encode_reply(msg)
-        got = wire.decode_reply(tensors[0], _feeder(tensors[1:]), type(msg))
-        ids = "draft_token_ids" if isinstance(msg, DraftChunk) else "target_argmax_ids"
-        probs = "draft_probs" if isinstance(msg, DraftChunk) else "target_probs"
-        assert getattr(got, ids) == getattr(msg, ids) and (got.round_id, got.start_pos) == (3, msg.start_pos)
-        if getattr(msg, probs) is None:
-            assert getattr(got, probs) is None
+        got = wire.decode_reply(tensors[0], _feeder(tensors[1:]))
+        assert got.draft_token_ids == msg.draft_token_ids and (got.round_id, got.start_pos) == (3, msg.start_pos)
+        if msg.draft_probs is None:
+            assert got.draft_probs is None
         else:
-            assert torch.equal(getattr(got, probs), getattr(msg, probs))  # bit-exact fp32
+            assert torch.equal(got.draft_probs, msg.draft_probs)  # bit-exact fp32
         assert abs(got.busy_s - msg.busy_s) < 1e-8 and abs(got.started_at - msg.started_at) < 1e-5
 
 
@@ -74,7 +71,7 @@ def test_start_round_trip():
 
 
 class _DraftEnd:
-    """The draft worker's side of the link, as ``actors.DraftWorker`` runs it, on a thread."""
+    """The draft worker's side of the link, as ``runtime.workers.DraftWorker`` runs it, on a thread."""
 
     def __init__(self, model, port, name):
         self.side = DraftSide(model)
@@ -84,8 +81,7 @@ class _DraftEnd:
         self.thread.start()
 
     def start(self, ids, temperature, top_k, top_p, draft_greedy, seed):
-        gen = make_generator(seed, 1) if temperature > 0 and not draft_greedy else None
-        self.side.start(ids, temperature, top_k, top_p, draft_greedy, gen)
+        start_draft(self.side, ids, temperature, top_k, top_p, draft_greedy, seed)
 
     def draft(self, req):
         return self.side.draft(req)
@@ -95,6 +91,12 @@ class _DraftEnd:
 
     def _run(self):
         self.result = serve_rounds(self.link, draft_frame_handler(self), reply_timeout_s=10, idle_timeout_s=30)
+
+
+def _request(prompt, gamma, temperature, seed, max_new_tokens):
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=True)
+    req = Request(tuple(prompt), params, "pearl", EngineConfig().round_options("pearl", gamma, params.greedy), seed)
+    return req, StopRule.for_request(req, None)
 
 
 def _linked(draft_model, name):
@@ -108,13 +110,12 @@ def _linked(draft_model, name):
 def test_link_channel_matches_local_and_survives_requests(temperature):
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
     leader, end = _linked(draft, "t-link")
-    opts = RoundOptions(gamma=3, greedy=temperature == 0.0)
-    stop = StopRule(max_new_tokens=25, eos_token_ids=(), ignore_eos=True)
     try:
         for prompt, seed in (([1, 2], 3), ([4, 5, 1], 4)):  # two requests over one link
-            want, want_stats = run_pearl(LocalChannel(draft, target), prompt, opts, stop, seed, temperature, 0, 1.0)
-            ch = DraftLinkChannel(TargetSide(target), leader, round_timeout_s=10)
-            got, stats = run_pearl(ch, prompt, opts, stop, seed, temperature, 0, 1.0)
+            req, stop = _request(prompt, 3, temperature, seed, 25)
+            want, want_stats = run_request(LocalChannel(draft, target), req, stop)
+            ch = GlooDraftChannel(TargetSide(target), leader, round_timeout_s=10)
+            got, stats = run_request(ch, req, stop)
             ch.close()
             assert got == want and ch.draft_ok
             assert stats.draft_forwards == want_stats.draft_forwards > 0
@@ -130,12 +131,11 @@ def test_link_draft_timeout_finishes_on_target_alone():
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
     stalls = SlowLM(draft, 3.0, after=5)  # fine for 5 forwards, then 3 s per forward
     leader, end = _linked(stalls, "t-stall")
-    opts = RoundOptions(gamma=2, greedy=True)
-    stop = StopRule(max_new_tokens=20, eos_token_ids=(), ignore_eos=True)
-    want, _ = run_pearl(LocalChannel(draft, target), [1, 2], opts, stop, 0, 0.0, 0, 1.0)
-    ch = DraftLinkChannel(TargetSide(target), leader, round_timeout_s=0.5)
+    req, stop = _request([1, 2], 2, 0.0, 0, 20)
+    want, _ = run_request(LocalChannel(draft, target), req, stop)
+    ch = GlooDraftChannel(TargetSide(target), leader, round_timeout_s=0.5)
     t0 = time.monotonic()
-    got, stats = run_pearl(ch, [1, 2], opts, stop, 0, 0.0, 0, 1.0)
+    got, stats = run_request(ch, req, stop)
     ch.close()
     assert got == want and not ch.draft_ok and stats.draft_failures == 1 and stats.fallback_rounds > 0
     assert time.monotonic() - t0 < 5

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from ..errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -1,29 +1,34 @@
 """The PEARL decoding loop over any ``RoundChannel``: plan, run both sides, decide, stop. No Ray.
 
 The same loop serves ``backend="local"`` (``LocalChannel``: both sides in this process, one after the
-other: same tokens, no speed-up) and the Ray backend (its channel runs the two sides at once in actors).
+other: same tokens, no speed-up) and the Ray backend, where it runs in the target leader (its channel runs
+the target in-process and the draft in another actor at the same time; ``runtime.transports``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Generator
 from dataclasses import replace
-from collections.abc import Callable
-from typing import Protocol
-
+from typing import TYPE_CHECKING, Protocol
 
 from .messages import DraftChunk, DraftRequest, TargetOutput, TargetRequest
 from .metrics import GenerationStats, RoundTiming
-from .pearl import PearlState, RoundOptions, pearl_step, plan_round
+from .rounds import PearlState, pearl_step, plan_round
+from .sampling import make_generator
+from .sides import CausalLM, DraftSide, TargetSide
 from .stopping import StopRule
-from .workers import CausalLM, DraftSide, TargetSide
+
+if TYPE_CHECKING:
+    from ..config import Request
 
 
 class RoundChannel(Protocol):
     """Runs one PEARL round on both sides. Knows nothing about acceptance."""
 
-    def start(self, prompt_ids: list[int], temperature: float, top_k: int, top_p: float, draft_greedy: bool,
-              draft_seed: int) -> None: ...
+    def start(self, request: "Request") -> None:
+        """Reset both sides for a new request (the draft seeds its generator from ``request.seed``)."""
+        ...
 
     def run_round(self, draft_req: DraftRequest, target_req: TargetRequest
                   ) -> tuple[DraftChunk, TargetOutput | None]: ...
@@ -38,27 +43,45 @@ class RoundChannel(Protocol):
         ...
 
 
+def draft_start_args(request: "Request") -> tuple:
+    """What the draft needs to start a request: (prompt ids, temperature, top_k, top_p, draft_greedy, seed).
+    Plain values, so that every transport can carry them."""
+    p = request.params
+    return list(request.prompt_ids), p.temperature, p.top_k, p.top_p, request.rounds.draft_greedy, request.seed
+
+
+def start_draft(side: DraftSide, prompt_ids, temperature, top_k, top_p, draft_greedy, seed) -> None:
+    """Reset a draft side; its sampling generator is stream 1 of the request's seed."""
+    gen = make_generator(seed, 1) if temperature > 0 and not draft_greedy else None
+    side.start(prompt_ids, temperature, top_k, top_p, draft_greedy, gen)
+
+
+def start_target(side: TargetSide, request: "Request") -> None:
+    p = request.params
+    side.start(list(request.prompt_ids), p.temperature, p.top_k, p.top_p)
+
+
 class LocalChannel:
-    """Both sides in this process, run one after the other."""
+    """Both sides in this process, run one after the other (same tokens as Ray, no speed-up)."""
 
-    def __init__(self, draft_model: CausalLM, target_model: CausalLM):
-        self.draft = DraftSide(draft_model)
+    def __init__(self, draft_model: CausalLM | None, target_model: CausalLM):
+        self.draft = DraftSide(draft_model) if draft_model is not None else None
         self.target = TargetSide(target_model)
+        self.draft_ok = False  # whether this request uses the draft
 
-    def start(self, prompt_ids, temperature, top_k, top_p, draft_greedy, draft_seed) -> None:
-        from .sampling import make_generator
-
-        gen = make_generator(draft_seed, 1) if temperature > 0 and not draft_greedy else None
-        self.draft.start(prompt_ids, temperature, top_k, top_p, draft_greedy, gen)
-        self.target.start(prompt_ids, temperature, top_k, top_p)
+    def start(self, request) -> None:
+        start_target(self.target, request)
+        self.draft_ok = self.draft is not None and request.uses_draft
+        if self.draft_ok:
+            start_draft(self.draft, *draft_start_args(request))
 
     def run_round(self, draft_req, target_req):
+        if not self.draft_ok:
+            return DraftChunk(draft_req.round_id, draft_req.start_pos, []), self.target.verify(target_req)
         return self.draft.draft(draft_req), self.target.verify(target_req)
 
     def forward_counts(self) -> tuple[int, int]:
-        return self.draft.mirror.forwards, self.target.mirror.forwards
-
-    draft_ok = True
+        return (self.draft.mirror.forwards if self.draft_ok else 0), self.target.mirror.forwards
 
 
 def overlap_s(chunk: DraftChunk | None, target_out: TargetOutput | None) -> float:
@@ -78,29 +101,26 @@ def _bytes_moved(channel, chunk: DraftChunk, target_out: TargetOutput | None) ->
     return chunk.num_bytes() + (target_out.num_bytes() if target_out else 0)
 
 
-def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, stop: StopRule,
-              seed: int, temperature: float, top_k: int, top_p: float,
-              on_tokens: Callable[[list[int]], None] | None = None,
-              method: str = "pearl") -> tuple[list[int], GenerationStats]:
-    """Generate one request; returns (output ids after the stop rule, stats).
-
-    ``on_tokens`` receives each round's newly committed tokens (after the stop cut): the token stream.
+def iter_request(channel: RoundChannel, request: "Request", stop: StopRule
+                 ) -> Generator[list[int], None, tuple[list[int], GenerationStats]]:
+    """Generate one request: yields each round's newly committed tokens (after the stop cut) and returns
+    (output ids after the stop rule, stats). PEARL, vanilla SD and target-only decoding all run here; they
+    differ only in ``request.rounds``.
     """
-    from .sampling import make_generator
-
     t_start = time.perf_counter()
-    stats = GenerationStats(method=method, gamma=opts.gamma)
-    channel.start(prompt_ids, temperature, top_k, top_p, opts.draft_greedy, seed)
+    opts = request.rounds
+    stats = GenerationStats(method=request.method, gamma=opts.gamma if opts.use_draft else 0)
+    channel.start(request)
     if opts.use_draft and not channel.draft_ok:
         stats.draft_failures += 1  # the draft failed at the start of the request
-    state = PearlState(committed=list(prompt_ids), prompt_len=len(prompt_ids))
-    coins = None if opts.greedy else make_generator(seed, 0)
+    state = PearlState(committed=list(request.prompt_ids), prompt_len=len(request.prompt_ids))
+    coins = None if opts.greedy else make_generator(request.seed, 0)
     emitted = 0
     fallback_opts = replace(opts, use_draft=False, pre_verify=True)
     while True:
         # 1. Plan both sides' work from the state; 2. run them (concurrently on Ray); 3. decide once.
         #    After a draft failure, the remaining rounds run on the target alone (still lossless, spec §7.6).
-        draft_ok = channel.draft_ok
+        draft_ok = opts.use_draft and channel.draft_ok
         plan = plan_round(state, opts if draft_ok else fallback_opts)
         wall0, t0 = time.time(), time.perf_counter()
         chunk, target_out = channel.run_round(plan.draft, plan.target)
@@ -126,8 +146,8 @@ def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, 
         if draft_ok and not channel.draft_ok:
             stats.draft_failures += 1
         visible = min(len(output), decision.keep)
-        if on_tokens is not None and visible > emitted:
-            on_tokens(output[emitted:visible])
+        if visible > emitted:
+            yield output[emitted:visible]
         emitted = max(emitted, visible)
         if decision.finished:
             output = output[: decision.keep]
@@ -135,3 +155,16 @@ def run_pearl(channel: RoundChannel, prompt_ids: list[int], opts: RoundOptions, 
     stats.draft_forwards, stats.target_forwards = channel.forward_counts()
     stats.finish(len(output), time.perf_counter() - t_start, decision.reason)
     return output, stats
+
+
+def run_request(channel: RoundChannel, request: "Request", stop: StopRule,
+                on_tokens: Callable[[list[int]], None] | None = None) -> tuple[list[int], GenerationStats]:
+    """``iter_request`` drained: returns (output ids, stats); ``on_tokens`` sees each round's new tokens."""
+    it = iter_request(channel, request, stop)
+    while True:
+        try:
+            ids = next(it)
+        except StopIteration as done:
+            return done.value
+        if on_tokens is not None:
+            on_tokens(ids)

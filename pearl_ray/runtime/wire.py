@@ -1,4 +1,4 @@
-"""Round messages as tensors, for transports that move raw tensors (``channels.CollectiveChannel``).
+"""The draft's round messages as tensors, for the gloo link (``runtime.link``, ``runtime.transports``).
 
 A message is one fixed-size int64 *frame* (header plus up to ``INLINE_IDS`` token ids, so a typical round
 is a single send each way), then, only when needed, an int64 tensor with the ids that did not fit and an
@@ -13,14 +13,14 @@ from collections.abc import Callable
 
 import torch
 
-from .messages import DraftChunk, DraftRequest, SeqUpdate, TargetOutput, TargetRequest
+from ..core.messages import DraftChunk, DraftRequest, SeqUpdate
 
 HEADER = 16
 INLINE_IDS = 112
 FRAME = HEADER + INLINE_IDS  # 128 int64 = 1 KiB
 
 # op codes (frame[0])
-OP_DRAFT, OP_TARGET, OP_STOP, OP_REPLY, OP_ERROR, OP_START, OP_COUNT, OP_ACK = 1, 2, 3, 4, 5, 6, 7, 8
+OP_DRAFT, OP_STOP, OP_REPLY, OP_ERROR, OP_START, OP_COUNT, OP_ACK = 1, 3, 4, 5, 6, 7, 8
 
 Recv = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
@@ -75,12 +75,10 @@ def decode_start(frame: torch.Tensor, recv: Recv) -> tuple:
     return ids, temperature, top_k, top_p, bool(draft_greedy), seed
 
 
-def encode_request(req: DraftRequest | TargetRequest) -> list[torch.Tensor]:
-    """frame: op, round_id, start_pos, num (steps or rows), has_update, update.round_id,
-    committed_len_before, n_appended, n_pending; ids = appended + pending."""
-    is_draft = isinstance(req, DraftRequest)
-    header = [OP_DRAFT if is_draft else OP_TARGET, req.round_id, req.start_pos,
-              req.num_steps if is_draft else req.num_rows, int(req.update is not None)]
+def encode_request(req: DraftRequest) -> list[torch.Tensor]:
+    """frame: OP_DRAFT, round_id, start_pos, num_steps, has_update, update.round_id, committed_len_before,
+    n_appended, n_pending; ids = appended + pending."""
+    header = [OP_DRAFT, req.round_id, req.start_pos, req.num_steps, int(req.update is not None)]
     if req.update is None:
         return _build(header)
     u = req.update
@@ -88,41 +86,33 @@ def encode_request(req: DraftRequest | TargetRequest) -> list[torch.Tensor]:
     return _build(header, list(u.appended_token_ids) + list(u.pending_token_ids))
 
 
-def decode_request(frame: torch.Tensor, recv: Recv) -> DraftRequest | TargetRequest:
+def decode_request(frame: torch.Tensor, recv: Recv) -> DraftRequest:
     op, round_id, start_pos, num, has_update, u_round, before, n_app, n_pend = frame[:9].tolist()
+    if op != OP_DRAFT:
+        raise ValueError(f"not a draft request frame (op {op})")
     update = None
     if has_update:
         ids = _get_ids(frame, n_app + n_pend, recv)
         update = SeqUpdate(u_round, before, ids[:n_app], ids[n_app:])
-    if op == OP_DRAFT:
-        return DraftRequest(round_id, start_pos, num, update)
-    if op == OP_TARGET:
-        return TargetRequest(round_id, start_pos, num, update)
-    raise ValueError(f"not a request frame (op {op})")
+    return DraftRequest(round_id, start_pos, num, update)
 
 
-def encode_reply(msg: DraftChunk | TargetOutput) -> list[torch.Tensor]:
-    """frame: OP_REPLY, round_id, start_pos, n_ids (-1: no ids), prob_rows, prob_cols, busy_ns,
-    started_at_us; ids inline; then overflow ids; then the fp32 probabilities."""
-    if isinstance(msg, DraftChunk):
-        ids, probs = msg.draft_token_ids, msg.draft_probs
-    else:
-        ids, probs = msg.target_argmax_ids, msg.target_probs
+def encode_reply(msg: DraftChunk) -> list[torch.Tensor]:
+    """frame: OP_REPLY, round_id, start_pos, n_ids, prob_rows, prob_cols, busy_ns, started_at_us; ids inline;
+    then overflow ids; then the fp32 draft probabilities (only when the draft samples)."""
+    ids, probs = msg.draft_token_ids, msg.draft_probs
     rows, cols = (0, 0) if probs is None else tuple(probs.shape)
-    out = _build([OP_REPLY, msg.round_id, msg.start_pos, -1 if ids is None else len(ids), rows, cols,
-                  int(msg.busy_s * 1e9), int(msg.started_at * 1e6)], ids or [])
+    out = _build([OP_REPLY, msg.round_id, msg.start_pos, len(ids), rows, cols, int(msg.busy_s * 1e9),
+                  int(msg.started_at * 1e6)], ids)
     if probs is not None:
         out.append(probs.detach().to("cpu", torch.float32).contiguous())
     return out
 
 
-def decode_reply(frame: torch.Tensor, recv: Recv, kind: type) -> DraftChunk | TargetOutput:
+def decode_reply(frame: torch.Tensor, recv: Recv) -> DraftChunk:
     op, round_id, start_pos, n_ids, rows, cols, busy_ns, started_us = frame[:8].tolist()
     if op != OP_REPLY:
         raise ValueError(f"not a reply frame (op {op})")
-    ids = None if n_ids < 0 else _get_ids(frame, n_ids, recv)
+    ids = _get_ids(frame, n_ids, recv)
     probs = recv((rows, cols), torch.float32) if rows else None
-    busy_s, started_at = busy_ns / 1e9, started_us / 1e6
-    if kind is DraftChunk:
-        return DraftChunk(round_id, start_pos, ids or [], probs, busy_s, started_at)
-    return TargetOutput(round_id, start_pos, ids, probs, busy_s, started_at)
+    return DraftChunk(round_id, start_pos, ids, probs, busy_ns / 1e9, started_us / 1e6)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..errors import InvalidParameterError
+
 
 @dataclass
 class StopDecision:
@@ -26,8 +28,14 @@ class StopRule:
         self.eos = frozenset(eos_token_ids) if not ignore_eos else frozenset()
         self.stop = tuple(stop or ())
         if self.stop and decode is None:
-            raise ValueError("stop strings need a tokenizer to decode the output")
+            raise InvalidParameterError("stop strings need a tokenizer to decode the output")
         self.decode = decode
+
+    @classmethod
+    def for_request(cls, request, decode: Callable[[list[int]], str] | None) -> "StopRule":
+        """The rule of a ``config.Request``; ``decode`` (token ids -> text) is needed only for stop strings."""
+        p = request.params
+        return cls(p.max_new_tokens, request.eos_token_ids, p.ignore_eos, p.stop, decode)
 
     def check(self, output_ids: list[int], num_new: int) -> StopDecision:
         """Look at the last ``num_new`` tokens of ``output_ids`` (the ones committed this round)."""
@@ -51,10 +59,14 @@ class StopRule:
         return any(s in text for s in self.stop)
 
     def cut_text(self, text: str) -> str:
-        """Remove the first stop string and everything after it."""
-        cut = len(text)
-        for s in self.stop:
-            i = text.find(s)
-            if i >= 0:
-                cut = min(cut, i)
-        return text[:cut]
+        return cut_at_stop(text, self.stop)
+
+
+def cut_at_stop(text: str, stops: Sequence[str] | None) -> str:
+    """Remove the first stop string and everything after it."""
+    cut = len(text)
+    for s in stops or ():
+        i = text.find(s)
+        if i >= 0:
+            cut = min(cut, i)
+    return text[:cut]

@@ -13,7 +13,7 @@ from .metrics import GenerationStats
 from .sampling import make_generator, sample, warp_probs
 from .stopping import StopRule
 from .verify import verify_greedy, verify_sampled
-from .workers import CausalLM
+from .sides import CausalLM
 
 
 def generate_ar(target: CausalLM, prompt_ids: list[int], stop: StopRule, seed: int, temperature: float,

@@ -1,0 +1,191 @@
+"""``RayBackend``: the draft and the target run at the same time in Ray actors.
+
+Built from a resolved ``EngineConfig`` and ``PairInfo`` (never from the engine). It joins the Ray cluster
+this process belongs to (``connect_ray``), reserves the pair's resources (its own placement group, or one
+handed in, e.g. a Serve replica's), starts the ``Coordinator``, measures the cost ratio for automatic
+gamma, and relays each request's stream. A coordinator that dies is rebuilt for the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group as ray_placement_group
+from ray.util.placement_group import remove_placement_group
+
+from ..config import EngineConfig, Request
+from ..errors import CoordinatorUnavailable, PearlError, ResourcesUnavailable
+from .coordinator import Coordinator
+from .workers import HFModelFactory, ObjectFactory
+
+log = logging.getLogger(__name__)
+
+
+def connect_ray(address: str | None = None, **init_kwargs) -> str:
+    """Join the Ray this process belongs to; start a private local one only when there is none.
+
+    In order: Ray already initialised here (a Serve replica, a job's driver that called ``ray.init``) ->
+    use it; ``address`` or ``$RAY_ADDRESS`` (set by ``ray job submit`` and ``ray start``) -> join it;
+    otherwise start a private local instance bound to 127.0.0.1. Returns which of "running", "joined" or
+    "started" happened.
+    """
+    if ray.is_initialized():
+        return "running"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, **init_kwargs)
+        return "joined"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_kwargs)
+    return "started"
+
+
+def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float) -> None:
+    """Wait for ``pg``; say what it waits for after a few seconds, and fail past ``timeout_s`` naming the
+    bundles and what the cluster has free."""
+    deadline = time.monotonic() + timeout_s
+    warned = False
+    while True:
+        try:
+            ray.get(pg.ready(), timeout=min(5.0, max(0.01, deadline - time.monotonic())))
+            return
+        except GetTimeoutError:
+            pass
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory") or "GPU" in k}
+        if time.monotonic() >= deadline:
+            remove_placement_group(pg)
+            raise ResourcesUnavailable(
+                f"could not reserve the draft and target bundles {bundles} ({strategy}) within {timeout_s:.0f} s: "
+                f"the cluster has {free} free. Free those resources (e.g. shut down another engine), lower "
+                f"draft_num_cpus/target_num_cpus, or raise placement_timeout_s.")
+        if not warned:
+            log.warning("waiting for Ray to grant bundles %s (%s); free now: %s; giving up after %.0f s",
+                        bundles, strategy, free, timeout_s)
+            warned = True
+
+
+class RayBackend:
+    def __init__(self, config: EngineConfig, pair=None, draft_model=None, target_model=None, tokenizer=None,
+                 placement_group=None, bundle_indices: tuple[int, int] = (0, 1), ray_init: dict | None = None):
+        self.config = config
+        connect_ray(config.ray_address, **(ray_init or {}))
+        if target_model is not None:
+            target_factory = ObjectFactory(target_model, tokenizer)
+            vocab = target_model.vocab_size
+        else:
+            target_factory = HFModelFactory(pair.target_path, config.device, config.dtype, with_tokenizer=True)
+            vocab = pair.vocab_size
+        draft_factory = None
+        if draft_model is not None:
+            draft_factory = ObjectFactory(draft_model)
+        elif pair is not None and pair.draft_path is not None:
+            draft_factory = HFModelFactory(pair.draft_path, config.device, config.dtype, target_vocab_size=vocab)
+        c = config
+        sides = {"draft": (c.draft_num_cpus, c.draft_num_gpus), "target": (c.target_num_cpus, c.target_num_gpus)}
+        self.owns_pg = placement_group is None
+        if self.owns_pg:
+            bundles = [{k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"CPU": 0.001}
+                       for cpu, gpu in sides.values()]
+            placement_group = ray_placement_group(bundles, strategy=c.placement)
+            wait_for_placement(placement_group, bundles, c.placement, c.placement_timeout_s)
+            bundle_indices = (0, 1)
+        self.pg = placement_group
+        self.spec = {"pg": placement_group, "transport": c.transport, "round_timeout_s": c.round_timeout_s,
+                     "start_timeout_s": c.start_timeout_s}
+        for (side, (cpu, gpu)), factory, bundle in zip(sides.items(), (draft_factory, target_factory), bundle_indices):
+            threads = c.num_threads or max(1, int(cpu))
+            self.spec[side] = None if factory is None else {"factory": factory, "bundle": bundle, "num_cpus": cpu,
+                                                            "num_gpus": gpu, "threads": threads}
+        self.coordinator = None
+        try:
+            self.info = self._start_coordinator()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.max_context = self.info["target"]["max_context"]
+        self.vocab_size = self.info["target"]["vocab_size"]
+        self.measured = None
+        if c.gamma is None and draft_factory is not None:
+            self.measured = ray.get(self.coordinator.measure.remote(c.measure_context), timeout=c.start_timeout_s)
+            log.info("auto gamma = %d (measured %s)", self.measured["auto_gamma"], self.measured)
+
+    def _start_coordinator(self) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        target_bundle = self.spec["target"]["bundle"]
+        self.coordinator = Coordinator.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.pg, placement_group_bundle_index=target_bundle)).remote(self.spec)
+        try:
+            return ray.get(self.coordinator.ready.remote(), timeout=self.config.start_timeout_s + 10)
+        except RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), PearlError):
+                raise exc.cause from None
+            raise
+        except (RayActorError, GetTimeoutError) as exc:
+            raise CoordinatorUnavailable(f"the coordinator failed to start: {exc}") from None
+
+    def _coordinator_failed(self, exc: Exception) -> CoordinatorUnavailable:
+        """Forget a dead or stuck coordinator (its workers go with it); the next request builds a new one."""
+        coord, self.coordinator = self.coordinator, None
+        try:
+            ray.kill(coord)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        return CoordinatorUnavailable(f"the coordinator died or stopped answering ({exc.__class__.__name__}); "
+                                      f"this request failed, the next one starts new workers")
+
+    def stream(self, request: Request):
+        """Yields ``list[int]`` per round of newly committed tokens; returns (ids, stats)."""
+        if self.pg is None:
+            raise PearlError("this backend was shut down")
+        if self.coordinator is None:
+            self._start_coordinator()
+        c = self.config
+        item_timeout = c.round_timeout_s * 4 + 60
+        gen = self.coordinator.generate.options(num_returns="streaming").remote(request)
+        try:
+            for ref in gen:
+                item = ray.get(ref, timeout=item_timeout)
+                if isinstance(item, dict):
+                    return item["token_ids"], item["stats"]
+                yield item
+        except RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), PearlError):
+                raise exc.cause from None
+            raise self._coordinator_failed(exc) from None
+        except (RayActorError, GetTimeoutError) as exc:
+            raise self._coordinator_failed(exc) from None
+        except GeneratorExit:
+            # The caller left mid-stream: stop the relay. Not recursive: a recursive cancel would also
+            # cancel a worker the coordinator may be creating (which crashes Ray 2.60's task manager).
+            ray.cancel(gen, recursive=False)
+            raise
+        raise CoordinatorUnavailable("the token stream ended without a result")
+
+    def status(self) -> dict:
+        if self.coordinator is None:
+            return {"draft_ready": False, "restarts": {}, "handles": {}}
+        return ray.get(self.coordinator.status.remote(), timeout=30)
+
+    def shutdown(self) -> None:
+        coord, self.coordinator = self.coordinator, None
+        if coord is not None:
+            try:
+                ray.get(coord.shutdown.remote(), timeout=30)
+            except Exception as exc:  # noqa: BLE001 - the coordinator may already be gone
+                log.debug("coordinator shutdown: %s", exc)
+            try:
+                ray.kill(coord)
+            except Exception:  # noqa: BLE001
+                pass
+        pg, self.pg = getattr(self, "pg", None), None
+        if pg is not None and self.owns_pg:
+            try:
+                remove_placement_group(pg)
+            except Exception as exc:  # noqa: BLE001 - Ray may be shutting down
+                log.debug("remove_placement_group: %s", exc)

@@ -1,0 +1,203 @@
+"""The coordinator actor: lifecycle only. It creates and places the draft worker and the target leader,
+measures their forwards (auto gamma), connects the draft to the leader over the chosen transport, relays
+each request's token stream from the leader, and restarts what failed:
+
+- a draft that failed during a request (the leader finished it on the target alone) is replaced after it;
+  while the new draft loads, requests run on the target alone; a draft that cannot start
+  ``MAX_DRAFT_STARTS`` times in a row is given up, and requests that need it raise ``DraftUnavailable``;
+- a target leader that died or timed out fails its request with ``TargetUnavailable`` and is replaced
+  before the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ..config import MAX_GAMMA
+from ..errors import DraftUnavailable, PearlError, TargetUnavailable
+from .link import open_draft_link
+from .workers import DraftWorker, TargetLeader
+
+log = logging.getLogger(__name__)
+MAX_DRAFT_STARTS = 3
+LINK_IDLE_S = 1800.0
+
+
+def choose_gamma(t_draft: float, t_target: float, lo: int = 1, hi: int = MAX_GAMMA) -> int:
+    """The paper's rule: gamma = round(t_target / t_draft), clamped to [lo, hi]: gamma draft steps then last
+    about one target pass, so neither side waits.
+
+    Example:
+        >>> choose_gamma(0.01, 0.052)
+        5
+    """
+    return int(min(hi, max(lo, round(t_target / max(t_draft, 1e-9)))))
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class Coordinator:
+    def __init__(self, spec: dict):
+        """``spec``: factories, actor options and bundle index per side, the placement group, transport,
+        round/start timeouts and threads per worker (built by ``RayBackend``)."""
+        self.spec = spec
+        self.restarts = {"draft": 0, "target": 0}
+        self.draft_starts_failed, self.draft_error = 0, None
+        self.draft, self.draft_starting = None, None
+        self.target, self.target_starting = self._make("target"), None
+        if spec["draft"] is not None:
+            self.draft = self._make("draft")
+        self.linked = None  # (draft, target, gloo serve-loop ref or None for the actor transport)
+        self.link_used = 0.0
+
+    def _make(self, side: str):
+        s = self.spec[side]
+        cls = DraftWorker if side == "draft" else TargetLeader
+        strategy = PlacementGroupSchedulingStrategy(self.spec["pg"], placement_group_bundle_index=s["bundle"])
+        return cls.options(scheduling_strategy=strategy, max_concurrency=4, num_cpus=s["num_cpus"],
+                           num_gpus=s["num_gpus"]).remote(s["factory"], s["threads"])
+
+    def ready(self) -> dict:
+        """Each worker's info once its model has loaded; a side that failed to load raises its typed error."""
+        timeout = self.spec["start_timeout_s"]
+        try:
+            target = ray.get(self.target.info.remote(), timeout=timeout)
+        except Exception as exc:  # noqa: BLE001
+            raise TargetUnavailable(f"the target worker did not come up within {timeout:.0f} s: "
+                                    f"{str(exc)[:500]}") from None
+        draft = None
+        if self.draft is not None:
+            try:
+                draft = ray.get(self.draft.info.remote(), timeout=timeout)
+            except Exception as exc:  # noqa: BLE001
+                raise DraftUnavailable(f"the draft worker did not come up within {timeout:.0f} s: "
+                                       f"{str(exc)[:500]}") from None
+        return {"target": target, "draft": draft}
+
+    def measure(self, context_len: int = 128, reps: int = 30, warmup: int = 5, k: int = 8) -> dict:
+        """Time one-token draft forwards and 1- and k-token target forwards on the actual placement."""
+        t1 = ray.get(self.target.time_forward.remote(context_len, 1, reps, warmup), timeout=600)
+        tk = ray.get(self.target.time_forward.remote(context_len, k, max(5, reps // 3), 2), timeout=600)
+        td = ray.get(self.draft.time_forward.remote(context_len, 1, reps, warmup), timeout=600)
+        return {"t_draft_s": td, "t_target_s": t1, f"t_target_{k}_s": tk, "cost_ratio": t1 / td,
+                "auto_gamma": choose_gamma(td, t1), "context_len": context_len}
+
+    def status(self) -> dict:
+        return {"draft_ready": self._draft_ready(), "draft_error": self.draft_error, "restarts": dict(self.restarts),
+                "handles": {"draft": self.draft, "target": self.target}}
+
+    # -- draft lifecycle ---------------------------------------------------------------------------------
+    def _draft_ready(self) -> bool:
+        """False while a restarted draft is loading or when it was given up."""
+        if self.draft is None:
+            return False
+        if self.draft_starting is not None:
+            done, _ = ray.wait([self.draft_starting], timeout=0)
+            if not done:
+                return False
+            try:
+                ray.get(self.draft_starting)
+                self.draft_starts_failed, self.draft_starting = 0, None
+            except Exception as exc:  # noqa: BLE001 - the draft failed to come up: try again, a bounded number of times
+                self.draft_starts_failed += 1
+                self._replace_draft(f"start failed: {str(exc)[:300]}")
+                return False
+        return True
+
+    def _replace_draft(self, reason: str) -> None:
+        log.warning("replacing the draft worker: %s", reason)
+        self.draft_error = reason
+        try:
+            ray.kill(self.draft)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        self.linked, self.draft, self.draft_starting = None, None, None
+        if self.draft_starts_failed >= MAX_DRAFT_STARTS:
+            return  # given up: requests that need the draft raise DraftUnavailable
+        self.draft = self._make("draft")
+        self.draft_starting = self.draft.ping.remote()
+        self.restarts["draft"] += 1
+
+    def _connect(self) -> bool:
+        """Make sure the leader reaches the current draft over the transport; False if it cannot now."""
+        if not self._draft_ready():
+            return False
+        if (self.linked is not None and self.linked[:2] == (self.draft, self.target)
+                and time.monotonic() - self.link_used < LINK_IDLE_S / 2):  # an idle link ends at LINK_IDLE_S
+            loop = self.linked[2]
+            if loop is None or (not ray.wait([loop], timeout=0)[0]
+                                and ray.get(self.target.link_ok.remote(), timeout=self.spec["round_timeout_s"])):
+                return True
+        timeout = max(30.0, self.spec["round_timeout_s"])
+        try:
+            if self.spec["transport"] == "gloo":
+                loop = open_draft_link(self.target, self.draft, self.spec["round_timeout_s"], LINK_IDLE_S, timeout)
+            else:
+                ray.get(self.target.attach_draft.remote(self.draft), timeout=timeout)
+                loop = None
+        except Exception as exc:  # noqa: BLE001 - this request runs on the target alone; later ones get a new draft
+            self._replace_draft(f"could not connect it to the target leader: {str(exc)[:300]}")
+            return False
+        self.linked = (self.draft, self.target, loop)
+        return True
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def generate(self, request, stream: bool = True):
+        """Relay the leader's stream: ``list[int]`` per round (if ``stream``), then the final dict."""
+        if self.target_starting is not None:
+            try:
+                ray.get(self.target_starting, timeout=self.spec["start_timeout_s"])
+                self.target_starting = None
+            except Exception as exc:  # noqa: BLE001
+                self._restart_target()
+                raise TargetUnavailable(f"the restarted target did not come up: {str(exc)[:300]}") from None
+        if request.uses_draft and not self._connect():
+            if self.draft is None and self.spec["draft"] is not None:
+                raise DraftUnavailable(f"the draft could not be started {MAX_DRAFT_STARTS} times in a row "
+                                       f"({self.draft_error}); method 'ar' still works")
+            request = request.target_only()
+        self.link_used = time.monotonic()
+        item_timeout = self.spec["round_timeout_s"] * 4 + 60
+        try:
+            for ref in self.target.generate.options(num_returns="streaming").remote(
+                    request, self.spec["transport"], self.spec["round_timeout_s"], stream):
+                item = ray.get(ref, timeout=item_timeout)
+                if isinstance(item, dict) and request.uses_draft and item["stats"].draft_failures:
+                    # before the final item goes out, so that the caller's next request sees the new draft
+                    self._replace_draft(f"it failed during a request: {item['stats'].draft_failures} failure(s)")
+                yield item
+        except RayTaskError as exc:
+            if isinstance(getattr(exc, "cause", None), PearlError):
+                raise exc.cause from None
+            self._restart_target()
+            raise TargetUnavailable(f"the target leader failed: {str(exc)[:300]}") from None
+        except (RayActorError, GetTimeoutError) as exc:
+            self._restart_target()
+            raise TargetUnavailable(f"the target leader died or timed out: {exc.__class__.__name__}") from None
+
+    def _restart_target(self) -> None:
+        try:
+            ray.kill(self.target)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+        self.linked = None
+        self.target = self._make("target")
+        self.target_starting = self.target.ping.remote()
+        self.restarts["target"] += 1
+
+    def shutdown(self) -> None:
+        if self.linked is not None and self.linked[2] is not None:
+            try:
+                ray.get(self.target.close_link.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - the target may be gone already
+                log.debug("close_link: %s", exc)
+        for h in (self.draft, self.target):
+            if h is not None:
+                try:
+                    ray.kill(h)
+                except Exception:  # noqa: BLE001
+                    pass

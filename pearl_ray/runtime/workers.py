@@ -1,0 +1,190 @@
+"""Ray actors: thin shells over ``core.sides.DraftSide`` / ``core.sides.TargetSide``. No acceptance math here.
+
+Each worker builds its model through an injected factory (a picklable callable returning
+``(CausalLM, tokenizer or None)``), so tests hand in tiny models and real runs hand in ``HFModelFactory``.
+On CPU each worker pins torch to its own thread count.
+
+``TargetLeader`` is the leader of the target group (a group of one today): it runs the decoding loop for
+each request (``core.loop.iter_request``) over a ``transports`` channel to the draft, and streams the
+committed tokens back as a Ray streaming generator. ``DraftWorker`` answers the leader's round messages.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from ..core.loop import iter_request, start_draft
+from ..core.messages import DraftRequest
+from ..core.sides import DraftSide, TargetSide, time_forward
+from ..core.stopping import StopRule
+
+
+@dataclass(frozen=True)
+class HFModelFactory:
+    """Loads a transformers model (a resolved path) inside the worker; the target also loads its tokenizer
+    (for stop strings)."""
+
+    path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    target_vocab_size: int | None = None
+    with_tokenizer: bool = False
+
+    def __call__(self):
+        from ..modeling.hf import load_model
+
+        device = self.device
+        if device == "cuda" and ray.get_gpu_ids():
+            device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+        loaded = load_model(self.path, device, self.dtype, target_vocab_size=self.target_vocab_size)
+        return loaded.runner, (loaded.tokenizer if self.with_tokenizer else None)
+
+
+@dataclass(frozen=True)
+class ObjectFactory:
+    """Hands a ready, picklable model object (and optionally a tokenizer) to the worker."""
+
+    model: object
+    tokenizer: object = None
+
+    def __call__(self):
+        return self.model, self.tokenizer
+
+
+class _WorkerBase:
+    def __init__(self, model_factory, num_threads: int):
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.model, self.tokenizer = model_factory()
+        # Round work arrives by actor calls and from the link loop's thread: one at a time.
+        self.lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {"vocab_size": self.model.vocab_size, "max_context": self.model.max_context, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
+                "threads": torch.get_num_threads()}
+
+    def time_forward(self, context_len: int = 128, num_tokens: int = 1, reps: int = 30, warmup: int = 5) -> float:
+        vocab = max(2, min(self.model.vocab_size, 1000))
+        context = [(7 * i) % vocab for i in range(context_len)]
+        with self.lock:
+            return time_forward(self.model, context, num_tokens, reps, warmup)
+
+    def ping(self) -> bool:
+        return True
+
+
+@ray.remote
+class DraftWorker(_WorkerBase):
+    def __init__(self, model_factory, num_threads: int = 1):
+        super().__init__(model_factory, num_threads)
+        self.side = DraftSide(self.model)
+
+    def start(self, prompt_ids, temperature, top_k, top_p, draft_greedy, seed) -> bool:
+        with self.lock:
+            start_draft(self.side, prompt_ids, temperature, top_k, top_p, draft_greedy, seed)
+        return True
+
+    def draft(self, req: DraftRequest):
+        with self.lock:
+            return self.side.draft(req)
+
+    def forwards(self) -> int:
+        return self.side.mirror.forwards
+
+    def serve_link(self, host: str, port: int, name: str, reply_timeout_s: float, idle_timeout_s: float,
+                   connect_timeout_s: float) -> str:
+        """The draft's end of the leader's gloo link (rank 1 of 2): answers start / draft / count frames
+        until stopped, the link breaks or it sits idle too long. Returns why it ended."""
+        from .link import GlooLink, draft_frame_handler, serve_rounds
+
+        link = GlooLink(host, port, 1, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s)
+        return serve_rounds(link, draft_frame_handler(self), reply_timeout_s, idle_timeout_s)
+
+
+@ray.remote
+class TargetLeader(_WorkerBase):
+    """Leader of the target group: runs each request's loop and decides (the draft is reached over the
+    transport the coordinator set up: a gloo link, or the draft's actor handle)."""
+
+    def __init__(self, model_factory, num_threads: int = 1):
+        super().__init__(model_factory, num_threads)
+        self.side = TargetSide(self.model)
+        self.link = None
+        self.draft_handle = None
+
+    # -- transport setup (called by the coordinator) -----------------------------------------------------
+    def open_link(self, name: str, idle_timeout_s: float, connect_timeout_s: float) -> tuple[str, int]:
+        """Create rank 0 of a new gloo link (closing any old one); returns (host, port) for the draft."""
+        from .link import GlooLink
+
+        self.close_link()
+        host = ray.util.get_node_ip_address()
+        self.link = GlooLink(host, 0, 0, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s)
+        return host, self.link.port
+
+    def connect_link(self) -> bool:
+        self.link.connect()
+        return True
+
+    def link_ok(self) -> bool:
+        return self.link is not None and self.link.pg is not None
+
+    def close_link(self) -> None:
+        link, self.link = self.link, None
+        if link is None:
+            return
+        if link.pg is not None:
+            from . import wire
+            from .link import LinkError
+
+            try:
+                link.send([wire.stop_frame()], 1, 5.0)
+            except LinkError:
+                pass
+        link.close()
+
+    def attach_draft(self, draft_handle) -> bool:
+        """Transport "actor": the leader calls the draft's methods directly (None detaches it)."""
+        self.draft_handle = draft_handle
+        return True
+
+    # -- requests ----------------------------------------------------------------------------------------
+    def _channel(self, request, transport: str, round_timeout_s: float):
+        from .transports import ActorDraftChannel, GlooDraftChannel, LeaderChannel
+
+        if not request.uses_draft:
+            return LeaderChannel(self.side, round_timeout_s, self.lock)
+        if transport == "gloo":
+            return GlooDraftChannel(self.side, self.link, round_timeout_s, self.lock)
+        return ActorDraftChannel(self.side, self.draft_handle, round_timeout_s, self.lock)
+
+    def generate(self, request, transport: str, round_timeout_s: float, stream: bool = True):
+        """Run one request here. Yields ``list[int]`` of newly committed tokens per round (only if
+        ``stream``: each item costs a Ray report), then a final ``{"token_ids", "stats"}`` dict."""
+        decode = None
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+        stop = StopRule.for_request(request, decode)
+        channel = self._channel(request, transport, round_timeout_s)
+        it = iter_request(channel, request, stop)
+        try:
+            while True:
+                try:
+                    ids = next(it)
+                except StopIteration as done:
+                    ids, stats = done.value
+                    yield {"token_ids": ids, "stats": stats}
+                    return
+                if stream:
+                    yield ids
+        finally:
+            channel.close()
+
+    def forwards(self) -> int:
+        return self.side.mirror.forwards
