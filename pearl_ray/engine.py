@@ -234,10 +234,10 @@ class PearlEngine:
     def _text(self, ids: list[int], request: Request, finished: bool) -> str | None:
         if self.tokenizer is None:
             return None
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
         stops = request.params.stop
+        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops)
         if finished:
-            return cut_at_stop(text, stops)
+            return text
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next token
             text = text[:-1]
         if stops:  # a stop string may be forming at the end: hold that much back

@@ -124,3 +124,19 @@ class SlowLM(TabularLM):
         if self.calls > self.after:
             time.sleep(self.delay_s)
         return super().forward(token_ids, num_logits)
+
+
+class FlakyLM(TabularLM):
+    """A tabular LM that refuses to load (in the worker that unpickles it) once ``marker`` exists: a draft
+    whose restarts keep failing."""
+
+    def __init__(self, base: TabularLM, marker: str):
+        super().__init__(base.vocab_size, table=base.table, max_context=base.max_context)
+        self.marker = marker
+
+    def __setstate__(self, state):
+        import os
+
+        if os.path.exists(state["marker"]):
+            raise RuntimeError(f"model refuses to load: {state['marker']} exists")
+        self.__dict__.update(state)

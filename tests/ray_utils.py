@@ -23,3 +23,11 @@ def wait_for(cond, timeout_s: float = 30.0, interval_s: float = 0.05) -> bool:
             return True
         time.sleep(interval_s)
     return False
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

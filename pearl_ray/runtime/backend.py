@@ -18,7 +18,7 @@ from ray.util.placement_group import placement_group as ray_placement_group
 from ray.util.placement_group import remove_placement_group
 
 from ..config import EngineConfig, Request
-from ..errors import CoordinatorUnavailable, PearlError, ResourcesUnavailable
+from ..errors import CoordinatorUnavailable, InvalidParameterError, PearlError, ResourcesUnavailable
 from .coordinator import Coordinator
 from .workers import HFModelFactory, ObjectFactory
 
@@ -45,7 +45,7 @@ def connect_ray(address: str | None = None, **init_kwargs) -> str:
     return "started"
 
 
-def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float) -> None:
+def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float, remove: bool = True) -> None:
     """Wait for ``pg``; say what it waits for after a few seconds, and fail past ``timeout_s`` naming the
     bundles and what the cluster has free."""
     deadline = time.monotonic() + timeout_s
@@ -58,7 +58,8 @@ def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float)
             pass
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU", "memory") or "GPU" in k}
         if time.monotonic() >= deadline:
-            remove_placement_group(pg)
+            if remove:
+                remove_placement_group(pg)
             raise ResourcesUnavailable(
                 f"could not reserve the draft and target bundles {bundles} ({strategy}) within {timeout_s:.0f} s: "
                 f"the cluster has {free} free. Free those resources (e.g. shut down another engine), lower "
@@ -88,7 +89,15 @@ class RayBackend:
         c = config
         sides = {"draft": (c.draft_num_cpus, c.draft_num_gpus), "target": (c.target_num_cpus, c.target_num_gpus)}
         self.owns_pg = placement_group is None
-        if self.owns_pg:
+        if not self.owns_pg:  # each side takes what its bundle holds
+            specs = placement_group.bundle_specs
+            if len(bundle_indices) != 2 or max(bundle_indices) >= len(specs):
+                raise InvalidParameterError(f"bundle_indices {bundle_indices} do not name two of the placement "
+                                            f"group's {len(specs)} bundles")
+            sides = {side: (specs[i].get("CPU", 0.0), specs[i].get("GPU", 0.0))
+                     for side, i in zip(("draft", "target"), bundle_indices)}
+            wait_for_placement(placement_group, specs, "handed in", c.placement_timeout_s, remove=False)
+        else:
             bundles = [{k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"CPU": 0.001}
                        for cpu, gpu in sides.values()]
             placement_group = ray_placement_group(bundles, strategy=c.placement)

@@ -64,9 +64,10 @@ class _WorkerBase:
         self.lock = threading.Lock()
 
     def info(self) -> dict:
+        pg = ray.util.get_current_placement_group()
         return {"vocab_size": self.model.vocab_size, "max_context": self.model.max_context, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "placement_group": pg.id.hex() if pg else None}
 
     def time_forward(self, context_len: int = 128, num_tokens: int = 1, reps: int = 30, warmup: int = 5) -> float:
         vocab = max(2, min(self.model.vocab_size, 1000))

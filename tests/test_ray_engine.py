@@ -1,0 +1,219 @@
+"""The engine on Ray: streaming, concurrent callers, the bounded queue, joining a running cluster, handed-in
+placement groups, seeds over the wire, and recovery (coordinator death, a draft that cannot start, resources
+held elsewhere, engines dropped without shutdown).
+
+A private local Ray instance (2 CPUs, 2 fake GPUs) for the module; every engine is shut down by its test.
+"""
+
+import asyncio
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import ray
+
+from pearl_ray import (CoordinatorUnavailable, DraftUnavailable, PearlEngine, QueueFullError, ResourcesUnavailable,
+                       SamplingParams)
+from pearl_ray.testing import SlowLM, TabularLM
+
+from ray_utils import free_port, start_local_ray, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+PROMPTS = [[1, 2], [3], [4, 5, 1]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    start_local_ray()
+    yield
+    ray.shutdown()
+
+
+def pair():
+    return TabularLM(6, seed=0), TabularLM(6, seed=5)
+
+
+def test_stream_threads_and_tasks_on_one_engine():
+    target, draft = pair()
+    params = [SamplingParams(max_new_tokens=16, ignore_eos=True),
+              SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=1.0, seed=time.time_ns())]
+    local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
+    want = {(i, j): local.generate([p], sp)[0].token_ids for i, p in enumerate(PROMPTS) for j, sp in enumerate(params)}
+    with PearlEngine(draft_model=SlowLM(draft, 0.001), target_model=SlowLM(target, 0.003), gamma=3, backend="ray",
+                     num_threads=1) as eng:
+        assert eng.backend.info["target"]["threads"] == 1
+        for j, sp in enumerate(params):  # streamed deltas == generate == local, greedy and seeded sampling
+            chunks = list(eng.stream(PROMPTS[0], sp))
+            assert sum((c.token_ids for c in chunks), []) == want[(0, j)] == eng.generate([PROMPTS[0]], sp)[0].token_ids
+            assert chunks[-1].stats.draft_forwards > 0
+        got = {}
+
+        def call(i, j):
+            got[(i, j)] = eng.generate([PROMPTS[i]], params[j])[0].token_ids
+
+        threads = [threading.Thread(target=call, args=(i, 0)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+        async def tasks():
+            async def one(i, j):
+                return [t for c in [c async for c in eng.astream(PROMPTS[i], params[j])] for t in c.token_ids]
+
+            return await asyncio.gather(one(1, 1), one(2, 1))
+
+        got[(1, 1)], got[(2, 1)] = asyncio.run(tasks())
+        assert got == {k: want[k] for k in got}
+
+
+def test_full_queue_on_ray():
+    target, draft = pair()
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
+    with PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
+                     max_queued=1) as eng:
+        outs = []
+        runners = [threading.Thread(target=lambda: outs.append(eng.generate([[1, 2]], params)[0].token_ids))
+                   for _ in range(2)]
+        for r in runners:
+            r.start()
+            assert wait_for(lambda n=len(outs): eng.queue_depth >= 1 + runners.index(r) or len(outs) > n, 10)
+        t0 = time.monotonic()
+        with pytest.raises(QueueFullError):
+            eng.generate([[3]], params)
+        assert time.monotonic() - t0 < 0.5
+        for r in runners:
+            r.join(60)
+        assert outs == [want, want]
+
+
+def test_joins_the_running_ray_and_uses_a_handed_in_placement_group():
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    target, draft = pair()
+    gcs = ray.get_runtime_context().gcs_address
+    pg = placement_group([{"CPU": 0.01}, {"CPU": 0.5}, {"CPU": 0.5}], strategy="STRICT_PACK")  # replica, draft, target
+    ray.get(pg.ready(), timeout=30)
+    try:
+        with PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", placement_group=pg,
+                         bundle_indices=(1, 2)) as eng:
+            assert ray.get_runtime_context().gcs_address == gcs  # no second cluster
+            info = eng.backend.info
+            assert info["draft"]["placement_group"] == info["target"]["placement_group"] == pg.id.hex()
+            assert info["target"]["node_id"] == ray.get_runtime_context().get_node_id()
+            assert len(eng.generate([[1, 2]], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].token_ids) == 5
+        assert ray.util.placement_group_table(pg)["state"] == "CREATED"  # not ours to remove
+    finally:
+        remove_placement_group(pg)
+
+
+def test_any_seed_works_on_every_transport():
+    target, draft = pair()
+    local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
+    every = [SamplingParams(max_new_tokens=14, ignore_eos=True, temperature=1.0, seed=seed)
+             for seed in (time.time_ns(), 2**63 - 1)]  # past int64 once multiplied by the old per-request rule
+    want = [[o.token_ids for o in local.generate(PROMPTS, params)] for params in every]
+    for transport in ("gloo", "actor"):
+        with PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", transport=transport) as eng:
+            for params, expected in zip(every, want):
+                outs = eng.generate(PROMPTS, params)
+                assert [o.token_ids for o in outs] == expected and all(o.stats.draft_failures == 0 for o in outs)
+            assert eng.backend.status()["restarts"] == {"draft": 0, "target": 0}
+
+
+def test_a_dead_coordinator_is_rebuilt():
+    target, draft = pair()
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
+    with PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray") as eng:
+        coord = eng.backend.coordinator
+        with pytest.raises(CoordinatorUnavailable, match="next one"):
+            eng.generate([[1, 2]], params, on_tokens=lambda i, ids: ray.kill(coord))
+        out = eng.generate([[1, 2]], params)[0]
+        assert out.token_ids == want and out.stats.draft_forwards > 0
+        assert eng.backend.coordinator != coord
+
+
+def test_a_draft_that_cannot_start_raises_draft_unavailable(tmp_path):
+    from pearl_ray.testing import FlakyLM
+
+    target, draft = pair()
+    marker = tmp_path / "broken"
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    with PearlEngine(draft_model=FlakyLM(draft, str(marker)), target_model=target, gamma=2, backend="ray") as eng:
+        assert eng.generate([[1, 2]], params)[0].stats.draft_forwards > 0
+        marker.write_text("from now on the draft fails to load")
+        ray.kill(eng.backend.status()["handles"]["draft"])
+        eng.generate([[1, 2]], params)  # finishes on the target alone; the draft is replaced
+
+        def given_up():
+            try:
+                eng.generate([[1, 2]], params, method="sd")
+            except DraftUnavailable:
+                return True
+            return False
+
+        assert wait_for(given_up, timeout_s=90, interval_s=0.5)
+        assert len(eng.generate([[1, 2]], params, method="ar")[0].token_ids) == 8  # the target still serves
+
+
+def test_held_resources_fail_in_bounded_time_and_dropped_engines_free_theirs():
+    target, draft = pair()
+    first = PearlEngine(draft_model=draft, target_model=target, backend="ray")  # takes both CPUs
+    pg = first.backend.pg
+    t0 = time.monotonic()
+    with pytest.raises(ResourcesUnavailable, match=r"CPU.*free"):
+        PearlEngine(draft_model=draft, target_model=target, backend="ray", placement_timeout_s=3)
+    assert time.monotonic() - t0 < 15
+    del first  # dropped without shutdown()
+    gc.collect()
+    assert wait_for(lambda: ray.util.placement_group_table(pg)["state"] == "REMOVED", timeout_s=30)
+    with PearlEngine(draft_model=draft, target_model=target, backend="ray", placement_timeout_s=30) as again:
+        assert again.generate([[1]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids
+
+
+def test_joins_the_cluster_named_by_ray_address(tiny_pair):
+    """A `ray start --head --block` cluster on free ports with its own temp dir, ended by its process handle;
+    a fresh process with RAY_ADDRESS set builds an engine that joins it."""
+    tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}", "--include-dashboard=false",
+                             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={dash}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        script = (
+            "import json, ray\n"
+            "from pearl_ray import PearlEngine, SamplingParams\n"
+            f"e = PearlEngine(draft={tiny_pair['draft']!r}, target={tiny_pair['target']!r}, gamma=2, backend='ray')\n"
+            "out = e.generate([[5, 6]], SamplingParams(max_new_tokens=4, ignore_eos=True))[0]\n"
+            "print(json.dumps({'gcs': ray.get_runtime_context().gcs_address, 'n': len(out.token_ids),\n"
+            "                  'nodes': len(ray.nodes())}))\n"
+            "e.shutdown()\n")
+        res = None
+        for _ in range(3):  # the head may still be starting
+            res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                                 env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}", HF_HUB_OFFLINE="1"))
+            if res.returncode == 0:
+                break
+            time.sleep(3)
+        assert res.returncode == 0, res.stderr[-3000:]
+        import json
+
+        doc = json.loads(res.stdout.strip().splitlines()[-1])
+        assert doc == {"gcs": f"127.0.0.1:{port}", "n": 4, "nodes": 1}
+    finally:
+        head.terminate()
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            head.kill()
