@@ -14,6 +14,20 @@ def start_local_ray(num_cpus: int = 2, num_gpus: int = 2) -> None:
              _temp_dir=tmp)
 
 
+def private_ray():
+    """A module fixture body: a private local Ray (2 CPUs, 2 fake GPUs), shut down after the module."""
+    start_local_ray()
+    yield
+    ray.shutdown()
+
+
+def toy_pair():
+    """(target, draft) tabular models that disagree often."""
+    from pearl_ray.testing import TabularLM
+
+    return TabularLM(6, seed=0), TabularLM(6, seed=5)
+
+
 def wait_for(cond, timeout_s: float = 30.0, interval_s: float = 0.05) -> bool:
     import time
 

@@ -10,19 +10,15 @@ import ray
 
 from pearl_ray import PearlEngine, SamplingParams, TargetUnavailable
 from pearl_ray.runtime.coordinator import choose_gamma
-from pearl_ray.testing import SlowLM, TabularLM
+from pearl_ray.testing import SlowLM
 
-from ray_utils import start_local_ray, wait_for
+from ray_utils import private_ray, toy_pair, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROMPTS = [[1, 2], [3], [4, 5, 1]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    start_local_ray()
-    yield
-    ray.shutdown()
+local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
 
 
 @pytest.fixture
@@ -33,13 +29,9 @@ def engines():
         e.shutdown()
 
 
-def pair():
-    return TabularLM(6, seed=0), TabularLM(6, seed=5)
-
-
 @pytest.mark.parametrize("transport", ["actor", "gloo"])
 def test_transport_invariance(engines, transport):
-    target, draft = pair()
+    target, draft = toy_pair()
     eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", transport=transport)
     engines.append(eng)
     local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
@@ -62,7 +54,7 @@ def test_transport_invariance(engines, transport):
 
 @pytest.mark.parametrize("transport", ["actor", "gloo"])
 def test_draft_and_target_are_busy_at_the_same_time(engines, transport):
-    target, draft = pair()
+    target, draft = toy_pair()
     slow_t, slow_d = SlowLM(target, 0.03), SlowLM(draft, 0.01)
     eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", transport=transport)
     engines.append(eng)
@@ -77,7 +69,7 @@ def test_draft_and_target_are_busy_at_the_same_time(engines, transport):
 
 @pytest.mark.parametrize("transport", ["actor", "gloo"])
 def test_draft_killed_mid_request_finishes_on_target_alone(engines, transport):
-    target, draft = pair()
+    target, draft = toy_pair()
     slow_d = SlowLM(draft, 0.005)
     eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", transport=transport,
                       round_timeout_s=10)
@@ -106,7 +98,7 @@ def test_draft_killed_mid_request_finishes_on_target_alone(engines, transport):
 
 @pytest.mark.parametrize("transport", ["actor", "gloo"])
 def test_draft_timeout_falls_back_and_stays_lossless(engines, transport):
-    target, draft = pair()
+    target, draft = toy_pair()
     stalls = SlowLM(draft, 5.0, after=6)  # fine for 6 forwards, then each forward takes 5 s
     eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", transport=transport,
                       round_timeout_s=1.0)
@@ -121,7 +113,7 @@ def test_draft_timeout_falls_back_and_stays_lossless(engines, transport):
 
 @pytest.mark.parametrize("transport", ["actor", "gloo"])
 def test_dead_target_raises_a_typed_error_promptly(engines, transport):
-    target, draft = pair()
+    target, draft = toy_pair()
     eng = PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
                       transport=transport, round_timeout_s=5)
     engines.append(eng)
@@ -140,7 +132,7 @@ def test_auto_gamma_from_measured_forwards(engines):
     assert choose_gamma(0.01, 0.05) == 5
     assert choose_gamma(0.01, 0.5) == 16  # clamped
     assert choose_gamma(0.5, 0.05) == 1
-    target, draft = pair()
+    target, draft = toy_pair()
     eng = PearlEngine(draft_model=SlowLM(draft, 0.004), target_model=SlowLM(target, 0.02), gamma=None,
                       backend="ray", transport="actor")
     engines.append(eng)
@@ -154,7 +146,7 @@ def test_auto_gamma_from_measured_forwards(engines):
 def test_bad_ray_options_are_refused():
     from pearl_ray import InvalidParameterError
 
-    target, draft = pair()
+    target, draft = toy_pair()
     with pytest.raises(InvalidParameterError, match="placement"):
         PearlEngine(draft_model=draft, target_model=target, backend="ray", placement="ANYWHERE")
     with pytest.raises(InvalidParameterError, match="transport"):

@@ -19,27 +19,19 @@ import ray
 
 from pearl_ray import (CoordinatorUnavailable, DraftUnavailable, PearlEngine, QueueFullError, ResourcesUnavailable,
                        SamplingParams)
-from pearl_ray.testing import SlowLM, TabularLM
+from pearl_ray.testing import SlowLM
 
-from ray_utils import free_port, start_local_ray, wait_for
+from ray_utils import free_port, private_ray, toy_pair, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROMPTS = [[1, 2], [3], [4, 5, 1]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    start_local_ray()
-    yield
-    ray.shutdown()
-
-
-def pair():
-    return TabularLM(6, seed=0), TabularLM(6, seed=5)
+local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
 
 
 def test_stream_threads_and_tasks_on_one_engine():
-    target, draft = pair()
+    target, draft = toy_pair()
     params = [SamplingParams(max_new_tokens=16, ignore_eos=True),
               SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=1.0, seed=time.time_ns())]
     local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
@@ -73,7 +65,7 @@ def test_stream_threads_and_tasks_on_one_engine():
 
 
 def test_full_queue_on_ray():
-    target, draft = pair()
+    target, draft = toy_pair()
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
     with PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
@@ -96,7 +88,7 @@ def test_full_queue_on_ray():
 def test_joins_the_running_ray_and_uses_a_handed_in_placement_group():
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    target, draft = pair()
+    target, draft = toy_pair()
     gcs = ray.get_runtime_context().gcs_address
     pg = placement_group([{"CPU": 0.01}, {"CPU": 0.5}, {"CPU": 0.5}], strategy="STRICT_PACK")  # replica, draft, target
     ray.get(pg.ready(), timeout=30)
@@ -114,7 +106,7 @@ def test_joins_the_running_ray_and_uses_a_handed_in_placement_group():
 
 
 def test_any_seed_works_on_every_transport():
-    target, draft = pair()
+    target, draft = toy_pair()
     local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
     every = [SamplingParams(max_new_tokens=14, ignore_eos=True, temperature=1.0, seed=seed)
              for seed in (time.time_ns(), 2**63 - 1)]  # past int64 once multiplied by the old per-request rule
@@ -128,7 +120,7 @@ def test_any_seed_works_on_every_transport():
 
 
 def test_a_dead_coordinator_is_rebuilt():
-    target, draft = pair()
+    target, draft = toy_pair()
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
     with PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray") as eng:
@@ -143,7 +135,7 @@ def test_a_dead_coordinator_is_rebuilt():
 def test_a_draft_that_cannot_start_raises_draft_unavailable(tmp_path):
     from pearl_ray.testing import FlakyLM
 
-    target, draft = pair()
+    target, draft = toy_pair()
     marker = tmp_path / "broken"
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     with PearlEngine(draft_model=FlakyLM(draft, str(marker)), target_model=target, gamma=2, backend="ray") as eng:
@@ -164,7 +156,7 @@ def test_a_draft_that_cannot_start_raises_draft_unavailable(tmp_path):
 
 
 def test_held_resources_fail_in_bounded_time_and_dropped_engines_free_theirs():
-    target, draft = pair()
+    target, draft = toy_pair()
     first = PearlEngine(draft_model=draft, target_model=target, backend="ray")  # takes both CPUs
     pg = first.backend.pg
     t0 = time.monotonic()

@@ -63,20 +63,14 @@ class Coordinator:
 
     def ready(self) -> dict:
         """Each worker's info once its model has loaded; a side that failed to load raises its typed error."""
-        timeout = self.spec["start_timeout_s"]
-        try:
-            target = ray.get(self.target.info.remote(), timeout=timeout)
-        except Exception as exc:  # noqa: BLE001
-            raise TargetUnavailable(f"the target worker did not come up within {timeout:.0f} s: "
-                                    f"{str(exc)[:500]}") from None
-        draft = None
-        if self.draft is not None:
-            try:
-                draft = ray.get(self.draft.info.remote(), timeout=timeout)
-            except Exception as exc:  # noqa: BLE001
-                raise DraftUnavailable(f"the draft worker did not come up within {timeout:.0f} s: "
-                                       f"{str(exc)[:500]}") from None
-        return {"target": target, "draft": draft}
+        out = {"draft": None}
+        for side, handle, error in (("target", self.target, TargetUnavailable), ("draft", self.draft, DraftUnavailable)):
+            if handle is not None:
+                try:
+                    out[side] = ray.get(handle.info.remote(), timeout=self.spec["start_timeout_s"])
+                except Exception as exc:  # noqa: BLE001
+                    raise error(f"the {side} worker did not come up: {str(exc)[:500]}") from None
+        return out
 
     def measure(self, context_len: int = 128, reps: int = 30, warmup: int = 5, k: int = 8) -> dict:
         """Time one-token draft forwards and 1- and k-token target forwards on the actual placement."""
@@ -111,10 +105,7 @@ class Coordinator:
     def _replace_draft(self, reason: str) -> None:
         log.warning("replacing the draft worker: %s", reason)
         self.draft_error = reason
-        try:
-            ray.kill(self.draft)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
+        _kill(self.draft)
         self.linked, self.draft, self.draft_starting = None, None, None
         if self.draft_starts_failed >= MAX_DRAFT_STARTS:
             return  # given up: requests that need the draft raise DraftUnavailable
@@ -180,10 +171,7 @@ class Coordinator:
             raise TargetUnavailable(f"the target leader died or timed out: {exc.__class__.__name__}") from None
 
     def _restart_target(self) -> None:
-        try:
-            ray.kill(self.target)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
+        _kill(self.target)
         self.linked = None
         self.target = self._make("target")
         self.target_starting = self.target.ping.remote()
@@ -195,9 +183,13 @@ class Coordinator:
                 ray.get(self.target.close_link.remote(), timeout=10)
             except Exception as exc:  # noqa: BLE001 - the target may be gone already
                 log.debug("close_link: %s", exc)
-        for h in (self.draft, self.target):
-            if h is not None:
-                try:
-                    ray.kill(h)
-                except Exception:  # noqa: BLE001
-                    pass
+        for handle in (self.draft, self.target):
+            _kill(handle)
+
+
+def _kill(handle) -> None:
+    if handle is not None:
+        try:
+            ray.kill(handle)
+        except Exception:  # noqa: BLE001 - already dead
+            pass

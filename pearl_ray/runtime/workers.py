@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..core.loop import iter_request, start_draft
+from ..core.loop import iter_request, run_request, start_draft
 from ..core.messages import DraftRequest
 from ..core.sides import DraftSide, TargetSide, time_forward
 from ..core.stopping import StopRule
@@ -173,17 +173,12 @@ class TargetLeader(_WorkerBase):
             decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
         stop = StopRule.for_request(request, decode)
         channel = self._channel(request, transport, round_timeout_s)
-        it = iter_request(channel, request, stop)
         try:
-            while True:
-                try:
-                    ids = next(it)
-                except StopIteration as done:
-                    ids, stats = done.value
-                    yield {"token_ids": ids, "stats": stats}
-                    return
-                if stream:
-                    yield ids
+            if stream:
+                ids, stats = yield from iter_request(channel, request, stop)
+            else:
+                ids, stats = run_request(channel, request, stop)
+            yield {"token_ids": ids, "stats": stats}
         finally:
             channel.close()
 
