@@ -91,8 +91,13 @@ def save_tiny_llama(path: str | Path, seed: int = 0, vocab_size: int = 96, hidde
     return path
 
 
-def make_word_tokenizer(path: str | Path, words: list[str]) -> Path:
-    """A tiny word-level tokenizer (built offline with ``tokenizers``) saved for AutoTokenizer."""
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant {% endif %}")
+
+
+def make_word_tokenizer(path: str | Path, words: list[str], chat_template: str | None = None) -> Path:
+    """A tiny word-level tokenizer (built offline with ``tokenizers``) saved for AutoTokenizer; optionally
+    with a chat template (e.g. ``CHAT_TEMPLATE``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,6 +108,8 @@ def make_word_tokenizer(path: str | Path, words: list[str]) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     path = Path(path)
     fast.save_pretrained(path)
     return path

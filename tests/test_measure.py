@@ -1,0 +1,41 @@
+"""The measurement suite (jobs/measure_pair.py) end to end on a tiny pair: every family, both protocols, the
+cost ratio and the side-by-side speed table."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pearl_ray.testing import CHAT_TEMPLATE, make_word_tokenizer, save_tiny_llama
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_measure_suite_on_a_tiny_pair(tmp_path):
+    tok = make_word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(92)], chat_template=CHAT_TEMPLATE)
+    target = save_tiny_llama(tmp_path / "t", seed=0, tokenizer_dir=tok, max_position_embeddings=2048)
+    draft = save_tiny_llama(tmp_path / "d", seed=1, num_layers=1, tokenizer_dir=tok, max_position_embeddings=2048)
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="rm", dir="/tmp"))
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "measure_pair.py"), "--draft", str(draft), "--target",
+                          str(target), "--num-prompts", "2", "--speed-prompts", "1", "--max-new-tokens", "12",
+                          "--pearl-gamma", "3", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "LOSSLESSNESS FAILURE" not in res.stdout
+    acc = pd.read_csv(out / "acceptance.csv")
+    families = {"gsm8k_fewshot", "gsm8k_chat", "chat", "code", "code_chat"}
+    assert set(acc.family) == families and set(acc.protocol) == {"eos", "fixed"}
+    assert {"acceptance", "mean_accepted_len", "by_position", "tokens_per_target_forward"} <= set(acc.columns)
+    assert acc.acceptance.between(0, 1).all()
+    speed = pd.read_csv(out / "speed.csv")
+    assert set(speed.family) == families and {"ar", "sd", "pearl", "pearl_over_ar"} <= set(speed.columns)
+    assert (speed[["ar", "sd", "pearl"]] > 0).all().all()
+    md = (out / "measure.md").read_text()
+    for col in ("acceptance (eos)", "acceptance (fixed)", "PEARL/AR", " c "):
+        assert col in md
