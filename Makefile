@@ -23,7 +23,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/demo.py
+	$(PY) jobs/eval_gsm8k.py --limit 3 --max-new-tokens 64 $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,10 +1,21 @@
 """GSM8K prompt building and answer extraction. Pure: no models, no Ray.
 
-Prompt: 8-shot chain-of-thought with the Wei et al. (2022) exemplars in a fixed, recorded order
-(``EXEMPLAR_ORDER``), blocks ``Q: <question>\\nA: <chain> The answer is <n>.`` joined by a blank line, then
-``Q: <question>\\nA:``. ``chat=True`` wraps that text as one user turn in the tokenizer's chat template.
-Answers: prediction = first number after "the answer is" (case-insensitive), else the last number in the
-text; gold = the number after ``####`` with commas removed (as upstream grade-school-math).
+Prompts:
+- ``fewshot``: 8-shot chain-of-thought with the Wei et al. (2022) exemplars in a fixed, recorded order
+  (``EXEMPLAR_ORDER``), blocks ``Q: <question>\\nA: <chain> The answer is <n>.`` joined by a blank line, then
+  ``Q: <question>\\nA:`` (lm-eval-harness ``gsm8k_cot``). ``build_prompt(..., chat=True)`` wraps that whole
+  text as one user turn in the tokenizer's chat template (what the default draft was distilled on).
+- ``chat``: zero-shot, the question as one user turn in the chat template with lm-eval's zero-shot CoT cue
+  and an instruction to end with "The answer is N." (``chat_prompt``).
+
+Answers, as lm-eval-harness scores ``gsm8k_cot`` (task version 3.0):
+- strict: the first ``The answer is (\\-?[0-9\\.\\,]+).`` (case-sensitive; the final ``.`` is any character);
+- flexible: the last match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``;
+- gold: the number after ``####`` (commas removed, as upstream grade-school-math);
+- a prediction is correct when it equals the gold after removing ``,``, ``$``, anything up to ``#### `` and a
+  trailing ``.``, ignoring case (``exact_match``: a string comparison, so "18.0" does not equal "18").
+Both are applied to ``answer_text``: the output up to the first stop string (lm-eval's ``until``).
+``extract_answer``/``is_correct`` are the project's earlier, more lenient rule (numeric comparison).
 """
 
 from __future__ import annotations
@@ -46,6 +57,11 @@ EXEMPLARS = [
 ]
 EXEMPLAR_ORDER = list(range(8))  # fixed order (the published one); recorded with every result
 STOP_STRINGS = ("Q:", "</s>", "<|im_end|>")
+"""lm-eval's ``until`` for gsm8k_cot: generation (``--protocol eos``) and scoring stop at the first one."""
+CHAT_INSTRUCTION = 'Solve the problem step by step, then end with "The answer is N." where N is the final number.'
+STRICT_PATTERN = r"The answer is (\-?[0-9\.\,]+)."
+FLEXIBLE_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
+IGNORE_PATTERNS = (",", r"\$", r"(?s).*#### ", r"\.$")
 
 
 def few_shot_text(question: str, num_shots: int = 8) -> str:
@@ -55,6 +71,7 @@ def few_shot_text(question: str, num_shots: int = 8) -> str:
 
 
 def build_prompt(question: str, chat: bool = False, tokenizer=None, num_shots: int = 8) -> str:
+    """The few-shot prompt; ``chat=True`` wraps it as one user turn in the tokenizer's chat template."""
     text = few_shot_text(question, num_shots)
     if not chat:
         return text
@@ -62,6 +79,82 @@ def build_prompt(question: str, chat: bool = False, tokenizer=None, num_shots: i
         raise ValueError("chat prompts need the tokenizer's chat template")
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def chat_prompt(question: str, tokenizer) -> str:
+    """Zero-shot chat prompt: the question, lm-eval's zero-shot CoT cue and the answer format, as one user
+    turn in the tokenizer's chat template (with the assistant turn opened)."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat prompts need a tokenizer with a chat template")
+    content = f"Q: {question}\n{CHAT_INSTRUCTION}\nA: Let's think step by step."
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def answer_text(text: str, stops=STOP_STRINGS) -> str:
+    """The part of an output that is scored: everything before the first stop string.
+
+    Example:
+        >>> answer_text(" 3 + 2 = 5. The answer is 5.\\n\\nQ: Next question")
+        ' 3 + 2 = 5. The answer is 5.\\n\\n'
+    """
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def extract_strict(text: str) -> str | None:
+    """lm-eval strict-match: the number in the first "The answer is N." (raw, not normalised).
+
+    Example:
+        >>> extract_strict("The answer is 18. Then 20 more.")
+        '18.'
+        >>> extract_strict("so the answer is 18.") is None  # case-sensitive
+        True
+    """
+    m = re.search(STRICT_PATTERN, text)
+    return m.group(1).strip() if m else None
+
+
+def extract_flexible(text: str) -> str | None:
+    """lm-eval flexible-extract: the last number-like span (raw, not normalised).
+
+    Example:
+        >>> extract_flexible("She pays $1,234.50 for 3 items")
+        '3'
+        >>> extract_flexible("it fell to -5 degrees")
+        '-5'
+    """
+    matches = re.findall(FLEXIBLE_PATTERN, text)
+    if not matches:
+        return None
+    return next(g for g in matches[-1] if g).strip()
+
+
+def normalize_answer(answer: str) -> str:
+    """lm-eval exact_match normalisation (``regexes_to_ignore`` then lower case).
+
+    Example:
+        >>> normalize_answer("$1,234.50.")
+        '1234.50'
+    """
+    for pattern in IGNORE_PATTERNS:
+        answer = re.sub(pattern, "", answer)
+    return answer.strip().lower()
+
+
+def exact_match(pred: str | None, gold: str | None) -> bool:
+    """True when both exist and are equal after ``normalize_answer``."""
+    return pred is not None and gold is not None and normalize_answer(pred) == normalize_answer(gold)
+
+
+def score(text: str, gold: str | None) -> dict:
+    """Strict and flexible predictions (normalised) and their correctness for one output text."""
+    scored = answer_text(text)
+    out = {}
+    for name, pred in (("strict", extract_strict(scored)), ("flexible", extract_flexible(scored))):
+        out[f"pred_{name}"] = None if pred is None else normalize_answer(pred)
+        out[f"correct_{name}"] = exact_match(pred, gold)
+    return out
 
 
 _NUM = r"-?[$0-9.,]*[0-9]"
@@ -89,6 +182,12 @@ def extract_answer(text: str) -> str | None:
 
 
 def gold_answer(answer: str) -> str | None:
+    """The number after ``####`` with commas removed; None when there is none.
+
+    Example:
+        >>> gold_answer("3 + 4 = <<3+4=7>>7\\n#### 1,007")
+        '1007'
+    """
     m = re.search(r"#### (\-?[0-9\.\,]+)", answer)
     return m.group(1).strip().replace(",", "") if m else None
 
@@ -103,6 +202,7 @@ def is_correct(pred: str | None, gold: str | None) -> bool:
 
 
 def load_split(split: str = "test", data_dir: Path | None = None) -> list[dict]:
+    """The rows (``question``, ``answer``) of ``<data_dir>/<split>.jsonl``."""
     path = Path(data_dir or DATA_DIR) / f"{split}.jsonl"
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
