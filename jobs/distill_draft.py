@@ -7,13 +7,23 @@ Phases (``--phase``):
          or chat template, alternating) and record the target's own greedy continuation (``--gen-tokens``,
          EOS ignored, as the fixed-length protocol). Batched decoding over a shared, cached few-shot prefix.
          Appends to ``<work>/teacher.jsonl``; rerunning resumes where it stopped.
+  gen-broad  Broad teacher data. Train-split prompts of every family in ``pearl_ray.evals.families``
+         (GSM8K few-shot and chat, general chat requests, stdlib code completion and code requests, prose),
+         interleaved by weighted round-robin so any prefix of the run is balanced, each with the target's
+         greedy continuation up to EOS / ``<|im_end|>`` or ``--gen-tokens`` (192). Batched same-family decoding
+         (left-padded, KV cache, finished rows leave the batch). Shards of ~100 records in ``--out-dir``
+         (default ``data/distill/teacher``) as ``<family>-<NNNN>.jsonl.gz``, rewritten atomically after each
+         batch, plus ``gen_config.json``; rerunning skips keys already in the shards.
+  check-batch  Compare gen-broad's batched decoding with unbatched ``generate`` on ``--check`` prompts per family.
   train  Draft: a Llama with the target's width, ``--layers`` layers initialised from evenly spaced target
          layers, and a *reduced vocabulary* (the ``--vocab`` most frequent target tokens of the teacher data
          plus one "unknown" id): its LM head is the matching rows of the target's tied embedding. Loss:
          cross-entropy on the teacher's greedy tokens (the target's argmax at each position, so it trains
          exactly what greedy acceptance measures), over the continuation only, with the few-shot prefix run
          once per step without gradient and shared by the batch. Checkpoints every ``--ckpt-every`` steps
-         and resumes from the last checkpoint.
+         and resumes from the last checkpoint. ``--data broad`` trains on the gen-broad shards (one family per
+         batch, families in turn); ``--init-from DIR`` warm-starts from an existing draft of the same depth,
+         keeping its vocabulary and extending it with the most frequent new ids up to ``--vocab``.
   export Write the final fp16 draft dir (weights, config, ``pearl_vocab.json``, tokenizer, ``distill_config.json``).
 
 Example (the committed draft): see models/README.md for the exact commands and timings.
@@ -36,7 +46,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pearl_ray.evals.gsm8k import build_prompt, load_split  # noqa: E402
-from pearl_ray.models import VOCAB_MAP_FILE  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -46,7 +55,7 @@ def log(msg: str) -> None:
 def load_target(target: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pearl_ray.default_pair import resolve_preset
+    from pearl_ray.modeling.default_pair import resolve_preset
 
     path = resolve_preset(target) or target
     tok = AutoTokenizer.from_pretrained(path)
@@ -130,6 +139,295 @@ def phase_gen(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# gen-broad: the target's greedy continuations on prompts of many families (pearl_ray.evals.families).
+BROAD_WEIGHTS = {"gsm8k_chat": 25, "chat": 25, "code_completion": 15, "code_chat": 15, "text": 10,
+                 "gsm8k_fewshot": 10}
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "distill" / "teacher"
+SHARD_SUFFIX = ".jsonl.gz"
+
+
+def stop_token_ids(model, tok) -> list[int]:
+    """The generation config's EOS ids plus ``<|im_end|>`` when the vocabulary has it."""
+    eos = model.generation_config.eos_token_id
+    ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    im_end = tok.get_vocab().get("<|im_end|>")
+    if im_end is not None:
+        ids.append(im_end)
+    return sorted(set(ids))
+
+
+@torch.inference_mode()
+def greedy_until_stop(model, prompts: list[list[int]], max_tokens: int, pad_id: int,
+                      stop_ids: list[int]) -> list[tuple[list[int], str]]:
+    """Batched greedy continuations, each ending at its first stop id (kept) or after ``max_tokens``.
+
+    The prompts' common prefix runs once and is shared through the KV cache; the suffixes follow it
+    left-padded, with an attention mask and per-row positions. A row that stops leaves the batch (its cache
+    rows are dropped); decoding ends when no row is left. Returns ``(continuation, "eos" | "length")``."""
+    from transformers import DynamicCache
+
+    b = len(prompts)
+    plen = max(0, common_prefix_len(prompts) - 1)  # every row keeps >= 1 suffix token
+    cache = DynamicCache(config=model.config)
+    if plen:
+        model(input_ids=torch.tensor([prompts[0][:plen]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(b)
+    suffixes = [p[plen:] for p in prompts]
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    smask = torch.zeros((b, width), dtype=torch.long)
+    for i, s in enumerate(suffixes):
+        ids[i, width - len(s):] = torch.tensor(s)
+        smask[i, width - len(s):] = 1
+    mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
+    pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1)
+    last_pos = pos[:, -1]
+    stops = set(stop_ids)
+    conts: list[list[int]] = [[] for _ in range(b)]
+    finish = ["length"] * b
+    alive = list(range(b))  # original row of each current batch row
+    while True:
+        keep = []
+        for j, (row, tid) in enumerate(zip(alive, nxt.tolist())):
+            conts[row].append(tid)
+            if tid in stops:
+                finish[row] = "eos"
+            elif len(conts[row]) < max_tokens:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            sel = torch.tensor(keep)
+            cache.batch_select_indices(sel)
+            mask, last_pos, nxt = mask[sel], last_pos[sel], nxt[sel]
+            alive = [alive[j] for j in keep]
+        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.long)], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+    return list(zip(conts, finish))
+
+
+def broad_plan(families: dict[str, list[dict]], weights: dict[str, float], seed: int) -> list[dict]:
+    """Interleave the families' (already seeded) lists by smooth weighted round-robin, so that every prefix
+    of the plan holds each family in proportion to its weight until that family runs out."""
+    order = sorted(families)
+    random.Random(seed).shuffle(order)  # seeded tie order
+    pos = {f: 0 for f in order}
+    credit = {f: 0.0 for f in order}
+    plan = []
+    while True:
+        active = [f for f in order if pos[f] < len(families[f])]
+        if not active:
+            return plan
+        total = sum(weights[f] for f in active)
+        for f in active:
+            credit[f] += weights[f]
+        pick = max(active, key=lambda f: credit[f])  # first in tie order wins ties
+        credit[pick] -= total
+        plan.append(families[pick][pos[pick]])
+        pos[pick] += 1
+
+
+def plan_batches(items: list[dict], lengths: list[int], batch: int, window: int) -> list[list[int]]:
+    """Group plan positions into same-family batches: each family's items, in plan order, are cut into windows
+    of ``window`` batches, sorted by prompt length inside the window (less padding), and chunked. The k-th
+    batch of a window runs at the plan position of the window's k-th unsorted chunk, so the run stays as
+    balanced across families as the plan."""
+    by_family: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_family.setdefault(it["family"], []).append(i)
+    keyed = []
+    for idx in by_family.values():
+        span = batch * window
+        for w in range(0, len(idx), span):
+            win = idx[w: w + span]
+            ordered = sorted(win, key=lambda i: (lengths[i], i))
+            for k in range(0, len(ordered), batch):
+                keyed.append((win[k], ordered[k: k + batch]))
+    return [b for _, b in sorted(keyed)]
+
+
+class ShardStore:
+    """Teacher records as gzip JSON-lines shards ``<family>-<NNNN>.jsonl.gz`` in one directory.
+
+    Each family has one open shard, rewritten atomically (tmp file, then rename) after every batch, so an
+    interruption loses at most the batch in flight; a shard is closed at ``shard_size`` records. On start
+    the directory is scanned: its keys count as done and each family's last shard, if not full, stays open."""
+
+    def __init__(self, out_dir: Path, shard_size: int = 100):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.done: set[tuple[str, str]] = set()
+        self.counts: Counter = Counter()
+        self.finish: dict[str, Counter] = {}
+        self.open: dict[str, tuple[int, list[dict]]] = {}
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink()
+        for path in sorted(self.dir.glob("*" + SHARD_SUFFIX)):
+            family, num = path.name[: -len(SHARD_SUFFIX)].rsplit("-", 1)
+            records = read_shard(path)
+            for r in records:
+                self._count(r)
+            if int(num) >= self.open.get(family, (-1, []))[0]:
+                self.open[family] = (int(num), records)
+        for family, (num, records) in list(self.open.items()):
+            if len(records) >= shard_size:
+                self.open[family] = (num + 1, [])
+
+    def _count(self, r: dict) -> None:
+        self.done.add((r["family"], r["key"]))
+        self.counts[r["family"]] += 1
+        self.finish.setdefault(r["family"], Counter())[r["finish"]] += 1
+
+    def add(self, family: str, records: list[dict]) -> None:
+        num, open_records = self.open.get(family, (0, []))
+        for r in records:
+            open_records.append(r)
+            self._count(r)
+            if len(open_records) >= self.shard_size:
+                self._write(family, num, open_records)
+                num, open_records = num + 1, []
+        if open_records:
+            self._write(family, num, open_records)
+        self.open[family] = (num, open_records)
+
+    def _write(self, family: str, num: int, records: list[dict]) -> None:
+        import gzip
+
+        path = self.dir / f"{family}-{num:04d}{SHARD_SUFFIX}"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            for r in records:
+                gz.write((json.dumps(r, separators=(",", ":")) + "\n").encode())
+        os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> list[dict]:
+    import gzip
+
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def broad_items(tok, families: list[str], split: str, seed: int) -> dict[str, list[dict]]:
+    from pearl_ray.evals.families import build_family
+
+    return {f: build_family(f, tok, split, seed) for f in families}
+
+
+def phase_gen_broad(args) -> None:
+    torch.set_num_threads(args.threads)
+    gen_tokens = args.gen_tokens
+    families = args.families.split(",") if args.families else list(BROAD_WEIGHTS)
+    store = ShardStore(Path(args.out_dir))
+    model, tok, path = load_target(args.target)
+    stops = stop_token_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    t0 = time.time()
+    plan = broad_plan(broad_items(tok, families, "train", args.seed), BROAD_WEIGHTS, args.seed)
+    if args.limit:
+        plan = plan[: args.limit]
+    todo = [it for it in plan if (it["family"], it["key"]) not in store.done]
+    prompts = [tok(it["text"], add_special_tokens=True)["input_ids"] for it in todo]
+    too_long = Counter(it["family"] for it, p in zip(todo, prompts) if len(p) > args.max_prompt_tokens)
+    keep = [i for i, p in enumerate(prompts) if len(p) <= args.max_prompt_tokens]
+    todo, prompts = [todo[i] for i in keep], [prompts[i] for i in keep]
+    batches = plan_batches(todo, [len(p) for p in prompts], args.batch, args.window)
+    log(f"gen-broad: plan {len(plan)} prompts ({time.time() - t0:.1f} s to build), {len(store.done)} done, "
+        f"{len(todo)} to go in {len(batches)} batches of <= {args.batch}; skipped as too long: {dict(too_long)}; "
+        f"stop ids {stops}; out {store.dir}")
+
+    cfg_path = store.dir / "gen_config.json"
+    runs = json.loads(cfg_path.read_text()).get("runs", []) if cfg_path.exists() else []
+    run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": dict(vars(args)),
+           "records": 0, "seconds": 0.0, "new_tokens": 0, "per_family": {}}
+    runs.append(run)
+
+    def write_config() -> None:
+        run["s_per_record"] = round(run["seconds"] / max(1, run["records"]), 3)
+        run["tokens_per_s"] = round(run["new_tokens"] / max(1e-9, run["seconds"]), 2)
+        for fam in run["per_family"].values():
+            fam["s_per_record"] = round(fam["seconds"] / max(1, fam["records"]), 3)
+        cfg = {"target": args.target, "target_path": path, "seed": args.seed, "gen_tokens": gen_tokens,
+               "max_prompt_tokens": args.max_prompt_tokens, "stop_ids": stops, "weights": BROAD_WEIGHTS,
+               "record": {"family": "prompt family (pearl_ray.evals.families)", "key": "item key in its family",
+                          "prompt_ids": "target token ids of the prompt (add_special_tokens=True)",
+                          "continuation_ids": "greedy target tokens, the stop token included when finish='eos'",
+                          "finish": "'eos' (a stop id) or 'length' (gen_tokens reached)"},
+               "counts": dict(sorted(store.counts.items())),
+               "finish": {f: dict(c) for f, c in sorted(store.finish.items())},
+               "runs": runs}
+        tmp = cfg_path.with_name(cfg_path.name + ".tmp")
+        tmp.write_text(json.dumps(cfg, indent=1) + "\n")
+        os.replace(tmp, cfg_path)
+
+    write_config()
+    start, deadline = time.time(), time.time() + args.max_minutes * 60
+    for bi, idx in enumerate(batches):
+        if time.time() > deadline:
+            log(f"gen-broad: time budget of {args.max_minutes} min reached")
+            break
+        family = todo[idx[0]]["family"]
+        tb = time.time()
+        outs = greedy_until_stop(model, [prompts[i] for i in idx], gen_tokens, pad, stops)
+        dt = time.time() - tb
+        records = [{"family": family, "key": todo[i]["key"], "prompt_ids": prompts[i], "continuation_ids": c,
+                    "finish": fin} for i, (c, fin) in zip(idx, outs)]
+        store.add(family, records)
+        ntok = sum(len(c) for c, _ in outs)
+        fam = run["per_family"].setdefault(family, {"records": 0, "seconds": 0.0, "new_tokens": 0})
+        for d in (run, fam):
+            d["records"] += len(idx)
+            d["seconds"] = round(d["seconds"] + dt, 2)
+            d["new_tokens"] += ntok
+        write_config()
+        log(f"gen-broad: batch {bi + 1}/{len(batches)} {family} x{len(idx)} {dt:.1f} s, {ntok} tokens "
+            f"({sum(f == 'eos' for _, f in outs)} eos) | run: {run['records']} records, "
+            f"{run['seconds'] / run['records']:.2f} s/record, {run['new_tokens'] / run['seconds']:.1f} tok/s "
+            f"| total {sum(store.counts.values())}")
+    log(f"gen-broad: stopped after {(time.time() - start) / 60:.1f} min; counts {dict(store.counts)}")
+
+
+def phase_check_batch(args) -> None:
+    """Batched (this file's decoder) vs unbatched (``model.generate``, greedy) continuations, token for token,
+    on the first ``--check`` train prompts of each family; writes ``batch_check.json`` in ``--out-dir``."""
+    torch.set_num_threads(args.threads)
+    gen_tokens = args.gen_tokens
+    families = args.families.split(",") if args.families else list(BROAD_WEIGHTS)
+    model, tok, path = load_target(args.target)
+    stops = stop_token_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    report = {"target_path": path, "gen_tokens": gen_tokens, "batch": args.batch, "families": {}}
+    for family, items in broad_items(tok, families, "train", args.seed).items():
+        prompts = [tok(it["text"], add_special_tokens=True)["input_ids"] for it in items[: args.check]]
+        batched = []
+        for s in range(0, len(prompts), args.batch):
+            batched += greedy_until_stop(model, prompts[s: s + args.batch], gen_tokens, pad, stops)
+        rows = []
+        for p, (cont, fin) in zip(prompts, batched):
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones((1, len(p)), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=gen_tokens, eos_token_id=stops,
+                                 pad_token_id=pad)[0, len(p):].tolist()
+            first = next((i for i, (a, b) in enumerate(zip(cont, ref)) if a != b), None)
+            if first is None and len(cont) != len(ref):
+                first = min(len(cont), len(ref))
+            rows.append({"match": first is None, "first_diff": first, "len": len(cont), "ref_len": len(ref)})
+        n_match = sum(r["match"] for r in rows)
+        report["families"][family] = {"prompts": len(rows), "identical": n_match, "rows": rows}
+        log(f"check-batch: {family}: {n_match}/{len(rows)} identical; first differences at "
+            f"{[r['first_diff'] for r in rows if not r['match']]}")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "batch_check.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
 def build_draft(target_model, layers: list[int], draft_to_target: list[int]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -150,6 +448,69 @@ def build_draft(target_model, layers: list[int], draft_to_target: list[int]):
         draft.model.norm.load_state_dict(target_model.model.norm.state_dict())
     draft.tie_weights()
     return draft
+
+
+def warm_start(draft, init_dir: str, draft_to_target: list[int]) -> None:
+    """Copy an existing reduced-vocabulary draft (same width and depth) into ``draft``: its layers and norm,
+    and the embedding rows of the target ids both vocabularies share (plus its "unknown" row). Rows of
+    ids new to ``draft_to_target`` keep their target-embedding initialisation."""
+    from safetensors.torch import load_file
+
+    old_map = json.loads((Path(init_dir) / "pearl_vocab.json").read_text())["draft_to_target"]
+    weights = {k: v.float() for k, v in load_file(str(Path(init_dir) / "model.safetensors")).items()}
+    old_emb = weights.pop("model.embed_tokens.weight")
+    weights.pop("lm_head.weight", None)
+    missing, unexpected = draft.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"model.embed_tokens.weight", "lm_head.weight"}:
+        raise SystemExit(f"error: {init_dir} does not fit this draft shape (missing {missing}, unexpected {unexpected})")
+    row = {t: i for i, t in enumerate(old_map)}
+    with torch.no_grad():
+        emb = draft.model.embed_tokens.weight
+        for j, t in enumerate(draft_to_target):
+            if t in row:
+                emb[j] = old_emb[row[t]]
+        emb[len(draft_to_target)] = old_emb[len(old_map)]
+    draft.tie_weights()
+    log(f"train: warm start from {init_dir}: {sum(t in row for t in draft_to_target)} of {len(draft_to_target)} "
+        f"vocabulary rows carried over")
+
+
+def load_teacher(args) -> list[dict]:
+    """Teacher records as ``{"idx", "group", "prompt_ids", "continuation_ids"}``: the GSM8K set in
+    ``<work>/teacher.jsonl`` (``--data gsm8k``, groups plain/chat) or the broad shards in ``--out-dir``
+    (``--data broad``, one group per family; ``idx`` is a stable hash of family and key)."""
+    if args.data == "gsm8k":
+        rows = [json.loads(line) for line in (Path(args.work) / "teacher.jsonl").read_text().splitlines() if line.strip()]
+        return [{"idx": r["idx"], "group": "chat" if r["chat"] else "plain", "prompt_ids": r["prompt_ids"],
+                 "continuation_ids": r["continuation_ids"]} for r in rows]
+    import hashlib
+
+    out = []
+    for path in sorted(Path(args.out_dir).glob(f"*{SHARD_SUFFIX}")):
+        for r in read_shard(path):
+            h = int(hashlib.md5(f"{r['family']}:{r['key']}".encode()).hexdigest()[:12], 16)
+            out.append({"idx": h, "group": r["family"], "prompt_ids": r["prompt_ids"],
+                        "continuation_ids": r["continuation_ids"]})
+    if not out:
+        raise SystemExit(f"error: no teacher shards in {args.out_dir}: run --phase gen-broad first")
+    return out
+
+
+def extend_vocab(base: list[int], records: list[dict], size: int, eos_ids: list[int], vocab_total: int) -> list[int]:
+    """``base`` plus the most frequent other ids of ``records`` (then EOS ids), up to ``size``."""
+    counts = Counter()
+    for r in records:
+        counts.update(r["continuation_ids"])
+        counts.update(r["prompt_ids"])
+    chosen = list(dict.fromkeys(list(base) + [e for e in eos_ids if e not in base]))
+    have = set(chosen)
+    for t, _ in counts.most_common():
+        if len(chosen) >= size:
+            break
+        if t not in have:
+            chosen.append(t)
+            have.add(t)
+    return sorted(chosen)
 
 
 def pick_vocab(records: list[dict], size: int, eos_ids: list[int], vocab_total: int) -> list[int]:
@@ -215,15 +576,18 @@ def phase_train(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work = Path(args.work)
-    records = [json.loads(line) for line in (work / "teacher.jsonl").read_text().splitlines() if line.strip()]
-    # Validation questions are fixed by index (every 25th), so a resumed run with more data keeps them out.
+    work.mkdir(parents=True, exist_ok=True)
+    records = load_teacher(args)
+    # Validation records are fixed by index (every 25th), so a resumed run with more data keeps them out.
     val = [r for r in records if r["idx"] % 25 == 0][: args.val_questions]
     if not val:  # tiny runs: hold out the first few records instead
         val = records[: max(1, min(args.val_questions, len(records) // 3))]
     val_ids = {r["idx"] for r in val}
     train = [r for r in records if r["idx"] not in val_ids]
-    val_plain, val_chat = [r for r in val if not r["chat"]], [r for r in val if r["chat"]]
-    train_groups = [g for g in ([r for r in train if not r["chat"]], [r for r in train if r["chat"]]) if g]
+    groups = sorted({r["group"] for r in records})
+    val_groups = [g for g in ([r for r in val if r["group"] == name] for name in groups) if g]
+    train_groups = [g for g in ([r for r in train if r["group"] == name] for name in groups) if g]
+    log(f"train: {len(train)} training and {len(val)} validation records in groups {groups}")
     target, tok, tpath = load_target(args.target)
     eos = target.generation_config.eos_token_id
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -236,6 +600,12 @@ def phase_train(args) -> None:
         draft.load_state_dict(state["model"])
         step = state["step"]
         log(f"train: resumed from step {step}")
+    elif args.init_from:
+        base = json.loads((Path(args.init_from) / "pearl_vocab.json").read_text())["draft_to_target"]
+        draft_to_target = extend_vocab(base, train, args.vocab, eos_ids, len(tok))
+        draft = build_draft(target, layers, draft_to_target)
+        warm_start(draft, args.init_from, draft_to_target)
+        step, state = 0, None
     else:
         draft_to_target = pick_vocab(train, args.vocab, eos_ids, len(tok))
         draft = build_draft(target, layers, draft_to_target)
@@ -253,7 +623,7 @@ def phase_train(args) -> None:
     def evaluate() -> tuple[float, float]:
         draft.eval()
         losses, accs = [], []
-        for group in (val_plain, val_chat):  # one prompt format per batch: the few-shot prefix is shared
+        for group in val_groups:  # one group per batch: a shared prompt prefix runs once
             for i in range(0, len(group), args.batch):
                 loss, acc = batch_loss(draft, group[i: i + args.batch], in_map, False)
                 losses.append(float(loss))
@@ -296,6 +666,8 @@ def phase_train(args) -> None:
 
 
 def phase_export(args) -> None:
+    from pearl_ray.modeling.resolve import VOCAB_MAP_FILE
+
     work, out = Path(args.work), Path(args.out)
     state = torch.load(work / "ckpt.pt", weights_only=False)
     target, tok, tpath = load_target(args.target)
@@ -320,16 +692,28 @@ def phase_export(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["gen", "train", "export", "all"], required=True)
+    ap.add_argument("--phase", choices=["gen", "gen-broad", "check-batch", "train", "export", "all"], required=True)
     ap.add_argument("--target", default="default-target")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/pearl_ray/distill"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "models" / "default-draft"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--num-questions", type=int, default=1200, help="gen: GSM8K train questions")
-    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--gen-tokens", type=int, default=None, help="gen: 128 (EOS ignored); gen-broad: 192 (at most)")
+    ap.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR), help="gen-broad: shard directory")
+    ap.add_argument("--families", default="", help="gen-broad: comma-separated subset (default: all)")
+    ap.add_argument("--limit", type=int, default=0,
+                    help="gen-broad: only the first N prompts of the plan (records from earlier runs count)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=900, help="gen-broad: longer prompts are skipped")
+    ap.add_argument("--window", type=int, default=4,
+                    help="gen-broad: prompts are length-sorted within windows of this many batches")
+    ap.add_argument("--check", type=int, default=4, help="check-batch: prompts per family")
     ap.add_argument("--no-chat", dest="chat", action="store_false",
                     help="gen: plain 8-shot prompts only (default alternates plain and chat-template batches)")
+    ap.add_argument("--data", choices=["gsm8k", "broad"], default="gsm8k",
+                    help="train: the GSM8K teacher set (<work>/teacher.jsonl) or the broad shards (--out-dir)")
+    ap.add_argument("--init-from", default="",
+                    help="train: warm-start from this draft dir (same layers; its vocabulary is kept and extended)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--layers", default="0,1,2,29", help="target layers copied into the draft")
     ap.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (most frequent target ids)")
@@ -341,9 +725,12 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--max-minutes", type=float, default=110.0, help="stop (after checkpointing) past this")
     args = ap.parse_args(argv)
+    if args.gen_tokens is None:
+        args.gen_tokens = 192 if args.phase in ("gen-broad", "check-batch") else 128
     phases = ["gen", "train", "export"] if args.phase == "all" else [args.phase]
     for ph in phases:
-        {"gen": phase_gen, "train": phase_train, "export": phase_export}[ph](args)
+        {"gen": phase_gen, "gen-broad": phase_gen_broad, "check-batch": phase_check_batch, "train": phase_train,
+         "export": phase_export}[ph](args)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,19 @@ def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
     eng = PearlEngine(draft=str(out), target=tiny_pair["target"], gamma=3)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     assert eng.generate([[1, 5, 9]], params)[0].token_ids == eng.generate([[1, 5, 9]], params, method="ar")[0].token_ids
+    # broad data: teacher shards of two plain families, then a warm start from the draft above with a larger
+    # vocabulary (its 40 ids kept), exported and lossless again
+    shards, work2, out2 = tmp_path / "shards", tmp_path / "work2", tmp_path / "draft2"
+    res = run("--phase", "gen-broad", "--families", "code_completion,text", "--limit", "4", "--gen-tokens", "5",
+              "--out-dir", str(shards))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run("--phase", "train", "--data", "broad", "--out-dir", str(shards), "--init-from", str(out),
+              "--work", str(work2), "--vocab", "60", "--steps", "2")
+    assert res.returncode == 0 and "warm start" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    res = run("--phase", "export", "--work", str(work2), "--out", str(out2))
+    assert res.returncode == 0, res.stderr[-2000:]
+    old_ids = json.loads((out / "pearl_vocab.json").read_text())["draft_to_target"]
+    new_ids = json.loads((out2 / "pearl_vocab.json").read_text())["draft_to_target"]
+    assert set(old_ids) <= set(new_ids) and len(new_ids) <= 60  # the old vocabulary is kept
+    eng = PearlEngine(draft=str(out2), target=tiny_pair["target"], gamma=3)
+    assert eng.generate([[1, 5, 9]], params)[0].token_ids == eng.generate([[1, 5, 9]], params, method="ar")[0].token_ids

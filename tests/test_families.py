@@ -1,0 +1,99 @@
+"""Prompt families (pearl_ray.evals.families) and the gen-broad phase of jobs/distill_draft.py, on tiny models."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pearl_ray.evals.families import FAMILIES, build_family, humaneval_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """The tiny word-level tokenizer with a minimal chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    tok.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("chat_tok")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(chat_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(chat_tokenizer_dir))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_splits_and_determinism(family, chat_tokenizer):
+    train = build_family(family, chat_tokenizer, "train", seed=0)
+    heldout = build_family(family, chat_tokenizer, "heldout", seed=0)
+    assert train and heldout
+    for items in (train, heldout):
+        assert all(it["family"] == family and it["text"] for it in items)
+        assert len({it["key"] for it in items}) == len(items)
+    assert not {it["key"] for it in train} & {it["key"] for it in heldout}
+    assert not {it["text"] for it in train} & {it["text"] for it in heldout}
+    assert build_family(family, chat_tokenizer, "train", seed=0) == train
+    other = build_family(family, chat_tokenizer, "train", seed=1)
+    assert {it["key"] for it in other} == {it["key"] for it in train}  # the seed orders, the split selects
+    assert [it["key"] for it in other] != [it["key"] for it in train]
+
+
+def test_family_sizes(chat_tokenizer):
+    chat = build_family("chat", chat_tokenizer, "train") + build_family("chat", chat_tokenizer, "heldout")
+    assert len(chat) >= 3000
+    assert len(build_family("gsm8k_chat", chat_tokenizer, "train")) == 7473
+    assert build_family("code_completion", None, "train")[0]["text"].rstrip().endswith('"""')
+    assert isinstance(humaneval_prompts(), list)
+
+
+def _gen_broad(target: Path, out_dir: Path) -> str:
+    cmd = [sys.executable, str(REPO / "jobs" / "distill_draft.py"), "--phase", "gen-broad", "--target", str(target),
+           "--families", "chat,text", "--limit", "4", "--batch", "2", "--gen-tokens", "6", "--out-dir", str(out_dir)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _records(out_dir: Path) -> list[dict]:
+    rows = []
+    for path in sorted(out_dir.glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            rows += [json.loads(line) for line in f]
+    return rows
+
+
+@pytest.mark.slow  # two job subprocesses (about a minute on 2 cores)
+def test_gen_broad_smoke_and_resume(tmp_path, chat_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from pearl_ray.testing import save_tiny_llama
+
+    target = save_tiny_llama(tmp_path / "target", seed=0, num_layers=2)
+    AutoTokenizer.from_pretrained(str(chat_tokenizer_dir)).save_pretrained(target)
+    out = tmp_path / "teacher"
+    _gen_broad(target, out)
+    rows = _records(out)
+    assert len(rows) == 4 and {r["family"] for r in rows} == {"chat", "text"}
+    for r in rows:
+        assert r["finish"] in ("eos", "length") and 1 <= len(r["continuation_ids"]) <= 6
+        assert (r["finish"] == "eos") == (r["continuation_ids"][-1] == 2)  # the tiny model's EOS id
+    cfg = json.loads((out / "gen_config.json").read_text())
+    assert sum(cfg["counts"].values()) == 4
+    before = {p.name: p.read_bytes() for p in out.glob("*.jsonl.gz")}
+    _gen_broad(target, out)  # resume: everything in the plan is done
+    assert {p.name: p.read_bytes() for p in out.glob("*.jsonl.gz")} == before
+    assert len(json.loads((out / "gen_config.json").read_text())["runs"]) == 2
