@@ -1,4 +1,5 @@
-"""Command line: ``python -m pearl_ray generate --draft D --target T --method pearl --prompt "..." --json``."""
+"""Command line: ``python -m pearl_ray generate --draft D --target T --method pearl --prompt "..." --json`` and
+``python -m pearl_ray serve --draft D --target T --port P`` (the OpenAI-compatible endpoint on Ray Serve)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,60 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-post-verify", action="store_true", help="PEARL ablation")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
+    add_serve_parser(sub)
     return ap
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible endpoint on Ray Serve (blocks until Ctrl-C)",
+                       description="Starts or joins Ray, deploys the endpoint and blocks until interrupted; then "
+                                   "deletes the deployment. Without --draft/--target it serves the default pair.")
+    s.add_argument("--draft", help="draft model dir, preset name or hub id (default: default-draft)")
+    s.add_argument("--target", help="target model dir, preset name or hub id (default: default-target)")
+    s.add_argument("--model-name", help="the model id clients send (default: the target's name)")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--method", choices=["pearl", "sd", "ar"], help="default method (default pearl)")
+    s.add_argument("--gamma", type=int, default=0, help="draft window (0 = auto, measured at start-up)")
+    s.add_argument("--transport", choices=["gloo", "actor"])
+    s.add_argument("--num-threads", type=int, help="torch threads per worker")
+    s.add_argument("--device")
+    s.add_argument("--dtype")
+    s.add_argument("--num-replicas", type=int, help="model replicas, one draft/target pair each (default 1)")
+    s.add_argument("--max-ongoing-requests", type=int, help="requests one replica holds at once (default 4)")
+    s.add_argument("--max-queued-requests", type=int, help="requests queued for a replica; past it 503 (default 8)")
+    s.add_argument("--backpressure-status", type=int, choices=[503, 429])
+    s.add_argument("--retry-after-s", type=float)
+    for side in ("draft", "target", "replica"):
+        s.add_argument(f"--{side}-num-cpus", type=float)
+    for side in ("draft", "target"):
+        s.add_argument(f"--{side}-num-gpus", type=float)
+    s.add_argument("--default-max-tokens", type=int)
+    s.add_argument("--app-name", default="pearl")
+    s.add_argument("--route-prefix", default="/")
+    s.add_argument("--start-timeout-s", type=float, default=900.0, help="give up if not running by then")
+    s.add_argument("--metrics-export-port", type=int,
+                   help="Prometheus port of the Ray this command starts (a joined Ray keeps its own)")
+
+
+def serve_main(args) -> int:
+    from pydantic import ValidationError
+
+    from .serve import ServeConfig, run_blocking
+
+    fields = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
+    try:
+        config = ServeConfig(**{**fields, "gamma": args.gamma or None})
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_blocking(config, args.host, args.port, args.app_name, args.route_prefix, args.start_timeout_s,
+                     args.metrics_export_port, ready=lambda msg: print(msg, flush=True))
+    except (PearlError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def chat_prompt(tokenizer, text: str) -> str:
@@ -49,6 +103,8 @@ def chat_prompt(tokenizer, text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve_main(args)
     from . import PearlEngine, SamplingParams
 
     draft, target = args.draft, args.target

@@ -1,0 +1,83 @@
+"""``ServeConfig``: everything that shapes the Serve application, in one validated, plain-data model.
+
+It is what ``build_app`` takes, what a ``serve run``/``serve deploy`` config file (and so a KubeRay
+``RayService``) passes as the application's ``args``, and what the CLI builds from its flags. Unknown keys
+are refused, so a typo fails at deploy time instead of being dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..config import MAX_GAMMA
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # -- the pair (one per model replica) ------------------------------------------------------------------
+    draft: str | None = "default-draft"
+    """Draft model dir, preset or hub id; None serves target-only ("ar")."""
+    target: str = "default-target"
+    model_name: str | None = None
+    """The id clients pass as ``model`` (default: the target's name); any other id is answered 404."""
+    method: Literal["pearl", "sd", "ar"] = "pearl"
+    """Default method; a request may pick another with the ``method`` extension field."""
+    gamma: int | None = Field(None, ge=1, le=MAX_GAMMA)
+    """Draft window; None measures the pair at start-up and picks it (auto gamma)."""
+    transport: Literal["gloo", "actor"] = "gloo"
+    num_threads: int | None = Field(None, ge=1)
+    device: str = "cpu"
+    dtype: str = "float32"
+    engine_options: dict = Field(default_factory=dict)
+    """Further ``PearlEngine`` options (``round_timeout_s``, ``pre_verify``, ``draft_greedy``, ...)."""
+    # -- resources: placement_group_bundles = [replica, draft, target] -------------------------------------
+    replica_num_cpus: float = Field(0.0, ge=0)
+    draft_num_cpus: float = Field(1.0, ge=0)
+    target_num_cpus: float = Field(1.0, ge=0)
+    draft_num_gpus: float = Field(0.0, ge=0)
+    target_num_gpus: float = Field(0.0, ge=0)
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    # -- scaling and backpressure ------------------------------------------------------------------------
+    num_replicas: int = Field(1, ge=1)
+    autoscaling_config: dict | None = None
+    """Serve's autoscaling config for the model replicas (then ``num_replicas`` is not used)."""
+    max_ongoing_requests: int = Field(4, ge=1)
+    """Requests a model replica holds at once: one generating, the others waiting for its pair."""
+    max_queued_requests: int = Field(8, ge=0)
+    """Requests queued for a free replica slot (per ingress replica); past it: 503/429 at once."""
+    backpressure_status: Literal[503, 429] = 503
+    retry_after_s: float = Field(1.0, ge=0)
+    ingress_num_replicas: int = Field(1, ge=1)
+    ingress_max_ongoing_requests: int = Field(256, ge=1)
+    # -- requests ------------------------------------------------------------------------------------------
+    default_max_tokens: int = Field(256, ge=1)
+    """``max_tokens`` when a request gives none (fewer if the context has less room)."""
+    first_chunk_timeout_s: float = Field(900.0, gt=0)
+    """Longest wait for a request's first output (queueing included); then 504."""
+    chunk_timeout_s: float = Field(300.0, gt=0)
+    """Longest wait between two outputs of a request; then the request fails."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.draft is None and self.method != "ar":
+            raise ValueError(f"method {self.method!r} needs a draft; set draft or method='ar'")
+        return self
+
+    @property
+    def served_name(self) -> str:
+        return self.model_name or Path(self.target).name
+
+    def bundles(self) -> list[dict]:
+        """Serve's ``placement_group_bundles``: the replica (bundle 0), then the draft and the target.
+
+        Ray refuses empty bundles, so a side that asks for nothing reserves one byte of ``memory``
+        (not a sliver of CPU, which would keep a 2-CPU node from holding a 1+1 CPU pair)."""
+        def bundle(cpu: float, gpu: float) -> dict:
+            return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"memory": 1.0}
+
+        return [bundle(self.replica_num_cpus, 0.0), bundle(self.draft_num_cpus, self.draft_num_gpus),
+                bundle(self.target_num_cpus, self.target_num_gpus)]

@@ -1,0 +1,261 @@
+"""The OpenAI wire format: request models, their validation, error bodies and response shapes.
+
+Pure: pydantic and the standard library, no Ray, no engine. A request body goes bytes -> UTF-8 -> JSON
+object -> ``CompletionRequest`` / ``ChatRequest``; every failure on the way is an ``ApiError`` (HTTP 400
+with ``{"error": {"message", "type", "param", "code"}}``). Unknown fields are ignored, as OpenAI's
+clients expect, and ``null`` means "not given"; known fields of the wrong type are errors (strict types:
+``"5"`` is not an integer and ``1`` is not a boolean).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import MAX_GAMMA, SEED_LIMIT
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
+"""Engine finish reasons -> OpenAI's."""
+PEARL_STATS = ("method", "gamma", "acceptance_rate", "mean_accepted_len", "tokens_per_target_forward", "rounds",
+               "verified_tokens", "accepted_tokens", "drafted_tokens", "draft_failures", "target_forwards",
+               "new_tokens", "wall_s", "tokens_per_s")
+"""The ``GenerationStats`` fields sent in each response's ``pearl`` extension field."""
+MAX_STOP = 16
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status (and ``Retry-After`` if set)."""
+
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def type(self) -> str:
+        return self.TYPES.get(self.status, "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict:
+        return {} if self.retry_after_s is None else {"Retry-After": str(max(0, math.ceil(self.retry_after_s)))}
+
+    def to_dict(self) -> dict:
+        """Plain data, to cross a deployment handle."""
+        return {"status": self.status, "message": self.message, "param": self.param, "code": self.code,
+                "retry_after_s": self.retry_after_s}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by both endpoints. Defaults follow OpenAI's (temperature 1, top_p 1)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    stop: Any = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # extensions
+    top_k: int = Field(0, ge=-1)
+    method: Literal["pearl", "sd", "ar"] | None = None
+    gamma: int | None = Field(None, ge=1, le=MAX_GAMMA)
+    ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """``null`` means "not given" (some clients send every field)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError(f"only n=1 is supported, got {n}")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        if stop is None or isinstance(stop, str):
+            return None if stop == "" else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(stop)}")
+        return [s for s in stop if s] or None
+
+    def check(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options",
+                           "invalid_value")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> dict:
+        """The engine's ``SamplingParams`` fields (``max_new_tokens`` None: the server picks what fits)."""
+        return {"max_new_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": max(0, self.top_k),
+                "seed": secrets.randbelow(SEED_LIMIT) if self.seed is None else self.seed,
+                "stop": self.stop if self.stop is None or isinstance(self.stop, str) else tuple(self.stop),
+                "ignore_eos": self.ignore_eos}
+
+
+class CompletionRequest(_Common):
+    prompt: Any = None  # a string or token ids; a list holding one of those is accepted too
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt):
+        if prompt is None:
+            return None
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            if len(prompt) != 1:
+                raise ValueError(f"one prompt per request is supported, got {len(prompt)}")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        raise ValueError("prompt must be a string or a list of token ids (integers)")
+
+    def check(self) -> None:
+        super().check()
+        if self.prompt is None:
+            raise ApiError(400, "Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
+        if not self.prompt:
+            raise ApiError(400, "prompt is empty", "prompt", "invalid_value")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = None
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content):
+        """A string, or a list of ``{"type": "text", "text": ...}`` parts (joined); other parts are refused."""
+        if content is None or isinstance(content, str):
+            return content or ""
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    raise ValueError("content parts must be objects")
+                if part.get("type", "text") != "text":
+                    raise ValueError(f"only text content is supported, got a {part.get('type')!r} part")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError("a text part needs a string 'text'")
+                texts.append(part["text"])
+            return "".join(texts)
+        raise ValueError("content must be a string or a list of text parts")
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.messages is None:
+            raise ApiError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
+        if not self.messages:
+            raise ApiError(400, "messages must hold at least one message", "messages", "invalid_value")
+
+    def conversation(self) -> list[dict]:
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+def parse_request(body: bytes, model_cls: type[_Common]) -> _Common:
+    """Body bytes -> a checked request, or ``ApiError(400)`` saying what is wrong and where (``param``)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})", None,
+                       "invalid_encoding") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+                       None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", None,
+                       "invalid_type")
+    try:
+        request = model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    request.check()
+    return request
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    msg = err["msg"].removeprefix("Value error, ")
+    code = "invalid_type" if err["type"].endswith("_type") or err["type"] == "model_type" else "invalid_value"
+    return ApiError(400, f"Invalid value for '{param}': {msg}", param, code)
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+class ResponseBuilder:
+    """Builds OpenAI completion / chat responses and stream chunks for one request."""
+
+    def __init__(self, kind: str, model: str):
+        self.kind, self.model = kind, model
+        self.id, self.created = new_id(kind), int(time.time())
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> dict:
+        if self.kind == "chat":
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {**self._head("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": usage}
+
+    def full(self, text: str, finish_reason: str, usage: dict, pearl: dict) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish_reason}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": usage, "pearl": pearl}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._head("text_completion"), "choices": [choice], "usage": usage, "pearl": pearl}
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"

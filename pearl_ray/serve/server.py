@@ -1,0 +1,179 @@
+"""``PearlServer``: the model deployment. Each replica owns one ``PearlEngine``, i.e. one draft/target
+pair, placed in the replica's own placement group (bundle 0 the replica, bundles 1 and 2 the draft and
+the target), so scaling replicas scales pairs.
+
+It speaks plain dicts, not HTTP: ``generate(payload)`` streams ``{"text"}`` deltas, then one final item
+with ``finish_reason``, ``usage`` and the PEARL stats, or one ``{"error"}`` item. The ingress turns these
+into OpenAI responses. Prompt building (chat template), lengths and sampling are checked here because
+they need the tokenizer and the context; the engine re-checks everything it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray import serve
+
+from ..config import SamplingParams
+from ..engine import PearlEngine
+from ..errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError, InvalidParameterError,
+                      PromptError, QueueFullError, ResourcesUnavailable, TargetUnavailable)
+from .config import ServeConfig
+from .metrics import ServerMetrics
+from .protocol import FINISH_REASONS, PEARL_STATS, ApiError
+
+log = logging.getLogger(__name__)
+UNAVAILABLE = (TargetUnavailable, DraftUnavailable, CoordinatorUnavailable, ResourcesUnavailable, EngineClosedError)
+PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+               "seed": "seed", "stop": "stop", "gamma": "gamma", "method": "method", "ignore_eos": "ignore_eos"}
+
+
+def _param_of(exc: Exception, payload: dict) -> str | None:
+    first = str(exc).split(" ", 1)[0]
+    if first in PARAM_NAMES:
+        return PARAM_NAMES[first]
+    if isinstance(exc, PromptError) or "prompt" in str(exc):
+        return "messages" if payload["kind"] == "chat" else "prompt"
+    return None
+
+
+def _api_words(message: str) -> str:
+    return message.replace("max_new_tokens", "max_tokens")
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + ch.lower() if ch.isupper() else ch for ch in name).lstrip("_")
+
+
+@serve.deployment
+class PearlServer:
+    def __init__(self, config: dict, models: dict | None = None):
+        """``models``: ready ``draft_model``/``target_model``/``tokenizer``/``eos_token_ids`` to inject
+        instead of loading ``config.draft``/``config.target`` (tests)."""
+        self.config = c = ServeConfig.model_validate(config)
+        pg = ray.util.get_current_placement_group()
+        placement = {"placement_group": pg, "bundle_indices": (1, 2)} if pg is not None else {}
+        self.engine = PearlEngine(
+            c.draft, c.target, method=c.method, gamma=c.gamma, backend="ray", transport=c.transport,
+            num_threads=c.num_threads, device=c.device, dtype=c.dtype, max_queued=c.max_ongoing_requests,
+            draft_num_cpus=c.draft_num_cpus, target_num_cpus=c.target_num_cpus, draft_num_gpus=c.draft_num_gpus,
+            target_num_gpus=c.target_num_gpus, **placement, **c.engine_options, **(models or {}))
+        self.metrics = ServerMetrics(c.served_name)
+        self.ongoing, self.finished = 0, 0
+        self.restarts_seen: dict[str, int] = {}
+        self.watcher: asyncio.Task | None = None
+        log.info("PEARL replica ready: %s", self.describe())
+
+    def describe(self) -> dict:
+        e = self.engine
+        return {"draft": e.config.draft, "target": e.config.target, "method": e.method, "gamma": e.gamma,
+                "max_context": e.max_context, "transport": e.config.transport}
+
+    async def generate(self, payload: dict):
+        """Stream one request; see the module docstring for the items."""
+        self.ongoing += 1
+        self.metrics.queue(self.ongoing)
+        try:
+            async for item in self._generate(payload):
+                yield item
+        finally:
+            self.ongoing -= 1
+            self.metrics.queue(self.ongoing)
+
+    async def _generate(self, payload: dict):
+        engine, c = self.engine, self.config
+        try:
+            ids = self._prompt_ids(payload)
+            method, gamma = payload.get("method") or engine.method, payload.get("gamma") or engine.gamma
+            sampling = dict(payload["sampling"])
+            window = gamma if method != "ar" else 0
+            room = engine.max_context - len(ids) - window - 1
+            where = "messages" if payload["kind"] == "chat" else "prompt"
+            if room < 1:
+                raise ApiError(400, f"This model's maximum context length is {engine.max_context} tokens; the "
+                               f"{where} has {len(ids)} tokens and the draft window needs {window} more, which "
+                               f"leaves no room to generate", where, "context_length_exceeded")
+            if sampling["max_new_tokens"] is None:
+                sampling["max_new_tokens"] = min(c.default_max_tokens, room)
+            elif sampling["max_new_tokens"] > room:
+                raise ApiError(400, f"max_tokens {sampling['max_new_tokens']} does not fit: the {where} has "
+                               f"{len(ids)} tokens, the draft window {window} and the context "
+                               f"{engine.max_context}; at most {room} fit", "max_tokens", "context_length_exceeded")
+            params = SamplingParams(**sampling)
+            async for chunk in engine.astream(ids, params, method=method, gamma=gamma):
+                if chunk.finish_reason is None:
+                    if chunk.text:
+                        yield {"text": chunk.text}
+                    continue
+                stats = chunk.stats
+                self.finished += 1
+                self.metrics.finish(stats.method or method, len(ids), stats)
+                pearl = {k: getattr(stats, k) for k in PEARL_STATS}
+                usage = {"prompt_tokens": len(ids), "completion_tokens": stats.new_tokens,
+                         "total_tokens": len(ids) + stats.new_tokens}
+                yield {"text": chunk.text or "", "finish_reason": FINISH_REASONS.get(chunk.finish_reason, "stop"),
+                       "usage": usage, "pearl": pearl}
+        except ApiError as exc:
+            self.metrics.fail(exc.code or str(exc.status))
+            yield {"error": exc.to_dict()}
+        except (InvalidParameterError, PromptError) as exc:
+            self.metrics.fail("invalid_request")
+            yield {"error": ApiError(400, _api_words(str(exc)), _param_of(exc, payload), "invalid_value").to_dict()}
+        except QueueFullError as exc:
+            self.metrics.fail("queue_full")
+            yield {"error": ApiError(503, str(exc), None, "overloaded", c.retry_after_s).to_dict()}
+        except UNAVAILABLE as exc:
+            log.warning("request failed: %s", exc)
+            name = type(exc).__name__
+            self.metrics.fail(name)
+            yield {"error": ApiError(503, f"{name}: {exc}", None, _snake(name), c.retry_after_s).to_dict()}
+        except Exception as exc:  # noqa: BLE001 - answered as a 500, the replica keeps serving
+            log.exception("request failed")
+            self.metrics.fail("internal")
+            yield {"error": ApiError(500, f"internal error: {type(exc).__name__}: {exc}").to_dict()}
+        finally:
+            if self.watcher is None or self.watcher.done():
+                self.watcher = asyncio.get_running_loop().create_task(self._count_restarts())
+
+    def _prompt_ids(self, payload: dict) -> list[int]:
+        """The request's prompt as token ids: a completion's text or ids, or the chat template's output."""
+        if payload["kind"] != "chat":
+            return self.engine.encode(payload["prompt"])
+        tok = self.engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this model's tokenizer has no chat template, so /v1/chat/completions cannot "
+                           "build a prompt; use /v1/completions", "messages", "chat_template_missing")
+        try:
+            text = tok.apply_chat_template(payload["messages"], tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - the template refused the conversation (e.g. role order)
+            raise ApiError(400, f"the chat template refused these messages: {exc}", "messages",
+                           "invalid_value") from None
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ApiError(400, "the messages make an empty prompt", "messages", "invalid_value")
+        return ids
+
+    async def _count_restarts(self) -> None:
+        """Export the pair's worker restarts (the coordinator counts them) as counter increments."""
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(self.engine.backend.status), 30)
+        except Exception as exc:  # noqa: BLE001 - the coordinator may be rebuilding
+            log.debug("status: %s", exc)
+            return
+        for side, n in status.get("restarts", {}).items():
+            seen = self.restarts_seen.get(side, 0)
+            self.metrics.restarted(side, n - seen if n >= seen else n)  # a rebuilt coordinator counts from 0
+            self.restarts_seen[side] = n
+
+    def status(self) -> dict:
+        """The pair's state: settings, draft ready, restarts, requests held and finished, the worker actors."""
+        status = self.engine.backend.status()
+        return {**self.describe(), "draft_ready": status.get("draft_ready"), "restarts": status.get("restarts"),
+                "ongoing": self.ongoing, "finished": self.finished, "workers": status.get("handles")}
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
