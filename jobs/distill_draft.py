@@ -71,16 +71,18 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return n
 
 
-@torch.inference_mode()
-def batched_greedy(model, prompts: list[list[int]], num_tokens: int, pad_id: int) -> list[list[int]]:
-    """Greedy continuations for prompts sharing a prefix: prefix once, suffixes left-padded after it."""
+def prefill_batch(model, prompts: list[list[int]], pad_id: int):
+    """Run a batch of prompts: their common prefix once (shared through the KV cache), then the suffixes
+    left-padded after it with an attention mask and per-row positions. Returns (cache, attention mask,
+    last position per row, next-token logits per row)."""
     from transformers import DynamicCache
 
     b = len(prompts)
-    plen = max(1, common_prefix_len(prompts) - 1)  # keep >= 1 suffix token each
+    plen = max(0, common_prefix_len(prompts) - 1)  # every row keeps >= 1 suffix token
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prompts[0][:plen]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(b)
+    if plen:
+        model(input_ids=torch.tensor([prompts[0][:plen]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(b)
     suffixes = [p[plen:] for p in prompts]
     width = max(len(s) for s in suffixes)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -89,12 +91,18 @@ def batched_greedy(model, prompts: list[list[int]], num_tokens: int, pad_id: int
         ids[i, width - len(s):] = torch.tensor(s)
         smask[i, width - len(s):] = 1
     mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
-    pos = plen + torch.cumsum(smask, dim=1) - 1
-    pos = pos.clamp(min=plen)
+    pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1)
-    last_pos = pos[:, -1]
+    return cache, mask, pos[:, -1], out.logits[:, -1]
+
+
+@torch.inference_mode()
+def batched_greedy(model, prompts: list[list[int]], num_tokens: int, pad_id: int) -> list[list[int]]:
+    """Greedy continuations for prompts sharing a prefix: prefix once, suffixes left-padded after it."""
+    b = len(prompts)
+    cache, mask, last_pos, logits = prefill_batch(model, prompts, pad_id)
+    nxt = logits.argmax(-1)
     gen = [nxt]
     for _ in range(num_tokens - 1):
         mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
@@ -164,27 +172,9 @@ def greedy_until_stop(model, prompts: list[list[int]], max_tokens: int, pad_id: 
     The prompts' common prefix runs once and is shared through the KV cache; the suffixes follow it
     left-padded, with an attention mask and per-row positions. A row that stops leaves the batch (its cache
     rows are dropped); decoding ends when no row is left. Returns ``(continuation, "eos" | "length")``."""
-    from transformers import DynamicCache
-
     b = len(prompts)
-    plen = max(0, common_prefix_len(prompts) - 1)  # every row keeps >= 1 suffix token
-    cache = DynamicCache(config=model.config)
-    if plen:
-        model(input_ids=torch.tensor([prompts[0][:plen]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(b)
-    suffixes = [p[plen:] for p in prompts]
-    width = max(len(s) for s in suffixes)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    smask = torch.zeros((b, width), dtype=torch.long)
-    for i, s in enumerate(suffixes):
-        ids[i, width - len(s):] = torch.tensor(s)
-        smask[i, width - len(s):] = 1
-    mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
-    pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1)
-    last_pos = pos[:, -1]
+    cache, mask, last_pos, logits = prefill_batch(model, prompts, pad_id)
+    nxt = logits.argmax(-1)
     stops = set(stop_ids)
     conts: list[list[int]] = [[] for _ in range(b)]
     finish = ["length"] * b

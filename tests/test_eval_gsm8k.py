@@ -23,7 +23,7 @@ from pearl_ray.evals.dispatch import PairPool, WorkItem
 from pearl_ray.evals.gsm8k_job import is_pair_failure, main
 from pearl_ray.evals.records import ResultsFile, read_records
 
-from ray_utils import free_port, start_local_ray, wait_for
+from ray_utils import free_port, start_local_ray, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -333,11 +333,7 @@ def test_ray_job_submit_to_a_head_started_by_the_test(tiny_pair_long, tmp_path):
         config = json.loads((out / "config.json").read_text())
         assert config["sessions"][0]["ray_connection"] == "joined"
     finally:
-        head.terminate()
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        stop_process(head, 60)
 
 
 if __name__ == "__main__":

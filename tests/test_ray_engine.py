@@ -21,7 +21,7 @@ from pearl_ray import (CoordinatorUnavailable, DraftUnavailable, PearlEngine, Qu
                        SamplingParams)
 from pearl_ray.testing import SlowLM
 
-from ray_utils import free_port, private_ray, toy_pair, wait_for
+from ray_utils import free_port, private_ray, stop_process, toy_pair, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROMPTS = [[1, 2], [3], [4, 5, 1]]
@@ -205,8 +205,4 @@ def test_joins_the_cluster_named_by_ray_address(tiny_pair):
         doc = json.loads(res.stdout.strip().splitlines()[-1])
         assert doc == {"gcs": f"127.0.0.1:{port}", "n": 4, "nodes": 1}
     finally:
-        head.terminate()
-        try:
-            head.wait(30)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        stop_process(head, 30)
