@@ -673,8 +673,12 @@ def phase_export(args) -> None:
     tok.save_pretrained(out)
     (out / VOCAB_MAP_FILE).write_text(json.dumps({"target_vocab_size": len(tok),
                                                   "draft_to_target": state["draft_to_target"]}))
-    cfg = {"gen": json.loads((work / "gen_config.json").read_text()) if (work / "gen_config.json").exists() else None,
-           "train": json.loads((work / "train_config.json").read_text()),
+    train_cfg = json.loads((work / "train_config.json").read_text())
+    gen_file = work / "gen_config.json"
+    if train_cfg.get("data") == "broad":
+        gen_file = Path(train_cfg["out_dir"]) / "gen_config.json"
+    cfg = {"gen": json.loads(gen_file.read_text()) if gen_file.exists() else None,
+           "train": train_cfg,
            "final": {"step": state["step"], "val_loss": state["val_loss"], "val_token_agreement": state["val_agree"]}}
     (out / "distill_config.json").write_text(json.dumps(cfg, indent=2))
     log(f"export: wrote {out} (step {state['step']}, val agreement {state['val_agree']:.3f})")
