@@ -21,6 +21,7 @@ import torch
 from ..core.loop import iter_request, run_request, start_draft
 from ..core.messages import DraftRequest
 from ..core.sides import DraftSide, TargetSide, time_forward
+from ..backends import decoder
 from ..core.stopping import StopRule
 
 
@@ -167,11 +168,7 @@ class TargetLeader(_WorkerBase):
     def generate(self, request, transport: str, round_timeout_s: float, stream: bool = True):
         """Run one request here. Yields ``list[int]`` of newly committed tokens per round (only if
         ``stream``: each item costs a Ray report), then a final ``{"token_ids", "stats"}`` dict."""
-        decode = None
-        if self.tokenizer is not None:
-            tok = self.tokenizer
-            decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-        stop = StopRule.for_request(request, decode)
+        stop = StopRule.for_request(request, decoder(self.tokenizer))
         channel = self._channel(request, transport, round_timeout_s)
         try:
             if stream:
