@@ -21,6 +21,9 @@ from .errors import InvalidParameterError
 METHODS = ("pearl", "sd", "ar")
 BACKENDS = ("local", "ray")
 TRANSPORTS = ("gloo", "actor")
+TENSOR_LANES = ("auto", "gloo", "nccl")
+"""What carries the draft's probability rows on the gloo link: "auto" = NCCL when draft and leader sit on
+different GPUs, else gloo (everything else always goes over gloo)."""
 """How the target leader reaches the draft on Ray: a private gloo link (default) or plain actor calls."""
 PLACEMENTS = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
 DEFAULT_GAMMA = 4
@@ -147,6 +150,15 @@ class EngineConfig:
     measure_context: int = 128
     ray_address: str | None = None
     """Where to join Ray when it is not running in this process; None: $RAY_ADDRESS or a private local one."""
+    tensor_parallel_size: int = 1
+    """Target ranks (one GPU each with ``target_num_gpus=1``): a DeepSpeed AutoTP group led by rank 0."""
+    load_sharded: bool = True
+    """TP > 1: build the target on the meta device and load only each rank's slice of the checkpoint."""
+    kernel_inject: bool = False
+    """TP > 1 on CUDA: DeepSpeed's fused inference kernels instead of plain AutoTP."""
+    tensor_lane: str = "auto"
+    preset: str | None = None
+    """The pair preset this config came from (``modeling.presets``), for the record."""
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -155,6 +167,12 @@ class EngineConfig:
             raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.transport not in TRANSPORTS:
             raise InvalidParameterError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.tensor_lane not in TENSOR_LANES:
+            raise InvalidParameterError(f"tensor_lane must be one of {TENSOR_LANES}, got {self.tensor_lane!r}")
+        if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise InvalidParameterError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if self.tensor_parallel_size > 1 and self.backend != "ray":
+            raise InvalidParameterError("tensor_parallel_size > 1 needs backend='ray' (one actor per target rank)")
         if self.placement not in PLACEMENTS:
             raise InvalidParameterError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):

@@ -26,7 +26,8 @@ from .errors import EngineClosedError, InvalidParameterError, PromptError, Queue
 
 log = logging.getLogger(__name__)
 RAY_ONLY = ("transport", "placement", "draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus",
-            "round_timeout_s", "start_timeout_s", "placement_timeout_s", "measure_context", "ray_address")
+            "round_timeout_s", "start_timeout_s", "placement_timeout_s", "measure_context", "ray_address",
+            "load_sharded", "kernel_inject", "tensor_lane")
 
 
 @dataclass
@@ -82,6 +83,21 @@ class _Admission:
         return len(self.waiting) + int(self.busy)
 
 
+def apply_preset(name: str, draft, target, method, gamma, backend, options: dict):
+    """Fill the engine's arguments from a pair preset; what the caller set away from the defaults wins."""
+    from .modeling.presets import engine_overrides, get_preset
+
+    over = engine_overrides(get_preset(name))
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    given = {"draft": draft, "target": target, "method": method, "gamma": gamma, "backend": backend, **options}
+    merged = dict(given)
+    for key, value in over.items():
+        if given.get(key, defaults.get(key)) == defaults.get(key) or key in ("draft", "target") and given[key] is None:
+            merged[key] = value
+    rest = {k: v for k, v in merged.items() if k not in ("draft", "target", "method", "gamma", "backend")}
+    return merged["draft"], merged["target"], merged["method"], merged["gamma"], merged["backend"], rest
+
+
 class PearlEngine:
     """Generate with a draft/target pair.
 
@@ -97,7 +113,11 @@ class PearlEngine:
         draft_model, target_model, tokenizer, eos_token_ids: inject ready ``core.sides.CausalLM`` objects
             instead of loading (tests, custom runners).
         placement_group, bundle_indices: Ray only: run the draft and the target in these bundles of a
-            placement group you reserved (e.g. a Serve replica's) instead of reserving one.
+            placement group you reserved (e.g. a Serve replica's) instead of reserving one: the draft's
+            bundle, then one per target rank (default: 0, 1, ..., tensor_parallel_size).
+        tensor_parallel_size: target ranks (Ray only): a DeepSpeed AutoTP group, one actor per rank.
+        preset: a pair preset (``pearl_ray.modeling.presets``, e.g. "llama-3.1-8b-70b"): models, TP size,
+            dtype, device, gamma and GPUs; options given explicitly win over the preset's.
         ray_init: extra ``ray.init`` arguments when the engine starts a private local Ray.
         **options: the other ``EngineConfig`` fields (transport, placement, resources, timeouts, ...).
 
@@ -107,12 +127,15 @@ class PearlEngine:
 
     def __init__(self, draft: str | None = None, target: str | None = None, method: str = "pearl",
                  gamma: int | None = DEFAULT_GAMMA, backend: str = "local", *, draft_model=None, target_model=None,
-                 tokenizer=None, eos_token_ids=None, placement_group=None, bundle_indices: tuple[int, int] = (0, 1),
+                 tokenizer=None, eos_token_ids=None, placement_group=None, bundle_indices: tuple[int, ...] | None = None,
                  ray_init: dict | None = None, **options):
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(options) - fields)
         if unknown:
             raise InvalidParameterError(f"unknown engine options {unknown}; known: {sorted(fields)}")
+        if options.get("preset"):
+            draft, target, method, gamma, backend, options = apply_preset(
+                options["preset"], draft, target, method, gamma, backend, options)
         config = EngineConfig(draft=draft, target=target, method=method, gamma=gamma, backend=backend, **options)
         if backend == "local":
             ray_set = sorted(k for k in RAY_ONLY if k in options)

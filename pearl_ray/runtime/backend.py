@@ -71,45 +71,80 @@ def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float,
 
 
 class RayBackend:
+    """``bundle_indices`` (with a handed-in ``placement_group``): the draft's bundle, then one bundle per
+    target rank (``tensor_parallel_size`` of them)."""
+
     def __init__(self, config: EngineConfig, pair=None, draft_model=None, target_model=None, tokenizer=None,
-                 placement_group=None, bundle_indices: tuple[int, int] = (0, 1), ray_init: dict | None = None):
+                 placement_group=None, bundle_indices: tuple[int, ...] | None = None, ray_init: dict | None = None):
         self.config = config
-        connect_ray(config.ray_address, **(ray_init or {}))
+        c = config
+        tp = c.tensor_parallel_size
+        connect_ray(c.ray_address, **(ray_init or {}))
         if target_model is not None:
+            if tp > 1:
+                raise InvalidParameterError("a tensor-parallel target is loaded from a model path, not handed in "
+                                            "as an object")
             target_factory = ObjectFactory(target_model, tokenizer)
             vocab = target_model.vocab_size
+        elif tp > 1:
+            from ..modeling.tp import TPModelFactory
+
+            target_factory = TPModelFactory(pair.target_path, 0, tp, "", 0, c.device, c.dtype, with_tokenizer=True,
+                                            load_sharded=c.load_sharded, kernel_inject=c.kernel_inject)
+            vocab = pair.vocab_size
         else:
-            target_factory = HFModelFactory(pair.target_path, config.device, config.dtype, with_tokenizer=True)
+            target_factory = HFModelFactory(pair.target_path, c.device, c.dtype, with_tokenizer=True)
             vocab = pair.vocab_size
         draft_factory = None
         if draft_model is not None:
             draft_factory = ObjectFactory(draft_model)
         elif pair is not None and pair.draft_path is not None:
-            draft_factory = HFModelFactory(pair.draft_path, config.device, config.dtype, target_vocab_size=vocab)
-        c = config
-        sides = {"draft": (c.draft_num_cpus, c.draft_num_gpus), "target": (c.target_num_cpus, c.target_num_gpus)}
+            draft_factory = HFModelFactory(pair.draft_path, c.device, c.dtype, target_vocab_size=vocab)
+        draft_res, target_res = (c.draft_num_cpus, c.draft_num_gpus), (c.target_num_cpus, c.target_num_gpus)
         self.owns_pg = placement_group is None
+        self.pgs = []
         if not self.owns_pg:  # each side takes what its bundle holds
             specs = placement_group.bundle_specs
-            if len(bundle_indices) != 2 or max(bundle_indices) >= len(specs):
-                raise InvalidParameterError(f"bundle_indices {bundle_indices} do not name two of the placement "
-                                            f"group's {len(specs)} bundles")
-            sides = {side: (specs[i].get("CPU", 0.0), specs[i].get("GPU", 0.0))
-                     for side, i in zip(("draft", "target"), bundle_indices)}
+            bundle_indices = tuple(bundle_indices or range(1 + tp))
+            if len(bundle_indices) != 1 + tp or max(bundle_indices) >= len(specs):
+                raise InvalidParameterError(f"bundle_indices {bundle_indices} do not name the draft's bundle and "
+                                            f"{tp} target bundle(s) among the placement group's {len(specs)}")
             wait_for_placement(placement_group, specs, "handed in", c.placement_timeout_s, remove=False)
+            res = [(specs[i].get("CPU", 0.0), specs[i].get("GPU", 0.0)) for i in bundle_indices]
+            draft_res, target_res = res[0], res[1]
+            draft_at = (placement_group, bundle_indices[0])
+            target_at = (placement_group, list(bundle_indices[1:]))
         else:
-            bundles = [{k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"CPU": 0.001}
-                       for cpu, gpu in sides.values()]
-            placement_group = ray_placement_group(bundles, strategy=c.placement)
-            wait_for_placement(placement_group, bundles, c.placement, c.placement_timeout_s)
-            bundle_indices = (0, 1)
-        self.pg = placement_group
-        self.spec = {"pg": placement_group, "transport": c.transport, "round_timeout_s": c.round_timeout_s,
-                     "start_timeout_s": c.start_timeout_s}
-        for (side, (cpu, gpu)), factory, bundle in zip(sides.items(), (draft_factory, target_factory), bundle_indices):
+            def bundle(cpu, gpu):
+                return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"CPU": 0.001}
+
+            if tp == 1 or c.placement == "STRICT_PACK":
+                bundles = [bundle(*draft_res)] + [bundle(*target_res)] * tp
+                pg = ray_placement_group(bundles, strategy=c.placement)
+                self.pgs.append(pg)
+                wait_for_placement(pg, bundles, c.placement, c.placement_timeout_s)
+                draft_at, target_at = (pg, 0), (pg, list(range(1, 1 + tp)))
+            else:
+                # The TP ranks always share a node (their all-reduces run every forward); the draft goes in its
+                # own reservation, made second so that it cannot take a GPU the group needs.
+                bundles = [bundle(*target_res)] * tp
+                tpg = ray_placement_group(bundles, strategy="STRICT_PACK")
+                self.pgs.append(tpg)
+                wait_for_placement(tpg, bundles, "STRICT_PACK", c.placement_timeout_s)
+                dpg = ray_placement_group([bundle(*draft_res)], strategy="PACK")
+                self.pgs.append(dpg)
+                wait_for_placement(dpg, [bundle(*draft_res)], "PACK", c.placement_timeout_s)
+                draft_at, target_at = (dpg, 0), (tpg, list(range(tp)))
+        self.pg = target_at[0]
+        self.spec = {"pg": self.pg, "transport": c.transport, "round_timeout_s": c.round_timeout_s,
+                     "start_timeout_s": c.start_timeout_s, "tensor_lane": c.tensor_lane}
+        for side, factory, (cpu, gpu), (pg, at) in (("draft", draft_factory, draft_res, draft_at),
+                                                     ("target", target_factory, target_res, target_at)):
             threads = c.num_threads or max(1, int(cpu))
-            self.spec[side] = None if factory is None else {"factory": factory, "bundle": bundle, "num_cpus": cpu,
-                                                            "num_gpus": gpu, "threads": threads}
+            ranks = at if isinstance(at, list) else [at]
+            self.spec[side] = None if factory is None else {
+                "factory": factory, "pg": pg, "bundle": ranks[0], "ranks": ranks, "num_cpus": cpu, "num_gpus": gpu,
+                "threads": threads}
         self.coordinator = None
         try:
             self.info = self._start_coordinator()
@@ -192,8 +227,9 @@ class RayBackend:
                 ray.kill(coord)
             except Exception:  # noqa: BLE001
                 pass
-        pg, self.pg = getattr(self, "pg", None), None
-        if pg is not None and self.owns_pg:
+        self.pg = None
+        pgs, self.pgs = getattr(self, "pgs", []), []
+        for pg in pgs:
             try:
                 remove_placement_group(pg)
             except Exception as exc:  # noqa: BLE001 - Ray may be shutting down

@@ -6,12 +6,16 @@ each request's token stream from the leader, and restarts what failed:
   while the new draft loads, requests run on the target alone; a draft that cannot start
   ``MAX_DRAFT_STARTS`` times in a row is given up, and requests that need it raise ``DraftUnavailable``;
 - a target leader that died or timed out fails its request with ``TargetUnavailable`` and is replaced
-  before the next one.
+  before the next one. With a tensor-parallel target (``tp_size`` > 1) the whole group is one unit: the
+  coordinator watches the followers' ``follow`` calls while it relays, so a rank that dies fails the request
+  at once (not after a timeout), and the group is rebuilt (new rendezvous) for later requests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 import time
 
 import ray
@@ -21,7 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ..config import MAX_GAMMA
 from ..errors import DraftUnavailable, PearlError, TargetUnavailable
 from .link import open_draft_link
-from .workers import DraftWorker, TargetLeader
+from .workers import DraftWorker, TargetLeader, TargetShard
 
 log = logging.getLogger(__name__)
 MAX_DRAFT_STARTS = 3
@@ -48,18 +52,40 @@ class Coordinator:
         self.restarts = {"draft": 0, "target": 0}
         self.draft_starts_failed, self.draft_error = 0, None
         self.draft, self.draft_starting = None, None
-        self.target, self.target_starting = self._make("target"), None
+        self.shards, self.follow_refs = [], []
+        self.target, self.target_starting = self._make_target(), None
         if spec["draft"] is not None:
             self.draft = self._make("draft")
         self.linked = None  # (draft, target, gloo serve-loop ref or None for the actor transport)
         self.link_used = 0.0
 
-    def _make(self, side: str):
+    def _make(self, side: str, cls=None, bundle: int | None = None, factory=None):
         s = self.spec[side]
-        cls = DraftWorker if side == "draft" else TargetLeader
-        strategy = PlacementGroupSchedulingStrategy(self.spec["pg"], placement_group_bundle_index=s["bundle"])
+        cls = cls or (DraftWorker if side == "draft" else TargetLeader)
+        strategy = PlacementGroupSchedulingStrategy(s.get("pg", self.spec["pg"]), placement_group_bundle_index=(
+            s["bundle"] if bundle is None else bundle))
         return cls.options(scheduling_strategy=strategy, max_concurrency=4, num_cpus=s["num_cpus"],
-                           num_gpus=s["num_gpus"]).remote(s["factory"], s["threads"])
+                           num_gpus=s["num_gpus"]).remote(factory or s["factory"], s["threads"])
+
+    def _make_target(self):
+        """The target group: the leader alone, or rank 0 plus ``TargetShard`` followers that rendezvous on this
+        node (the coordinator sits in rank 0's bundle) at a free port; each follower starts ``follow``."""
+        s = self.spec["target"]
+        ranks = s.get("ranks") or [s["bundle"]]
+        if len(ranks) == 1:
+            self.shards, self.follow_refs = [], []
+            return self._make("target")
+        host = ray.util.get_node_ip_address()
+        port = _free_port(host)
+        log.info("tensor-parallel target: %d ranks, rendezvous %s:%d", len(ranks), host, port)
+        handles = []
+        for rank, bundle in enumerate(ranks):
+            factory = dataclasses.replace(s["factory"], rank=rank, world_size=len(ranks), master_addr=host,
+                                          master_port=port, with_tokenizer=rank == 0)
+            handles.append(self._make("target", TargetLeader if rank == 0 else TargetShard, bundle, factory))
+        self.shards = handles[1:]
+        self.follow_refs = [h.follow.remote() for h in self.shards]
+        return handles[0]
 
     def ready(self) -> dict:
         """Each worker's info once its model has loaded; a side that failed to load raises its typed error."""
@@ -70,6 +96,12 @@ class Coordinator:
                     out[side] = ray.get(handle.info.remote(), timeout=self.spec["start_timeout_s"])
                 except Exception as exc:  # noqa: BLE001
                     raise error(f"the {side} worker did not come up: {str(exc)[:500]}") from None
+        if self.shards:
+            try:
+                out["target"]["ranks"] = [out["target"]] + ray.get([h.info.remote() for h in self.shards],
+                                                                   timeout=self.spec["start_timeout_s"])
+            except Exception as exc:  # noqa: BLE001
+                raise TargetUnavailable(f"a tensor-parallel rank did not come up: {str(exc)[:500]}") from None
         return out
 
     def measure(self, context_len: int = 128, reps: int = 30, warmup: int = 5, k: int = 8) -> dict:
@@ -82,7 +114,7 @@ class Coordinator:
 
     def status(self) -> dict:
         return {"draft_ready": self._draft_ready(), "draft_error": self.draft_error, "restarts": dict(self.restarts),
-                "handles": {"draft": self.draft, "target": self.target}}
+                "handles": {"draft": self.draft, "target": self.target, "target_ranks": [self.target] + self.shards}}
 
     # -- draft lifecycle ---------------------------------------------------------------------------------
     def _draft_ready(self) -> bool:
@@ -154,9 +186,12 @@ class Coordinator:
         self.link_used = time.monotonic()
         item_timeout = self.spec["round_timeout_s"] * 4 + 60
         try:
-            for ref in self.target.generate.options(num_returns="streaming").remote(
-                    request, self.spec["transport"], self.spec["round_timeout_s"], stream):
-                item = ray.get(ref, timeout=item_timeout)
+            gen = self.target.generate.options(num_returns="streaming").remote(
+                request, self.spec["transport"], self.spec["round_timeout_s"], stream)
+            while True:
+                item = self._next_item(gen, item_timeout)
+                if item is _END:
+                    return
                 if isinstance(item, dict) and request.uses_draft and item["stats"].draft_failures:
                     # before the final item goes out, so that the caller's next request sees the new draft
                     self._replace_draft(f"it failed during a request: {item['stats'].draft_failures} failure(s)")
@@ -169,11 +204,33 @@ class Coordinator:
         except (RayActorError, GetTimeoutError) as exc:
             self._restart_target()
             raise TargetUnavailable(f"the target leader died or timed out: {exc.__class__.__name__}") from None
+        except _RankLost as exc:
+            self._restart_target()
+            raise TargetUnavailable(f"a tensor-parallel rank of the target failed: {exc}") from None
+
+    def _next_item(self, gen, timeout_s: float):
+        """The leader's next stream item, waiting at most ``timeout_s``; while waiting, a follower rank whose
+        ``follow`` call ended (died, or failed) raises ``_RankLost`` at once."""
+        ready, _ = ray.wait([gen] + self.follow_refs, num_returns=1, timeout=timeout_s)
+        if not ready:
+            raise GetTimeoutError(f"no token from the target within {timeout_s:.0f} s")
+        if ready[0] is not gen:
+            try:
+                why = ray.get(ready[0], timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                why = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+            raise _RankLost(f"rank {1 + self.follow_refs.index(ready[0])} left the group ({why})")
+        try:
+            ref = next(gen)
+        except StopIteration:
+            return _END
+        return ray.get(ref, timeout=timeout_s)
 
     def _restart_target(self) -> None:
-        _kill(self.target)
+        for handle in [self.target] + self.shards:
+            _kill(handle)
         self.linked = None
-        self.target = self._make("target")
+        self.target = self._make_target()
         self.target_starting = self.target.ping.remote()
         self.restarts["target"] += 1
 
@@ -183,8 +240,22 @@ class Coordinator:
                 ray.get(self.target.close_link.remote(), timeout=10)
             except Exception as exc:  # noqa: BLE001 - the target may be gone already
                 log.debug("close_link: %s", exc)
-        for handle in (self.draft, self.target):
+        for handle in [self.draft, self.target] + self.shards:
             _kill(handle)
+
+
+class _RankLost(RuntimeError):
+    """A follower rank of the tensor-parallel target ended its ``follow`` loop (it died or failed)."""
+
+
+_END = object()
+
+
+def _free_port(host: str) -> int:
+    """A free TCP port on ``host`` (this node) for the TP group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _kill(handle) -> None:

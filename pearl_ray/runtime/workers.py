@@ -4,9 +4,11 @@ Each worker builds its model through an injected factory (a picklable callable r
 ``(CausalLM, tokenizer or None)``), so tests hand in tiny models and real runs hand in ``HFModelFactory``.
 On CPU each worker pins torch to its own thread count.
 
-``TargetLeader`` is the leader of the target group (a group of one today): it runs the decoding loop for
-each request (``core.loop.iter_request``) over a ``transports`` channel to the draft, and streams the
-committed tokens back as a Ray streaming generator. ``DraftWorker`` answers the leader's round messages.
+``TargetLeader`` is the leader of the target group (rank 0): it runs the decoding loop for each request
+(``core.loop.iter_request``) over a ``transports`` channel to the draft, and streams the committed tokens
+back as a Ray streaming generator. With a tensor-parallel target its model is a ``modeling.tp.TPLeaderModel``
+and the other ranks are ``TargetShard`` actors sitting in ``follow``. ``DraftWorker`` answers the leader's
+round messages.
 """
 
 from __future__ import annotations
@@ -181,3 +183,38 @@ class TargetLeader(_WorkerBase):
 
     def forwards(self) -> int:
         return self.side.mirror.forwards
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """The target's logits at every position of ``token_ids`` (a fresh cache; for checks and evals)."""
+        with self.lock:
+            self.side.mirror.start([])
+            try:
+                return self.model.forward(list(token_ids), len(token_ids))
+            finally:
+                self.side.mirror.start([])
+
+    def stop_group(self) -> bool:
+        """Release a tensor-parallel group's followers (no-op for a group of one)."""
+        stop = getattr(self.model, "stop_group", None)
+        if stop is not None:
+            with self.lock:
+                stop()
+        return True
+
+
+@ray.remote
+class TargetShard(_WorkerBase):
+    """A non-leader rank of a tensor-parallel target: holds its slice of the weights and its own KV cache, and
+    runs whatever rank 0 broadcasts (``modeling.tp.follow``) inside one long-running ``follow`` call."""
+
+    def __init__(self, model_factory, num_threads: int = 1):
+        super().__init__(model_factory, num_threads)
+        self.factory = model_factory
+
+    def follow(self) -> str:
+        from ..modeling.tp import follow, rank_group
+
+        return follow(self.model, rank_group(self.factory))
+
+    def time_forward(self, *args, **kwargs) -> float:
+        raise RuntimeError("a follower rank runs only what rank 0 broadcasts")

@@ -1,0 +1,92 @@
+"""Tensor-parallel targets on CPU: a DeepSpeed AutoTP group of two Ray actors (gloo + DeepSpeed's shared-memory
+all-reduce) leads the rounds, gives the same tokens as an unsharded target, and survives a rank's death."""
+
+import os
+import time
+
+import pytest
+import ray
+
+from pearl_ray import PearlEngine, SamplingParams
+from pearl_ray.errors import InvalidParameterError, TargetUnavailable
+
+from ray_utils import private_ray
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
+PROMPTS = [[1, 5, 9, 13], [2, 7]]
+RES = {"draft_num_cpus": 0.5, "target_num_cpus": 0.5}
+
+
+@pytest.fixture(scope="module")
+def tp_engine(tiny_pair):
+    target, draft = tiny_pair["target"], tiny_pair["draft"]
+    eng = PearlEngine(str(draft), str(target), backend="ray", gamma=3, tensor_parallel_size=2, **RES)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair):
+    target, draft = tiny_pair["target"], tiny_pair["draft"]
+    with PearlEngine(str(draft), str(target), gamma=3) as eng:
+        yield eng
+
+
+def test_sharded_logits_match_the_unsharded_model(tp_engine, reference):
+    import torch
+
+    leader = tp_engine.backend.status()["handles"]["target"]
+    ids = [1, 5, 9, 13, 17, 21]
+    got = ray.get(leader.score.remote(ids), timeout=60)
+    model = reference.backend.target_model
+    model.reset()
+    want = model.forward(ids, len(ids))
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    info = tp_engine.backend.info["target"]
+    assert len(info["ranks"]) == 2 and len({r["pid"] for r in info["ranks"]}) == 2
+
+
+@pytest.mark.parametrize("method", ["pearl", "sd", "ar"])
+def test_greedy_output_equals_tp1_and_target_only(tp_engine, reference, method):
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    want = [o.token_ids for o in reference.generate(PROMPTS, params, method="ar")]
+    assert [o.token_ids for o in tp_engine.generate(PROMPTS, params, method=method)] == want
+
+
+def test_sampling_with_a_seed_gives_the_tp1_tokens(tp_engine, reference):
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True, temperature=1.0, seed=11)
+    want = [o.token_ids for o in reference.generate(PROMPTS, params)]
+    outs = tp_engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == want
+    assert all(o.stats.draft_forwards > 0 for o in outs)
+
+
+def test_a_killed_rank_fails_the_request_and_the_group_is_rebuilt(tp_engine, reference):
+    params = SamplingParams(max_new_tokens=200, ignore_eos=True)
+    handles = tp_engine.backend.status()["handles"]
+    follower = handles["target_ranks"][1]
+    stream = tp_engine.stream(PROMPTS[0], params)
+    next(stream)  # the request is running
+    t0 = time.monotonic()
+    ray.kill(follower)
+    with pytest.raises(TargetUnavailable, match="rank"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - t0 < tp_engine.config.round_timeout_s
+    short = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    want = reference.generate([PROMPTS[1]], short, method="ar")[0].token_ids
+    assert tp_engine.generate([PROMPTS[1]], short)[0].token_ids == want
+    status = tp_engine.backend.status()
+    assert status["restarts"]["target"] == 1
+    assert follower not in status["handles"]["target_ranks"]
+
+
+def test_tensor_parallel_needs_the_ray_backend(tiny_pair):
+    target, draft = tiny_pair["target"], tiny_pair["draft"]
+    with pytest.raises(InvalidParameterError, match="backend='ray'"):
+        PearlEngine(str(draft), str(target), tensor_parallel_size=2)
+    with pytest.raises(InvalidParameterError, match="tensor_parallel_size"):
+        PearlEngine(str(draft), str(target), backend="ray", tensor_parallel_size=0)
