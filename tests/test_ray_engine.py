@@ -111,12 +111,16 @@ def test_any_seed_works_on_every_transport():
     every = [SamplingParams(max_new_tokens=14, ignore_eos=True, temperature=1.0, seed=seed)
              for seed in (time.time_ns(), 2**63 - 1)]  # past int64 once multiplied by the old per-request rule
     want = [[o.token_ids for o in local.generate(PROMPTS, params)] for params in every]
-    for transport in ("gloo", "actor"):
-        with PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", transport=transport) as eng:
+    for transport, lane in (("gloo", "auto"), ("gloo", "gloo"), ("actor", "auto")):
+        with PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", transport=transport,
+                         tensor_lane=lane) as eng:
             for params, expected in zip(every, want):
                 outs = eng.generate(PROMPTS, params)
                 assert [o.token_ids for o in outs] == expected and all(o.stats.draft_failures == 0 for o in outs)
             assert eng.backend.status()["restarts"] == {"draft": 0, "target": 0}
+            if transport == "gloo":  # on CPU "auto" keeps everything on the gloo link
+                leader = eng.backend.status()["handles"]["target"]
+                assert ray.get(leader.link_lane.remote(), timeout=30) == (None if lane == "auto" else "gloo")
 
 
 def test_a_dead_coordinator_is_rebuilt():

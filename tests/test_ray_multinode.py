@@ -58,3 +58,25 @@ def test_strict_spread_places_draft_and_target_on_different_nodes(cluster, trans
         assert [o.token_ids for o in packed.generate([[1, 2], [3]], params)] == want
     finally:
         packed.shutdown()
+
+
+def test_draft_on_one_node_and_a_tensor_parallel_target_on_another(cluster, tiny_pair):
+    """Three nodes (a head without CPUs and two GPU nodes): the TP=2 group takes one node's two GPUs (its
+    ranks always share a node), the draft the other node's; the link crosses nodes; the output is unchanged."""
+    target, draft = str(tiny_pair["target"]), str(tiny_pair["draft"])
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    with PearlEngine(draft, target, gamma=3) as ref:
+        want = [o.token_ids for o in ref.generate([[1, 5, 9], [2, 7]], params, method="ar")]
+    eng = PearlEngine(draft, target, gamma=3, backend="ray", tensor_parallel_size=2, placement="PACK",
+                      draft_num_gpus=1, target_num_gpus=1, draft_num_cpus=0.5, target_num_cpus=0.5)
+    try:
+        info = eng.backend.info
+        ranks = info["target"]["ranks"]
+        assert len({r["node_id"] for r in ranks}) == 1
+        assert info["draft"]["node_id"] != ranks[0]["node_id"]
+        assert all(len(r["gpu_ids"]) == 1 for r in ranks) and ranks[0]["gpu_ids"] != ranks[1]["gpu_ids"]
+        outs = eng.generate([[1, 5, 9], [2, 7]], params)
+        assert [o.token_ids for o in outs] == want
+        assert all(o.stats.draft_forwards > 0 and o.stats.draft_failures == 0 for o in outs)
+    finally:
+        eng.shutdown()

@@ -73,9 +73,9 @@ def test_start_round_trip():
 class _DraftEnd:
     """The draft worker's side of the link, as ``runtime.workers.DraftWorker`` runs it, on a thread."""
 
-    def __init__(self, model, port, name):
+    def __init__(self, model, port, name, lane=None):
         self.side = DraftSide(model)
-        self.link = GlooLink("127.0.0.1", port, 1, 2, name, timeout_s=60, connect_timeout_s=20)
+        self.link = GlooLink("127.0.0.1", port, 1, 2, name, timeout_s=60, connect_timeout_s=20, lane=lane)
         self.result = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -99,17 +99,18 @@ def _request(prompt, gamma, temperature, seed, max_new_tokens):
     return req, StopRule.for_request(req, None)
 
 
-def _linked(draft_model, name):
-    leader = GlooLink("127.0.0.1", 0, 0, 2, name, timeout_s=60, connect_timeout_s=20)
-    end = _DraftEnd(draft_model, leader.port, name)
+def _linked(draft_model, name, lane=None):
+    leader = GlooLink("127.0.0.1", 0, 0, 2, name, timeout_s=60, connect_timeout_s=20, lane=lane)
+    end = _DraftEnd(draft_model, leader.port, name, lane)
     leader.connect()
     return leader, end
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_link_channel_matches_local_and_survives_requests(temperature):
+@pytest.mark.parametrize("temperature,lane", [(0.0, None), (1.0, None), (1.0, "gloo")])
+def test_link_channel_matches_local_and_survives_requests(temperature, lane):
+    """``lane="gloo"``: the probability rows take a second group (the CPU twin of the NCCL lane)."""
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
-    leader, end = _linked(draft, "t-link")
+    leader, end = _linked(draft, f"t-link-{lane}", lane)
     try:
         for prompt, seed in (([1, 2], 3), ([4, 5, 1], 4)):  # two requests over one link
             req, stop = _request(prompt, 3, temperature, seed, 25)
@@ -118,6 +119,7 @@ def test_link_channel_matches_local_and_survives_requests(temperature):
             got, stats = run_request(ch, req, stop)
             ch.close()
             assert got == want and ch.draft_ok
+            assert (leader.lane is not None) == (lane is not None)
             assert stats.draft_forwards == want_stats.draft_forwards > 0
             assert stats.rounds == want_stats.rounds
     finally:
@@ -141,3 +143,19 @@ def test_link_draft_timeout_finishes_on_target_alone():
     assert time.monotonic() - t0 < 5
     end.thread.join(15)  # its reply fails on the closed link and the loop ends
     assert end.result is not None and end.result.startswith("link closed")
+
+
+def test_choose_lane():
+    from pearl_ray.runtime.link import choose_lane
+
+    gpu = lambda node, ids: {"device": "cuda:0", "node_id": node, "gpu_ids": ids}  # noqa: E731
+    cpu = {"device": "cpu", "node_id": "a", "gpu_ids": []}
+    assert choose_lane("auto", cpu, cpu)[0] is None
+    assert choose_lane("auto", gpu("a", ["0"]), gpu("a", ["0"]))[0] is None  # one shared GPU
+    assert choose_lane("auto", gpu("a", ["0"]), gpu("a", ["1"]))[0] == "nccl"
+    assert choose_lane("auto", gpu("a", ["0"]), gpu("b", ["0"]))[0] == "nccl"  # same index, other node
+    assert choose_lane("gloo", cpu, cpu)[0] == "gloo"
+    with pytest.raises(ValueError, match="different CUDA GPUs"):
+        choose_lane("nccl", cpu, cpu)
+    with pytest.raises(ValueError):
+        GlooLink("127.0.0.1", 0, 0, 3, "x", lane="gloo")

@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import MAX_GAMMA
 from ..errors import DraftUnavailable, PearlError, TargetUnavailable
-from .link import open_draft_link
+from .link import choose_lane, open_draft_link
 from .workers import DraftWorker, TargetLeader, TargetShard
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,11 @@ class Coordinator:
         timeout = max(30.0, self.spec["round_timeout_s"])
         try:
             if self.spec["transport"] == "gloo":
-                loop = open_draft_link(self.target, self.draft, self.spec["round_timeout_s"], LINK_IDLE_S, timeout)
+                lane, why = choose_lane(self.spec.get("tensor_lane", "auto"),
+                                        *ray.get([self.draft.info.remote(), self.target.info.remote()], timeout=timeout))
+                log.info("draft link: probability rows on %s (%s)", lane or "the gloo link", why)
+                loop = open_draft_link(self.target, self.draft, self.spec["round_timeout_s"], LINK_IDLE_S, timeout,
+                                       lane)
             else:
                 ray.get(self.target.attach_draft.remote(self.draft), timeout=timeout)
                 loop = None

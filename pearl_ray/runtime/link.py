@@ -9,6 +9,13 @@ DeepSpeed tensor-parallel target initialises that same default group in its acto
 A standalone group touches no global state, so it can sit beside DeepSpeed's world, and it binds to the
 address we give it (the node's Ray address; 127.0.0.1 in tests) instead of whatever the hostname resolves to.
 
+**Tensor lane.** The draft's fp32 probability rows (only when sampling: ``[gamma, vocab]``, megabytes for a
+128k vocabulary) may travel on a second group built on the same store: NCCL when the draft and the leader
+sit on different GPUs (``choose_lane``), so those bytes take NVLink / InfiniBand instead of TCP; frames, ids
+and every control message stay on gloo. The lane is chosen once per link and logged. ``lane="gloo"`` builds
+the same two-group link with gloo as the lane: the CPU twin the tests run. (The rows are moved to the host
+for the decision on both ends, where the leader's verification runs.)
+
 Gloo facts this relies on (checked with torch 2.13 on CPU): point-to-point send/recv over TCP,
 about 0.25 ms for a 1 KiB round trip to two peers; a dead peer fails a pending ``wait`` at once
 ("connection closed by peer"); a ``wait`` that times out closes the pair for good. So a timeout or error
@@ -35,11 +42,78 @@ class LinkError(RuntimeError):
     """The link timed out or a peer went away; it cannot be used again."""
 
 
+LANES = (None, "gloo", "nccl")
+
+
+def choose_lane(setting: str, draft: dict, target: dict) -> tuple[str | None, str]:
+    """Which group carries the probability rows, from the ``tensor_lane`` setting and the two workers'
+    ``info()`` (``device``, ``node_id``, ``gpu_ids``): returns (lane, reason); lane None = the gloo link itself.
+
+    Example:
+        >>> choose_lane("auto", {"device": "cuda", "node_id": "a", "gpu_ids": [0]},
+        ...             {"device": "cuda", "node_id": "a", "gpu_ids": [1]})
+        ('nccl', 'draft and target leader on different GPUs (node a GPU [0] / node a GPU [1])')
+    """
+    on_cuda = str(draft.get("device", "cpu")).startswith("cuda") and str(target.get("device", "cpu")).startswith("cuda")
+    where = (f"node {draft.get('node_id')} GPU {draft.get('gpu_ids')} / "
+             f"node {target.get('node_id')} GPU {target.get('gpu_ids')}")
+    shared = draft.get("node_id") == target.get("node_id") and bool(
+        set(map(str, draft.get("gpu_ids") or [])) & set(map(str, target.get("gpu_ids") or [])))
+    if setting == "gloo":
+        return "gloo", "tensor_lane='gloo' (a separate gloo group: the CPU twin of the NCCL lane)"
+    if setting == "nccl":
+        if not on_cuda or shared:
+            raise ValueError(f"tensor_lane='nccl' needs the draft and the target leader on different CUDA GPUs ({where})")
+        return "nccl", f"tensor_lane='nccl' ({where})"
+    if not on_cuda:
+        return None, "not both on CUDA: gloo carries everything"
+    if shared:
+        return None, f"draft and target leader share a GPU ({where}): gloo carries everything"
+    return "nccl", f"draft and target leader on different GPUs ({where})"
+
+
+class TensorLane:
+    """A second two-rank group on the link's store for the fp32 probability rows (see the module docstring)."""
+
+    def __init__(self, store, name: str, rank: int, backend: str, timeout_s: float, host: str):
+        self.backend = backend
+        prefixed = dist.PrefixStore(name + "/lane", store)
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = datetime.timedelta(seconds=timeout_s)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+        else:
+            opts = dist.ProcessGroupGloo._Options()
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            opts._timeout = datetime.timedelta(seconds=timeout_s)
+            self.device = torch.device("cpu")
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+
+    def send(self, tensor: torch.Tensor, dst: int):
+        t = tensor.to(self.device).contiguous()
+        return self.pg.send([t], dst, 0), t
+
+    def recv(self, shape, dtype, src: int):
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        return self.pg.recv([buf], src, 0), buf
+
+    def close(self) -> None:
+        try:
+            self.pg.abort()
+        except Exception as exc:  # noqa: BLE001 - already broken
+            log.debug("lane abort: %s", exc)
+
+
 class GlooLink:
-    """One rank's end of a small gloo group. Rank 0 creates the store (``port=0`` picks a free port)."""
+    """One rank's end of a small gloo group. Rank 0 creates the store (``port=0`` picks a free port).
+    ``lane``: None, or "gloo"/"nccl" for a tensor lane that carries the fp32 tensors (``TensorLane``)."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, name: str,
-                 timeout_s: float = 3600.0, connect_timeout_s: float = 60.0):
+                 timeout_s: float = 3600.0, connect_timeout_s: float = 60.0, lane: str | None = None):
+        if lane not in LANES or (lane and world_size != 2):
+            raise ValueError(f"lane must be one of {LANES} (on a two-rank link), got {lane!r}")
+        self.lane_backend, self.lane = lane, None
         self.rank, self.world_size, self.name = rank, world_size, name
         self.store = dist.TCPStore(host, port, world_size, rank == 0,
                                    timeout=datetime.timedelta(seconds=connect_timeout_s), wait_for_workers=False)
@@ -55,6 +129,8 @@ class GlooLink:
         opts._timeout = datetime.timedelta(seconds=self.timeout_s)
         try:
             self.pg = dist.ProcessGroupGloo(dist.PrefixStore(self.name, self.store), self.rank, self.world_size, opts)
+            if self.lane_backend:
+                self.lane = TensorLane(self.store, self.name, self.rank, self.lane_backend, self.timeout_s, self.host)
         except RuntimeError as exc:
             raise LinkError(f"gloo link {self.name}: rank {self.rank} could not connect: {exc}") from exc
 
@@ -67,9 +143,18 @@ class GlooLink:
             raise LinkError(f"{what}: {str(exc)[:200]}") from exc
 
     def post_send(self, tensors: list[torch.Tensor], dst: int) -> list:
-        """Post the sends without waiting; returns their works (the tensors must outlive them)."""
+        """Post the sends without waiting; returns their works (the tensors must outlive them). fp32 tensors
+        go on the tensor lane when there is one."""
         try:
-            return [self.pg.send([t], dst, 0) for t in tensors]
+            works = []
+            for t in tensors:
+                if self.lane is not None and t.dtype == torch.float32:
+                    work, staged = self.lane.send(t, dst)
+                    self._staged = staged  # a device copy must outlive its send too
+                    works.append(work)
+                else:
+                    works.append(self.pg.send([t], dst, 0))
+            return works
         except (RuntimeError, AttributeError) as exc:  # a closed pair, or this end already closed
             raise LinkError(f"send: {str(exc)[:200]}") from exc
 
@@ -97,15 +182,22 @@ class GlooLink:
             self._posted[src] = self.recv_frame(src)
 
     def recv_tensor(self, src: int, shape, dtype, timeout_s: float) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype)
+        """The next tensor from ``src`` (fp32 ones from the tensor lane when there is one), on the host."""
         try:
-            work = self.pg.recv([buf], src, 0)
+            if self.lane is not None and dtype == torch.float32:
+                work, buf = self.lane.recv(shape, dtype, src)
+            else:
+                buf = torch.empty(shape, dtype=dtype)
+                work = self.pg.recv([buf], src, 0)
         except (RuntimeError, AttributeError) as exc:
             raise LinkError(f"recv: {str(exc)[:200]}") from exc
         self.wait(work, timeout_s, f"recv from rank {src}")
-        return buf
+        return buf.cpu()
 
     def close(self) -> None:
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.close()
         pg, self.pg = self.pg, None
         if pg is not None:
             try:
@@ -159,7 +251,8 @@ def serve_rounds(link: GlooLink, on_frame: Callable, reply_timeout_s: float, idl
         link.close()
 
 
-def open_draft_link(leader, draft, reply_timeout_s: float, idle_timeout_s: float, connect_timeout_s: float):
+def open_draft_link(leader, draft, reply_timeout_s: float, idle_timeout_s: float, connect_timeout_s: float,
+                    lane: str | None = None):
     """Link a target leader to a draft worker (both Ray actor handles): the leader opens rank 0 on its node's
     address and a free port, the draft joins as rank 1 in a long-running ``serve_link`` call, and the leader
     connects. Returns that call's ref (ready = the draft's loop ended). Raises on failure (bounded waits)."""
@@ -168,7 +261,8 @@ def open_draft_link(leader, draft, reply_timeout_s: float, idle_timeout_s: float
     import ray
 
     name = f"pearl-{uuid.uuid4().hex[:12]}"
-    host, port = ray.get(leader.open_link.remote(name, idle_timeout_s, connect_timeout_s), timeout=connect_timeout_s)
-    loop_ref = draft.serve_link.remote(host, port, name, reply_timeout_s, idle_timeout_s, connect_timeout_s)
+    host, port = ray.get(leader.open_link.remote(name, idle_timeout_s, connect_timeout_s, lane),
+                         timeout=connect_timeout_s)
+    loop_ref = draft.serve_link.remote(host, port, name, reply_timeout_s, idle_timeout_s, connect_timeout_s, lane)
     ray.get(leader.connect_link.remote(), timeout=connect_timeout_s + 5)
     return loop_ref

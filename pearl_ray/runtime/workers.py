@@ -69,6 +69,7 @@ class _WorkerBase:
     def info(self) -> dict:
         pg = ray.util.get_current_placement_group()
         return {"vocab_size": self.model.vocab_size, "max_context": self.model.max_context, "pid": os.getpid(),
+                "device": str(getattr(getattr(self.model, "runner", self.model), "device", "cpu")),
                 "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
                 "threads": torch.get_num_threads(), "placement_group": pg.id.hex() if pg else None}
 
@@ -101,12 +102,13 @@ class DraftWorker(_WorkerBase):
         return self.side.mirror.forwards
 
     def serve_link(self, host: str, port: int, name: str, reply_timeout_s: float, idle_timeout_s: float,
-                   connect_timeout_s: float) -> str:
+                   connect_timeout_s: float, lane: str | None = None) -> str:
         """The draft's end of the leader's gloo link (rank 1 of 2): answers start / draft / count frames
         until stopped, the link breaks or it sits idle too long. Returns why it ended."""
         from .link import GlooLink, draft_frame_handler, serve_rounds
 
-        link = GlooLink(host, port, 1, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s)
+        link = GlooLink(host, port, 1, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s,
+                        lane=lane)
         return serve_rounds(link, draft_frame_handler(self), reply_timeout_s, idle_timeout_s)
 
 
@@ -122,13 +124,15 @@ class TargetLeader(_WorkerBase):
         self.draft_handle = None
 
     # -- transport setup (called by the coordinator) -----------------------------------------------------
-    def open_link(self, name: str, idle_timeout_s: float, connect_timeout_s: float) -> tuple[str, int]:
+    def open_link(self, name: str, idle_timeout_s: float, connect_timeout_s: float,
+                  lane: str | None = None) -> tuple[str, int]:
         """Create rank 0 of a new gloo link (closing any old one); returns (host, port) for the draft."""
         from .link import GlooLink
 
         self.close_link()
         host = ray.util.get_node_ip_address()
-        self.link = GlooLink(host, 0, 0, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s)
+        self.link = GlooLink(host, 0, 0, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s,
+                             lane=lane)
         return host, self.link.port
 
     def connect_link(self) -> bool:
@@ -137,6 +141,10 @@ class TargetLeader(_WorkerBase):
 
     def link_ok(self) -> bool:
         return self.link is not None and self.link.pg is not None
+
+    def link_lane(self) -> str | None:
+        """What carries the probability rows on the current link: None (gloo itself), "gloo" or "nccl"."""
+        return None if self.link is None or self.link.lane is None else self.link.lane.backend
 
     def close_link(self) -> None:
         link, self.link = self.link, None
