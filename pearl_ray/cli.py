@@ -8,13 +8,18 @@ import json
 import sys
 
 from .errors import PearlError, PromptError
+from .modeling.presets import preset_names
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pearl_ray", description="PEARL speculative decoding")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one or more prompts")
-    g.add_argument("--preset", choices=["default"], help="use the embedded default pair (default-draft/default-target)")
+    g.add_argument("--preset", choices=preset_names(),
+                   help="a named pair: 'default' = the embedded CPU pair; the others are GPU pairs "
+                        "(pearl_ray.modeling.presets: models, TP size, dtype, gamma, GPUs)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="target ranks, one actor each (DeepSpeed AutoTP; needs --backend ray)")
     g.add_argument("--draft", help="draft model dir, preset name or hub id")
     g.add_argument("--target", help="target model dir, preset name or hub id")
     g.add_argument("--method", default="pearl", choices=["pearl", "sd", "ar"])
@@ -45,6 +50,9 @@ def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="serve an OpenAI-compatible endpoint on Ray Serve (blocks until Ctrl-C)",
                        description="Starts or joins Ray, deploys the endpoint and blocks until interrupted; then "
                                    "deletes the deployment. Without --draft/--target it serves the default pair.")
+    s.add_argument("--preset", choices=[n for n in preset_names() if n != "default"],
+                   help="a GPU pair preset: models, TP size, dtype, device, gamma, GPUs (unless given)")
+    s.add_argument("--tensor-parallel-size", type=int, help="target ranks per replica (default 1)")
     s.add_argument("--draft", help="draft model dir, preset name or hub id (default: default-draft)")
     s.add_argument("--target", help="target model dir, preset name or hub id (default: default-target)")
     s.add_argument("--model-name", help="the model id clients send (default: the target's name)")
@@ -80,7 +88,7 @@ def serve_main(args) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
     try:
-        config = ServeConfig(**{**fields, "gamma": args.gamma or None})
+        config = ServeConfig(**{**fields, "gamma": args.gamma or None})  # gamma None: the preset's, or auto
     except ValidationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -108,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import PearlEngine, SamplingParams
 
     draft, target = args.draft, args.target
-    if args.preset == "default":
-        draft, target = draft or "default-draft", target or "default-target"
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         extra = {"transport": args.transport} if args.transport else {}
+        if args.preset:
+            extra["preset"] = args.preset
+        if args.tensor_parallel_size != 1:
+            extra["tensor_parallel_size"] = args.tensor_parallel_size
         with PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
                          backend=args.backend, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
                          pre_verify=not args.no_pre_verify, post_verify=not args.no_post_verify, **extra) as engine:

@@ -85,9 +85,10 @@ class _Admission:
 
 def apply_preset(name: str, draft, target, method, gamma, backend, options: dict):
     """Fill the engine's arguments from a pair preset; what the caller set away from the defaults wins."""
-    from .modeling.presets import engine_overrides, get_preset
+    from .modeling.presets import EMBEDDED_PRESET, engine_overrides, get_preset
 
-    over = engine_overrides(get_preset(name))
+    over = ({"draft": "default-draft", "target": "default-target"} if name == EMBEDDED_PRESET
+            else engine_overrides(get_preset(name)))
     defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     given = {"draft": draft, "target": target, "method": method, "gamma": gamma, "backend": backend, **options}
     merged = dict(given)

@@ -36,6 +36,7 @@ from pathlib import Path
 from ..config import MAX_GAMMA, METHODS, PLACEMENTS, SEED_LIMIT, TRANSPORTS
 from .dispatch import PairPool, WorkItem
 from .gsm8k import DATA_DIR, STOP_STRINGS, answer_text, build_prompt, chat_prompt, gold_answer, score
+from ..modeling.presets import EMBEDDED_PRESET, engine_overrides, get_preset, preset_names
 from .records import ResultsFile
 
 log = logging.getLogger("eval_gsm8k")
@@ -81,6 +82,8 @@ class JobSettings:
     max_attempts: int
     ray_address: str | None
     out: str
+    preset: str | None = None
+    tensor_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="eval_gsm8k.py", description="GSM8K: AR vs vanilla SD vs PEARL on Ray, "
                                  "same prompts and pairs; writes results.jsonl, summary.csv/.md, plots, config.json.")
     a = ap.add_argument
+    a("--preset", default=None, choices=[n for n in preset_names() if n != EMBEDDED_PRESET],
+      help="a GPU pair preset (pearl_ray.modeling.presets): sets the models, --tensor-parallel-size, --dtype, "
+           "--device, --gamma and the GPUs per side, unless given explicitly")
     a("--draft", default="default-draft", help="draft model: path, preset or hub id (default: %(default)s)")
     a("--target", default="default-target", help="target model (default: %(default)s)")
     a("--methods", default="ar,sd,pearl", help="comma-separated, from ar, sd, pearl (default: %(default)s)")
@@ -119,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--draft-num-gpus", type=float, default=0.0)
     a("--target-num-gpus", type=float, default=0.0)
     a("--num-threads", type=int, default=None, help="torch threads per worker (default: its CPU count)")
+    a("--tensor-parallel-size", type=int, default=1,
+      help="target ranks per pair, one actor (GPU) each: a DeepSpeed AutoTP group (default: %(default)s)")
     a("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
     a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     a("--max-attempts", type=int, default=3, help="tries per question when pairs fail (default: %(default)s)")
@@ -127,13 +135,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def apply_job_preset(args, parser) -> None:
+    """Fill the options a preset sets, where the command line left them at their defaults; its models must be
+    on this machine (the error names what to download)."""
+    from ..errors import PearlError
+
+    try:
+        over = engine_overrides(get_preset(args.preset))
+    except PearlError as exc:
+        raise UsageError(f"--preset {args.preset}: {exc}") from None
+    for key, value in over.items():
+        if key == "gamma" and args.gamma == 0:
+            args.gamma = value
+        elif hasattr(args, key) and getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+
+
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def parse_settings(argv: list[str]) -> JobSettings:
     """Options -> checked settings (no models touched). Raises ``UsageError``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        apply_job_preset(args, parser)
     methods = tuple(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -148,7 +175,8 @@ def parse_settings(argv: list[str]) -> JobSettings:
               (1 <= args.num_shots <= 8, f"--num-shots must lie in [1, 8], got {args.num_shots}"),
               (0 <= args.seed < SEED_LIMIT, f"--seed must lie in [0, 2**63), got {args.seed}"),
               (args.max_attempts >= 1, f"--max-attempts must be >= 1, got {args.max_attempts}"),
-              (args.num_threads is None or args.num_threads >= 1, "--num-threads must be >= 1")]
+              (args.num_threads is None or args.num_threads >= 1, "--num-threads must be >= 1"),
+              (args.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
@@ -367,7 +395,7 @@ def engine_options(settings: JobSettings) -> dict:
                 transport=settings.transport, placement=settings.placement, draft_num_cpus=settings.draft_num_cpus,
                 target_num_cpus=settings.target_num_cpus, draft_num_gpus=settings.draft_num_gpus,
                 target_num_gpus=settings.target_num_gpus, num_threads=settings.num_threads, device=settings.device,
-                dtype=settings.dtype)
+                dtype=settings.dtype, tensor_parallel_size=settings.tensor_parallel_size)
 
 
 def is_pair_failure(exc: BaseException) -> bool:

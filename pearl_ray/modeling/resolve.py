@@ -31,7 +31,11 @@ def resolve_path(name: str) -> str:
             raise ModelNotFoundError(f"model path {str(path)!r} has no config.json (not a transformers model dir)")
         return str(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/", "~")):
-        return name  # a hub id "org/name": works where the hub is reachable (or already in the HF cache)
+        from .presets import locate_model
+
+        # a hub id "org/name": its local copy ($PEARL_RAY_MODEL_DIR, the HF cache) if there is one, else the id
+        # itself (transformers then downloads it where the hub is reachable)
+        return locate_model(name) or name
     raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
 
 

@@ -19,6 +19,12 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # -- the pair (one per model replica) ------------------------------------------------------------------
+    preset: str | None = None
+    """A GPU pair preset (``pearl_ray.modeling.presets``): fills draft, target, tensor_parallel_size, dtype,
+    device, gamma and the GPUs per side where this config does not set them. Its models are found on the
+    replica's node ($PEARL_RAY_MODEL_DIR or the Hugging Face cache)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Target ranks per replica, one bundle (GPU) each: a DeepSpeed AutoTP group."""
     draft: str | None = "default-draft"
     """Draft model dir, preset or hub id; None serves target-only ("ar")."""
     target: str = "default-target"
@@ -61,6 +67,22 @@ class ServeConfig(BaseModel):
     chunk_timeout_s: float = Field(300.0, gt=0)
     """Longest wait between two outputs of a request; then the request fails."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data):
+        if isinstance(data, dict) and data.get("preset"):
+            from ..modeling.presets import get_preset
+
+            p = get_preset(data["preset"])  # an unknown name fails validation, listing the known ones
+            given = dict(data)
+            for key, value in (("draft", p.draft), ("target", p.target), ("tensor_parallel_size", p.tensor_parallel_size),
+                               ("dtype", p.dtype), ("device", p.device), ("gamma", p.gamma),
+                               ("draft_num_gpus", p.draft_num_gpus), ("target_num_gpus", p.target_num_gpus)):
+                if given.get(key) is None:
+                    given[key] = value
+            return given
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
         if self.draft is None and self.method != "ar":
@@ -72,12 +94,12 @@ class ServeConfig(BaseModel):
         return self.model_name or Path(self.target).name
 
     def bundles(self) -> list[dict]:
-        """Serve's ``placement_group_bundles``: the replica (bundle 0), then the draft and the target.
+        """Serve's ``placement_group_bundles``: the replica (bundle 0), then the draft and one per target rank.
 
         Ray refuses empty bundles, so a side that asks for nothing reserves one byte of ``memory``
         (not a sliver of CPU, which would keep a 2-CPU node from holding a 1+1 CPU pair)."""
         def bundle(cpu: float, gpu: float) -> dict:
             return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"memory": 1.0}
 
-        return [bundle(self.replica_num_cpus, 0.0), bundle(self.draft_num_cpus, self.draft_num_gpus),
-                bundle(self.target_num_cpus, self.target_num_gpus)]
+        return [bundle(self.replica_num_cpus, 0.0), bundle(self.draft_num_cpus, self.draft_num_gpus)] + [
+            bundle(self.target_num_cpus, self.target_num_gpus)] * self.tensor_parallel_size

@@ -54,12 +54,13 @@ class PearlServer:
         instead of loading ``config.draft``/``config.target`` (tests)."""
         self.config = c = ServeConfig.model_validate(config)
         pg = ray.util.get_current_placement_group()
-        placement = {"placement_group": pg, "bundle_indices": (1, 2)} if pg is not None else {}
+        placement = ({"placement_group": pg, "bundle_indices": tuple(range(1, 2 + c.tensor_parallel_size))}
+                     if pg is not None else {})
         self.engine = PearlEngine(
             c.draft, c.target, method=c.method, gamma=c.gamma, backend="ray", transport=c.transport,
             num_threads=c.num_threads, device=c.device, dtype=c.dtype, max_queued=c.max_ongoing_requests,
             draft_num_cpus=c.draft_num_cpus, target_num_cpus=c.target_num_cpus, draft_num_gpus=c.draft_num_gpus,
-            target_num_gpus=c.target_num_gpus, **placement, **c.engine_options, **(models or {}))
+            target_num_gpus=c.target_num_gpus, tensor_parallel_size=c.tensor_parallel_size, **placement, **c.engine_options, **(models or {}))
         self.metrics = ServerMetrics(c.served_name)
         self.ongoing, self.finished = 0, 0
         self.restarts_seen: dict[str, int] = {}
