@@ -141,3 +141,37 @@ def test_model_dir_comes_before_the_hub_cache(empty_env, monkeypatch):
 def test_bad_ids_are_not_found(empty_env):
     for bad in ("", "no-slash", "../etc/passwd", None, 3):
         assert locate_model(bad) is None
+
+
+def test_the_engine_job_and_serve_config_take_a_preset(empty_env, monkeypatch):
+    """Where a preset lands: the engine's arguments (explicit ones win), the job's settings, the Serve config
+    (its bundles: replica, draft, one per target rank), and hub ids resolving to the local copies."""
+    from pearl_ray.engine import apply_preset
+    from pearl_ray.evals.gsm8k_job import UsageError, parse_settings
+    from pearl_ray.modeling.resolve import resolve_path
+    from pearl_ray.serve import ServeConfig
+
+    root = empty_env / "models"
+    draft = fake_model(root / "meta-llama" / "Llama-3.1-8B-Instruct")
+    target = fake_model(root / "meta-llama" / "Llama-3.1-70B-Instruct")
+    monkeypatch.setenv(presets.MODEL_DIR_ENV, str(root))
+    d, t, method, gamma, backend, rest = apply_preset("llama-3.1-8b-70b", None, None, "pearl", 4, "local",
+                                                      {"preset": "llama-3.1-8b-70b", "dtype": "float16"})
+    assert (d, t, gamma, backend) == (str(draft), str(target), 5, "ray")
+    assert rest["tensor_parallel_size"] == 4 and rest["device"] == "cuda" and rest["dtype"] == "float16"
+    assert apply_preset("default", None, None, "pearl", 4, "local", {})[:2] == ("default-draft", "default-target")
+    assert resolve_path("meta-llama/Llama-3.1-70B-Instruct") == str(target)
+
+    s = parse_settings(["--preset", "llama-3.1-8b-70b", "--limit", "1", "--out", str(empty_env / "o"),
+                        "--tensor-parallel-size", "8"])
+    assert (s.draft, s.target, s.tensor_parallel_size, s.dtype, s.gamma) == (str(draft), str(target), 8, "bfloat16", 5)
+    with pytest.raises(UsageError, match="Qwen/Qwen2.5-72B-Instruct"):
+        parse_settings(["--preset", "qwen2.5-7b-72b", "--out", str(empty_env / "o2")])
+
+    c = ServeConfig(preset="llama-3.1-8b-70b")
+    assert (c.draft, c.target, c.tensor_parallel_size, c.gamma) == (
+        "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-70B-Instruct", 4, 5)
+    assert c.bundles()[1:] == [{"CPU": 1.0, "GPU": 1.0}] * 5 and c.served_name == "Llama-3.1-70B-Instruct"
+    assert ServeConfig(preset="llama-3.1-8b-70b", tensor_parallel_size=8).bundles().count({"CPU": 1.0, "GPU": 1.0}) == 9
+    with pytest.raises(Exception, match="unknown preset"):
+        ServeConfig(preset="nope")

@@ -47,6 +47,8 @@ def test_sharded_logits_match_the_unsharded_model(tp_engine, reference):
     assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
     info = tp_engine.backend.info["target"]
     assert len(info["ranks"]) == 2 and len({r["pid"] for r in info["ranks"]}) == 2
+    full = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    assert all(r["param_bytes"] < full for r in info["ranks"])  # each rank holds a slice, never the whole model
 
 
 @pytest.mark.parametrize("method", ["pearl", "sd", "ar"])

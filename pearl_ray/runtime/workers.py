@@ -59,6 +59,14 @@ class ObjectFactory:
         return self.model, self.tokenizer
 
 
+def _param_bytes(model) -> int | None:
+    """Bytes of the weights this worker holds (its shard, for a tensor-parallel rank); None if unknown."""
+    module = getattr(getattr(model, "runner", model), "model", None)
+    if module is None or not hasattr(module, "parameters"):
+        return None
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 class _WorkerBase:
     def __init__(self, model_factory, num_threads: int):
         torch.set_num_threads(max(1, int(num_threads)))
@@ -70,6 +78,7 @@ class _WorkerBase:
         pg = ray.util.get_current_placement_group()
         return {"vocab_size": self.model.vocab_size, "max_context": self.model.max_context, "pid": os.getpid(),
                 "device": str(getattr(getattr(self.model, "runner", self.model), "device", "cpu")),
+                "param_bytes": _param_bytes(self.model),
                 "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
                 "threads": torch.get_num_threads(), "placement_group": pg.id.hex() if pg else None}
 
