@@ -88,7 +88,8 @@ class HFCausalLM:
     def cache_len(self) -> int:
         return int(self.cache.get_seq_length())
 
-    def forward(self, token_ids: list[int], num_logits: int) -> torch.Tensor:
+    def forward(self, token_ids: list[int], num_logits: int, to_host: bool = True) -> torch.Tensor:
+        """``to_host=False`` leaves the logits on the model's device (a tensor-parallel follower discards them)."""
         ids = torch.tensor([token_ids], dtype=torch.long)
         if self._in_map is not None:
             ids = self._in_map[ids]
@@ -100,7 +101,7 @@ class HFCausalLM:
             full = torch.full((num_logits, self.vocab_size), float("-inf"), device=logits.device)
             full[:, self._out_ids] = logits[:, : len(self._out_ids)]
             logits = full
-        return logits.cpu()
+        return logits.cpu() if to_host else logits
 
     def crop(self, length: int) -> None:
         crop_to(self.cache, length)

@@ -99,8 +99,8 @@ def follow(runner, group: TPGroup) -> str:
     """A non-leader rank's loop: run rank 0's operations on the local shard until ``OP_STOP``."""
     while True:
         op, ids, num_logits, length = group.recv_op()
-        if op == OP_FORWARD:
-            runner.forward(ids, num_logits)
+        if op == OP_FORWARD:  # the same shapes as rank 0 (AutoTP's lm_head all-reduces them); logits unused
+            runner.forward(ids, num_logits, to_host=False)
         elif op == OP_CROP:
             runner.crop(length)
         elif op == OP_RESET:
