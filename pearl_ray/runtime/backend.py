@@ -132,8 +132,13 @@ class RayBackend:
                 self.pgs.append(tpg)
                 wait_for_placement(tpg, bundles, "STRICT_PACK", c.placement_timeout_s)
                 dpg = ray_placement_group([bundle(*draft_res)], strategy="PACK")
+                try:
+                    wait_for_placement(dpg, [bundle(*draft_res)], "PACK", c.placement_timeout_s)
+                except BaseException:
+                    remove_placement_group(tpg)  # not the group's alone: give its GPUs back too
+                    self.pgs = []
+                    raise
                 self.pgs.append(dpg)
-                wait_for_placement(dpg, [bundle(*draft_res)], "PACK", c.placement_timeout_s)
                 draft_at, target_at = (dpg, 0), (tpg, list(range(tp)))
         self.pg = target_at[0]
         self.spec = {"pg": self.pg, "transport": c.transport, "round_timeout_s": c.round_timeout_s,
