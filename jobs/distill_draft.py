@@ -487,7 +487,10 @@ def load_teacher(args) -> list[dict]:
 
 
 def extend_vocab(base: list[int], records: list[dict], size: int, eos_ids: list[int], vocab_total: int) -> list[int]:
-    """``base`` plus the most frequent other ids of ``records`` (then EOS ids), up to ``size``."""
+    """``base`` plus the most frequent other ids of ``records`` (then EOS ids), then the lowest remaining ids
+    (byte-level BPE numbers its merges roughly by frequency), up to ``size``. Filling matters on held-out
+    prompts: the target copies rare words from its prompt, and an id outside the draft's vocabulary is a
+    certain rejection."""
     counts = Counter()
     for r in records:
         counts.update(r["continuation_ids"])
@@ -500,6 +503,9 @@ def extend_vocab(base: list[int], records: list[dict], size: int, eos_ids: list[
         if t not in have:
             chosen.append(t)
             have.add(t)
+    fill = (t for t in range(vocab_total) if t not in have)
+    while len(chosen) < min(size, vocab_total):
+        chosen.append(next(fill))
     return sorted(chosen)
 
 
@@ -552,13 +558,17 @@ def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool)
     cache.batch_repeat_interleave(b)
     mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
     pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
-    with torch.set_grad_enabled(train_mode):
-        logits = draft(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True).logits[..., :unk]  # the "unknown" id is input-only
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100)
     valid = labels != -100
-    acc = float((logits.argmax(-1)[valid] == labels[valid]).float().mean()) if valid.any() else 0.0
+    with torch.set_grad_enabled(train_mode):
+        hidden = draft.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                             use_cache=True).last_hidden_state
+        # The LM head only where there is a label (continuation tokens): with a large vocabulary the head
+        # is most of a step's cost, and prompt positions carry no loss.
+        logits = draft.lm_head(hidden[valid])[:, :unk]  # the "unknown" id is input-only
+        target_ids = labels[valid]
+        loss = (torch.nn.functional.cross_entropy(logits, target_ids) if len(target_ids)
+                else logits.sum() * 0.0)
+    acc = float((logits.argmax(-1) == target_ids).float().mean()) if len(target_ids) else 0.0
     return loss, acc
 
 
@@ -627,7 +637,24 @@ def phase_train(args) -> None:
     draft.train()
     t0, deadline = time.time(), time.time() + args.max_minutes * 60
     # Batches drawn by a generator re-seeded from (seed, step) so a resumed run sees the same data order.
+    known = {r["idx"] for r in records}
     while step < args.steps and time.time() < deadline:
+        if args.data == "broad" and args.reload_every and step % args.reload_every == 0 and step > 0:
+            # Teacher shards still being written by a gen-broad run beside this one (atomic replaces): new
+            # records join training; held-out indices (every 25th) stay out, so validation is unchanged.
+            fresh = [r for r in load_teacher(args) if r["idx"] not in known]
+            known |= {r["idx"] for r in fresh}
+            fresh = [r for r in fresh if r["idx"] % 25 != 0]
+            if fresh:
+                for r in fresh:
+                    group = next((g for g in train_groups if g[0]["group"] == r["group"]), None)
+                    if group is None:
+                        train_groups.append([r])
+                        train_groups.sort(key=lambda g: g[0]["group"])
+                    else:
+                        group.append(r)
+                log(f"train: step {step}: {len(fresh)} new teacher records joined training "
+                    f"({sum(len(g) for g in train_groups)} in all)")
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
@@ -640,7 +667,7 @@ def phase_train(args) -> None:
         opt.step()
         step += 1
         if step % args.log_every == 0:
-            log(f"train: step {step} loss {float(loss):.3f} agree {acc:.3f} lr {lr:.2e} "
+            log(f"train: step {step} loss {loss.item():.3f} agree {acc:.3f} lr {lr:.2e} "
                 f"{(time.time() - t0) / max(1, step):.2f} s/step (this run)")
         if step % args.ckpt_every == 0 or step == args.steps:
             vl, va = evaluate()
@@ -714,6 +741,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--reload-every", type=int, default=0,
+                    help="train --data broad: re-read the teacher shards every N steps (0: never), so records a "
+                         "gen-broad run beside it writes join training")
     ap.add_argument("--val-questions", type=int, default=40)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--ckpt-every", type=int, default=100)

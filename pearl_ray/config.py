@@ -132,6 +132,11 @@ class EngineConfig:
     dtype: str = "float32"
     num_threads: int | None = None
     """torch threads per model (local) or per worker (Ray; None = the worker's CPU count, at least 1)."""
+    prefill_threads: int | None = None
+    """Ray on CPU: torch threads the target leader uses for a prompt pass (a forward of at least
+    ``PREFILL_MIN_TOKENS`` tokens). While the target reads the prompt the draft has little to do (its own
+    prompt pass is several times shorter), so by default (None) the target borrows the draft's threads for
+    it: the pair's cores, no more. 0 = never borrow. Ignored on GPUs and for tensor-parallel targets."""
     max_queued: int = 64
     """Requests that may wait behind the running one; past it a call raises ``QueueFullError``."""
     queue_timeout_s: float = 600.0
@@ -177,6 +182,8 @@ class EngineConfig:
             raise InvalidParameterError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
             raise InvalidParameterError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
+        if self.prefill_threads is not None and (not _is_int(self.prefill_threads) or self.prefill_threads < 0):
+            raise InvalidParameterError(f"prefill_threads must be an integer >= 0, got {self.prefill_threads!r}")
         if not _is_int(self.max_queued) or self.max_queued < 0:
             raise InvalidParameterError(f"max_queued must be an integer >= 0, got {self.max_queued!r}")
         for name in ("round_timeout_s", "start_timeout_s", "placement_timeout_s", "queue_timeout_s"):

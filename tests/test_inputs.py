@@ -27,7 +27,8 @@ def test_invalid_sampling_params(kwargs, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(gamma=0), "gamma"), (dict(gamma=-2), "gamma"), (dict(method="beam"), "method"),
-    (dict(backend="mpi"), "backend"),
+    (dict(backend="mpi"), "backend"), (dict(prefill_threads=-1), "prefill_threads"),
+    (dict(prefill_threads=1.5), "prefill_threads"),
 ])
 def test_invalid_engine_options(kwargs, match):
     with pytest.raises(InvalidParameterError, match=match):

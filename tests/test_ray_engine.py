@@ -64,6 +64,20 @@ def test_stream_threads_and_tasks_on_one_engine():
         assert got == {k: want[k] for k in got}
 
 
+def test_the_target_borrows_the_drafts_threads_for_prompt_passes(tiny_pair):
+    """On CPU the target leader reads prompts with the pair's threads (its own + the draft's) unless told not to;
+    outputs stay the target's."""
+    prompt = [1] + list(range(20, 70))  # longer than PREFILL_MIN_TOKENS
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    want = PearlEngine(target=tiny_pair["target"], method="ar").generate([prompt], params)[0].token_ids
+    for prefill_threads, expect in ((None, 2), (0, None)):
+        with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
+                         num_threads=1, prefill_threads=prefill_threads) as eng:
+            assert eng.backend.info["target"]["threads"] == 1
+            assert eng.backend.info["target"]["prefill_threads"] == expect
+            assert eng.generate([prompt], params)[0].token_ids == want
+
+
 def test_full_queue_on_ray():
     target, draft = toy_pair()
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)

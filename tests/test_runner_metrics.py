@@ -3,7 +3,7 @@
 import torch
 
 from pearl_ray.core.metrics import GenerationStats
-from pearl_ray.modeling.hf import crop_to
+from pearl_ray.modeling.hf import PREFILL_MIN_TOKENS, HFCausalLM, crop_to
 from pearl_ray.core.stopping import StopRule
 
 
@@ -59,3 +59,42 @@ def test_stop_string_spanning_several_tokens_is_found_at_its_last_token():
     assert (r.finished, r.keep, r.reason) == (True, 43, "stop")
     assert rule.cut_text("xyabcdefg") == "xyab"
     assert rule.check([30, 31, 2, 3], 4).finished is False
+
+
+def test_prompt_passes_borrow_prefill_threads_and_give_them_back():
+    """``prefill_threads`` applies to forwards of >= PREFILL_MIN_TOKENS tokens only (the prompt pass), and the
+    thread count is restored afterwards, also when the forward raises; logits do not change."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    seen = []
+    inner = model.forward
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return inner(*args, **kwargs)
+
+    model.forward = spy
+    runner = HFCausalLM(model)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        prompt = [i % 64 for i in range(PREFILL_MIN_TOKENS + 3)]
+        plain = runner.forward(prompt, 2)
+        runner.reset()
+        runner.prefill_threads = 2
+        borrowed = runner.forward(prompt, 2)
+        runner.forward([5], 1)  # a decoding step keeps the worker's own count
+        assert seen == [1, 2, 1] and torch.get_num_threads() == 1
+        assert torch.allclose(plain, borrowed, atol=1e-5)
+        runner.reset()
+        model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+        try:
+            runner.forward(prompt, 1)
+        except RuntimeError:
+            pass
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ Input ids outside that vocabulary are fed as the draft's extra "unknown" id.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+PREFILL_MIN_TOKENS = 32
+"""A forward of at least this many tokens is a prompt pass (decoding rounds feed gamma + 1 at most)."""
+
+
+@contextmanager
+def _threads(n: int | None):
+    """Run the body with ``n`` torch threads (None: leave the count alone)."""
+    before = torch.get_num_threads()
+    if not n or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class HFCausalLM:
     """A transformers causal LM with a ``DynamicCache``; implements ``core.sides.CausalLM``."""
 
@@ -77,6 +96,7 @@ class HFCausalLM:
             in_map[ids] = torch.arange(len(draft_to_target))
             self._in_map = in_map
         self.cache = None
+        self.prefill_threads: int | None = None  # torch threads for forwards of >= PREFILL_MIN_TOKENS tokens
         self.reset()
 
     def reset(self) -> None:
@@ -93,7 +113,7 @@ class HFCausalLM:
         ids = torch.tensor([token_ids], dtype=torch.long)
         if self._in_map is not None:
             ids = self._in_map[ids]
-        with torch.inference_mode():
+        with torch.inference_mode(), _threads(self.prefill_threads if len(token_ids) >= PREFILL_MIN_TOKENS else None):
             out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
                              logits_to_keep=num_logits)
         logits = out.logits[0, -num_logits:].float()

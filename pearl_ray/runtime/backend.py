@@ -150,6 +150,11 @@ class RayBackend:
             self.spec[side] = None if factory is None else {
                 "factory": factory, "pg": pg, "bundle": ranks[0], "ranks": ranks, "num_cpus": cpu, "num_gpus": gpu,
                 "threads": threads}
+        target, draft = self.spec["target"], self.spec["draft"]
+        if c.prefill_threads is not None:
+            target["prefill_threads"] = c.prefill_threads
+        elif c.device == "cpu" and draft is not None and tp == 1:
+            target["prefill_threads"] = target["threads"] + draft["threads"]
         self.coordinator = None
         try:
             self.info = self._start_coordinator()

@@ -64,8 +64,9 @@ class Coordinator:
         cls = cls or (DraftWorker if side == "draft" else TargetLeader)
         strategy = PlacementGroupSchedulingStrategy(s.get("pg", self.spec["pg"]), placement_group_bundle_index=(
             s["bundle"] if bundle is None else bundle))
+        extra = (s.get("prefill_threads") or 0,) if cls is TargetLeader else ()
         return cls.options(scheduling_strategy=strategy, max_concurrency=4, num_cpus=s["num_cpus"],
-                           num_gpus=s["num_gpus"]).remote(factory or s["factory"], s["threads"])
+                           num_gpus=s["num_gpus"]).remote(factory or s["factory"], s["threads"], *extra)
 
     def _make_target(self):
         """The target group: the leader alone, or rank 0 plus ``TargetShard`` followers that rendezvous on this

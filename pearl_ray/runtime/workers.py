@@ -80,7 +80,8 @@ class _WorkerBase:
                 "device": str(getattr(getattr(self.model, "runner", self.model), "device", "cpu")),
                 "param_bytes": _param_bytes(self.model),
                 "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
-                "threads": torch.get_num_threads(), "placement_group": pg.id.hex() if pg else None}
+                "threads": torch.get_num_threads(), "prefill_threads": getattr(self.model, "prefill_threads", None),
+                "placement_group": pg.id.hex() if pg else None}
 
     def time_forward(self, context_len: int = 128, num_tokens: int = 1, reps: int = 30, warmup: int = 5) -> float:
         vocab = max(2, min(self.model.vocab_size, 1000))
@@ -126,8 +127,10 @@ class TargetLeader(_WorkerBase):
     """Leader of the target group: runs each request's loop and decides (the draft is reached over the
     transport the coordinator set up: a gloo link, or the draft's actor handle)."""
 
-    def __init__(self, model_factory, num_threads: int = 1):
+    def __init__(self, model_factory, num_threads: int = 1, prefill_threads: int = 0):
         super().__init__(model_factory, num_threads)
+        if prefill_threads > torch.get_num_threads() and getattr(self.model, "device", None) == torch.device("cpu"):
+            self.model.prefill_threads = int(prefill_threads)  # HFCausalLM: prompt passes borrow the draft's cores
         self.side = TargetSide(self.model)
         self.link = None
         self.draft_handle = None
