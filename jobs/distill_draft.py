@@ -149,7 +149,7 @@ def phase_gen(args) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # gen-broad: the target's greedy continuations on prompts of many families (pearl_ray.evals.families).
 BROAD_WEIGHTS = {"gsm8k_chat": 25, "chat": 25, "code_completion": 15, "code_chat": 15, "text": 10,
-                 "gsm8k_fewshot": 10}
+                 "gsm8k_fewshot": 10, "code_doctest": 15}
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "distill" / "teacher"
 SHARD_SUFFIX = ".jsonl.gz"
 
@@ -526,8 +526,10 @@ def pick_vocab(records: list[dict], size: int, eos_ids: list[int], vocab_total: 
     return sorted(chosen)
 
 
-def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool) -> tuple[torch.Tensor, float]:
-    """Loss and argmax agreement on the continuation tokens of ``batch`` (target ids mapped by ``in_map``)."""
+def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool,
+               bf16: bool = False) -> tuple[torch.Tensor, float]:
+    """Loss and argmax agreement on the continuation tokens of ``batch`` (target ids mapped by ``in_map``).
+    ``bf16``: matmuls under CPU autocast to bfloat16 (weights, optimizer and the loss stay fp32)."""
     # Shared few-shot prefix without gradient, then prompt tails + continuations with gradient.
     from transformers import DynamicCache
 
@@ -559,17 +561,34 @@ def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool)
     mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
     pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
     valid = labels != -100
-    with torch.set_grad_enabled(train_mode):
+    with torch.set_grad_enabled(train_mode), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         hidden = draft.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                              use_cache=True).last_hidden_state
         # The LM head only where there is a label (continuation tokens): with a large vocabulary the head
         # is most of a step's cost, and prompt positions carry no loss.
-        logits = draft.lm_head(hidden[valid])[:, :unk]  # the "unknown" id is input-only
+        logits = draft.lm_head(hidden[valid])[:, :unk].float()  # the "unknown" id is input-only
         target_ids = labels[valid]
         loss = (torch.nn.functional.cross_entropy(logits, target_ids) if len(target_ids)
                 else logits.sum() * 0.0)
     acc = float((logits.argmax(-1) == target_ids).float().mean()) if len(target_ids) else 0.0
     return loss, acc
+
+
+def join_new_records(records: list[dict], known: set[int], train_groups: list[list[dict]]) -> int:
+    """Add the records of ``records`` not seen before (by ``idx``) to their family's training group (a new
+    family gets a new group, groups stay sorted by name); validation indices (every 25th) stay out. Updates
+    ``known``; returns how many joined."""
+    fresh = [r for r in records if r["idx"] not in known]
+    known |= {r["idx"] for r in fresh}
+    fresh = [r for r in fresh if r["idx"] % 25 != 0]
+    for r in fresh:
+        group = next((g for g in train_groups if g[0]["group"] == r["group"]), None)
+        if group is None:
+            train_groups.append([r])
+            train_groups.sort(key=lambda g: g[0]["group"])
+        else:
+            group.append(r)
+    return len(fresh)
 
 
 def phase_train(args) -> None:
@@ -625,7 +644,7 @@ def phase_train(args) -> None:
         losses, accs = [], []
         for group in val_groups:  # one group per batch: a shared prompt prefix runs once
             for i in range(0, len(group), args.batch):
-                loss, acc = batch_loss(draft, group[i: i + args.batch], in_map, False)
+                loss, acc = batch_loss(draft, group[i: i + args.batch], in_map, False, args.bf16)
                 losses.append(float(loss))
                 accs.append(acc)
         draft.train()
@@ -635,32 +654,23 @@ def phase_train(args) -> None:
         vl, va = evaluate()
         log(f"train: step 0 val loss {vl:.3f} val token agreement {va:.3f}")
     draft.train()
-    t0, deadline = time.time(), time.time() + args.max_minutes * 60
+    t0, deadline, first_step = time.time(), time.time() + args.max_minutes * 60, step
     # Batches drawn by a generator re-seeded from (seed, step) so a resumed run sees the same data order.
     known = {r["idx"] for r in records}
     while step < args.steps and time.time() < deadline:
         if args.data == "broad" and args.reload_every and step % args.reload_every == 0 and step > 0:
             # Teacher shards still being written by a gen-broad run beside this one (atomic replaces): new
             # records join training; held-out indices (every 25th) stay out, so validation is unchanged.
-            fresh = [r for r in load_teacher(args) if r["idx"] not in known]
-            known |= {r["idx"] for r in fresh}
-            fresh = [r for r in fresh if r["idx"] % 25 != 0]
-            if fresh:
-                for r in fresh:
-                    group = next((g for g in train_groups if g[0]["group"] == r["group"]), None)
-                    if group is None:
-                        train_groups.append([r])
-                        train_groups.sort(key=lambda g: g[0]["group"])
-                    else:
-                        group.append(r)
-                log(f"train: step {step}: {len(fresh)} new teacher records joined training "
+            joined = join_new_records(load_teacher(args), known, train_groups)
+            if joined:
+                log(f"train: step {step}: {joined} new teacher records joined training "
                     f"({sum(len(g) for g in train_groups)} in all)")
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         pool = train_groups[step % len(train_groups)]
         batch = random.Random(args.seed * 100_003 + step).sample(pool, min(args.batch, len(pool)))
-        loss, acc = batch_loss(draft, batch, in_map, True)
+        loss, acc = batch_loss(draft, batch, in_map, True, args.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
@@ -668,7 +678,7 @@ def phase_train(args) -> None:
         step += 1
         if step % args.log_every == 0:
             log(f"train: step {step} loss {loss.item():.3f} agree {acc:.3f} lr {lr:.2e} "
-                f"{(time.time() - t0) / max(1, step):.2f} s/step (this run)")
+                f"{(time.time() - t0) / max(1, step - first_step):.2f} s/step (this run)")
         if step % args.ckpt_every == 0 or step == args.steps:
             vl, va = evaluate()
             torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step,
@@ -741,6 +751,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--bf16", action="store_true",
+                    help="train: CPU autocast to bfloat16 for the matmuls (about 1.8x faster on CPUs with AVX512-BF16)")
     ap.add_argument("--reload-every", type=int, default=0,
                     help="train --data broad: re-read the teacher shards every N steps (0: never), so records a "
                          "gen-broad run beside it writes join training")

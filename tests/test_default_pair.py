@@ -76,6 +76,19 @@ def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
     assert res.returncode == 0, res.stderr[-2000:]
     old_ids = json.loads((out / "pearl_vocab.json").read_text())["draft_to_target"]
     new_ids = json.loads((out2 / "pearl_vocab.json").read_text())["draft_to_target"]
-    assert set(old_ids) <= set(new_ids) and len(new_ids) <= 60  # the old vocabulary is kept
+    assert set(old_ids) <= set(new_ids) and len(new_ids) == 60  # the old vocabulary kept, filled up to --vocab
     eng = PearlEngine(draft=str(out2), target=tiny_pair["target"], gamma=3)
     assert eng.generate([[1, 5, 9]], params)[0].token_ids == eng.generate([[1, 5, 9]], params, method="ar")[0].token_ids
+
+
+def test_records_written_during_training_join_their_family():
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from distill_draft import join_new_records
+
+    rec = lambda idx, fam: {"idx": idx, "group": fam}  # noqa: E731
+    groups = [[rec(1, "chat")], [rec(2, "text")]]
+    known = {1, 2}
+    assert join_new_records([rec(1, "chat"), rec(3, "text"), rec(4, "code_chat"), rec(50, "chat")], known, groups) == 2
+    assert [[r["idx"] for r in g] for g in groups] == [[1], [4], [2, 3]]  # 50 is a validation index: left out
+    assert known == {1, 2, 3, 4, 50}
+    assert join_new_records([rec(3, "text")], known, groups) == 0

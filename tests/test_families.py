@@ -97,3 +97,57 @@ def test_gen_broad_smoke_and_resume(tmp_path, chat_tokenizer_dir):
     _gen_broad(target, out)  # resume: everything in the plan is done
     assert {p.name: p.read_bytes() for p in out.glob("*.jsonl.gz")} == before
     assert len(json.loads((out / "gen_config.json").read_text())["runs"]) == 2
+
+
+def _doctest_checks(name: str, doc: str, ref) -> int:
+    """Check every example in a ``code_doctest`` docstring against the reference implementation; return how
+    many there are. ``>>> call`` / result lines, ``call == result`` lines and ``Input:`` / ``Output:`` pairs."""
+    ns = {name: ref}
+    lines = [ln.strip() for ln in doc.splitlines()]
+    n = 0
+    for i, ln in enumerate(lines):
+        if ln.startswith(">>> "):
+            got, want = eval(ln[4:], dict(ns)), lines[i + 1]
+        elif ln.startswith(f"{name}("):
+            call, _, want = ln.rpartition(" == ")
+            got = eval(call, dict(ns))
+        elif ln.startswith("Input: "):
+            assert lines[i + 1].startswith("Output: ")
+            got, want = eval(f"{name}({ln[len('Input: '):]})", dict(ns)), lines[i + 1][len("Output: "):]
+        else:
+            continue
+        assert repr(got) == want and got == eval(want), (name, ln)
+        n += 1
+    return n
+
+
+def test_code_doctest_prompts():
+    import ast
+    import inspect
+
+    from pearl_ray.evals.doctest_tasks import DOCTEST_TASKS, doctest_examples
+
+    tasks = {t.name: t for t in DOCTEST_TASKS}
+    assert len(tasks) == len(DOCTEST_TASKS) >= 150
+    train = build_family("code_doctest", None, "train")
+    heldout = build_family("code_doctest", None, "heldout")
+    assert train and heldout and not {it["key"] for it in train} & {it["key"] for it in heldout}
+    assert sorted(it["key"] for it in train + heldout) == sorted(tasks)
+    styles = set()
+    for it in train + heldout:
+        text, task = it["text"], tasks[it["key"]]
+        assert text.endswith('\n    """\n')
+        tree = ast.parse(text + "    pass\n")
+        fn = tree.body[-1]
+        assert isinstance(fn, ast.FunctionDef) and fn.name == task.name and fn.returns is not None
+        assert all(a.annotation is not None for a in fn.args.args)
+        assert [a.arg for a in fn.args.args] == list(inspect.signature(task.ref).parameters)
+        assert (">>>" in text) or ("For example:" in text) or ("Example" in text and "Input: " in text)
+        styles |= {m for m in (">>>", "For example:", "Input: ") if m in text}
+        if any(w in text for w in ("List[", "Dict[", "Tuple[", "Optional[")):
+            assert text.startswith("from typing import ")
+        doc = ast.get_docstring(fn)
+        assert _doctest_checks(task.name, doc, task.ref) == len(task.examples) >= 1
+        for args, out in doctest_examples(task):  # outputs are the reference's results
+            assert out == repr(task.ref(*args))
+    assert styles == {">>>", "For example:", "Input: "}

