@@ -591,6 +591,17 @@ def join_new_records(records: list[dict], known: set[int], train_groups: list[li
     return len(fresh)
 
 
+def pick_group(groups: list[list[dict]], step: int, weighting: str, rng: random.Random) -> list[dict]:
+    """The family a step's batch comes from: ``equal`` takes them in turn; ``sqrt`` and ``size`` draw one with
+    probability proportional to the square root of its record count, or to the count (large families such as
+    chat then get more steps and small ones, such as 8-shot GSM8K, are not memorised)."""
+    if weighting == "equal":
+        return groups[step % len(groups)]
+    sizes = [len(g) for g in groups]
+    weights = [s ** 0.5 for s in sizes] if weighting == "sqrt" else sizes
+    return rng.choices(groups, weights=weights)[0]
+
+
 def phase_train(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -668,8 +679,9 @@ def phase_train(args) -> None:
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
-        pool = train_groups[step % len(train_groups)]
-        batch = random.Random(args.seed * 100_003 + step).sample(pool, min(args.batch, len(pool)))
+        rng = random.Random(args.seed * 100_003 + step)
+        pool = pick_group(train_groups, step, args.group_weighting, rng)
+        batch = rng.sample(pool, min(args.batch, len(pool)))
         loss, acc = batch_loss(draft, batch, in_map, True, args.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -751,6 +763,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--group-weighting", choices=["equal", "sqrt", "size"], default="equal",
+                    help="train --data broad: how often each family's batches come (in turn, or drawn by the square "
+                         "root of its size, or by its size)")
     ap.add_argument("--bf16", action="store_true",
                     help="train: CPU autocast to bfloat16 for the matmuls (about 1.8x faster on CPUs with AVX512-BF16)")
     ap.add_argument("--reload-every", type=int, default=0,

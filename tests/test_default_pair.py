@@ -92,3 +92,18 @@ def test_records_written_during_training_join_their_family():
     assert [[r["idx"] for r in g] for g in groups] == [[1], [4], [2, 3]]  # 50 is a validation index: left out
     assert known == {1, 2, 3, 4, 50}
     assert join_new_records([rec(3, "text")], known, groups) == 0
+
+
+def test_family_weighting_of_training_batches():
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import random
+    from collections import Counter
+
+    from distill_draft import pick_group
+
+    groups = [[{"group": "big"}] * 400, [{"group": "small"}] * 25]
+    assert [pick_group(groups, s, "equal", random.Random(s))[0]["group"] for s in range(4)] == ["big", "small"] * 2
+    for weighting, share in (("sqrt", 20 / 25), ("size", 400 / 425)):
+        got = Counter(pick_group(groups, s, weighting, random.Random(s))[0]["group"] for s in range(2000))
+        # binomial, n = 2000: 5 standard deviations is under 0.045 of the share; false alarms ~1e-6
+        assert abs(got["big"] / 2000 - share) < 0.045, (weighting, got)

@@ -132,10 +132,14 @@ def test_code_doctest_prompts():
     train = build_family("code_doctest", None, "train")
     heldout = build_family("code_doctest", None, "heldout")
     assert train and heldout and not {it["key"] for it in train} & {it["key"] for it in heldout}
-    assert sorted(it["key"] for it in train + heldout) == sorted(tasks)
+    assert sorted(it["key"] for it in train + heldout) == sorted(list(tasks) + [n + "/alt" for n in tasks])
+    by_task = {}
+    for it in train + heldout:
+        by_task.setdefault(it["key"].split("/")[0], set()).add(it["text"])
+    assert all(len(texts) == 2 for texts in by_task.values())  # the two renderings differ
     styles = set()
     for it in train + heldout:
-        text, task = it["text"], tasks[it["key"]]
+        text, task = it["text"], tasks[it["key"].split("/")[0]]
         assert text.endswith('\n    """\n')
         tree = ast.parse(text + "    pass\n")
         fn = tree.body[-1]

@@ -1337,10 +1337,12 @@ DOCTEST_TASKS: list[DoctestTask] = [
 del _T
 
 
-def _doctest_style(name: str) -> tuple[bool, int]:
-    """(docstring starts on the opening-quotes line, example style 0-2) for a task: fixed, from its name."""
+def _doctest_style(name: str, variant: int = 0) -> tuple[bool, int]:
+    """(docstring starts on the opening-quotes line, example style 0-2) for a task: fixed, from its name.
+    Variant 1 flips the first and moves to the next example style."""
     h = int(hashlib.md5(f"doctest-style:{name}".encode()).hexdigest(), 16)
-    return h % 2 == 0, (0, 0, 1, 2)[h // 2 % 4]
+    same_line, style = h % 2 == 0, (0, 0, 1, 2)[h // 2 % 4]
+    return (same_line, style) if variant == 0 else (not same_line, (style + 1) % 3)
 
 
 def _doctest_params(task: DoctestTask) -> list[str]:
@@ -1352,10 +1354,11 @@ def doctest_examples(task: DoctestTask) -> list[tuple[tuple, str]]:
     return [(args, repr(task.ref(*copy.deepcopy(args)))) for args in task.examples]
 
 
-def render_doctest(task: DoctestTask) -> str:
+def render_doctest(task: DoctestTask, variant: int = 0) -> str:
     """The HumanEval-style prompt: typing/math imports when needed, the typed signature and a docstring with
-    the task's examples (outputs computed by its reference implementation), ending with the closing quotes."""
-    same_line, style = _doctest_style(task.name)
+    the task's examples (outputs computed by its reference implementation), ending with the closing quotes.
+    ``variant`` 0 or 1: two renderings of the same task (docstring layout and example style differ)."""
+    same_line, style = _doctest_style(task.name, variant)
     typing_names = sorted(set(re.findall(r"\b(List|Dict|Tuple|Optional)\b", f"{task.params} {task.ret}")))
     imports = ([f"from typing import {', '.join(typing_names)}"] if typing_names else []) + \
         (["import math"] if task.uses_math else [])

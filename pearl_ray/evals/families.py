@@ -662,7 +662,9 @@ def text(seed: int) -> list[tuple[str, str, str]]:
 
 
 def code_doctest(seed: int) -> list[tuple[str, str, str]]:
-    return [(split_of(f"doctest|{t.name}"), t.name, render_doctest(t)) for t in DOCTEST_TASKS]
+    """Each task twice (key ``name`` and ``name/alt``: two docstring layouts and example styles), split by task."""
+    return [(split_of(f"doctest|{t.name}"), t.name + ("/alt" if v else ""), render_doctest(t, v))
+            for v in (0, 1) for t in DOCTEST_TASKS]
 
 
 # ------------------------------------------------------------------------------------------------ API
