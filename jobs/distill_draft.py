@@ -8,7 +8,8 @@ Phases (``--phase``):
          EOS ignored, as the fixed-length protocol). Batched decoding over a shared, cached few-shot prefix.
          Appends to ``<work>/teacher.jsonl``; rerunning resumes where it stopped.
   gen-broad  Broad teacher data. Train-split prompts of every family in ``pearl_ray.evals.families``
-         (GSM8K few-shot and chat, general chat requests, stdlib code completion and code requests, prose),
+         (GSM8K few-shot and chat, general chat requests, stdlib code completion and code requests, prose,
+         HumanEval-style doctest prompts on original tasks),
          interleaved by weighted round-robin so any prefix of the run is balanced, each with the target's
          greedy continuation up to EOS / ``<|im_end|>`` or ``--gen-tokens`` (192). Batched same-family decoding
          (left-padded, KV cache, finished rows leave the batch). Shards of ~100 records in ``--out-dir``
@@ -22,8 +23,12 @@ Phases (``--phase``):
          exactly what greedy acceptance measures), over the continuation only, with the few-shot prefix run
          once per step without gradient and shared by the batch. Checkpoints every ``--ckpt-every`` steps
          and resumes from the last checkpoint. ``--data broad`` trains on the gen-broad shards (one family per
-         batch, families in turn); ``--init-from DIR`` warm-starts from an existing draft of the same depth,
-         keeping its vocabulary and extending it with the most frequent new ids up to ``--vocab``.
+         batch; families in turn, or drawn by ``--group-weighting sqrt|size``), re-reading them every
+         ``--reload-every`` steps so that records a gen-broad run beside it writes join training;
+         ``--init-from DIR`` warm-starts from an existing draft of the same depth, keeping its vocabulary and
+         extending it with the most frequent new ids, then the lowest remaining ids, up to ``--vocab`` (new rows
+         start from the target's embedding). Only labelled positions go through the LM head; ``--bf16`` runs
+         the matmuls under CPU autocast (weights, optimizer state and loss in fp32).
   export Write the final fp16 draft dir (weights, config, ``pearl_vocab.json``, tokenizer, ``distill_config.json``).
 
 Example (the committed draft): see models/README.md for the exact commands and timings.

@@ -125,18 +125,18 @@ def test_code_doctest_prompts():
     import ast
     import inspect
 
-    from pearl_ray.evals.doctest_tasks import DOCTEST_TASKS, doctest_examples
+    from pearl_ray.evals.doctest_tasks import DOCTEST_TASKS, VARIANTS, doctest_examples
 
     tasks = {t.name: t for t in DOCTEST_TASKS}
     assert len(tasks) == len(DOCTEST_TASKS) >= 150
     train = build_family("code_doctest", None, "train")
     heldout = build_family("code_doctest", None, "heldout")
     assert train and heldout and not {it["key"] for it in train} & {it["key"] for it in heldout}
-    assert sorted(it["key"] for it in train + heldout) == sorted(list(tasks) + [n + "/alt" for n in tasks])
+    assert sorted(it["key"] for it in train + heldout) == sorted(n + s for n in tasks for s in VARIANTS.values())
     by_task = {}
     for it in train + heldout:
         by_task.setdefault(it["key"].split("/")[0], set()).add(it["text"])
-    assert all(len(texts) == 2 for texts in by_task.values())  # the two renderings differ
+    assert all(len(texts) == len(VARIANTS) for texts in by_task.values())  # the renderings differ
     styles = set()
     for it in train + heldout:
         text, task = it["text"], tasks[it["key"].split("/")[0]]
@@ -146,12 +146,14 @@ def test_code_doctest_prompts():
         assert isinstance(fn, ast.FunctionDef) and fn.name == task.name and fn.returns is not None
         assert all(a.annotation is not None for a in fn.args.args)
         assert [a.arg for a in fn.args.args] == list(inspect.signature(task.ref).parameters)
-        assert (">>>" in text) or ("For example:" in text) or ("Example" in text and "Input: " in text)
-        styles |= {m for m in (">>>", "For example:", "Input: ") if m in text}
+        bare = it["key"].endswith(VARIANTS[3])
+        markers = {m for m in (">>>", "For example:", "Input: ", "Examples:") if m in text}
+        assert not markers if bare else markers
+        styles |= markers
         if any(w in text for w in ("List[", "Dict[", "Tuple[", "Optional[")):
             assert text.startswith("from typing import ")
         doc = ast.get_docstring(fn)
-        assert _doctest_checks(task.name, doc, task.ref) == len(task.examples) >= 1
+        assert task.examples and _doctest_checks(task.name, doc, task.ref) == (0 if bare else len(task.examples))
         for args, out in doctest_examples(task):  # outputs are the reference's results
             assert out == repr(task.ref(*args))
-    assert styles == {">>>", "For example:", "Input: "}
+    assert styles == {">>>", "For example:", "Input: ", "Examples:"}

@@ -1354,19 +1354,32 @@ def doctest_examples(task: DoctestTask) -> list[tuple[tuple, str]]:
     return [(args, repr(task.ref(*copy.deepcopy(args)))) for args in task.examples]
 
 
+VARIANTS = {0: "", 1: "/alt", 2: "/ex", 3: "/bare"}
+"""Renderings of each task and the suffix of their keys in ``code_doctest``."""
+
+
 def render_doctest(task: DoctestTask, variant: int = 0) -> str:
     """The HumanEval-style prompt: typing/math imports when needed, the typed signature and a docstring with
     the task's examples (outputs computed by its reference implementation), ending with the closing quotes.
-    ``variant`` 0 or 1: two renderings of the same task (docstring layout and example style differ)."""
-    same_line, style = _doctest_style(task.name, variant)
+    ``variant`` (``VARIANTS``): 0 and 1 differ in docstring layout and example style, 2 puts an "Examples:"
+    header above ``>>>`` examples, 3 has no examples (the description alone)."""
+    same_line, style = _doctest_style(task.name, min(variant, 1))
+    if variant == 2:
+        style = 3
     typing_names = sorted(set(re.findall(r"\b(List|Dict|Tuple|Optional)\b", f"{task.params} {task.ret}")))
     imports = ([f"from typing import {', '.join(typing_names)}"] if typing_names else []) + \
         (["import math"] if task.uses_math else [])
     lines = textwrap.wrap(task.doc, 96)
     body = [] if same_line else [""]
     body += lines
-    examples = doctest_examples(task)
-    if style == 0:
+    examples = doctest_examples(task) if variant != 3 else []
+    if style == 3:
+        body += ["", "Examples:"]
+        for args, out in examples:
+            body += [f">>> {task.name}({', '.join(map(repr, args))})", out]
+    elif variant == 3:
+        pass
+    elif style == 0:
         for args, out in examples:
             body += [f">>> {task.name}({', '.join(map(repr, args))})", out]
     elif style == 1:

@@ -38,7 +38,7 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-from .doctest_tasks import DOCTEST_TASKS, render_doctest
+from .doctest_tasks import DOCTEST_TASKS, VARIANTS, render_doctest
 from .gsm8k import build_prompt, load_split
 
 FAMILIES = ("gsm8k_fewshot", "gsm8k_chat", "chat", "code_completion", "code_chat", "text", "code_doctest")
@@ -662,9 +662,9 @@ def text(seed: int) -> list[tuple[str, str, str]]:
 
 
 def code_doctest(seed: int) -> list[tuple[str, str, str]]:
-    """Each task twice (key ``name`` and ``name/alt``: two docstring layouts and example styles), split by task."""
-    return [(split_of(f"doctest|{t.name}"), t.name + ("/alt" if v else ""), render_doctest(t, v))
-            for v in (0, 1) for t in DOCTEST_TASKS]
+    """Each task in every rendering of ``VARIANTS`` (keys ``name``, ``name/alt``, ...), split by task."""
+    return [(split_of(f"doctest|{t.name}"), t.name + suffix, render_doctest(t, v))
+            for v, suffix in VARIANTS.items() for t in DOCTEST_TASKS]
 
 
 # ------------------------------------------------------------------------------------------------ API
