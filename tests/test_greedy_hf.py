@@ -78,3 +78,23 @@ def test_streamed_tokens_equal_output(tiny_pair):
     out = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=17, ignore_eos=True),
                           on_tokens=lambda i, ids: got.extend(ids))[0]
     assert got == out.token_ids
+
+
+def test_teacher_forced_acceptance_equals_greedy_sd(tiny_pair, ar_reference):
+    """One draft pass over the target's output gives vanilla SD's greedy acceptance counts
+    (jobs/compare_drafts.py relies on it)."""
+    from pearl_ray.core.metrics import GenerationStats, greedy_sd_acceptance
+    from pearl_ray.modeling.hf import load_model
+
+    draft = load_model(tiny_pair["draft"], target_vocab_size=ar_reference[0].backend.vocab_size).runner
+    for gamma in (1, 3, 4):
+        sd = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], method="sd", gamma=gamma)
+        stats = GenerationStats.merge([o.stats for o in sd.generate(
+            PROMPTS, SamplingParams(max_new_tokens=23, ignore_eos=True))])
+        accepted = verified = 0
+        for prompt, out in zip(PROMPTS, ar_reference[1]):
+            draft.reset()
+            logits = draft.forward(prompt + out[:-1], len(out))
+            a, v = greedy_sd_acceptance([p == t for p, t in zip(logits.argmax(-1).tolist(), out)], gamma)
+            accepted, verified = accepted + a, verified + v
+        assert (accepted, verified) == (stats.accepted_tokens, stats.verified_tokens), gamma

@@ -2,7 +2,7 @@
 
 import torch
 
-from pearl_ray.core.metrics import GenerationStats
+from pearl_ray.core.metrics import GenerationStats, greedy_sd_acceptance
 from pearl_ray.modeling.hf import PREFILL_MIN_TOKENS, HFCausalLM, crop_to
 from pearl_ray.core.stopping import StopRule
 
@@ -98,3 +98,11 @@ def test_prompt_passes_borrow_prefill_threads_and_give_them_back():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_greedy_sd_acceptance_from_matches():
+    T, F = True, False
+    assert greedy_sd_acceptance([T, T, T, T, T], 4) == (4, 4)  # a full window, then the bonus token at 4
+    assert greedy_sd_acceptance([T, F, T, T, F, T], 2) == (4, 5)  # [T F] [T T] bonus@4 [T] (end of output)
+    assert greedy_sd_acceptance([F, F, F], 4) == (0, 3)
+    assert greedy_sd_acceptance([], 3) == (0, 0)

@@ -183,3 +183,24 @@ class GenerationStats:
                 out.accepted_by_position[j] += a
                 out.verified_by_position[j] += v
         return out
+
+
+def greedy_sd_acceptance(matches: list[bool], gamma: int) -> tuple[int, int]:
+    """(accepted, verified) draft tokens of greedy vanilla SD with window ``gamma``, from ``matches[i]`` = whether
+    the draft's argmax given the target's first i output tokens equals the target's token i. Each window from
+    position i accepts the leading run k of matches (at most gamma, and no further than the output's end):
+    k tokens verified if the whole window is accepted, else k + 1 (the miss); the next window starts at i + k + 1
+    (the target's own token fills the miss, or is the bonus token). Same definitions as ``acceptance_rate``."""
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    i = accepted = verified = 0
+    n = len(matches)
+    while i < n:
+        window = min(gamma, n - i)
+        k = 0
+        while k < window and matches[i + k]:
+            k += 1
+        accepted += k
+        verified += k + (1 if k < window else 0)
+        i += k + 1
+    return accepted, verified
