@@ -28,17 +28,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from measure_pair import FAMILIES, family_prompts, params_for  # noqa: E402
 
 
-def target_outputs(target: str, families: list[str], n: int, max_new_tokens: int, cache: Path) -> dict:
-    """{family: [(prompt ids, target greedy output ids), ...]}, read from ``cache`` when it holds these settings."""
+def target_outputs(target: str, families: list[str], n: int, max_new_tokens: int, cache: Path) -> tuple[dict, int]:
+    """({family: [(prompt ids, target greedy output ids), ...]}, the target's vocabulary size), read from
+    ``cache`` when it holds these settings (``target`` is a resolved path); the target loads only on a miss."""
     from pearl_ray import PearlEngine
 
-    eng = PearlEngine(target=target, method="ar")
-    key = hashlib.md5(json.dumps([eng.config.target, families, n, max_new_tokens]).encode()).hexdigest()
+    key = hashlib.md5(json.dumps([target, families, n, max_new_tokens]).encode()).hexdigest()
     if cache.exists():
         doc = json.loads(cache.read_text())
         if doc.get("key") == key:
-            eng.shutdown()
-            return doc["outputs"]
+            return doc["outputs"], doc["vocab_size"]
+    eng = PearlEngine(target=target, method="ar")
+    vocab_size = eng.backend.vocab_size
     outputs = {}
     for f in families:
         outs = eng.generate(family_prompts(f, eng.tokenizer, n), params_for(f, "eos", max_new_tokens))
@@ -46,8 +47,8 @@ def target_outputs(target: str, families: list[str], n: int, max_new_tokens: int
         print(f"[compare] target outputs for {f}: {sum(len(o.token_ids) for o in outs)} tokens", flush=True)
     eng.shutdown()
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "outputs": outputs}))
-    return outputs
+    cache.write_text(json.dumps({"key": key, "vocab_size": vocab_size, "outputs": outputs}))
+    return outputs, vocab_size
 
 
 def score(draft: str, target_vocab_size: int, outputs: dict, gamma: int) -> dict:
@@ -93,11 +94,8 @@ def main(argv=None) -> int:
     from pearl_ray.modeling.resolve import resolve_path
 
     torch.set_num_threads(args.threads)
-    outputs = target_outputs(resolve_path(args.target), families, args.num_prompts, args.max_new_tokens,
-                             Path(args.cache))
-    from pearl_ray.modeling.hf import load_model
-
-    vocab = load_model(args.target).runner.vocab_size
+    outputs, vocab = target_outputs(resolve_path(args.target), families, args.num_prompts, args.max_new_tokens,
+                                    Path(args.cache))
     rows = []
     for d in args.drafts:
         res = score(d, vocab, outputs, args.gamma)
