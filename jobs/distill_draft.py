@@ -28,7 +28,11 @@ Phases (``--phase``):
          ``--init-from DIR`` warm-starts from an existing draft of the same depth, keeping its vocabulary and
          extending it with the most frequent new ids, then the lowest remaining ids, up to ``--vocab`` (new rows
          start from the target's embedding). Only labelled positions go through the LM head; ``--bf16`` runs
-         the matmuls under CPU autocast (weights, optimizer state and loss in fp32).
+         the matmuls under CPU autocast (weights, optimizer state and loss in fp32). ``--kd-weight W``
+         adds logit-level distillation: the target reads each batch online (no stored logits) and the loss
+         mixes the greedy-token cross-entropy with the cross-entropy against the target's full next-token
+         distribution over the draft's vocabulary, ``(1 - W) * CE + W * H(p_target, q_draft)``;
+         ``--kd-prompt`` extends the soft term to the prompt tail's positions.
   export Write the final fp16 draft dir (weights, config, ``pearl_vocab.json``, tokenizer, ``distill_config.json``).
 
 Example (the committed draft): see models/README.md for the exact commands and timings.
@@ -532,9 +536,17 @@ def pick_vocab(records: list[dict], size: int, eos_ids: list[int], vocab_total: 
 
 
 def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool,
-               bf16: bool = False) -> tuple[torch.Tensor, float]:
+               bf16: bool = False, teacher=None, kd_cols: torch.Tensor | None = None,
+               kd_weight: float = 0.0, kd_prompt: bool = False) -> tuple[torch.Tensor, float]:
     """Loss and argmax agreement on the continuation tokens of ``batch`` (target ids mapped by ``in_map``).
-    ``bf16``: matmuls under CPU autocast to bfloat16 (weights, optimizer and the loss stay fp32)."""
+    ``bf16``: matmuls under CPU autocast to bfloat16 (weights, optimizer and the loss stay fp32).
+
+    Logit-level distillation (``teacher`` = the target, ``kd_weight`` > 0): the target reads the same
+    sequences without gradient and the loss becomes ``(1 - w) * CE(greedy token) + w * H(p_T, q)``, where
+    ``H(p_T, q) = -sum_v p_T(v) log q(v)`` over the draft's vocabulary (``kd_cols`` = its target ids; the
+    target's mass outside it cannot be matched and is left out). ``kd_prompt``: the soft term also covers
+    the prompt tail's positions (the user's text, which has no greedy label but does have the target's
+    distribution), not only the continuation."""
     # Shared few-shot prefix without gradient, then prompt tails + continuations with gradient.
     from transformers import DynamicCache
 
@@ -545,12 +557,12 @@ def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool,
     seqs = [r["prompt_ids"][plen:] + r["continuation_ids"] for r in batch]
     width = max(len(s) for s in seqs)
     b = len(batch)
-    ids = torch.zeros((b, width), dtype=torch.long)
+    raw = torch.zeros((b, width), dtype=torch.long)
     smask = torch.zeros((b, width), dtype=torch.long)
     labels = torch.full((b, width), -100, dtype=torch.long)
     for i, (r, s) in enumerate(zip(batch, seqs)):
         off = width - len(s)
-        ids[i, off:] = in_map[torch.tensor(s)]
+        raw[i, off:] = torch.tensor(s)
         smask[i, off:] = 1
         cont_start = off + len(r["prompt_ids"]) - plen  # index of first continuation token
         tgt = torch.tensor(s[1:] + [-100])  # next-token targets, in target ids
@@ -558,24 +570,40 @@ def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool,
         lab[lab == unk] = -100  # the draft cannot emit tokens outside its vocabulary
         lab[: cont_start - 1 - off] = -100  # loss on continuation tokens only (and the first one)
         labels[i, off:] = lab
-    cache = DynamicCache(config=draft.config)
-    with torch.no_grad():
-        draft(input_ids=in_map[torch.tensor([prompts[0][:plen]])], past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
-    cache.batch_repeat_interleave(b)
+    ids = in_map[raw]
     mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
     pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
     valid = labels != -100
-    with torch.set_grad_enabled(train_mode), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        hidden = draft.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                             use_cache=True).last_hidden_state
-        # The LM head only where there is a label (continuation tokens): with a large vocabulary the head
-        # is most of a step's cost, and prompt positions carry no loss.
-        logits = draft.lm_head(hidden[valid])[:, :unk].float()  # the "unknown" id is input-only
-        target_ids = labels[valid]
-        loss = (torch.nn.functional.cross_entropy(logits, target_ids) if len(target_ids)
-                else logits.sum() * 0.0)
-    acc = float((logits.argmax(-1) == target_ids).float().mean()) if len(target_ids) else 0.0
+    use_kd = teacher is not None and kd_weight > 0
+    head_rows = valid
+    if use_kd and kd_prompt:  # every real position with a next token (the last column has none)
+        head_rows = smask.bool().clone()
+        head_rows[:, -1] = False
+    prefix = torch.tensor([prompts[0][:plen]])
+
+    def run(model, input_ids, prefix_ids, grad: bool):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(b)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = model.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
+            # The LM head only where there is a loss: with a large vocabulary the head is most of a step's cost.
+            return model.lm_head(hidden[head_rows]).float()
+
+    logits = run(draft, ids, in_map[prefix], train_mode)[:, :unk]  # the "unknown" id is input-only
+    sel = valid[head_rows]  # rows of ``logits`` with a greedy label
+    target_ids = labels[valid]
+    hard = (torch.nn.functional.cross_entropy(logits[sel], target_ids) if len(target_ids)
+            else logits.sum() * 0.0)
+    loss = hard
+    if use_kd:
+        with torch.no_grad():
+            p_t = torch.softmax(run(teacher, raw, prefix, False), dim=-1)[:, kd_cols]
+        soft = -(p_t * torch.log_softmax(logits, dim=-1)).sum(-1).mean() if len(logits) else logits.sum() * 0.0
+        loss = (1 - kd_weight) * hard + kd_weight * soft
+    acc = float((logits[sel].argmax(-1) == target_ids).float().mean()) if len(target_ids) else 0.0
     return loss, acc
 
 
@@ -608,6 +636,8 @@ def pick_group(groups: list[list[dict]], step: int, weighting: str, rng: random.
 
 
 def phase_train(args) -> None:
+    if not 0.0 <= args.kd_weight <= 1.0:
+        raise SystemExit(f"error: --kd-weight must be in [0, 1], got {args.kd_weight}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work = Path(args.work)
@@ -645,7 +675,12 @@ def phase_train(args) -> None:
         draft_to_target = pick_vocab(train, args.vocab, eos_ids, len(tok))
         draft = build_draft(target, layers, draft_to_target)
         step, state = 0, None
-    del target
+    teacher = None
+    if args.kd_weight > 0:  # logit-level distillation reads the target every step
+        teacher = target.eval().requires_grad_(False)
+    else:
+        del target
+    kd_cols = torch.tensor(draft_to_target)
     in_map = torch.full((len(tok),), len(draft_to_target), dtype=torch.long)
     in_map[torch.tensor(draft_to_target)] = torch.arange(len(draft_to_target))
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -687,7 +722,8 @@ def phase_train(args) -> None:
         rng = random.Random(args.seed * 100_003 + step)
         pool = pick_group(train_groups, step, args.group_weighting, rng)
         batch = rng.sample(pool, min(args.batch, len(pool)))
-        loss, acc = batch_loss(draft, batch, in_map, True, args.bf16)
+        loss, acc = batch_loss(draft, batch, in_map, True, args.bf16, teacher, kd_cols, args.kd_weight,
+                               args.kd_prompt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
@@ -773,6 +809,10 @@ def main(argv=None) -> None:
                          "root of its size, or by its size)")
     ap.add_argument("--bf16", action="store_true",
                     help="train: CPU autocast to bfloat16 for the matmuls (about 1.8x faster on CPUs with AVX512-BF16)")
+    ap.add_argument("--kd-weight", type=float, default=0.0,
+                    help="train: weight of the logit-level term (the target's distribution, read online) in the loss")
+    ap.add_argument("--kd-prompt", action="store_true",
+                    help="train: the logit-level term also covers the prompt tail's positions")
     ap.add_argument("--reload-every", type=int, default=0,
                     help="train --data broad: re-read the teacher shards every N steps (0: never), so records a "
                          "gen-broad run beside it writes join training")

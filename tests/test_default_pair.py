@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.modeling.default_pair import draft_dir
@@ -70,8 +71,11 @@ def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
               "--out-dir", str(shards))
     assert res.returncode == 0, res.stderr[-2000:]
     res = run("--phase", "train", "--data", "broad", "--out-dir", str(shards), "--init-from", str(out),
-              "--work", str(work2), "--vocab", "60", "--steps", "2")
+              "--work", str(work2), "--vocab", "60", "--steps", "2", "--kd-weight", "0.5", "--kd-prompt")
     assert res.returncode == 0 and "warm start" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    res = run("--phase", "train", "--data", "broad", "--out-dir", str(shards), "--work", str(tmp_path / "w3"),
+              "--kd-weight", "1.5")
+    assert res.returncode != 0 and "--kd-weight must be in [0, 1]" in res.stderr, res.stderr[-2000:]
     res = run("--phase", "export", "--work", str(work2), "--out", str(out2))
     assert res.returncode == 0, res.stderr[-2000:]
     old_ids = json.loads((out / "pearl_vocab.json").read_text())["draft_to_target"]
@@ -107,3 +111,42 @@ def test_family_weighting_of_training_batches():
         got = Counter(pick_group(groups, s, weighting, random.Random(s))[0]["group"] for s in range(2000))
         # binomial, n = 2000: 5 standard deviations is under 0.045 of the share; false alarms ~1e-6
         assert abs(got["big"] / 2000 - share) < 0.045, (weighting, got)
+
+
+@pytest.mark.parametrize("kd_prompt", [False, True])
+def test_logit_distillation_loss_matches_a_slow_reference(tiny_pair, kd_prompt):
+    """The batched loss (shared prefix cached once, left padding, LM head on selected rows, the target read
+    online) equals the same loss computed record by record on whole unpadded sequences."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from distill_draft import batch_loss, build_draft, load_target
+
+    target, tok, _ = load_target(tiny_pair["target"])
+    vocab = sorted(set(range(0, len(tok), 3)) | {7, 11})  # a reduced vocabulary; some labels fall outside
+    draft = build_draft(target, [0, 1], vocab).eval()
+    in_map = torch.full((len(tok),), len(vocab), dtype=torch.long)
+    in_map[torch.tensor(vocab)] = torch.arange(len(vocab))
+    cols = torch.tensor(vocab)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, len(tok), (6,), generator=g).tolist()
+    batch = [{"prompt_ids": prefix + torch.randint(0, len(tok), (n,), generator=g).tolist(),
+              "continuation_ids": torch.randint(0, len(tok), (m,), generator=g).tolist()}
+             for n, m in ((3, 5), (1, 7), (4, 2))]
+    w = 0.3
+    loss, _ = batch_loss(draft, batch, in_map, False, False, target, cols, w, kd_prompt)
+    hard_terms, soft_terms = [], []
+    plen = 5  # cached without gradient: the common prefix less its last token (which the rows then read)
+    unk = len(vocab)
+    with torch.no_grad():
+        for r in batch:
+            full = r["prompt_ids"] + r["continuation_ids"]
+            q = torch.log_softmax(draft(input_ids=in_map[torch.tensor([full])]).logits[0, :, :unk].float(), -1)
+            p = torch.softmax(target(input_ids=torch.tensor([full])).logits[0].float(), -1)[:, cols]
+            first = len(r["prompt_ids"]) - 1  # the position that predicts the first continuation token
+            for t in range(len(full) - 1):
+                labelled = t >= first and int(in_map[full[t + 1]]) != unk
+                if labelled:
+                    hard_terms.append(-q[t, int(in_map[full[t + 1]])])
+                if labelled or (kd_prompt and t >= plen):
+                    soft_terms.append(-(p[t] * q[t]).sum())
+    ref = (1 - w) * torch.stack(hard_terms).mean() + w * torch.stack(soft_terms).mean()
+    assert abs(float(loss) - float(ref)) < 1e-4, (float(loss), float(ref))
