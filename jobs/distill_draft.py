@@ -61,14 +61,14 @@ def log(msg: str) -> None:
     print(f"[distill {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def load_target(target: str):
+def load_target(target: str, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pearl_ray.modeling.default_pair import resolve_preset
 
     path = resolve_preset(target) or target
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
     return model, tok, path
 
 
@@ -87,10 +87,12 @@ def prefill_batch(model, prompts: list[list[int]], pad_id: int):
     from transformers import DynamicCache
 
     b = len(prompts)
+    dev = model.device
     plen = max(0, common_prefix_len(prompts) - 1)  # every row keeps >= 1 suffix token
     cache = DynamicCache(config=model.config)
     if plen:
-        model(input_ids=torch.tensor([prompts[0][:plen]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=torch.tensor([prompts[0][:plen]], device=dev), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
         cache.batch_repeat_interleave(b)
     suffixes = [p[plen:] for p in prompts]
     width = max(len(s) for s in suffixes)
@@ -99,9 +101,9 @@ def prefill_batch(model, prompts: list[list[int]], pad_id: int):
     for i, s in enumerate(suffixes):
         ids[i, width - len(s):] = torch.tensor(s)
         smask[i, width - len(s):] = 1
-    mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1)
-    pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+    mask = torch.cat([torch.ones((b, plen), dtype=torch.long), smask], dim=1).to(dev)
+    pos = (plen + torch.cumsum(smask, dim=1) - 1).clamp(min=plen).to(dev)
+    out = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
     return cache, mask, pos[:, -1], out.logits[:, -1]
 
@@ -114,7 +116,7 @@ def batched_greedy(model, prompts: list[list[int]], num_tokens: int, pad_id: int
     nxt = logits.argmax(-1)
     gen = [nxt]
     for _ in range(num_tokens - 1):
-        mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
+        mask = torch.cat([mask, mask.new_ones((b, 1))], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
                     past_key_values=cache, use_cache=True)
@@ -199,11 +201,11 @@ def greedy_until_stop(model, prompts: list[list[int]], max_tokens: int, pad_id: 
         if not keep:
             break
         if len(keep) < len(alive):
-            sel = torch.tensor(keep)
+            sel = torch.tensor(keep, device=nxt.device)
             cache.batch_select_indices(sel)
             mask, last_pos, nxt = mask[sel], last_pos[sel], nxt[sel]
             alive = [alive[j] for j in keep]
-        mask = torch.cat([mask, torch.ones((len(alive), 1), dtype=torch.long)], dim=1)
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
                     past_key_values=cache, use_cache=True)
@@ -325,7 +327,7 @@ def phase_gen_broad(args) -> None:
     gen_tokens = args.gen_tokens
     families = args.families.split(",") if args.families else list(BROAD_WEIGHTS)
     store = ShardStore(Path(args.out_dir))
-    model, tok, path = load_target(args.target)
+    model, tok, path = load_target(args.target, args.device)
     stops = stop_token_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t0 = time.time()
@@ -345,7 +347,8 @@ def phase_gen_broad(args) -> None:
     cfg_path = store.dir / "gen_config.json"
     runs = json.loads(cfg_path.read_text()).get("runs", []) if cfg_path.exists() else []
     run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "args": dict(vars(args)),
-           "records": 0, "seconds": 0.0, "new_tokens": 0, "per_family": {}}
+           "records": 0, "seconds": 0.0, "new_tokens": 0, "per_family": {},
+           "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     runs.append(run)
 
     def write_config() -> None:
@@ -580,19 +583,22 @@ def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool,
         head_rows = smask.bool().clone()
         head_rows[:, -1] = False
     prefix = torch.tensor([prompts[0][:plen]])
+    dev = draft.device  # built on the CPU, moved to the model's device once
+    ids, raw, mask, pos, labels, valid, head_rows = (t.to(dev) for t in (ids, raw, mask, pos, labels, valid, head_rows))
+    prefix_draft, prefix = in_map[prefix].to(dev), prefix.to(dev)
 
     def run(model, input_ids, prefix_ids, grad: bool):
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model(input_ids=prefix_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(b)
-        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.set_grad_enabled(grad), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = model.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                                  past_key_values=cache, use_cache=True).last_hidden_state
             # The LM head only where there is a loss: with a large vocabulary the head is most of a step's cost.
             return model.lm_head(hidden[head_rows]).float()
 
-    logits = run(draft, ids, in_map[prefix], train_mode)[:, :unk]  # the "unknown" id is input-only
+    logits = run(draft, ids, prefix_draft, train_mode)[:, :unk]  # the "unknown" id is input-only
     sel = valid[head_rows]  # rows of ``logits`` with a greedy label
     target_ids = labels[valid]
     hard = (torch.nn.functional.cross_entropy(logits[sel], target_ids) if len(target_ids)
@@ -600,7 +606,7 @@ def batch_loss(draft, batch: list[dict], in_map: torch.Tensor, train_mode: bool,
     loss = hard
     if use_kd:
         with torch.no_grad():
-            p_t = torch.softmax(run(teacher, raw, prefix, False), dim=-1)[:, kd_cols]
+            p_t = torch.softmax(run(teacher, raw, prefix, False), dim=-1)[:, kd_cols.to(dev)]
         soft = -(p_t * torch.log_softmax(logits, dim=-1)).sum(-1).mean() if len(logits) else logits.sum() * 0.0
         loss = (1 - kd_weight) * hard + kd_weight * soft
     acc = float((logits[sel].argmax(-1) == target_ids).float().mean()) if len(target_ids) else 0.0
@@ -659,7 +665,7 @@ def phase_train(args) -> None:
     ckpt = work / "ckpt.pt"
     layers = [int(x) for x in args.layers.split(",")]
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
         draft_to_target = state["draft_to_target"]
         draft = build_draft(target, layers, draft_to_target)
         draft.load_state_dict(state["model"])
@@ -677,13 +683,17 @@ def phase_train(args) -> None:
         step, state = 0, None
     teacher = None
     if args.kd_weight > 0:  # logit-level distillation reads the target every step
-        teacher = target.eval().requires_grad_(False)
+        teacher = target.eval().requires_grad_(False).to(args.device)
     else:
         del target
+    draft.to(args.device)
     kd_cols = torch.tensor(draft_to_target)
     in_map = torch.full((len(tok),), len(draft_to_target), dtype=torch.long)
     in_map[torch.tensor(draft_to_target)] = torch.arange(len(draft_to_target))
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    if args.time_schedule and state is not None:
+        raise SystemExit("error: --time-schedule runs are not resumable (their schedule follows the clock); "
+                         f"remove {ckpt} or drop --time-schedule")
     if state is not None and "opt" in state:
         opt.load_state_dict(state["opt"])
     cfg_out = vars(args) | {"target_path": tpath, "num_train": len(train), "num_val": len(val),
@@ -706,9 +716,18 @@ def phase_train(args) -> None:
         log(f"train: step 0 val loss {vl:.3f} val token agreement {va:.3f}")
     draft.train()
     t0, deadline, first_step = time.time(), time.time() + args.max_minutes * 60, step
+
+    def progress() -> float:
+        """Fraction of the schedule done: by steps, or with ``--time-schedule`` by steps or the clock, whichever
+        is further (a run on a borrowed machine ends on time with its learning rate fully decayed)."""
+        done = step / args.steps
+        if args.time_schedule:
+            done = max(done, (time.time() - t0) / (args.max_minutes * 60))
+        return min(1.0, done)
+
     # Batches drawn by a generator re-seeded from (seed, step) so a resumed run sees the same data order.
     known = {r["idx"] for r in records}
-    while step < args.steps and time.time() < deadline:
+    while step < args.steps and time.time() < deadline and progress() < 1.0:
         if args.data == "broad" and args.reload_every and step % args.reload_every == 0 and step > 0:
             # Teacher shards still being written by a gen-broad run beside this one (atomic replaces): new
             # records join training; held-out indices (every 25th) stay out, so validation is unchanged.
@@ -716,7 +735,7 @@ def phase_train(args) -> None:
             if joined:
                 log(f"train: step {step}: {joined} new teacher records joined training "
                     f"({sum(len(g) for g in train_groups)} in all)")
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * progress()))
         for gparam in opt.param_groups:
             gparam["lr"] = lr
         rng = random.Random(args.seed * 100_003 + step)
@@ -742,14 +761,15 @@ def phase_train(args) -> None:
         vl, va = evaluate()
         torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step,
                     "draft_to_target": draft_to_target, "val_loss": vl, "val_agree": va}, ckpt)
-        log(f"train: stopped at step {step} (time budget): val loss {vl:.3f} val agreement {va:.3f}")
+        why = "end of the time schedule" if args.time_schedule else "time budget"
+        log(f"train: stopped at step {step} ({why}): val loss {vl:.3f} val agreement {va:.3f}")
 
 
 def phase_export(args) -> None:
     from pearl_ray.modeling.resolve import VOCAB_MAP_FILE
 
     work, out = Path(args.work), Path(args.out)
-    state = torch.load(work / "ckpt.pt", weights_only=False)
+    state = torch.load(work / "ckpt.pt", weights_only=False, map_location="cpu")
     target, tok, tpath = load_target(args.target)
     layers = [int(x) for x in args.layers.split(",")]
     draft = build_draft(target, layers, state["draft_to_target"])
@@ -816,6 +836,10 @@ def main(argv=None) -> None:
     ap.add_argument("--reload-every", type=int, default=0,
                     help="train --data broad: re-read the teacher shards every N steps (0: never), so records a "
                          "gen-broad run beside it writes join training")
+    ap.add_argument("--time-schedule", action="store_true",
+                    help="train: the cosine schedule follows the clock as well (ends at --max-minutes, decayed)")
+    ap.add_argument("--device", default="cpu",
+                    help="gen-broad, train: torch device (cuda: fp32 teacher decoding, bf16 autocast training)")
     ap.add_argument("--val-questions", type=int, default=40)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--ckpt-every", type=int, default=100)

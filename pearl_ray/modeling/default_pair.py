@@ -35,6 +35,11 @@ def draft_dir() -> Path:
 
 
 def find_gguf() -> Path:
+    override = os.environ.get("PEARL_RAY_GGUF")  # the same file from elsewhere (e.g. a machine without the package)
+    if override:
+        if not Path(override).is_file():
+            raise ModelNotFoundError(f"PEARL_RAY_GGUF={override} is not a file")
+        return Path(override)
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate the file without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
