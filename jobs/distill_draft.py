@@ -714,6 +714,7 @@ def phase_train(args) -> None:
         draft.train()
         return sum(losses) / len(losses), sum(accs) / len(accs)
 
+    vl = va = None  # the last evaluation of this run
     if step == 0:
         vl, va = evaluate()
         log(f"train: step 0 val loss {vl:.3f} val token agreement {va:.3f}")
@@ -760,11 +761,12 @@ def phase_train(args) -> None:
                         "draft_to_target": draft_to_target, "val_loss": vl, "val_agree": va}, ckpt.with_suffix(".tmp"))
             os.replace(ckpt.with_suffix(".tmp"), ckpt)
             log(f"train: checkpoint at step {step}: val loss {vl:.3f} val token agreement {va:.3f}")
-    if step % args.ckpt_every != 0 and step != args.steps:
-        vl, va = evaluate()
-        torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "draft_to_target": draft_to_target, "val_loss": vl, "val_agree": va}, ckpt)
-        why = "end of the time schedule" if args.time_schedule else "time budget"
+    if step < args.steps:  # stopped early: by the clock (budget or time schedule)
+        if step % args.ckpt_every != 0 or vl is None:  # else the loop has just checkpointed this step
+            vl, va = evaluate()
+            torch.save({"model": draft.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "draft_to_target": draft_to_target, "val_loss": vl, "val_agree": va}, ckpt)
+        why = "end of the time schedule" if args.time_schedule and progress() >= 1.0 else "time budget"
         log(f"train: stopped at step {step} ({why}): val loss {vl:.3f} val agreement {va:.3f}")
 
 
