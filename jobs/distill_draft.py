@@ -501,15 +501,21 @@ def load_teacher(args) -> list[dict]:
     return out
 
 
+def id_counts(records: list[dict]) -> Counter:
+    """How often each target id occurs in the records' prompts and continuations."""
+    counts = Counter()
+    for r in records:
+        counts.update(r["continuation_ids"])
+        counts.update(r["prompt_ids"])
+    return counts
+
+
 def extend_vocab(base: list[int], records: list[dict], size: int, eos_ids: list[int], vocab_total: int) -> list[int]:
     """``base`` plus the most frequent other ids of ``records`` (then EOS ids), then the lowest remaining ids
     (byte-level BPE numbers its merges roughly by frequency), up to ``size``. Filling matters on held-out
     prompts: the target copies rare words from its prompt, and an id outside the draft's vocabulary is a
     certain rejection."""
-    counts = Counter()
-    for r in records:
-        counts.update(r["continuation_ids"])
-        counts.update(r["prompt_ids"])
+    counts = id_counts(records)
     chosen = list(dict.fromkeys(list(base) + [e for e in eos_ids if e not in base]))
     have = set(chosen)
     for t, _ in counts.most_common():
@@ -527,10 +533,7 @@ def extend_vocab(base: list[int], records: list[dict], size: int, eos_ids: list[
 def pick_vocab(records: list[dict], size: int, eos_ids: list[int], vocab_total: int) -> list[int]:
     """The ``size`` target ids the draft can propose: every id seen in the teacher data (most frequent
     first), then the lowest remaining ids (byte-level BPE numbers its merges roughly by frequency)."""
-    counts = Counter()
-    for r in records:
-        counts.update(r["continuation_ids"])
-        counts.update(r["prompt_ids"])
+    counts = id_counts(records)
     chosen = [t for t, _ in counts.most_common(size)]
     seen = set(chosen) | set(eos_ids)
     chosen = chosen[: size - len(set(eos_ids) - set(chosen))] + [e for e in eos_ids if e not in chosen]
@@ -804,10 +807,7 @@ def shrink_ids(draft_to_target: list[int], records: list[dict], size: int, eos_i
     EOS ids always kept; ties and unseen ids by the lower id, i.e. the more frequent BPE merge), sorted."""
     if not 0 < size <= len(draft_to_target):
         raise SystemExit(f"error: --vocab must be in [1, {len(draft_to_target)}] to shrink this draft, got {size}")
-    counts = Counter()
-    for r in records:
-        counts.update(r["continuation_ids"])
-        counts.update(r["prompt_ids"])
+    counts = id_counts(records)
     keep = [e for e in eos_ids if e in set(draft_to_target)]
     ranked = sorted((t for t in draft_to_target if t not in keep), key=lambda t: (-counts[t], t))
     return sorted(keep + ranked[: size - len(keep)])
