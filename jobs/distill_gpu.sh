@@ -32,8 +32,9 @@ touch "$stamp"
 sleep 1
 
 if [ "$GEN_MINUTES" != "0" ]; then
+  # per-batch lines go to the log only; a failed generation stops the script (set -e) before training
   $PY jobs/distill_draft.py --phase gen-broad --device "$DEVICE" --batch "$GEN_BATCH" --families "$GEN_FAMILIES" \
-      --max-minutes "$GEN_MINUTES" 2>&1 | tee "$OUT/gen.log" | grep -v "gen-broad: batch" || true
+      --max-minutes "$GEN_MINUTES" > "$OUT/gen.log" 2>&1 || { tail -n 20 "$OUT/gen.log"; exit 1; }
   tail -n 3 "$OUT/gen.log"
 fi
 # The shards this run wrote or extended (to be committed where the next sitting finds them).
