@@ -1,7 +1,7 @@
 """Backends behind one small protocol. ``PearlEngine`` builds a ``config.Request`` and hands it to one:
 
-- ``LocalBackend``: both models in this process, the loop runs the two sides one after the other (same
-  tokens as Ray, no speed-up): tests, laptops, debugging.
+- ``LocalBackend``: both models in this process; the batched loop (``core.batch``) runs the two sides one
+  after the other over every request in flight (same tokens as Ray; batching is its speed-up).
 - ``runtime.backend.RayBackend``: the draft and the target leader in Ray actors, running at once.
 
 Each is built from the resolved ``EngineConfig`` (plus ``modeling.resolve.PairInfo`` or injected models)
@@ -10,15 +10,20 @@ and never sees the engine.
 
 from __future__ import annotations
 
+import copy
+import logging
+import time
 from collections.abc import Generator
 from typing import Protocol
 
 import torch
 
 from .config import EngineConfig, Request
-from .core.loop import LocalChannel, iter_request
+from .core.batch import BatchedLM, BatchLoop, PerSlotLM, run_batch
 from .core.metrics import GenerationStats
-from .core.stopping import StopRule
+from .core.policy import CostModel, SpeculationPolicy, measure_forward_costs
+
+log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -41,7 +46,46 @@ def decoder(tokenizer):
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def as_batched(model) -> "BatchedLM":
+    """A ``core.batch.BatchedLM`` over ``model``: a ``modeling.hf.HFCausalLM`` gets the slot cache of
+    ``modeling.batched`` (sharing its weights); any other ``CausalLM`` the per-slot reference (copies)."""
+    from .modeling.hf import HFCausalLM
+
+    if isinstance(model, HFCausalLM):
+        from .modeling.batched import BatchedHFCausalLM
+
+        draft_to_target = model.vocab.out_ids.tolist() if model.vocab is not None else None
+        lm = BatchedHFCausalLM(model.model, model.vocab_size, draft_to_target)
+        lm.prefill_threads = model.prefill_threads
+        return lm
+    return PerSlotLM(lambda: copy.deepcopy(model))
+
+
+def local_cost_model(target: "BatchedLM", draft: "BatchedLM", max_num_seqs: int, max_gamma: int,
+                     context: int = 128) -> CostModel:
+    """Measure the pair for the policy on fresh slot caches over the same weights (a few seconds)."""
+    widths = sorted({2, 3, 5, max_gamma + 1})
+    t = measure_forward_costs(_fresh(target), max_num_seqs, widths, context)
+    d = measure_forward_costs(_fresh(draft), max_num_seqs, (), context)
+    return CostModel(t, d, parallel=False)
+
+
+def _fresh(lm):
+    """An empty ``BatchedLM`` of the same model (the live one keeps its slots)."""
+    from .modeling.batched import BatchedHFCausalLM
+
+    if isinstance(lm, BatchedHFCausalLM):
+        fresh = BatchedHFCausalLM(lm.model, lm.vocab_size,
+                                  lm.vocab.out_ids.tolist() if lm.vocab is not None else None)
+        fresh.prefill_threads = lm.prefill_threads
+        return fresh
+    return PerSlotLM(lm.make_model)
+
+
 class LocalBackend:
+    """Both models in this process. Every request goes through one ``core.batch.BatchLoop`` (a stream is a
+    batch of one; ``generate_batch`` decodes a call's prompts together, ``max_num_seqs`` at once)."""
+
     def __init__(self, config: EngineConfig, pair=None, draft_model=None, target_model=None, tokenizer=None):
         from .modeling.hf import load_model
 
@@ -56,11 +100,52 @@ class LocalBackend:
         self.draft_model, self.target_model = draft_model, target_model
         self.decode = decoder(tokenizer)
         self.max_context, self.vocab_size = target_model.max_context, target_model.vocab_size
+        self.target_lm = as_batched(target_model)
+        self.draft_lm = as_batched(draft_model) if draft_model is not None else None
+        self.policy = None
         self.measured = None
+        if config.adaptive and self.draft_lm is not None:
+            def measure() -> CostModel:
+                return local_cost_model(self.target_lm, self.draft_lm, config.max_num_seqs, config.gamma,
+                                        config.measure_context)
+
+            t0 = time.perf_counter()
+            self.policy = SpeculationPolicy(measure(), max_gamma=config.gamma, remeasure=measure)
+            self.measured = {"policy": self.policy.describe(), "measure_s": round(time.perf_counter() - t0, 2)}
+            log.info("speculation policy: costs measured in %.1f s (%s)", time.perf_counter() - t0,
+                     self.policy.costs.to_dict())
+        self.loop = BatchLoop(self.target_lm, self.draft_lm, self.policy, config.max_num_seqs, self.decode)
 
     def stream(self, request: Request):
-        channel = LocalChannel(self.draft_model, self.target_model)
-        return (yield from iter_request(channel, request, StopRule.for_request(request, self.decode)))
+        key = self.loop.add(request)
+        try:
+            while True:
+                for ev in self._step():
+                    if ev.key is not key:
+                        continue
+                    if ev.token_ids:
+                        yield list(ev.token_ids)
+                    if ev.finished:
+                        if ev.error is not None:
+                            raise ev.error
+                        return ev.output_ids, ev.stats
+        finally:
+            self.loop.cancel(key)
+
+    def generate_batch(self, requests: list[Request], on_event=None):
+        try:
+            return run_batch(self.loop, requests, on_event)
+        except Exception:
+            self.loop.fail_all(RuntimeError("the batch was abandoned"))
+            raise
+
+    def _step(self):
+        try:
+            return self.loop.step()
+        except Exception as exc:
+            self.loop.fail_all(exc)
+            raise
 
     def shutdown(self) -> None:
         self.draft_model = self.target_model = None
+        self.loop = self.target_lm = self.draft_lm = None

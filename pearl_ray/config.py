@@ -28,6 +28,9 @@ different GPUs, else gloo (everything else always goes over gloo)."""
 PLACEMENTS = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
 DEFAULT_GAMMA = 4
 MAX_GAMMA = 16
+POLICY_MAX_GAMMA = 8
+"""The largest window the adaptive speculation policy tries (``gamma=None`` on the local backend)."""
+DEFAULT_MAX_NUM_SEQS = 8
 SEED_LIMIT = 2**63
 """Seeds lie in [0, 2**63): they travel as int64 and seed torch generators."""
 
@@ -122,7 +125,15 @@ class EngineConfig:
     method: str = "pearl"
     """Default method of the engine's requests: "pearl", "sd" (vanilla speculative decoding) or "ar"."""
     gamma: int | None = DEFAULT_GAMMA
-    """Draft window; None = auto (measured cost ratio on Ray; DEFAULT_GAMMA locally)."""
+    """Draft window; None = auto: locally the adaptive speculation policy (``core.policy``: each round's
+    window from measured forward costs and running acceptance, up to ``POLICY_MAX_GAMMA``); on Ray the
+    measured cost ratio. ``PearlEngine``'s default is None."""
+    adaptive: bool = False
+    """Set when the engine resolves ``gamma=None`` on the local backend: requests follow the policy, and
+    ``gamma`` holds its largest window. Requests with an explicit ``gamma=`` keep a fixed window."""
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    """Requests one pair decodes at once (the local backend's batch); further prompts wait and join as
+    slots free up."""
     pre_verify: bool = True
     post_verify: bool = True
     draft_greedy: bool = False
@@ -184,6 +195,8 @@ class EngineConfig:
             raise InvalidParameterError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
         if self.prefill_threads is not None and (not _is_int(self.prefill_threads) or self.prefill_threads < 0):
             raise InvalidParameterError(f"prefill_threads must be an integer >= 0, got {self.prefill_threads!r}")
+        if not _is_int(self.max_num_seqs) or self.max_num_seqs < 1:
+            raise InvalidParameterError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
         if not _is_int(self.max_queued) or self.max_queued < 0:
             raise InvalidParameterError(f"max_queued must be an integer >= 0, got {self.max_queued!r}")
         for name in ("round_timeout_s", "start_timeout_s", "placement_timeout_s", "queue_timeout_s"):
@@ -193,14 +206,16 @@ class EngineConfig:
             if not getattr(self, name) >= 0:
                 raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
-    def round_options(self, method: str, gamma: int, greedy: bool) -> RoundOptions:
+    def round_options(self, method: str, gamma: int, greedy: bool, adaptive: bool = False) -> RoundOptions:
         """The loop's options for one request: vanilla SD is the loop with both PEARL ablations off, and
-        target-only decoding is the loop without the draft."""
+        target-only decoding is the loop without the draft. ``adaptive``: the policy picks each round's
+        window, at most ``gamma``."""
         if method == "ar":
             return RoundOptions(gamma, greedy, self.draft_greedy, pre_verify=True, post_verify=False, use_draft=False)
         if method == "sd":
-            return RoundOptions(gamma, greedy, self.draft_greedy, pre_verify=False, post_verify=False)
-        return RoundOptions(gamma, greedy, self.draft_greedy, self.pre_verify, self.post_verify)
+            return RoundOptions(gamma, greedy, self.draft_greedy, pre_verify=False, post_verify=False,
+                                adaptive=adaptive)
+        return RoundOptions(gamma, greedy, self.draft_greedy, self.pre_verify, self.post_verify, adaptive=adaptive)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,8 +18,8 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from .config import (DEFAULT_GAMMA, EngineConfig, Request, SamplingParams, check_gamma, check_method,
-                     request_seed)
+from .config import (DEFAULT_GAMMA, POLICY_MAX_GAMMA, EngineConfig, Request, SamplingParams, check_gamma,
+                     check_method, request_seed)
 from .core.metrics import GenerationStats
 from .core.stopping import cut_at_stop
 from .errors import EngineClosedError, InvalidParameterError, PromptError, QueueFullError
@@ -93,7 +93,7 @@ def apply_preset(name: str, draft, target, method, gamma, backend, options: dict
     given = {"draft": draft, "target": target, "method": method, "gamma": gamma, "backend": backend, **options}
     merged = dict(given)
     for key, value in over.items():
-        if given.get(key, defaults.get(key)) == defaults.get(key) or key in ("draft", "target") and given[key] is None:
+        if given.get(key, defaults.get(key)) == defaults.get(key) or key in ("draft", "target", "gamma") and given[key] is None:
             merged[key] = value
     rest = {k: v for k, v in merged.items() if k not in ("draft", "target", "method", "gamma", "backend")}
     return merged["draft"], merged["target"], merged["method"], merged["gamma"], merged["backend"], rest
@@ -106,7 +106,9 @@ class PearlEngine:
         draft, target: local model dirs, preset names (``default-draft`` / ``default-target``) or hub ids.
             ``draft`` may be None when only ``method="ar"`` is used.
         method: default method: "pearl" | "sd" | "ar" (per call: ``method=``).
-        gamma: draft window in [1, 16]; None picks it from the measured cost ratio on Ray (4 locally).
+        gamma: draft window in [1, 16], fixed; None (default): locally the adaptive speculation policy
+            picks each round's window (0 = plain decoding) from measured costs and running acceptance; on
+            Ray it is picked once from the measured cost ratio.
         backend: "local" or "ray". device: "cpu" | "cuda" | "cuda:N". dtype: "float32" | "bfloat16" | "float16".
         pre_verify, post_verify: PEARL ablation switches. draft_greedy: argmax draft when sampling.
         num_threads: torch threads (local: this process; Ray: each worker).
@@ -127,7 +129,7 @@ class PearlEngine:
     """
 
     def __init__(self, draft: str | None = None, target: str | None = None, method: str = "pearl",
-                 gamma: int | None = DEFAULT_GAMMA, backend: str = "local", *, draft_model=None, target_model=None,
+                 gamma: int | None = None, backend: str = "local", *, draft_model=None, target_model=None,
                  tokenizer=None, eos_token_ids=None, placement_group=None, bundle_indices: tuple[int, ...] | None = None,
                  ray_init: dict | None = None, **options):
         fields = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -137,7 +139,9 @@ class PearlEngine:
         if options.get("preset"):
             draft, target, method, gamma, backend, options = apply_preset(
                 options["preset"], draft, target, method, gamma, backend, options)
-        config = EngineConfig(draft=draft, target=target, method=method, gamma=gamma, backend=backend, **options)
+        adaptive = gamma is None and backend == "local"
+        config = EngineConfig(draft=draft, target=target, method=method, backend=backend, **options,
+                              gamma=POLICY_MAX_GAMMA if adaptive else gamma, adaptive=adaptive)
         if backend == "local":
             ray_set = sorted(k for k in RAY_ONLY if k in options)
             if ray_set or placement_group is not None:
@@ -234,6 +238,7 @@ class PearlEngine:
         check_method(method)
         if method != "ar" and not self.has_draft:
             raise InvalidParameterError(f"method {method!r} needs a draft model; this engine has none")
+        adaptive = gamma is None and self.config.adaptive
         if gamma is None:
             gamma = self.config.gamma
         check_gamma(gamma)
@@ -252,7 +257,7 @@ class PearlEngine:
             raise InvalidParameterError(
                 f"max_new_tokens {params.max_new_tokens} does not fit: prompt {n} tokens + {params.max_new_tokens} "
                 f"new tokens + draft window {window} + 1 exceed the context of {ctx} tokens; at most {room} fit")
-        rounds = self.config.round_options(method, gamma, params.greedy)
+        rounds = self.config.round_options(method, gamma, params.greedy, adaptive)
         return Request(tuple(ids), params, method, rounds, request_seed(params.seed, index), self.eos_token_ids)
 
     def _text(self, ids: list[int], request: Request, finished: bool) -> str | None:
@@ -347,14 +352,18 @@ class PearlEngine:
 
     def generate(self, prompts, params=None, on_tokens=None, method: str | None = None,
                  gamma: int | None = None) -> list[GenerationOutput]:
-        """Generate for each prompt (text or token ids), one after the other; ``on_tokens(i, ids)`` sees the
-        committed tokens as they come. Every prompt is checked before any is generated."""
+        """Generate for each prompt (text or token ids); ``on_tokens(i, ids)`` sees the committed tokens as
+        they come. Every prompt is checked before any is generated. The local backend decodes the prompts
+        as one batch (``max_num_seqs`` at once, the rest joining as slots free up); Ray, one after the other."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and isinstance(prompts[0], int) and not isinstance(prompts[0], bool)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise PromptError("no prompts given")
         requests = [self.make_request(p, params, method, gamma, index=i) for i, p in enumerate(prompts)]
+        batch = getattr(self._backend, "generate_batch", None)
+        if batch is not None:
+            return self._generate_batch(batch, requests, on_tokens)
         outs = []
         for i, request in enumerate(requests):
             ids: list[int] = []
@@ -366,6 +375,26 @@ class PearlEngine:
             outs.append(GenerationOutput(list(request.prompt_ids), ids, self._text(ids, request, True),
                                          stats.finish_reason, stats))
         return outs
+
+    def _generate_batch(self, batch, requests: list[Request], on_tokens) -> list[GenerationOutput]:
+        """All of a call's requests through the backend's batched loop (``max_num_seqs`` at once), holding
+        the pair for the whole call."""
+        if self._closed:
+            raise EngineClosedError("this engine was shut down")
+        self._queue.enter()
+        try:
+            if self._closed:
+                raise EngineClosedError("this engine was shut down")
+
+            def seen(i: int, event) -> None:
+                if on_tokens is not None and event.token_ids:
+                    on_tokens(i, list(event.token_ids))
+
+            results = batch(requests, seen)
+        finally:
+            self._queue.leave()
+        return [GenerationOutput(list(r.prompt_ids), ids, self._text(ids, r, True), stats.finish_reason, stats)
+                for r, (ids, stats) in zip(requests, results)]
 
     def shutdown(self) -> None:
         """Release the workers and the placement group; later calls raise ``EngineClosedError``."""

@@ -40,6 +40,8 @@ class RoundTiming:
     started_at: float = 0.0
     draft_started_at: float = 0.0
     target_started_at: float = 0.0
+    batch_size: int = 1  # requests in the round (the batched loop; 1 for a request decoded alone)
+    window: int = 0  # draft window asked of the draft this round (the policy's choice; 0: none)
 
     @property
     def draft_idle_s(self) -> float:

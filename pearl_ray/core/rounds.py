@@ -41,6 +41,7 @@ class RoundOptions:
     pre_verify: bool = True
     post_verify: bool = True
     use_draft: bool = True  # False: target-only rounds (AR through this loop; fallback after a draft failure)
+    adaptive: bool = False  # the batched loop's speculation policy picks each round's window (gamma: its cap)
 
 
 @dataclass

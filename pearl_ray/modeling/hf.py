@@ -75,6 +75,32 @@ def _threads(n: int | None):
         torch.set_num_threads(before)
 
 
+class VocabMap:
+    """A reduced-vocabulary draft's ids <-> the target's: inputs outside the draft's vocabulary become its
+    extra "unknown" id; output logits are scattered into a full target row, -inf elsewhere (q is exactly 0
+    there, so speculative sampling stays lossless)."""
+
+    def __init__(self, vocab_size: int, draft_to_target: list[int], device: torch.device):
+        ids = torch.tensor(draft_to_target, dtype=torch.long)
+        if int(ids.max()) >= vocab_size:
+            raise TokenizerMismatchError(f"this reduced-vocabulary draft maps to target ids up to {int(ids.max())}, "
+                                         f"beyond a target vocabulary of {vocab_size}")
+        self.vocab_size = vocab_size
+        self.out_ids = ids.to(device)
+        in_map = torch.full((vocab_size,), len(draft_to_target), dtype=torch.long)
+        in_map[ids] = torch.arange(len(draft_to_target))
+        self.in_map = in_map.to(device)
+
+    def map_in(self, target_ids: torch.Tensor) -> torch.Tensor:
+        return self.in_map[target_ids.to(self.in_map.device)]
+
+    def map_out(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[n, draft outputs]`` -> ``[n, target vocab]``."""
+        full = torch.full((logits.shape[0], self.vocab_size), float("-inf"), device=logits.device)
+        full[:, self.out_ids] = logits[:, : len(self.out_ids)]
+        return full
+
+
 class HFCausalLM:
     """A transformers causal LM with a ``DynamicCache``; implements ``core.sides.CausalLM``."""
 
@@ -84,17 +110,7 @@ class HFCausalLM:
         cfg = model.config
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(vocab_size or cfg.vocab_size)
-        self._out_ids = None
-        self._in_map = None
-        if draft_to_target is not None:
-            ids = torch.tensor(draft_to_target, dtype=torch.long)
-            if int(ids.max()) >= self.vocab_size:
-                raise TokenizerMismatchError(f"this reduced-vocabulary draft maps to target ids up to {int(ids.max())}, "
-                                             f"beyond a target vocabulary of {self.vocab_size}")
-            self._out_ids = ids.to(self.device)
-            in_map = torch.full((self.vocab_size,), len(draft_to_target), dtype=torch.long)
-            in_map[ids] = torch.arange(len(draft_to_target))
-            self._in_map = in_map
+        self.vocab = VocabMap(self.vocab_size, draft_to_target, self.device) if draft_to_target is not None else None
         self.cache = None
         self.prefill_threads: int | None = None  # torch threads for forwards of >= PREFILL_MIN_TOKENS tokens
         self.reset()
@@ -111,16 +127,14 @@ class HFCausalLM:
     def forward(self, token_ids: list[int], num_logits: int, to_host: bool = True) -> torch.Tensor:
         """``to_host=False`` leaves the logits on the model's device (a tensor-parallel follower discards them)."""
         ids = torch.tensor([token_ids], dtype=torch.long)
-        if self._in_map is not None:
-            ids = self._in_map[ids]
+        if self.vocab is not None:
+            ids = self.vocab.map_in(ids)
         with torch.inference_mode(), _threads(self.prefill_threads if len(token_ids) >= PREFILL_MIN_TOKENS else None):
             out = self.model(input_ids=ids.to(self.device), past_key_values=self.cache, use_cache=True,
                              logits_to_keep=num_logits)
         logits = out.logits[0, -num_logits:].float()
-        if self._out_ids is not None:
-            full = torch.full((num_logits, self.vocab_size), float("-inf"), device=logits.device)
-            full[:, self._out_ids] = logits[:, : len(self._out_ids)]
-            logits = full
+        if self.vocab is not None:
+            logits = self.vocab.map_out(logits)
         return logits.cpu() if to_host else logits
 
     def crop(self, length: int) -> None:

@@ -1,0 +1,432 @@
+"""Batched PEARL rounds: one draft/target pair decodes many requests at once. No Ray.
+
+The per-request core stays per request: each request has its own ``PearlState``, plan (``plan_round``),
+decision (``pearl_step``), coins from its own seed, stop rule and method (pearl / sd / ar). What is shared
+is the models' work: one round runs every drafting request's draft steps as batched draft forwards, then
+every request's verify rows in **one** target forward (``BatchedLM``: a KV cache with one slot per
+request). Requests join at a round boundary (their prompt pass is their first forward, run on its own and
+merged into the batch's cache) and leave when they finish or are cancelled; the others carry on
+(continuous batching, not lock-step).
+
+Each round's window comes from the ``SpeculationPolicy`` for requests built with ``adaptive`` options
+(0: plain decoding that round); a request with a fixed ``gamma`` keeps it. A draft failure turns the
+requests it touched into target-only decoding (still lossless: the same greedy output).
+
+The sides here run one after the other in the caller's thread (the local backend). ``iter_request`` in
+``core.loop`` is the single-request loop the Ray workers run; ``PerSlotLM`` below is the slow reference of
+``BatchedLM`` (one single-request model per slot).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from .messages import DraftChunk, TargetOutput
+from .metrics import GenerationStats, RoundTiming
+from .policy import SeqView, SpeculationPolicy
+from .rounds import PearlState, RoundOptions, RoundPlan, pearl_step, plan_round
+from .sampling import make_generator, sample, warp_probs
+from .sides import CausalLM, SeqMirror
+from .stopping import StopRule
+
+if TYPE_CHECKING:
+    from ..config import Request
+
+
+class BatchedLM(Protocol):
+    """A KV cache with one slot per request and one forward over several slots."""
+
+    vocab_size: int
+    max_context: int
+
+    def forward(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+        """slot -> (new token ids, number of last positions that need logits); returns slot -> fp32 logits
+        ``[num_logits, vocab]``. A slot not seen before starts from an empty cache (its prompt pass)."""
+        ...
+
+    def crop(self, slot: int, length: int) -> None:
+        """Keep only the first ``length`` cached positions of ``slot``."""
+        ...
+
+    def release(self, slot: int) -> None:
+        """Forget ``slot`` (its memory is reused)."""
+        ...
+
+    def cache_len(self, slot: int) -> int: ...
+
+
+class PerSlotLM:
+    """The slow reference ``BatchedLM``: one single-request ``CausalLM`` per slot, forwards one by one.
+    ``make_model()`` builds a model; released slots' models are reused."""
+
+    def __init__(self, make_model: Callable[[], CausalLM]):
+        self.make_model = make_model
+        first = make_model()
+        self.vocab_size, self.max_context = first.vocab_size, first.max_context
+        self.pool: list[CausalLM] = [first]
+        self.models: dict[int, CausalLM] = {}
+        self.forwards = 0
+
+    def _model(self, slot: int) -> CausalLM:
+        if slot not in self.models:
+            model = self.pool.pop() if self.pool else self.make_model()
+            model.reset()
+            self.models[slot] = model
+        return self.models[slot]
+
+    def forward(self, feeds):
+        self.forwards += 1
+        return {slot: self._model(slot).forward(list(ids), k) for slot, (ids, k) in feeds.items()}
+
+    def crop(self, slot: int, length: int) -> None:
+        if slot in self.models:
+            self.models[slot].crop(length)
+        elif length:
+            raise ValueError(f"slot {slot} holds nothing")
+
+    def release(self, slot: int) -> None:
+        model = self.models.pop(slot, None)
+        if model is not None:
+            model.reset()
+            self.pool.append(model)
+
+    def cache_len(self, slot: int) -> int:
+        return self.models[slot].cache_len if slot in self.models else 0
+
+
+class _SlotView:
+    """One slot of a ``BatchedLM`` seen as the cache a ``SeqMirror`` rolls back."""
+
+    def __init__(self, lm: BatchedLM, slot: int):
+        self.lm, self.slot = lm, slot
+
+    def reset(self) -> None:
+        self.lm.release(self.slot)
+
+    def crop(self, length: int) -> None:
+        self.lm.crop(self.slot, length)
+
+    @property
+    def cache_len(self) -> int:
+        return self.lm.cache_len(self.slot)
+
+
+@dataclass
+class Event:
+    """What one round did for one request: newly visible tokens, and on the last event the result."""
+
+    key: object
+    token_ids: list[int]
+    finished: bool = False
+    output_ids: list[int] | None = None
+    stats: GenerationStats | None = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Seq:
+    key: object
+    request: "Request"
+    stop: StopRule
+    slot: int
+    state: PearlState
+    coins: torch.Generator | None
+    stats: GenerationStats
+    target: SeqMirror
+    draft: SeqMirror | None = None
+    draft_gen: torch.Generator | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+    emitted: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    cancelled: bool = False
+
+    @property
+    def opts(self) -> RoundOptions:
+        return self.request.rounds
+
+    @property
+    def draft_ok(self) -> bool:
+        return self.draft is not None
+
+    def round_options(self, window: int) -> RoundOptions:
+        o = self.opts
+        if not o.use_draft or not self.draft_ok or (o.adaptive and window == 0):
+            return replace(o, use_draft=False, pre_verify=True)
+        if o.adaptive:
+            return replace(o, gamma=min(window, o.gamma))
+        return o
+
+    def view(self) -> SeqView:
+        return SeqView(self.request.method if self.draft_ok else "ar", self.stats.accepted_tokens,
+                       self.stats.verified_tokens, self.opts.adaptive, self.opts.gamma)
+
+
+class BatchLoop:
+    """Continuous batching over one pair: ``add`` requests, call ``step`` until ``idle``.
+
+    ``max_num_seqs`` requests decode at once; more wait in arrival order and join as slots free up."""
+
+    def __init__(self, target: BatchedLM, draft: BatchedLM | None = None, policy: SpeculationPolicy | None = None,
+                 max_num_seqs: int = 8, decode: Callable[[list[int]], str] | None = None):
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.target, self.draft, self.policy = target, draft, policy
+        self.max_num_seqs, self.decode = max_num_seqs, decode
+        self.active: list[_Seq] = []
+        self.waiting: deque = deque()
+        self.rounds = 0
+        self.draft_failures = 0
+
+    # -- membership --------------------------------------------------------------------------------------
+    def add(self, request: "Request", key: object = None) -> object:
+        key = object() if key is None else key
+        self.waiting.append((key, request))
+        return key
+
+    def cancel(self, key: object) -> bool:
+        """Drop a request (waiting or running) at once; its slots are freed. False if unknown."""
+        for item in list(self.waiting):
+            if item[0] is key or item[0] == key:
+                self.waiting.remove(item)
+                return True
+        for seq in self.active:
+            if seq.key is key or seq.key == key:
+                self._leave(seq)
+                return True
+        return False
+
+    @property
+    def idle(self) -> bool:
+        return not self.active and not self.waiting
+
+    def _free_slot(self) -> int:
+        used = {s.slot for s in self.active}
+        slot = 0
+        while slot in used:
+            slot += 1
+        return slot
+
+    def _join(self, key: object, request: "Request") -> _Seq:
+        slot = self._free_slot()
+        opts = request.rounds
+        stats = GenerationStats(method=request.method, gamma=opts.gamma if opts.use_draft else 0)
+        target = SeqMirror(_SlotView(self.target, slot))
+        target.start(list(request.prompt_ids))
+        seq = _Seq(key, request, StopRule.for_request(request, self.decode), slot,
+                   PearlState(committed=list(request.prompt_ids), prompt_len=len(request.prompt_ids)),
+                   None if opts.greedy else make_generator(request.seed, 0), stats, target)
+        if opts.use_draft:
+            if self.draft is None:
+                stats.draft_failures += 1
+            else:
+                seq.draft = SeqMirror(_SlotView(self.draft, slot))
+                seq.draft.start(list(request.prompt_ids))
+                p = request.params
+                if p.temperature > 0 and not opts.draft_greedy:
+                    seq.draft_gen = make_generator(request.seed, 1)
+        return seq
+
+    def _leave(self, seq: _Seq) -> None:
+        if seq in self.active:
+            self.active.remove(seq)
+        self.target.release(seq.slot)
+        if seq.draft is not None and self.draft is not None:
+            self.draft.release(seq.slot)
+        if self.policy is not None and seq.stats.verified_tokens:
+            self.policy.finished(seq.stats.accepted_tokens, seq.stats.verified_tokens)
+
+    def _draft_down(self, seqs: Iterable[_Seq]) -> None:
+        for seq in seqs:
+            if seq.draft is not None:
+                try:
+                    self.draft.release(seq.slot)
+                except Exception:  # noqa: BLE001 - the draft is already broken; the request goes on without it
+                    pass
+                seq.draft = None
+                seq.stats.draft_failures += 1
+        self.draft_failures += 1
+
+    # -- one round ---------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Admit waiting requests, run one round over every active request, return what each committed."""
+        while self.waiting and len(self.active) < self.max_num_seqs:
+            key, request = self.waiting.popleft()
+            self.active.append(self._join(key, request))
+        if not self.active:
+            return []
+        seqs = list(self.active)
+        window = 0
+        if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in seqs):
+            window = self.policy.choose([s.view() for s in seqs])
+        plans = {s: plan_round(s.state, s.round_options(window)) for s in seqs}
+        wall0, t0 = time.time(), time.perf_counter()
+        chunks, draft_rows, draft_steps = self._draft_phase(seqs, plans)
+        t1 = time.perf_counter()
+        outs, width = self._target_phase(seqs, plans)
+        t2 = time.perf_counter()
+        if self.policy is not None:
+            self.policy.observe(len(seqs), width, t2 - t1, draft_rows, draft_steps, t1 - t0)
+        self.rounds += 1
+        events = []
+        for seq in seqs:
+            events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs)))
+        return events
+
+    def _draft_phase(self, seqs: list[_Seq], plans: dict) -> tuple[dict, int, int]:
+        started = time.time()
+        t0 = time.perf_counter()
+        chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}
+        drafting = []
+        for s in seqs:
+            if s.draft is None:
+                continue
+            req = plans[s].draft
+            s.draft.apply(req.update)  # every round, drafting or not, so the mirror never misses a decision
+            if len(s.draft.tokens) != req.start_pos:
+                raise RuntimeError(f"draft mirror has {len(s.draft.tokens)} tokens, round {req.round_id} "
+                                   f"expects {req.start_pos}")
+            if req.num_steps > 0:
+                drafting.append(s)
+        if not drafting:
+            return chunks, 0, 0
+        steps = max(plans[s].draft.num_steps for s in drafting)
+        feeds = {s: s.draft.tokens[len(s.draft.cached):] for s in drafting}
+        ids: dict[_Seq, list[int]] = {s: [] for s in drafting}
+        rows: dict[_Seq, list[torch.Tensor]] = {s: [] for s in drafting}
+        try:
+            for k in range(steps):
+                live = [s for s in drafting if k < plans[s].draft.num_steps]
+                logits = self.draft.forward({s.slot: (feeds[s], 1) for s in live})
+                for s in live:
+                    s.draft.cached.extend(feeds[s])
+                    s.draft.forwards += 1
+                    s.draft_forwards += 1
+                    row = logits[s.slot][-1]
+                    p = s.request.params
+                    if s.draft_gen is None:
+                        token = int(torch.argmax(row))
+                    else:
+                        q = warp_probs(row, p.temperature, p.top_k, p.top_p)
+                        token = sample(q, s.draft_gen)
+                        rows[s].append(q)
+                    ids[s].append(token)
+                    feeds[s] = [token]
+        except Exception:  # noqa: BLE001 - a broken draft: these requests finish on the target alone
+            self._draft_down(drafting)
+            return chunks, 0, 0
+        busy = time.perf_counter() - t0
+        for s in drafting:
+            probs = torch.stack(rows[s]) if rows[s] else None
+            chunks[s] = DraftChunk(plans[s].round_id, plans[s].draft.start_pos, ids[s], probs, busy, started)
+        return chunks, len(drafting), steps
+
+    def _target_phase(self, seqs: list[_Seq], plans: dict) -> tuple[dict, int]:
+        started = time.time()
+        t0 = time.perf_counter()
+        outs: dict[_Seq, TargetOutput | None] = {}
+        feeds = {}
+        for s in seqs:
+            req = plans[s].target
+            m = s.target
+            m.apply(req.update)
+            if req.num_rows == 0:
+                outs[s] = TargetOutput(req.round_id, req.start_pos, busy_s=0.0, started_at=started)
+                continue
+            feed = m.tokens[len(m.cached):]
+            if len(m.tokens) - req.num_rows + 1 != req.start_pos or len(feed) < req.num_rows:
+                raise RuntimeError(f"target mirror out of step in round {req.round_id}: {len(m.tokens)} tokens, "
+                                   f"{len(m.cached)} cached, {req.num_rows} rows from position {req.start_pos}")
+            feeds[s] = feed
+        width = max((len(f) for f in feeds.values()), default=0)
+        if not feeds:
+            return outs, 0
+        logits = self.target.forward({s.slot: (feeds[s], plans[s].target.num_rows) for s in feeds})
+        busy = time.perf_counter() - t0
+        for s, feed in feeds.items():
+            s.target.cached.extend(feed)
+            s.target.forwards += 1
+            s.target_forwards += 1
+            req, p = plans[s].target, s.request.params
+            rows = logits[s.slot]
+            if p.temperature == 0.0:
+                out = TargetOutput(req.round_id, req.start_pos, target_argmax_ids=rows.argmax(-1).tolist())
+            else:
+                out = TargetOutput(req.round_id, req.start_pos,
+                                   target_probs=warp_probs(rows, p.temperature, p.top_k, p.top_p))
+            out.busy_s, out.started_at = busy, started
+            outs[s] = out
+        return outs, width
+
+    def _decide(self, seq: _Seq, plan: RoundPlan, chunk: DraftChunk, target_out: TargetOutput | None,
+                wall0: float, t0: float, t1: float, t2: float, batch: int) -> Event:
+        outcome = pearl_step(seq.state, plan, chunk, target_out, seq.coins, seq.opts)  # reads greedy/draft_greedy only
+        state = seq.state
+        output = state.committed[state.prompt_len:]
+        decision = seq.stop.check(output, len(outcome.update.appended_token_ids))
+        t3 = time.perf_counter()
+        timing = RoundTiming(
+            plan.round_id, plan.mode.value, draft_busy_s=chunk.busy_s,
+            target_busy_s=target_out.busy_s if target_out else 0.0, round_s=t3 - t0, decide_s=t3 - t2,
+            bytes_moved=chunk.num_bytes() + (target_out.num_bytes() if target_out else 0),
+            num_candidates=outcome.num_candidates, num_accepted=outcome.num_accepted, started_at=wall0,
+            draft_started_at=chunk.started_at if chunk.busy_s else 0.0,
+            target_started_at=target_out.started_at if target_out and target_out.busy_s else 0.0,
+            batch_size=batch, window=plan.draft.num_steps)
+        seq.stats.observe_round(outcome.num_drafted, outcome.num_candidates, outcome.num_accepted,
+                                outcome.recovered_token_id >= 0, outcome.bonus_token_id >= 0,
+                                outcome.candidate_positions, timing)
+        if seq.opts.use_draft and not seq.draft_ok:
+            seq.stats.fallback_rounds += 1
+        visible = min(len(output), decision.keep)
+        new = output[seq.emitted:visible] if visible > seq.emitted else []
+        seq.emitted = max(seq.emitted, visible)
+        if not decision.finished:
+            return Event(seq.key, new)
+        output = output[: decision.keep]
+        seq.stats.draft_forwards, seq.stats.target_forwards = seq.draft_forwards, seq.target_forwards
+        seq.stats.finish(len(output), time.perf_counter() - seq.t_start, decision.reason)
+        self._leave(seq)
+        return Event(seq.key, new, True, output, seq.stats)
+
+    # -- drivers -----------------------------------------------------------------------------------------
+    def fail_all(self, error: BaseException) -> list[Event]:
+        """The target failed: every request (running and waiting) ends with ``error``."""
+        events = [Event(s.key, [], True, None, None, error) for s in self.active]
+        events += [Event(key, [], True, None, None, error) for key, _ in self.waiting]
+        for s in list(self.active):
+            self.active.remove(s)
+        self.waiting.clear()
+        for lm in (self.target, self.draft):
+            clear = getattr(lm, "clear", None)
+            if clear is not None:
+                clear()
+        return events
+
+
+def run_batch(loop: BatchLoop, requests: list["Request"],
+              on_event: Callable[[int, Event], None] | None = None) -> list[tuple[list[int], GenerationStats]]:
+    """Decode ``requests`` through ``loop`` (continuous batching); returns (output ids, stats) per request."""
+    results: dict[int, tuple[list[int], GenerationStats]] = {}
+    for i, r in enumerate(requests):
+        loop.add(r, key=i)
+    try:
+        while len(results) < len(requests):
+            for ev in loop.step():
+                if on_event is not None:
+                    on_event(ev.key, ev)
+                if ev.finished:
+                    if ev.error is not None:
+                        raise ev.error
+                    results[ev.key] = (ev.output_ids, ev.stats)
+    finally:
+        for i in range(len(requests)):
+            if i not in results:
+                loop.cancel(i)
+    return [results[i] for i in range(len(requests))]

@@ -1,0 +1,267 @@
+"""The adaptive speculation policy: each round's draft window for the whole batch, 0 meaning plain decoding.
+
+Inputs: forward costs measured at start-up (``measure_costs``: the target over n padded tokens for a few n,
+a draft step over b rows) and each request's running acceptance. For every window g in 0..max_gamma it
+predicts the batch's committed tokens per second and takes the best:
+
+- round costs: a draft phase of ``g`` batched steps, ``D(g) = g * draft(b)`` (b = rows that draft), and a
+  target forward over every row padded to ``g + 1`` tokens, ``T(g) = target(B * (g + 1))``; the sides run
+  one after the other (``parallel=False``, the local backend: ``D + T``) or at once (Ray: ``max(D, T)``).
+  With g = 0 the round is one target forward over B rows, ``target(B)``.
+- tokens per request, with acceptance a per candidate (assumed independent across positions):
+  - target-only: 1 per ``target(B)`` (or per round when others draft);
+  - vanilla SD: ``E(g + 1) = (1 - a^(g+1)) / (1 - a)`` per ``D + T``;
+  - PEARL: a two-state chain. PRE rounds commit 1 and move to POST with probability a; POST rounds verify
+    g candidates, commit ``E(g)`` and stay in POST with probability a^g. Tokens per second are the
+    stationary mix's tokens over its time (PRE costs ``D ⊕ target(B)``, POST ``D ⊕ target(B * g)``).
+- a request's acceptance is its own accepted / verified counts, shrunk towards the pair's running mean
+  (``prior_weight`` pseudo-candidates), so a new request starts from what the pair has shown so far.
+
+Plain decoding never learns acceptance, so while the policy keeps choosing 0 it still tries its best
+positive window every ``probe_every`` rounds. Measured round times are compared with the prediction:
+their ratio rescales the costs online, and when it stays off by more than ``drift`` for ``drift_rounds``
+rounds (a busy machine) the costs are measured again (``remeasure``).
+
+Pure arithmetic over injected numbers: no models, no Ray (``measure_costs`` takes any ``BatchedLM``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ForwardCosts:
+    """Seconds per forward against the padded tokens it carries: piecewise linear between measured points,
+    linear past the last two."""
+
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tokens or len(self.tokens) != len(self.seconds) or list(self.tokens) != sorted(set(self.tokens)):
+            raise ValueError(f"cost points must be increasing token counts with one time each: {self}")
+
+    def __call__(self, n: float) -> float:
+        xs, ys = self.tokens, self.seconds
+        if len(xs) == 1:
+            return ys[0] * max(n, 1) / xs[0] if n > xs[0] else ys[0]
+        if n <= xs[0]:
+            return ys[0]
+        i = min(bisect.bisect_left(xs, n), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(ys[0], y0 + (y1 - y0) * (n - x0) / (x1 - x0))
+
+    def scaled(self, factor: float) -> "ForwardCosts":
+        return ForwardCosts(self.tokens, tuple(s * factor for s in self.seconds))
+
+    def to_dict(self) -> dict:
+        return {"tokens": list(self.tokens), "seconds": [round(s, 6) for s in self.seconds]}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    target: ForwardCosts
+    draft: ForwardCosts | None = None
+    parallel: bool = False
+    """True when the draft and the target run at the same time (Ray), False one after the other (local)."""
+
+    def to_dict(self) -> dict:
+        return {"target": self.target.to_dict(), "draft": self.draft.to_dict() if self.draft else None,
+                "parallel": self.parallel}
+
+
+@dataclass(frozen=True)
+class SeqView:
+    """What the policy reads of one request in the batch."""
+
+    method: str  # "pearl" | "sd" | "ar"
+    accepted: int = 0
+    verified: int = 0
+    adaptive: bool = True  # False: the request keeps its own fixed window (it still counts in the costs)
+    fixed_gamma: int = 0
+
+
+def expected_run(a: float, n: int) -> float:
+    """Expected tokens committed from ``n`` candidates when the first rejection (or the end) stops the run
+    and the stopping row gives one more token: 1 + a + ... + a^(n-1)."""
+    if n <= 0:
+        return 0.0
+    if a >= 1.0:
+        return float(n)
+    return (1.0 - a ** n) / (1.0 - a)
+
+
+class SpeculationPolicy:
+    def __init__(self, costs: CostModel, max_gamma: int = 8, prior: float = 0.5, prior_weight: float = 8.0,
+                 probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 20,
+                 remeasure: Callable[[], CostModel] | None = None):
+        if costs.draft is None:
+            max_gamma = 0
+        self.costs, self.max_gamma = costs, max_gamma
+        self.prior, self.prior_weight = prior, prior_weight
+        self.probe_every, self.drift, self.drift_rounds = probe_every, drift, drift_rounds
+        self.remeasure_fn = remeasure
+        self.scale_target = self.scale_draft = 1.0
+        self._pair_acc, self._pair_ver = 0.0, 0.0
+        self._zero_streak = 0
+        self._off_rounds = 0
+        self.remeasures = 0
+        self.last_choice: dict = {}
+
+    # -- estimates ---------------------------------------------------------------------------------------
+    @property
+    def pair_acceptance(self) -> float:
+        if self._pair_ver <= 0:
+            return self.prior
+        return (self._pair_acc + self.prior_weight * self.prior) / (self._pair_ver + self.prior_weight)
+
+    def acceptance(self, seq: SeqView) -> float:
+        a = (seq.accepted + self.prior_weight * self.pair_acceptance) / (seq.verified + self.prior_weight)
+        return min(max(a, 0.01), 0.98)
+
+    def target_s(self, tokens: float) -> float:
+        return self.scale_target * self.costs.target(tokens)
+
+    def draft_s(self, rows: int, steps: int) -> float:
+        if steps <= 0 or rows <= 0 or self.costs.draft is None:
+            return 0.0
+        return steps * self.scale_draft * self.costs.draft(rows)
+
+    def _join(self, d: float, t: float) -> float:
+        return max(d, t) if self.costs.parallel else d + t
+
+    def rate(self, seqs: Sequence[SeqView], g: int) -> float:
+        """Predicted committed tokens per second of the batch if every adaptive request drafts ``g``."""
+        if not seqs:
+            return 0.0
+        b = len(seqs)
+        windows = [self._window(s, g) for s in seqs]
+        width = max(windows)
+        drafting = sum(1 for w in windows if w > 0)
+        d = self.draft_s(drafting, width)
+        t_plain = self.target_s(b)
+        total = 0.0
+        for s, w in zip(seqs, windows):
+            if w == 0:
+                total += 1.0 / (t_plain if width == 0 else self._join(d, self.target_s(b * (width + 1))))
+                continue
+            a = self.acceptance(s)
+            if s.method == "sd":
+                total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1)))
+            elif w == 1:  # PEARL with a one-token window never has a window pending: one token per round
+                total += 1.0 / self._join(d, self.target_s(b))
+            else:
+                c_pre, c_post = self._join(d, self.target_s(b)), self._join(d, self.target_s(b * w))
+                stay = a ** w
+                post_per_pre = a / max(1.0 - stay, 1e-9)
+                tokens = 1.0 + post_per_pre * expected_run(a, w)
+                total += tokens / (c_pre + post_per_pre * c_post)
+        return total
+
+    def _window(self, s: SeqView, g: int) -> int:
+        if s.method == "ar":
+            return 0
+        return g if s.adaptive else s.fixed_gamma
+
+    # -- the choice --------------------------------------------------------------------------------------
+    def choose(self, seqs: Sequence[SeqView]) -> int:
+        """The window for the next round (0: plain decoding)."""
+        if not any(s.method != "ar" and s.adaptive for s in seqs) or self.max_gamma == 0:
+            return 0
+        rates = {g: self.rate(seqs, g) for g in range(self.max_gamma + 1)}
+        best = max(rates, key=lambda g: (rates[g], -g))
+        choice = best
+        if best == 0:
+            self._zero_streak += 1
+            if self.probe_every and self._zero_streak % self.probe_every == 0:
+                choice = max((g for g in rates if g > 0), key=lambda g: rates[g])
+        else:
+            self._zero_streak = 0
+        self.last_choice = {"window": choice, "best": best, "rates": {g: round(r, 2) for g, r in rates.items()}}
+        return choice
+
+    # -- feedback ----------------------------------------------------------------------------------------
+    def finished(self, accepted: int, verified: int) -> None:
+        """A request left: fold its acceptance into the pair's running mean (recent requests weigh more)."""
+        decay = 0.9
+        self._pair_acc = decay * self._pair_acc + accepted
+        self._pair_ver = decay * self._pair_ver + verified
+
+    def observe(self, rows: int, width: int, target_s: float, draft_rows: int = 0, draft_steps: int = 0,
+                draft_s: float = 0.0) -> None:
+        """A round's measured times against the prediction: rescale, and re-measure on a sustained drift."""
+        off = False
+        if rows and width and target_s > 0:
+            pred = self.costs.target(rows * width)
+            self.scale_target = 0.8 * self.scale_target + 0.2 * (target_s / pred)
+            off |= not (1 / self.drift <= self.scale_target <= self.drift)
+        if draft_rows and draft_steps and draft_s > 0 and self.costs.draft is not None:
+            pred = draft_steps * self.costs.draft(draft_rows)
+            self.scale_draft = 0.8 * self.scale_draft + 0.2 * (draft_s / pred)
+            off |= not (1 / self.drift <= self.scale_draft <= self.drift)
+        self._off_rounds = self._off_rounds + 1 if off else 0
+        if self._off_rounds >= self.drift_rounds and self.remeasure_fn is not None:
+            self.costs = self.remeasure_fn()
+            self.scale_target = self.scale_draft = 1.0
+            self._off_rounds = 0
+            self.remeasures += 1
+
+    def describe(self) -> dict:
+        return {"max_gamma": self.max_gamma, "pair_acceptance": round(self.pair_acceptance, 3),
+                "scale_target": round(self.scale_target, 3), "scale_draft": round(self.scale_draft, 3),
+                "remeasures": self.remeasures, "costs": self.costs.to_dict()}
+
+
+def _median_time(fn: Callable[[], None], reps: int, warmup: int) -> float:
+    times = []
+    for r in range(reps + warmup):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmup:])
+
+
+def measure_forward_costs(lm, max_rows: int, widths: Sequence[int], context: int = 128, reps: int = 3,
+                          warmup: int = 1, token: int = 5) -> ForwardCosts:
+    """Time ``lm`` (an empty ``BatchedLM``: it is cleared after) over ``rows x width`` new tokens on
+    ``context`` cached positions per row: rows 1, 2, 4, ... up to ``max_rows`` at width 1, and each
+    width at 1 and ``max_rows`` rows. Returns seconds against padded tokens."""
+    rows_list = sorted({min(max_rows, 2 ** i) for i in range(0, max(1, math.ceil(math.log2(max_rows))) + 1)},
+                       reverse=True)
+    context = max(1, min(context, lm.max_context - max(widths, default=1) - 2))
+    ctx = [token + (i % 7) for i in range(context)]
+    for slot in range(max_rows):
+        lm.forward({slot: (list(ctx), 1)})
+    points: dict[int, list[float]] = {}
+    live = max_rows
+    try:
+        for rows in rows_list:  # every cached row takes part in a forward: release down to ``rows``
+            for slot in range(rows, live):
+                lm.release(slot)
+            live = rows
+            for width in sorted({1, *widths}):
+                if width > 1 and rows not in (1, max_rows):
+                    continue
+                feeds = {s: ([token] * width, 1) for s in range(rows)}
+
+                def run() -> None:
+                    lm.forward(feeds)
+                    for s in range(rows):
+                        lm.crop(s, context)
+
+                points.setdefault(rows * width, []).append(_median_time(run, reps, warmup))
+    finally:
+        for slot in range(live):
+            lm.release(slot)
+    xs = sorted(points)
+    ys, best = [], 0.0
+    for x in xs:  # a forward over more tokens never costs less (noise aside)
+        best = max(best, statistics.mean(points[x]))
+        ys.append(best)
+    return ForwardCosts(tuple(xs), tuple(ys))

@@ -1,0 +1,253 @@
+"""A KV cache with one slot per request, and one forward over many slots: ``core.batch.BatchedLM`` for
+Hugging Face causal LMs (Llama, Qwen2, Mistral families: any model that takes ``position_ids`` and a 2D
+padding mask), in float32 or bfloat16, on CPU or CUDA.
+
+Cache design (chosen for needing only standard transformers APIs):
+
+- One ``DynamicCache`` shared by every live slot; row ``r`` of its ``[rows, kv_heads, L, head_dim]``
+  tensors belongs to one slot. A row holds *physical* positions; each slot keeps the list of physical
+  indices of its logical positions (``phys``) and a validity mask ``valid [rows, L]`` marks which physical
+  entries are live. Rotary embeddings are applied before keys are cached, so a key carries its logical
+  position and attention does not care where it sits physically: only the mask matters.
+- A forward appends the same number ``T`` of physical positions to every row: each slot's new tokens are
+  left-padded to ``T`` (a row with nothing to do this forward gets ``T`` pad positions). The 2D
+  ``attention_mask`` is ``valid`` plus the new tokens' validity; ``position_ids`` are the slots' logical
+  positions. Left padding puts every slot's last real token at column ``T - 1``, and the LM head runs only
+  on the rows each slot asked for (hidden states are gathered first).
+- Rollback (``crop``) only clears mask bits; ``release`` drops the slot's row (no fully masked row is
+  ever fed, which would make attention NaN). A new slot's prompt is prefilled on its own (batch 1) and its
+  keys merged in as a new row. When masked holes pass ``compact_ratio`` of the physical length
+  (and ``compact_min`` positions), the rows are gathered back to their live positions.
+
+Memory per slot: ``2 * layers * kv_heads * head_dim * bytes`` per physical position (SmolLM2-135M in
+fp32: 2 * 30 * 3 * 64 * 4 = 46 KB per position, 11 MB for 250 positions; the 4-layer draft: 6 KB), times
+the physical length ``L``, which is the longest slot plus at most ``compact_ratio`` of holes. A packed
+(varlen) layout would save the padding and holes, but needs a varlen attention kernel that transformers'
+CPU attention does not have.
+
+``PerSlotLM`` (in ``core.batch``) is the slow reference: one single-request ``CausalLM`` per slot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hf import PREFILL_MIN_TOKENS, VocabMap, _threads
+
+
+class BatchedHFCausalLM:
+    """Implements ``core.batch.BatchedLM`` over one transformers causal LM (shared with other runners)."""
+
+    def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None,
+                 compact_ratio: float = 0.5, compact_min: int = 64, pad_id: int = 0):
+        from transformers import DynamicCache
+
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        cfg = model.config
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+        self.vocab_size = int(vocab_size or cfg.vocab_size)
+        self.vocab = VocabMap(self.vocab_size, draft_to_target, self.device) if draft_to_target is not None else None
+        self.base = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        if self.base is None or self.head is None:
+            raise TypeError(f"{type(model).__name__} has no decoder/LM head split (get_decoder, get_output_embeddings)")
+        probe = DynamicCache(config=cfg)
+        kinds = {type(layer).__name__ for layer in probe.layers}
+        if kinds - {"DynamicLayer"}:
+            raise TypeError(f"batched slots need full-attention cache layers, {type(model).__name__} has {sorted(kinds)}")
+        self._cache_cls, self._config = DynamicCache, cfg
+        self.compact_ratio, self.compact_min, self.pad_id = compact_ratio, compact_min, pad_id
+        self.prefill_threads: int | None = None
+        self.forwards = 0
+        self.compactions = 0
+        self.clear()
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        self.cache = self._cache_cls(config=self._config)
+        self.rows: list[int] = []  # slot id of each row
+        self.phys: dict[int, list[int]] = {}  # slot -> physical index of each logical position
+        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
+
+    @property
+    def slots(self) -> list[int]:
+        return list(self.rows)
+
+    @property
+    def physical_len(self) -> int:
+        return int(self.valid.shape[1])
+
+    def cache_len(self, slot: int) -> int:
+        return len(self.phys.get(slot, ()))
+
+    def crop(self, slot: int, length: int) -> None:
+        phys = self.phys.get(slot)
+        if phys is None:
+            if length:
+                raise ValueError(f"slot {slot} holds nothing; cannot crop it to {length}")
+            return
+        if not 0 <= length <= len(phys):
+            raise ValueError(f"cannot crop slot {slot} of {len(phys)} positions to {length}")
+        if length == len(phys):
+            return
+        if length == 0:
+            self.release(slot)
+            return
+        row = self.rows.index(slot)
+        self.valid[row, phys[length:]] = False
+        del phys[length:]
+
+    def release(self, slot: int) -> None:
+        if slot not in self.phys:
+            return
+        row = self.rows.index(slot)
+        del self.phys[slot]
+        self.rows.pop(row)
+        if not self.rows:
+            self.clear()
+            return
+        keep = torch.tensor([r for r in range(len(self.rows) + 1) if r != row], device=self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, keep)
+            layer.values = layer.values.index_select(0, keep)
+        self.valid = self.valid.index_select(0, keep)
+
+    def _map_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.vocab.map_in(ids) if self.vocab is not None else ids
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        return self.vocab.map_out(logits) if self.vocab is not None else logits
+
+    # -- forwards ----------------------------------------------------------------------------------------
+    def forward(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+        """``feeds``: slot -> (new token ids, how many of the last positions need logits). Slots not yet in
+        the cache are prefilled on their own and merged in; the others run as one padded forward. Returns
+        slot -> fp32 logits ``[num_logits, vocab]`` on the host."""
+        out: dict[int, torch.Tensor] = {}
+        fresh = {s: f for s, f in feeds.items() if s not in self.phys}
+        live = {s: f for s, f in feeds.items() if s in self.phys and f[0]}
+        for s, (ids, k) in feeds.items():
+            if not ids or not 1 <= k <= len(ids):
+                raise ValueError(f"slot {s}: a forward needs >= 1 token and 1..len(ids) logits, got {len(ids)}, {k}")
+        if live:
+            out.update(self._forward_rows(live))
+        for s, (ids, k) in fresh.items():
+            out[s] = self._prefill(s, ids, k)
+        self.forwards += 1
+        self._maybe_compact()
+        return out
+
+    def _prefill(self, slot: int, ids: list[int], num_logits: int) -> torch.Tensor:
+        cache = self._cache_cls(config=self._config)
+        x = self._map_ids(torch.tensor([ids], dtype=torch.long, device=self.device))
+        threads = self.prefill_threads if len(ids) >= PREFILL_MIN_TOKENS else None
+        with torch.inference_mode(), _threads(threads):
+            hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True).last_hidden_state
+            logits = self._logits(hidden[0, -num_logits:])
+        self._merge(slot, cache, len(ids))
+        return logits.cpu()
+
+    def _merge(self, slot: int, cache, n: int) -> None:
+        length = self.physical_len
+        if not self.rows:
+            for dst, src in zip(self.cache.layers, cache.layers):
+                dst.lazy_initialization(src.keys, src.values)
+                dst.keys, dst.values = src.keys, src.values
+            self.valid = torch.ones((1, n), dtype=torch.bool, device=self.device)
+        else:
+            width = max(length, n)
+            for dst, src in zip(self.cache.layers, cache.layers):
+                dst.keys = torch.cat([_pad_len(dst.keys, width), _pad_len(src.keys, width)])
+                dst.values = torch.cat([_pad_len(dst.values, width), _pad_len(src.values, width)])
+            row = torch.zeros((1, width), dtype=torch.bool, device=self.device)
+            row[0, :n] = True
+            old = torch.zeros((len(self.rows), width), dtype=torch.bool, device=self.device)
+            old[:, :length] = self.valid
+            self.valid = torch.cat([old, row])
+        self.rows.append(slot)
+        self.phys[slot] = list(range(n))
+
+    def _forward_rows(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+        width = max(len(ids) for ids, _ in feeds.values())
+        rows = len(self.rows)
+        length = self.physical_len
+        ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((rows, width), dtype=torch.long)
+        new_valid = torch.zeros((rows, width), dtype=torch.bool)
+        for r, slot in enumerate(self.rows):
+            n0 = len(self.phys[slot])
+            pos[r] = n0  # pad positions: any in-range value (they are masked out and their outputs unused)
+            feed = feeds.get(slot)
+            if feed is None:
+                continue
+            t = len(feed[0])
+            ids[r, width - t:] = torch.tensor(feed[0], dtype=torch.long)
+            pos[r, width - t:] = torch.arange(n0, n0 + t)
+            new_valid[r, width - t:] = True
+        mask = torch.cat([self.valid, new_valid.to(self.device)], dim=1)
+        x = self._map_ids(ids.to(self.device))
+        with torch.inference_mode():
+            hidden = self.base(input_ids=x, attention_mask=mask, position_ids=pos.to(self.device),
+                               past_key_values=self.cache, use_cache=True).last_hidden_state
+            picks, spans = [], []
+            for r, slot in enumerate(self.rows):
+                feed = feeds.get(slot)
+                if feed is None:
+                    continue
+                picks.append(hidden[r, width - feed[1]:])
+                spans.append((slot, feed[1]))
+            logits = self._logits(torch.cat(picks)).cpu()
+        self.valid = mask
+        for r, slot in enumerate(self.rows):
+            feed = feeds.get(slot)
+            if feed is not None:
+                t = len(feed[0])
+                self.phys[slot].extend(range(length + width - t, length + width))
+        out, at = {}, 0
+        for slot, k in spans:
+            out[slot] = logits[at: at + k]
+            at += k
+        return out
+
+    def _maybe_compact(self) -> None:
+        length = self.physical_len
+        if not self.rows or length < self.compact_min:
+            return
+        live = max(len(p) for p in self.phys.values())
+        if length - live >= self.compact_ratio * length:
+            self.compact()
+
+    def compact(self) -> None:
+        """Gather every row back to its live positions, in logical order (frees the holes)."""
+        if not self.rows:
+            return
+        width = max(len(self.phys[s]) for s in self.rows)
+        index = torch.zeros((len(self.rows), width), dtype=torch.long)
+        valid = torch.zeros((len(self.rows), width), dtype=torch.bool)
+        for r, slot in enumerate(self.rows):
+            p = self.phys[slot]
+            index[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+            valid[r, : len(p)] = True
+            self.phys[slot] = list(range(len(p)))
+        index = index.to(self.device)
+        for layer in self.cache.layers:
+            shape = layer.keys.shape
+            gather = index[:, None, :, None].expand(shape[0], shape[1], width, shape[3])
+            layer.keys = layer.keys.gather(2, gather)
+            layer.values = layer.values.gather(2, gather)
+        self.valid = valid.to(self.device)
+        self.compactions += 1
+
+    def cache_bytes(self) -> int:
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.cache.layers
+                   if getattr(layer, "keys", None) is not None and layer.keys.numel())
+
+
+def _pad_len(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad ``[rows, heads, L, dim]`` along L to ``width`` (zeros: finite, and masked out)."""
+    if t.shape[2] == width:
+        return t
+    pad = torch.zeros((t.shape[0], t.shape[1], width - t.shape[2], t.shape[3]), dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=2)
