@@ -7,7 +7,7 @@ export TRANSFORMERS_VERBOSITY := error
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench distill measure clean-venv
+.PHONY: venv demo test test-fast bench bench-throughput distill measure clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +34,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) jobs/bench_channels.py
 	$(PY) jobs/bench_latency.py
+
+bench-throughput: $(STAMP)
+	$(PY) jobs/bench_throughput.py $(BENCH_ARGS)
 
 measure: $(STAMP)
 	$(PY) jobs/measure_pair.py

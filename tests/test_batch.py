@@ -1,0 +1,313 @@
+"""Batched PEARL rounds (core.batch, modeling.batched, core.policy): one pair decodes many requests at once.
+
+- The slot cache against the single-request runner: same logits (fp32 to 1e-5, bf16 to its precision) over
+  random feeds, crops, joins and releases, for a full and a reduced-vocabulary model.
+- Greedy: a request's tokens in a batch equal its tokens alone and target-only decoding's, for PEARL, SD
+  and AR, with rows of different lengths, joins mid-flight, a cancelled row, mixed methods and sampled rows
+  beside greedy ones. Where batched float arithmetic could flip a token, the test demands a numerical tie
+  (the target's top-2 logits within 1e-4) and counts them (0 expected on the tiny fp32 model).
+- Sampling: chi-square of the joint law of 2 sampled tokens for a request inside a batch of 4 others, for
+  PEARL and SD (false-alarm rate 1e-4 per test); a seeded request gives the same tokens alone and batched.
+- Memory: slots are reused over 200 requests; rollbacks do not grow the cache without bound.
+- The policy's choice on injected costs.
+"""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pearl_ray import PearlEngine, SamplingParams
+from pearl_ray.backends import as_batched
+from pearl_ray.config import EngineConfig, Request
+from pearl_ray.core.batch import BatchLoop, PerSlotLM, run_batch
+from pearl_ray.core.policy import CostModel, ForwardCosts, SeqView, SpeculationPolicy
+from pearl_ray.modeling.batched import BatchedHFCausalLM
+from pearl_ray.modeling.hf import HFCausalLM
+from pearl_ray.testing import TabularLM
+
+from test_lossless_stats import chi_square_p
+
+
+def _script(rng, prompt_len, steps=14, max_new=5):
+    ops, length = [("feed", [rng.randint(3, 95) for _ in range(prompt_len)], 1)], prompt_len
+    for _ in range(steps):
+        if rng.random() < 0.3 and length > prompt_len + 1:
+            length = rng.randint(prompt_len, length - 1)
+            ops.append(("crop", length))
+        n = rng.randint(1, max_new)
+        ops.append(("feed", [rng.randint(3, 95) for _ in range(n)], rng.randint(1, n)))
+        length += n
+    return ops
+
+
+def _replay(make_single, batched, scripts, rng):
+    """Run each script alone on a single-request runner and interleaved on the batched one (slots skip
+    rounds at random, finished slots are released); return both logits lists."""
+    want = []
+    for ops in scripts:
+        single = make_single()
+        single.reset()
+        outs = []
+        for op in ops:
+            outs.append(single.forward(op[1], op[2])) if op[0] == "feed" else single.crop(op[1])
+        want.append([o for o in outs if o is not None])
+    got = [[] for _ in scripts]
+    pos = [0] * len(scripts)
+    while any(p < len(s) for p, s in zip(pos, scripts)):
+        feeds = {}
+        for i, ops in enumerate(scripts):
+            if pos[i] >= len(ops) or rng.random() < 0.25:
+                continue
+            while ops[pos[i]][0] == "crop":
+                batched.crop(i, ops[pos[i]][1])
+                pos[i] += 1
+            feeds[i] = ops[pos[i]][1:]
+            pos[i] += 1
+        if feeds:
+            for i, logits in batched.forward(feeds).items():
+                got[i].append(logits)
+        for i, ops in enumerate(scripts):
+            if pos[i] >= len(ops):
+                batched.release(i)
+    return want, got
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.15)])
+def test_slot_cache_matches_the_single_request_runner(tiny_pair, dtype, tol):
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["target"], dtype=dtype)
+    rng = random.Random(0)
+    scripts = [_script(rng, n) for n in (5, 11, 3, 40, 7)]
+    batched = BatchedHFCausalLM(model, compact_min=8)
+    want, got = _replay(lambda: HFCausalLM(model), batched, scripts, rng)
+    for w, g in zip(want, got):
+        assert len(w) == len(g)
+        for a, b in zip(w, g):
+            assert a.shape == b.shape and a.dtype == torch.float32
+            assert (a - b).abs().max().item() < tol
+    assert batched.compactions >= 1 and batched.slots == [] and batched.cache_bytes() == 0
+
+
+def test_slot_cache_reduced_vocabulary(tiny_pair):
+    """A reduced-vocabulary draft: outputs scattered into the full row (-inf elsewhere), inputs mapped."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["draft"], dtype=torch.float32)
+    keep = list(range(0, 96, 2))  # the model's 96 outputs stand for the first 48 of these ids
+    rng = random.Random(1)
+    scripts = [_script(rng, n) for n in (4, 9)]
+    want, got = _replay(lambda: HFCausalLM(model, 120, keep), BatchedHFCausalLM(model, 120, keep), scripts, rng)
+    for w, g in zip(want, got):
+        for a, b in zip(w, g):
+            assert a.shape[-1] == 120 and torch.isinf(b[:, 1]).all()
+            finite = torch.isfinite(a)
+            assert torch.equal(finite, torch.isfinite(b)) and (a[finite] - b[finite]).abs().max() < 1e-5
+
+
+# -- greedy: batched == alone == target-only ----------------------------------------------------------------
+PROMPTS = [[5, 9, 14, 3], [7], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32], [40, 41], [8, 8, 8],
+           [60, 61, 62, 63, 64, 65], [11, 12], [90, 2, 33, 44, 55]]
+
+
+def _ties(target_path, prompt, got, want):
+    """0 if identical; else assert that the first difference is a numerical tie of the target and count it."""
+    if got == want:
+        return 0
+    k = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32)
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(prompt) + want[:k]])).logits[0, -1]
+    top2 = torch.topk(logits, 2).values
+    assert float(top2[0] - top2[1]) < 1e-4, f"token {k} differs and is not a numerical tie"
+    return 1
+
+
+def test_greedy_batched_equals_alone_and_target_only(tiny_pair):
+    params = SamplingParams(max_new_tokens=21, ignore_eos=True)
+    ar = PearlEngine(target=tiny_pair["target"], method="ar", gamma=4)
+    want = [ar.generate([p], params)[0].token_ids for p in PROMPTS]  # one at a time
+    ties = 0
+    for method in ("pearl", "sd", "ar"):
+        for gamma in (None, 3):
+            eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], method=method, gamma=gamma,
+                              max_num_seqs=3)  # 8 prompts through 3 slots: joins mid-flight
+            outs = eng.generate(PROMPTS, params)
+            for p, o, w in zip(PROMPTS, outs, want):
+                ties += _ties(tiny_pair["target"], p, o.token_ids, w)
+            assert max(t.batch_size for o in outs for t in o.stats.round_timings) == 3
+    assert ties == 0, f"{ties} numerical ties on the tiny model in float32"
+
+
+def test_mixed_methods_sampled_rows_and_a_cancelled_row(tiny_pair):
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, max_num_seqs=4)
+    greedy = SamplingParams(max_new_tokens=18, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=18, ignore_eos=True, temperature=0.9, top_k=20, seed=7)
+    alone = {}
+    for i, (p, method, params) in enumerate([(PROMPTS[0], "pearl", greedy), (PROMPTS[2], "sd", greedy),
+                                             (PROMPTS[3], "ar", greedy), (PROMPTS[5], "pearl", sampled)]):
+        alone[i] = eng.make_request(p, params, method=method, index=i)
+    backend = eng.backend
+    solo = {i: run_batch(BatchLoop(backend.target_lm, backend.draft_lm, None, 1), [r])[0][0] for i, r in alone.items()}
+    loop = BatchLoop(backend.target_lm, backend.draft_lm, None, 4)
+    doomed = loop.add(eng.make_request(PROMPTS[4], greedy, method="pearl"), key="doomed")
+    for i, r in alone.items():
+        loop.add(r, key=i)
+    got, rounds = {}, 0
+    while len(got) < 4:
+        for ev in loop.step():
+            if ev.finished:
+                got[ev.key] = ev.output_ids
+        rounds += 1
+        if rounds == 3:
+            assert loop.cancel(doomed) and not loop.cancel(doomed)
+    assert "doomed" not in got and got == solo
+    assert got[0] == eng.generate([PROMPTS[0]], greedy, method="ar")[0].token_ids
+    assert backend.target_lm.slots == [] and backend.draft_lm.slots == []
+
+
+def test_draft_failure_in_a_batch_turns_those_rows_target_only(tiny_pair):
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, max_num_seqs=4)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    want = [eng.generate([p], params, method="ar")[0].token_ids for p in PROMPTS[:4]]
+    draft = eng.backend.draft_lm
+    real, calls = draft.forward, {"n": 0}
+
+    def flaky(feeds):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("draft fell over")
+        return real(feeds)
+
+    draft.forward = flaky
+    outs = eng.generate(PROMPTS[:4], params)
+    assert [o.token_ids for o in outs] == want
+    assert sum(o.stats.draft_failures for o in outs) >= 1 and any(o.stats.fallback_rounds for o in outs)
+
+
+# -- sampling -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["pearl", "sd"])
+def test_sampled_request_inside_a_batch_keeps_the_target_law(method):
+    target, draft = TabularLM(6, seed=0, sharpness=1.2), TabularLM(6, seed=5, sharpness=1.2)
+    eng = PearlEngine(draft_model=draft, target_model=target, method=method, gamma=2, max_num_seqs=5)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True, seed=17, temperature=1.0)
+    n, others = 2000, [[3], [4, 5, 1], [2, 2, 2, 2], [5, 0]]
+    prompts = [p for _ in range(n) for p in ([[1, 2]] + others)]
+    outs = eng.generate(prompts, params)
+    counts = {}
+    for out in outs[:: 1 + len(others)]:
+        counts[tuple(out.token_ids)] = counts.get(tuple(out.token_ids), 0) + 1
+    p = chi_square_p(counts, target.continuation_probs([1, 2], 2, temperature=1.0), n)
+    assert p > 1e-4, f"{method} in a batch: chi-square p = {p:.2e}"
+
+
+def test_seeded_request_same_alone_and_in_a_batch(tiny_pair):
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, max_num_seqs=4)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True, temperature=1.0, seed=5)
+    batched = eng.generate(PROMPTS[:4], params)
+    for i, p in enumerate(PROMPTS[:4]):
+        req = eng.make_request(p, params, index=i)
+        alone = run_batch(BatchLoop(eng.backend.target_lm, eng.backend.draft_lm, None, 1), [req])[0][0]
+        assert alone == batched[i].token_ids
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+def test_slots_are_reused_and_rollbacks_do_not_grow_the_cache(tiny_pair):
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=4, max_num_seqs=4)
+    rng = random.Random(3)
+    prompts = [[rng.randint(3, 95) for _ in range(rng.randint(1, 12))] for _ in range(200)]
+    backend = eng.backend
+    peak = {"rows": 0, "len": 0, "slot": 0}
+    real = backend.target_lm.forward
+
+    def watch(feeds):
+        out = real(feeds)
+        peak["rows"] = max(peak["rows"], len(backend.target_lm.slots))
+        peak["len"] = max(peak["len"], backend.target_lm.physical_len)
+        peak["slot"] = max(peak["slot"], *feeds)
+        return out
+
+    backend.target_lm.forward = watch
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    assert len(outs) == 200 and all(len(o.token_ids) == 10 for o in outs)
+    assert peak["rows"] <= 4 and peak["slot"] <= 3  # four slot ids serve 200 requests
+    assert peak["len"] <= 12 + 10 + 5 + 64  # longest live row + one window, plus the compaction threshold
+    assert backend.target_lm.slots == [] and backend.target_lm.cache_bytes() == 0
+    # one long request with many rejections beside short ones: holes are compacted away
+    # one long request with a rejection in most rounds beside short ones: the physical length stays within
+    # twice the longest live row (plus the compaction floor), however many positions were rolled back
+    lm, worst = backend.target_lm, {"excess": 0.0}
+
+    def watch_long(feeds):
+        out = real(feeds)
+        live = max(lm.cache_len(s) for s in lm.slots)
+        worst["excess"] = max(worst["excess"], lm.physical_len - 2 * live)
+        return out
+
+    lm.forward = watch_long
+    long = eng.generate([[5, 9, 14]] + prompts[:3], SamplingParams(max_new_tokens=200, ignore_eos=True),
+                        method="sd")
+    assert long[0].stats.recovered_tokens > 50 and worst["excess"] <= lm.compact_min
+
+
+# -- the policy ---------------------------------------------------------------------------------------------
+def _costs(draft_s, target_base=0.030, per_token=0.001, parallel=False):
+    tokens = (1, 2, 4, 8, 16, 32, 64, 128)
+    return CostModel(ForwardCosts(tokens, tuple(target_base + per_token * n for n in tokens)),
+                     ForwardCosts(tokens, tuple(draft_s + draft_s * 0.02 * n for n in tokens)), parallel)
+
+
+def test_policy_window_follows_the_costs():
+    good = [SeqView("sd", accepted=70, verified=100)]
+    cheap = SpeculationPolicy(_costs(0.002), max_gamma=8)
+    costly = SpeculationPolicy(_costs(0.030), max_gamma=8)
+    g_cheap, g_costly = cheap.choose(good), costly.choose(good)
+    assert g_cheap >= 3 and g_costly == 0
+    # a big batch on a target whose cost grows with tokens: a smaller window (or none) than alone
+    steep = SpeculationPolicy(_costs(0.002, per_token=0.004), max_gamma=8)
+    alone, crowd = steep.choose(good), steep.choose(good * 16)
+    assert alone > crowd
+    # a draft that is rarely right: plain decoding, with a probe every probe_every rounds
+    bad = [SeqView("pearl", accepted=5, verified=100)]
+    probe = SpeculationPolicy(_costs(0.004), max_gamma=8, probe_every=4)
+    picks = [probe.choose(bad) for _ in range(8)]
+    assert picks.count(0) == 6 and picks[3] > 0 and picks[7] > 0
+    # target-only requests only: nothing to choose
+    assert cheap.choose([SeqView("ar")] * 4) == 0
+
+
+def test_policy_rescales_and_remeasures_on_drift():
+    calls = []
+    pol = SpeculationPolicy(_costs(0.002), remeasure=lambda: calls.append(1) or _costs(0.002), drift_rounds=5)
+    for _ in range(4):
+        pol.observe(rows=1, width=1, target_s=pol.costs.target(1))
+    assert abs(pol.scale_target - 1.0) < 1e-9 and not calls
+    for _ in range(30):  # a busy machine: every forward 3x slower
+        pol.observe(rows=1, width=1, target_s=3 * pol.costs.target(1))
+    assert calls and pol.remeasures == len(calls)
+
+
+def test_engine_policy_is_the_default_and_explicit_gamma_is_fixed(tiny_pair):
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"])
+    assert eng.config.adaptive and eng.measured["policy"]["costs"]["target"]["tokens"]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    out = eng.generate([PROMPTS[0]], params)[0]
+    assert {t.window for t in out.stats.round_timings} <= set(range(0, 9))
+    fixed = eng.generate([PROMPTS[0]], params, gamma=2)[0]
+    assert {t.window for t in fixed.stats.round_timings} <= {0, 2} and fixed.token_ids == out.token_ids
+
+
+def test_as_batched_wraps_any_causal_lm():
+    lm = as_batched(TabularLM(6, seed=0))
+    assert isinstance(lm, PerSlotLM)
+    out = lm.forward({0: ([1, 2], 1), 3: ([4], 1)})
+    assert out[0].shape == (1, 6) and lm.cache_len(3) == 1
+    lm.release(3)
+    assert lm.cache_len(3) == 0 and len(lm.pool) == 1
+
+
+def test_request_options_carry_the_policy_flag():
+    cfg = EngineConfig()
+    assert cfg.round_options("pearl", 8, True, adaptive=True).adaptive
+    assert not cfg.round_options("ar", 8, True, adaptive=True).adaptive
+    req = Request((1, 2), SamplingParams(), "sd", cfg.round_options("sd", 4, True), 0)
+    assert not req.rounds.adaptive
