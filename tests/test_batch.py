@@ -13,6 +13,7 @@
 """
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +312,48 @@ def test_request_options_carry_the_policy_flag():
     assert not cfg.round_options("ar", 8, True, adaptive=True).adaptive
     req = Request((1, 2), SamplingParams(), "sd", cfg.round_options("sd", 4, True), 0)
     assert not req.rounds.adaptive
+
+
+# -- the tensor-parallel leader's batched op ------------------------------------------------------------------
+def _tp_rank(rank: int, path: str, init: str, out: str) -> None:
+    """One rank of a 2-process group over gloo (each holds the whole tiny model: this checks the op
+    protocol, not AutoTP's sharding, which tests/test_tensor_parallel.py covers)."""
+    import torch.distributed as dist
+
+    from pearl_ray.modeling.tp import TPBatchedLeader, TPGroup, follow
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    group = TPGroup(rank, 2, torch.device("cpu"))
+    if rank == 1:
+        follow(HFCausalLM(model), group)
+        dist.destroy_process_group()
+        return
+    rng = random.Random(4)
+    scripts = [_script(rng, n) for n in (6, 2, 9)]
+    lead = TPBatchedLeader(BatchedHFCausalLM(model, compact_min=8), group)
+    want, got = _replay(lambda: HFCausalLM(model), lead, scripts, rng)
+    group.send_op(4)  # OP_STOP
+    worst = max((a - b).abs().max().item() for w, g in zip(want, got) for a, b in zip(w, g))
+    Path(out).write_text(f"{worst} {sum(map(len, got))} {sum(map(len, want))}")
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_leader_carries_the_batched_forward_in_one_op(tiny_pair, tmp_path):
+    import torch.multiprocessing as mp
+
+    from pearl_ray.modeling.tp import decode_feeds, encode_feeds
+
+    feeds = {3: ([5, 6, 7], 2), 0: ([9], 1)}
+    assert decode_feeds(encode_feeds(feeds)) == feeds
+    out = tmp_path / "result"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_tp_rank, args=(r, tiny_pair["target"], f"file://{tmp_path}/store", str(out)))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    worst, n_got, n_want = out.read_text().split()
+    assert float(worst) < 1e-5 and n_got == n_want

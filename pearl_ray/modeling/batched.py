@@ -59,6 +59,7 @@ class BatchedHFCausalLM:
         self._cache_cls, self._config = DynamicCache, cfg
         self.compact_ratio, self.compact_min, self.pad_id = compact_ratio, compact_min, pad_id
         self.prefill_threads: int | None = None
+        self.to_host = True  # False: logits stay on the device (a tensor-parallel follower discards them)
         self.forwards = 0
         self.compactions = 0
         self.clear()
@@ -147,7 +148,7 @@ class BatchedHFCausalLM:
             hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True).last_hidden_state
             logits = self._logits(hidden[0, -num_logits:])
         self._merge(slot, cache, len(ids))
-        return logits.cpu()
+        return logits.cpu() if self.to_host else logits
 
     def _merge(self, slot: int, cache, n: int) -> None:
         length = self.physical_len
@@ -198,7 +199,8 @@ class BatchedHFCausalLM:
                     continue
                 picks.append(hidden[r, width - feed[1]:])
                 spans.append((slot, feed[1]))
-            logits = self._logits(torch.cat(picks)).cpu()
+            logits = self._logits(torch.cat(picks))
+            logits = logits.cpu() if self.to_host else logits
         self.valid = mask
         for r, slot in enumerate(self.rows):
             feed = feeds.get(slot)

@@ -32,6 +32,8 @@ from ..errors import InvalidParameterError, ModelNotFoundError
 log = logging.getLogger(__name__)
 
 OP_FORWARD, OP_CROP, OP_RESET, OP_STOP = 1, 2, 3, 4
+OP_BATCH_FORWARD, OP_BATCH_CROP, OP_BATCH_RELEASE = 5, 6, 7
+"""The slot cache's operations (``modeling.batched``): one broadcast carries a whole batched forward."""
 HEADER = 4  # op, n_ids, num_logits, crop length
 
 
@@ -95,10 +97,72 @@ class TPLeaderModel:
             self.group.send_op(OP_STOP)
 
 
-def follow(runner, group: TPGroup) -> str:
-    """A non-leader rank's loop: run rank 0's operations on the local shard until ``OP_STOP``."""
+def encode_feeds(feeds: dict[int, tuple[list[int], int]]) -> list[int]:
+    """A batched forward as one int list: [n, (slot, n_ids, num_logits) * n, ids of every slot in order]."""
+    head, ids = [len(feeds)], []
+    for slot, (tokens, k) in feeds.items():
+        head += [slot, len(tokens), k]
+        ids += list(tokens)
+    return head + ids
+
+
+def decode_feeds(payload: list[int]) -> dict[int, tuple[list[int], int]]:
+    n = payload[0]
+    feeds, at = {}, 1 + 3 * n
+    for i in range(n):
+        slot, count, k = payload[1 + 3 * i: 4 + 3 * i]
+        feeds[slot] = (payload[at: at + count], k)
+        at += count
+    return feeds
+
+
+class TPBatchedLeader:
+    """Rank 0's ``core.batch.BatchedLM``: the local shard's slot cache, each operation first broadcast to the
+    group (a batched forward is one op: every slot's new ids, lengths and logit counts), so that every rank's
+    cache makes the same moves and their forwards meet in AutoTP's all-reduces."""
+
+    def __init__(self, lm, group: TPGroup):
+        self.lm, self.group = lm, group
+        self.vocab_size, self.max_context = lm.vocab_size, lm.max_context
+
+    def forward(self, feeds):
+        self.group.send_op(OP_BATCH_FORWARD, encode_feeds(feeds))
+        return self.lm.forward(feeds)
+
+    def crop(self, slot: int, length: int) -> None:
+        self.group.send_op(OP_BATCH_CROP, [slot], length=length)
+        self.lm.crop(slot, length)
+
+    def release(self, slot: int) -> None:
+        self.group.send_op(OP_BATCH_RELEASE, [slot])
+        self.lm.release(slot)
+
+    def cache_len(self, slot: int) -> int:
+        return self.lm.cache_len(slot)
+
+    @property
+    def slots(self) -> list[int]:
+        return self.lm.slots
+
+
+def follow(runner, group: TPGroup, batched=None) -> str:
+    """A non-leader rank's loop: run rank 0's operations on the local shard until ``OP_STOP``. The slot cache
+    (``batched``, built over the runner's model on the first batched op unless given) mirrors rank 0's."""
     while True:
         op, ids, num_logits, length = group.recv_op()
+        if op in (OP_BATCH_FORWARD, OP_BATCH_CROP, OP_BATCH_RELEASE):
+            if batched is None:
+                from .batched import BatchedHFCausalLM
+
+                batched = BatchedHFCausalLM(runner.model, runner.vocab_size)
+                batched.to_host = False
+            if op == OP_BATCH_FORWARD:
+                batched.forward(decode_feeds(ids))
+            elif op == OP_BATCH_CROP:
+                batched.crop(ids[0], length)
+            else:
+                batched.release(ids[0])
+            continue
         if op == OP_FORWARD:  # the same shapes as rank 0 (AutoTP's lm_head all-reduces them); logits unused
             runner.forward(ids, num_logits, to_host=False)
         elif op == OP_CROP:
