@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 import sys
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--transports", default="actor,gloo")
-    ap.add_argument("--out", default="results/bench/bench_channels.json")
+    ap.add_argument("--out", default=f"results/bench/channels-{time.strftime('%Y%m%d-%H%M%S')}.json",
+                    help="output file (default: under the ignored results/bench/)")
     args = ap.parse_args(argv)
 
     import ray

@@ -32,34 +32,27 @@ def hf_assisted_runner(target_path: str, draft_path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pearl_ray.modeling.resolve import VOCAB_MAP_FILE
+    from pearl_ray.modeling.hf import VocabMap
 
     target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
-    vocab_file = Path(draft_path) / VOCAB_MAP_FILE
-    if vocab_file.exists():
-        meta = json.loads(vocab_file.read_text())
-        out_ids = torch.tensor(meta["draft_to_target"])
-        in_map = torch.full((meta["target_vocab_size"],), len(out_ids), dtype=torch.long)
-        in_map[out_ids] = torch.arange(len(out_ids))
+    vmap = VocabMap.from_dir(draft_path)
+    if vmap is not None:
 
         # Target ids in, full-vocabulary logits out (-inf outside the draft's vocabulary). Done with hooks
         # so that generate() still sees the model's own forward signature (it slices inputs by it).
         draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
 
         def map_inputs(module, args, kwargs):
-            kwargs["input_ids"] = in_map[kwargs["input_ids"]]
+            kwargs["input_ids"] = vmap.map_in(kwargs["input_ids"])
             return args, kwargs
 
         def widen_logits(module, args, kwargs, out):
-            logits = out.logits[:, -1:]  # generate() reads only the last position
-            full = torch.full((*logits.shape[:-1], len(in_map)), float("-inf"), dtype=logits.dtype)
-            full[..., out_ids] = logits[..., : len(out_ids)]
-            out.logits = full
+            out.logits = vmap.map_out(out.logits[:, -1:])  # generate() reads only the last position
             return out
 
         draft.register_forward_pre_hook(map_inputs, with_kwargs=True)
         draft.register_forward_hook(widen_logits, with_kwargs=True)
-        draft.config.vocab_size = len(in_map)
+        draft.config.vocab_size = vmap.vocab_size
     else:
         draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
     draft.generation_config.eos_token_id = target.generation_config.eos_token_id
@@ -92,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--transports", default="gloo,actor",
                     help="the first runs the gamma sweep, the others --other-gammas")
     ap.add_argument("--other-gammas", default="5,auto", help="gammas for the other transports (auto = measured)")
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--out", default=f"results/bench/{time.strftime('%Y%m%d-%H%M%S')}",
+                    help="output folder (default: a new one under the ignored results/bench/)")
     ap.add_argument("--num-gpus", type=float, default=0, help="per actor (e.g. 0.5 to share one GPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")

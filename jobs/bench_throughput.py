@@ -36,14 +36,15 @@ HELDOUT = ROOT / "data" / "heldout" / "prompts.json"
 
 def heldout_prompts(tokenizer, families=("chat", "code")) -> list[str]:
     """The held-out prompts of ``families``, interleaved, each wrapped in the chat template."""
+    from pearl_ray.modeling.chat import user_turn
+
     data = json.loads(HELDOUT.read_text())["families"]
     lists = [data[f] for f in families]
     out = []
     for i in range(max(len(x) for x in lists)):
         for x in lists:
             if i < len(x):
-                out.append(tokenizer.apply_chat_template([{"role": "user", "content": x[i]}], tokenize=False,
-                                                         add_generation_prompt=True))
+                out.append(user_turn(tokenizer, x[i]))
     return out
 
 
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from pearl_ray import PearlEngine, SamplingParams
+    from pearl_ray.modeling.hf import quiet_loading
+
+    quiet_loading()
 
     torch.set_num_threads(args.num_threads)
     sizes = [int(x) for x in args.batch_sizes.split(",")]

@@ -81,8 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cache", default="results/measure/target_outputs.json")
-    ap.add_argument("--out", default="results/measure/compare_drafts.csv")
+    ap.add_argument("--cache", default="results/compare/target_outputs.json")
+    ap.add_argument("--out", default="results/compare/compare_drafts.csv")
     args = ap.parse_args(argv)
     families = args.families.split(",")
     if set(families) - set(FAMILIES) or args.num_prompts < 1 or args.gamma < 1:

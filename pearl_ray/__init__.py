@@ -17,4 +17,4 @@ __all__ = ["PearlEngine", "SamplingParams", "EngineConfig", "GenerationOutput", 
            "RoundTiming", "PearlError", "InvalidParameterError", "PromptError", "ModelNotFoundError",
            "TokenizerMismatchError", "DraftUnavailable", "TargetUnavailable", "CoordinatorUnavailable",
            "ResourcesUnavailable", "QueueFullError", "EngineClosedError"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"  # keep equal to pyproject.toml (tests/test_newuser.py checks)

@@ -7,25 +7,31 @@ import argparse
 import json
 import sys
 
+from .config import METHODS, TRANSPORTS
 from .errors import PearlError, PromptError
 from .modeling.presets import preset_names
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(prog="python -m pearl_ray", description="PEARL speculative decoding")
+    ap.add_argument("--version", action="version", version=f"pearl_ray {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text for one or more prompts")
+    g = sub.add_parser("generate", help="generate text for one or more prompts",
+                       description="Without --draft/--target/--preset it uses the embedded default pair.")
     g.add_argument("--preset", choices=preset_names(),
                    help="a named pair: 'default' = the embedded CPU pair; the others are GPU pairs "
                         "(pearl_ray.modeling.presets: models, TP size, dtype, gamma, GPUs)")
     g.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="target ranks, one actor each (DeepSpeed AutoTP; needs --backend ray)")
-    g.add_argument("--draft", help="draft model dir, preset name or hub id")
-    g.add_argument("--target", help="target model dir, preset name or hub id")
-    g.add_argument("--method", default="pearl", choices=["pearl", "sd", "ar"])
-    g.add_argument("--gamma", type=int, default=4, help="draft window (0 = auto on the ray backend)")
+    g.add_argument("--draft", help="draft model dir, preset name or hub id (default: default-draft)")
+    g.add_argument("--target", help="target model dir, preset name or hub id (default: default-target)")
+    g.add_argument("--method", default="pearl", choices=METHODS)
+    g.add_argument("--gamma", type=int, default=0,
+                   help="fixed draft window; 0 = auto (locally the adaptive policy, on ray the measured ratio)")
     g.add_argument("--backend", default="local", choices=["local", "ray"])
-    g.add_argument("--transport", choices=["gloo", "actor"],
+    g.add_argument("--transport", choices=TRANSPORTS,
                    help="ray backend only: how the target leader reaches the draft (default gloo)")
     g.add_argument("--num-threads", type=int, help="torch threads per model (local) or per worker (ray)")
     g.add_argument("--device", default="cpu")
@@ -58,9 +64,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--model-name", help="the model id clients send (default: the target's name)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    s.add_argument("--method", choices=["pearl", "sd", "ar"], help="default method (default pearl)")
+    s.add_argument("--method", choices=METHODS, help="default method (default pearl)")
     s.add_argument("--gamma", type=int, default=0, help="draft window (0 = auto, measured at start-up)")
-    s.add_argument("--transport", choices=["gloo", "actor"])
+    s.add_argument("--transport", choices=TRANSPORTS)
     s.add_argument("--num-threads", type=int, help="torch threads per worker")
     s.add_argument("--device")
     s.add_argument("--dtype")
@@ -103,19 +109,46 @@ def serve_main(args) -> int:
 
 def chat_prompt(tokenizer, text: str) -> str:
     """``text`` as one user turn in the tokenizer's chat template, ready for the assistant's reply."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    from .modeling.chat import has_chat_template, user_turn
+
+    if not has_chat_template(tokenizer):
         raise PromptError("--chat needs a tokenizer with a chat template; this model's tokenizer has none")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    return user_turn(tokenizer, text)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse; an unknown flag is reported with its subcommand's usage (not the top level's)."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def describe_gamma(engine, outs) -> str:
+    """What auto mode chose: the policy's windows, the measured fixed window, or the explicit one."""
+    if engine.config.adaptive and engine.has_draft:
+        windows = [t.window for o in outs for t in o.stats.round_timings]
+        mean = sum(windows) / len(windows) if windows else 0.0
+        return f"gamma: adaptive policy (windows 0-{engine.gamma}, mean {mean:.2f} per round)"
+    if engine.measured and "auto_gamma" in engine.measured:
+        return f"gamma: auto -> {engine.gamma} (measured cost ratio {engine.measured['cost_ratio']:.1f})"
+    return f"gamma: {engine.gamma}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    from .modeling.hf import quiet_loading
+
+    quiet_loading()
     if args.command == "serve":
         return serve_main(args)
     from . import PearlEngine, SamplingParams
 
     draft, target = args.draft, args.target
+    if target is None and draft is None and not args.preset:
+        draft, target = "default-draft", "default-target"  # the embedded pair, as `serve` does
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
@@ -133,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"method": args.method, "gamma": engine.gamma, "outputs": [
+        print(json.dumps({"method": args.method, "gamma": engine.gamma, "adaptive": engine.config.adaptive,
+                          "gamma_choice": describe_gamma(engine, outs), "outputs": [
             {"prompt": p, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
              "stats": o.stats.as_dict()} for p, o in zip(args.prompt, outs)]}, indent=2))
     else:
+        if args.method != "ar":
+            print(describe_gamma(engine, outs))
         for p, o in zip(args.prompt, outs):
             s = o.stats
             print(f"--- {args.method} | {s.new_tokens} tokens in {s.wall_s:.2f} s ({s.tokens_per_s:.1f} tok/s), "

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
+from .core.request import Request  # noqa: F401 - re-exported: the engine builds requests from here
 from .core.rounds import RoundOptions
 from .errors import InvalidParameterError
 
-METHODS = ("pearl", "sd", "ar")
+Method = Literal["pearl", "sd", "ar"]
+"""How a request decodes: PEARL, vanilla speculative decoding, or the target alone."""
+Transport = Literal["gloo", "actor"]
+"""How the target leader reaches the draft on Ray: a private gloo link (default) or plain actor calls."""
+METHODS: tuple[str, ...] = get_args(Method)
+TRANSPORTS: tuple[str, ...] = get_args(Transport)
 BACKENDS = ("local", "ray")
-TRANSPORTS = ("gloo", "actor")
 TENSOR_LANES = ("auto", "gloo", "nccl")
 """What carries the draft's probability rows on the gloo link: "auto" = NCCL when draft and leader sit on
 different GPUs, else gloo (everything else always goes over gloo)."""
-"""How the target leader reaches the draft on Ray: a private gloo link (default) or plain actor calls."""
 PLACEMENTS = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
 DEFAULT_GAMMA = 4
 MAX_GAMMA = 16
@@ -221,25 +226,17 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class Request:
-    """One generation: everything the loop needs, and nothing that refers back to the engine."""
+def bundle(cpu: float, gpu: float) -> dict:
+    """A placement bundle for one side. Ray refuses empty bundles, so a side that asks for nothing reserves
+    one byte of ``memory`` (not a sliver of CPU, which would keep a 2-CPU node from holding a 1+1 CPU pair)."""
+    return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"memory": 1.0}
 
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    method: str
-    rounds: RoundOptions
-    seed: int
-    """The request's own seed, derived from ``params.seed`` and its index in the call, in [0, 2**63)."""
-    eos_token_ids: tuple[int, ...] = ()
 
-    @property
-    def uses_draft(self) -> bool:
-        return self.rounds.use_draft
-
-    def target_only(self) -> "Request":
-        """The same request run on the target alone (the draft is down): still lossless."""
-        return dataclasses.replace(self, rounds=dataclasses.replace(self.rounds, use_draft=False, pre_verify=True))
+def context_room(max_context: int, prompt_len: int, window: int) -> int:
+    """New tokens that fit a context of ``max_context`` after a ``prompt_len``-token prompt: the draft window
+    (``window``, 0 for target-only) and one position for the next token need room too. The one rule every
+    entry point checks lengths with (engine, endpoint, GSM8K job)."""
+    return max_context - prompt_len - window - 1
 
 
 def request_seed(seed: int, index: int) -> int:

@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from .config import (DEFAULT_GAMMA, POLICY_MAX_GAMMA, EngineConfig, Request, SamplingParams, check_gamma,
-                     check_method, request_seed)
+                     check_method, context_room, request_seed)
 from .core.metrics import GenerationStats
+from .modeling.chat import check_text
 from .core.stopping import cut_at_stop
 from .errors import EngineClosedError, InvalidParameterError, PromptError, QueueFullError
 
@@ -35,7 +36,7 @@ class GenerationOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids only, after the stop rule
     text: str | None
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # one of core.stopping.FINISH_REASONS
     stats: GenerationStats = field(repr=False, default_factory=GenerationStats)
 
 
@@ -89,12 +90,11 @@ def apply_preset(name: str, draft, target, method, gamma, backend, options: dict
 
     over = ({"draft": "default-draft", "target": "default-target"} if name == EMBEDDED_PRESET
             else engine_overrides(get_preset(name)))
+    from .modeling.presets import fill_unset
+
     defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     given = {"draft": draft, "target": target, "method": method, "gamma": gamma, "backend": backend, **options}
-    merged = dict(given)
-    for key, value in over.items():
-        if given.get(key, defaults.get(key)) == defaults.get(key) or key in ("draft", "target", "gamma") and given[key] is None:
-            merged[key] = value
+    merged = fill_unset(given, over, lambda k, v: v is None or v == defaults.get(k))
     rest = {k: v for k, v in merged.items() if k not in ("draft", "target", "method", "gamma", "backend")}
     return merged["draft"], merged["target"], merged["method"], merged["gamma"], merged["backend"], rest
 
@@ -208,10 +208,7 @@ class PearlEngine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("prompt is empty")
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise PromptError(f"prompt is not valid Unicode text ({exc.reason} at position {exc.start})") from None
+            check_text(prompt)
             if self.tokenizer is None:
                 raise PromptError("text prompts need a tokenizer; pass token-id lists instead")
             ids = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
@@ -252,7 +249,7 @@ class PearlEngine:
         if n + window + 1 >= ctx:
             raise InvalidParameterError(f"gamma {gamma} is too large for a {n}-token prompt in a context of {ctx}: "
                                         f"the draft window needs room past the prompt")
-        room = ctx - n - window - 1
+        room = context_room(ctx, n, window)
         if params.max_new_tokens > room:
             raise InvalidParameterError(
                 f"max_new_tokens {params.max_new_tokens} does not fit: prompt {n} tokens + {params.max_new_tokens} "

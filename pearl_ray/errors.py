@@ -43,3 +43,9 @@ class QueueFullError(PearlError, RuntimeError):
 
 class EngineClosedError(PearlError, RuntimeError):
     """The engine was shut down."""
+
+
+def pearl_cause(exc: BaseException) -> "PearlError | None":
+    """The typed error a Ray task raised, when ``exc`` (a ``RayTaskError``) carries one as its cause."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, PearlError) else None

@@ -134,9 +134,18 @@ def test_edges_of_the_request_path(tiny_pair):
         ar.generate([[5, 6]], SamplingParams())
 
 
-def test_a_reduced_vocabulary_draft_with_another_target_is_a_tokenizer_error(tiny_pair):
-    with pytest.raises(TokenizerMismatchError):
+def test_a_reduced_vocabulary_draft_with_another_target_is_a_tokenizer_error(tiny_pair, tmp_path):
+    from pearl_ray.modeling.default_pair import draft_dir
+    from pearl_ray.testing import save_tiny_llama
+
+    with pytest.raises(TokenizerMismatchError, match="tokenizer"):  # another tokenizer altogether
         PearlEngine(draft="default-draft", target=tiny_pair["target"])
+    # the same tokenizer, but a vocabulary of another size than the one the draft's id map was made for:
+    # only the vocabulary check can refuse this pair
+    other = save_tiny_llama(tmp_path / "wide", vocab_size=49160, hidden_size=16, num_layers=1,
+                            tokenizer_dir=draft_dir())
+    with pytest.raises(TokenizerMismatchError, match="reduced vocabulary made for a target with 49152"):
+        PearlEngine(draft="default-draft", target=str(other))
 
 
 def test_cli_chat_without_a_template_is_a_clear_error(tiny_pair):

@@ -1,4 +1,4 @@
-"""Prompt families (pearl_ray.evals.families) and the gen-broad phase of jobs/distill_draft.py, on tiny models."""
+"""Prompt families (jobs/families.py) and the gen-broad phase of jobs/distill_draft.py, on tiny models."""
 
 import gzip
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pearl_ray.evals.families import FAMILIES, build_family, humaneval_prompts
+from jobs.families import FAMILIES, build_family, humaneval_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
@@ -125,7 +125,7 @@ def test_code_doctest_prompts():
     import ast
     import inspect
 
-    from pearl_ray.evals.doctest_tasks import DOCTEST_TASKS, VARIANTS, doctest_examples
+    from jobs.doctest_tasks import DOCTEST_TASKS, VARIANTS, doctest_examples
 
     tasks = {t.name: t for t in DOCTEST_TASKS}
     assert len(tasks) == len(DOCTEST_TASKS) >= 150

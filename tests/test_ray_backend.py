@@ -49,7 +49,8 @@ def test_transport_invariance(engines, transport):
     assert [streamed[i] for i in range(3)] == [o.token_ids for o in outs]
     s = outs[0].stats
     assert len(s.round_timings) == s.rounds and s.bytes_moved > 0
-    assert all(t.draft_idle_s >= 0 and t.target_idle_s >= 0 for t in s.round_timings)
+    # idle = round span - busy: a side busier than its round would mean clocks or bookkeeping are wrong
+    assert all(t.draft_busy_s <= t.round_s + 1e-3 and t.target_busy_s <= t.round_s + 1e-3 for t in s.round_timings)
 
 
 @pytest.mark.parametrize("transport", ["actor", "gloo"])

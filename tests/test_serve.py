@@ -262,7 +262,25 @@ BAD = [  # (route, raw body, status, param, code)
     ("/v1/completions", b'{"prompt": "w1", "model": "gpt-4o"}', 404, "model", "model_not_found"),
     ("/faults/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}]}', 400, "messages",
      "chat_template_missing"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1 \\ud800 w2"}]}', 400, "messages",
+     "invalid_value"),  # a lone surrogate (JSON lets it through, UTF-8 cannot encode it)
 ]
+
+
+def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(server):
+    for method, route, status in (("post", "/v1/nope", 404), ("get", "/v1/completions", 405),
+                                  ("post", "/v1/completions/", 404), ("get", "/v1/models/", 404)):
+        r = requests.request(method, server.base + route, json={"prompt": "w1"}, timeout=30, allow_redirects=False)
+        assert r.status_code == status, (method, route, r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and route in err["message"], err
+
+
+def test_tiny_temperatures_decode(server):
+    for t in (1e-39, 1e-8, 1e-3):
+        r = requests.post(server.base + "/v1/completions", timeout=60,
+                          json={"prompt": "w1 w2", "max_tokens": 6, "temperature": t, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, (t, r.text)
 
 
 def test_every_bad_input_is_answered_and_the_server_keeps_serving(server):
@@ -461,7 +479,14 @@ def test_the_serve_config_files_parse_and_build():
         (app,) = ServeDeploySchema.model_validate(doc).applications
         assert app.import_path == "pearl_ray.serve:build_app"
         config = ServeConfig.model_validate(app.args)
-        assert len(config.bundles()) == 3 and build_app(app.args) is not None
+        assert len(config.bundles()) == 3
+        built = build_app(app.args)  # what Serve deploys: the ingress bound to the model deployment
+        ingress = built._bound_deployment
+        model = ingress.init_args[0]._bound_deployment
+        assert (ingress.name, model.name) == ("OpenAIIngress", "PearlServer")
+        assert model.max_ongoing_requests == config.max_ongoing_requests
+        assert model._replica_config.placement_group_bundles == config.bundles()
+        assert model.init_args[0]["target"] == config.target == app.args["target"]
     with pytest.raises(ValueError, match="draf_num_cpus"):
         ServeConfig.model_validate({"draf_num_cpus": 1})
 

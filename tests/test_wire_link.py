@@ -12,8 +12,8 @@ from pearl_ray.runtime import wire
 from pearl_ray.runtime.link import GlooLink, draft_frame_handler, serve_rounds
 from pearl_ray.runtime.transports import GlooDraftChannel
 from pearl_ray.config import EngineConfig, Request, SamplingParams
-from pearl_ray.core.loop import LocalChannel, run_request, start_draft
-from pearl_ray.core.messages import DraftChunk, DraftRequest, SeqUpdate
+from pearl_ray.core.loop import LocalChannel, iter_request, start_draft
+from pearl_ray.core.messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate
 from pearl_ray.core.stopping import StopRule
 from pearl_ray.testing import SlowLM, TabularLM
 from pearl_ray.core.sides import DraftSide, TargetSide
@@ -64,10 +64,20 @@ def test_replies_round_trip():
 
 def test_start_round_trip():
     prompt = list(range(300))
-    tensors = wire.encode_start(prompt, 0.7, 5, 0.9, True, 12345)
+    tensors = wire.encode_start(DraftStart(prompt, 0.7, 5, 0.9, True, 12345))
     assert wire.decode_start(tensors[0], _feeder(tensors[1:])) == (prompt, 0.7, 5, 0.9, True, 12345)
     with pytest.raises(ValueError):
         wire.decode_request(wire.stop_frame(), _no_more)
+
+
+def run_request(channel, request, stop):
+    """``iter_request`` drained: (output ids, stats)."""
+    it = iter_request(channel, request, stop)
+    while True:
+        try:
+            next(it)
+        except StopIteration as done:
+            return done.value
 
 
 class _DraftEnd:
@@ -80,8 +90,8 @@ class _DraftEnd:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def start(self, ids, temperature, top_k, top_p, draft_greedy, seed):
-        start_draft(self.side, ids, temperature, top_k, top_p, draft_greedy, seed)
+    def start(self, start):
+        start_draft(self.side, start)
 
     def draft(self, req):
         return self.side.draft(req)

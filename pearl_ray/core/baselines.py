@@ -1,5 +1,5 @@
 """Reference decoders over the same ``CausalLM`` protocol: target-only autoregressive decoding and
-vanilla speculative decoding. Straightforward sequential loops, written independently of ``pearl.py`` so
+vanilla speculative decoding. Straightforward sequential loops, written independently of ``core.rounds`` so
 that they serve as PEARL's oracles in tests and as the baselines in benchmarks.
 """
 

@@ -36,7 +36,7 @@ from .sides import CausalLM, SeqMirror
 from .stopping import StopRule
 
 if TYPE_CHECKING:
-    from ..config import Request
+    from .request import Request
 
 
 class BatchedLM(Protocol):

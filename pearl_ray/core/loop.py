@@ -8,11 +8,11 @@ the target in-process and the draft in another actor at the same time; ``runtime
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
-from .messages import DraftChunk, DraftRequest, TargetOutput, TargetRequest
+from .messages import DraftChunk, DraftRequest, DraftStart, TargetOutput, TargetRequest
 from .metrics import GenerationStats, RoundTiming
 from .rounds import PearlState, pearl_step, plan_round
 from .sampling import make_generator
@@ -20,7 +20,7 @@ from .sides import CausalLM, DraftSide, TargetSide
 from .stopping import StopRule
 
 if TYPE_CHECKING:
-    from ..config import Request
+    from .request import Request
 
 
 class RoundChannel(Protocol):
@@ -43,17 +43,17 @@ class RoundChannel(Protocol):
         ...
 
 
-def draft_start_args(request: "Request") -> tuple:
-    """What the draft needs to start a request: (prompt ids, temperature, top_k, top_p, draft_greedy, seed).
-    Plain values, so that every transport can carry them."""
+def draft_start(request: "Request") -> DraftStart:
+    """The ``DraftStart`` message of a request."""
     p = request.params
-    return list(request.prompt_ids), p.temperature, p.top_k, p.top_p, request.rounds.draft_greedy, request.seed
+    return DraftStart(list(request.prompt_ids), p.temperature, p.top_k, p.top_p, request.rounds.draft_greedy,
+                      request.seed)
 
 
-def start_draft(side: DraftSide, prompt_ids, temperature, top_k, top_p, draft_greedy, seed) -> None:
+def start_draft(side: DraftSide, start: DraftStart) -> None:
     """Reset a draft side; its sampling generator is stream 1 of the request's seed."""
-    gen = make_generator(seed, 1) if temperature > 0 and not draft_greedy else None
-    side.start(prompt_ids, temperature, top_k, top_p, draft_greedy, gen)
+    gen = make_generator(start.seed, 1) if start.temperature > 0 and not start.draft_greedy else None
+    side.start(start.prompt_ids, start.temperature, start.top_k, start.top_p, start.draft_greedy, gen)
 
 
 def start_target(side: TargetSide, request: "Request") -> None:
@@ -73,7 +73,7 @@ class LocalChannel:
         start_target(self.target, request)
         self.draft_ok = self.draft is not None and request.uses_draft
         if self.draft_ok:
-            start_draft(self.draft, *draft_start_args(request))
+            start_draft(self.draft, draft_start(request))
 
     def run_round(self, draft_req, target_req):
         if not self.draft_ok:
@@ -119,7 +119,7 @@ def iter_request(channel: RoundChannel, request: "Request", stop: StopRule
     fallback_opts = replace(opts, use_draft=False, pre_verify=True)
     while True:
         # 1. Plan both sides' work from the state; 2. run them (concurrently on Ray); 3. decide once.
-        #    After a draft failure, the remaining rounds run on the target alone (still lossless, spec §7.6).
+        #    After a draft failure, the remaining rounds run on the target alone (still lossless, docs/pearl-algorithm.md §7.6).
         draft_ok = opts.use_draft and channel.draft_ok
         plan = plan_round(state, opts if draft_ok else fallback_opts)
         wall0, t0 = time.time(), time.perf_counter()
@@ -155,16 +155,3 @@ def iter_request(channel: RoundChannel, request: "Request", stop: StopRule
     stats.draft_forwards, stats.target_forwards = channel.forward_counts()
     stats.finish(len(output), time.perf_counter() - t_start, decision.reason)
     return output, stats
-
-
-def run_request(channel: RoundChannel, request: "Request", stop: StopRule,
-                on_tokens: Callable[[list[int]], None] | None = None) -> tuple[list[int], GenerationStats]:
-    """``iter_request`` drained: returns (output ids, stats); ``on_tokens`` sees each round's new tokens."""
-    it = iter_request(channel, request, stop)
-    while True:
-        try:
-            ids = next(it)
-        except StopIteration as done:
-            return done.value
-        if on_tokens is not None:
-            on_tokens(ids)

@@ -9,8 +9,20 @@ state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+
+class DraftStart(NamedTuple):
+    """What the draft needs to start a request: plain values, so that every transport can carry them."""
+
+    prompt_ids: list[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    draft_greedy: bool
+    seed: int
 
 
 @dataclass
@@ -84,7 +96,7 @@ class TargetOutput:
 
 @dataclass
 class Outcome:
-    """The decision of one round (see ``pearl.pearl_step``)."""
+    """The decision of one round (see ``rounds.pearl_step``)."""
 
     round_id: int
     num_candidates: int  # draft tokens verified against p this round

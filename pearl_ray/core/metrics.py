@@ -1,4 +1,4 @@
-"""Generation statistics (project definitions, spec §9). Pure: standard library only.
+"""Generation statistics (project definitions, docs/pearl-algorithm.md §9). Pure: standard library only.
 
 Per request:
 - ``new_tokens``: committed output tokens after the stop rule (never pending ones).
@@ -29,13 +29,13 @@ class RoundTiming:
     mode: str
     draft_busy_s: float = 0.0
     target_busy_s: float = 0.0
-    round_s: float = 0.0  # wall time of the whole round as the coordinator saw it
+    round_s: float = 0.0  # wall time of the whole round as the decoding loop saw it
     decide_s: float = 0.0  # coordinator/decider time (pearl_step and bookkeeping)
     overlap_s: float = 0.0  # time both sides were busy at once (from their own timestamps)
     bytes_moved: int = 0
     num_candidates: int = 0
     num_accepted: int = 0
-    # Wall-clock (time.time()) stamps: when the coordinator began the round and when each side began its
+    # Wall-clock (time.time()) stamps: when the decoding loop began the round and when each side began its
     # work (0.0 if it did none). Same-node runs can split the overhead into dispatch and return latency.
     started_at: float = 0.0
     draft_started_at: float = 0.0

@@ -14,7 +14,7 @@ Ablations are options of the same loop (``RoundOptions``):
 - ``post_verify=False``: in POST rounds the draft sits out; the target verifies the pending tokens and,
   if all pass, takes a bonus token from its extra row (as vanilla SD).
 With both off the schedule is exactly vanilla speculative decoding. A round whose draft produced nothing
-(draft failure or timeout) is verified the same way: pending tokens, then a bonus row (spec §7.6).
+(draft failure or timeout) is verified the same way: pending tokens, then a bonus row (docs/pearl-algorithm.md §7.6).
 """
 
 from __future__ import annotations

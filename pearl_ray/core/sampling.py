@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 
 
+MIN_TEMPERATURE = 1e-30
+"""Temperatures below this are computed as this (the same point mass in float32)."""
+
+
 def warp_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Turn raw logits ``[..., vocab]`` into normalised fp32 probabilities ``[..., vocab]``.
 
@@ -27,7 +31,11 @@ def warp_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: 
     if temperature == 0.0:
         probs = torch.zeros_like(logits)
         return probs.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-    logits = logits / temperature
+    # Shift by the row's max before dividing: a tiny temperature (1e-39) then sends the other logits to
+    # -inf, never the top one to +inf (which would make softmax NaN); below MIN_TEMPERATURE the float32
+    # divisor itself would underflow, and the law is already a point mass on the argmax (ties shared).
+    top = logits.max(dim=-1, keepdim=True).values
+    logits = (logits - top) / max(float(temperature), MIN_TEMPERATURE)
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,4 +1,4 @@
-"""The stop rule, applied to committed tokens only (spec §7.4), identical for all three methods.
+"""The stop rule, applied to committed tokens only (docs/pearl-algorithm.md §7.4), identical for all three methods.
 
 - EOS-stop: cut right after the first committed EOS id (unless ``ignore_eos``).
 - Stop strings: cut at the first token whose text completes a stop string; the text ends before it.
@@ -14,11 +14,15 @@ from dataclasses import dataclass
 from ..errors import InvalidParameterError
 
 
+FINISH_REASONS = ("eos", "stop", "length")
+"""Why a request ended (``StopDecision.reason``, ``GenerationOutput.finish_reason``)."""
+
+
 @dataclass
 class StopDecision:
     finished: bool
     keep: int  # number of output tokens to keep
-    reason: str = ""  # "eos" | "stop" | "length" | ""
+    reason: str = ""  # one of FINISH_REASONS, or "" while running
 
 
 class StopRule:

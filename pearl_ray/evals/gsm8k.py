@@ -75,20 +75,18 @@ def build_prompt(question: str, chat: bool = False, tokenizer=None, num_shots: i
     text = few_shot_text(question, num_shots)
     if not chat:
         return text
-    if tokenizer is None:
-        raise ValueError("chat prompts need the tokenizer's chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    from ..modeling.chat import user_turn
+
+    return user_turn(tokenizer, text)
 
 
 def chat_prompt(question: str, tokenizer) -> str:
     """Zero-shot chat prompt: the question, lm-eval's zero-shot CoT cue and the answer format, as one user
     turn in the tokenizer's chat template (with the assistant turn opened)."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat prompts need a tokenizer with a chat template")
+    from ..modeling.chat import user_turn
+
     content = f"Q: {question}\n{CHAT_INSTRUCTION}\nA: Let's think step by step."
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    return user_turn(tokenizer, content)
 
 
 def answer_text(text: str, stops=STOP_STRINGS) -> str:

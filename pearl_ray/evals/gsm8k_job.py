@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import MAX_GAMMA, METHODS, PLACEMENTS, SEED_LIMIT, TRANSPORTS
+from ..config import MAX_GAMMA, METHODS, PLACEMENTS, SEED_LIMIT, TRANSPORTS, context_room
 from .dispatch import PairPool, WorkItem
 from .gsm8k import DATA_DIR, STOP_STRINGS, answer_text, build_prompt, chat_prompt, gold_answer, score
-from ..modeling.presets import EMBEDDED_PRESET, engine_overrides, get_preset, preset_names
+from ..modeling.presets import EMBEDDED_PRESET, engine_overrides, fill_unset, get_preset, preset_names
 from .records import ResultsFile
 
 log = logging.getLogger("eval_gsm8k")
@@ -130,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
     a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     a("--max-attempts", type=int, default=3, help="tries per question when pairs fail (default: %(default)s)")
-    a("--ray-address", default=None, help="Ray to join (default: the running one, $RAY_ADDRESS, or a new local one)")
+    a("--ray-address", default=None,
+      help="Ray to join: an address, or 'auto' for the cluster `ray start` runs on this machine (default: "
+           "the Ray this process is in, else $RAY_ADDRESS, else a new private one on 127.0.0.1)")
     a("--out", default=None, help="output folder; an existing one is resumed (default: results/gsm8k/<time>/)")
     return ap
 
@@ -144,11 +146,11 @@ def apply_job_preset(args, parser) -> None:
         over = engine_overrides(get_preset(args.preset))
     except PearlError as exc:
         raise UsageError(f"--preset {args.preset}: {exc}") from None
-    for key, value in over.items():
-        if key == "gamma" and args.gamma == 0:
-            args.gamma = value
-        elif hasattr(args, key) and getattr(args, key) == parser.get_default(key):
-            setattr(args, key, value)
+    given = vars(args)
+    merged = fill_unset(given, {k: v for k, v in over.items() if k in given},
+                        lambda k, v: (k == "gamma" and v == 0) or v == parser.get_default(k))
+    for key, value in merged.items():
+        setattr(args, key, value)
 
 
 def file_sha256(path: Path) -> str:
@@ -236,7 +238,7 @@ def load_questions(settings: JobSettings, tokenizer, max_context: int) -> list[Q
         else:
             prompt = build_prompt(question, num_shots=settings.num_shots)
         n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if n + settings.max_new_tokens + room + 1 > max_context:
+        if settings.max_new_tokens > context_room(max_context, n, room):
             raise UsageError(f"question {qid}: a {n}-token prompt + --max-new-tokens {settings.max_new_tokens} + a "
                              f"draft window of {room} do not fit the target's context of {max_context} tokens")
         questions.append(Question(qid, prompt, gold_answer(answer)))
@@ -475,8 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # argparse: --help or malformed options
         return exc.code if isinstance(exc.code, int) else 2
+    from ..modeling.hf import quiet_loading
     from ..runtime.backend import connect_ray
 
+    quiet_loading()
     out = Path(settings.out)
     if "_ray_pkg_" in str(Path.cwd()) and out.is_relative_to(Path.cwd()):
         log.warning("running in a Ray job's temporary copy of the working dir: results go to %s; pass an "
@@ -532,7 +536,7 @@ def report(settings: JobSettings, records: list[dict], config: ConfigFile) -> li
               f"{settings.protocol}, max_new_tokens {settings.max_new_tokens}, temperature {settings.temperature}, "
               f"{df['qid'].nunique()} questions, timed on {df['pair'].nunique()} pair(s)\n")
     _, bad, text = gsm8k_report.write_summary(df, out, header)
-    plots = gsm8k_report.make_plots(df, out)
+    plots = gsm8k_report.make_plots(df, out, f"{Path(settings.draft).name} -> {Path(settings.target).name}")
     config.update(lossless_failures=bad)
     print("\n" + text)
     print(f"results: {out / 'results.jsonl'}\nsummary: {out / 'summary.md'}, {out / 'summary.csv'}")

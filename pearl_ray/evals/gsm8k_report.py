@@ -109,7 +109,12 @@ def markdown_table(summary: pd.DataFrame) -> str:
         v = r.get(f"speedup_vs_{base}")
         if v is None or (isinstance(v, float) and np.isnan(v)):
             return "-"
+        if r.get(f"speedup_vs_{base}_questions", 0) < 2:  # no interval from one question
+            return f"{v:.2f}"
         return f"{v:.2f} [{r[f'speedup_vs_{base}_ci_lo']:.2f}, {r[f'speedup_vs_{base}_ci_hi']:.2f}]"
+
+    def drafting(r) -> bool:  # target-only decoding has no PRE/POST rounds and no draft to idle
+        return r["method"] != "ar"
 
     table = pd.DataFrame([{
         "method": r["method"], "questions": r["questions"],
@@ -117,8 +122,9 @@ def markdown_table(summary: pd.DataFrame) -> str:
         "tokens/s": num(r["tokens_per_s"]), "speedup vs AR": spd(r, "ar"), "speedup vs SD": spd(r, "sd"),
         "acceptance": num(r["acceptance_rate"], "{:.3f}"), "MAL": num(r["mean_accepted_len"]),
         "tokens/target fwd": num(r["tokens_per_target_forward"]), "rounds": num(r["rounds"], "{:.1f}"),
-        "PRE/POST rounds": f"{r['pre_rounds']:.1f}/{r['post_rounds']:.1f}",
-        "idle s draft/target": f"{r['draft_idle_s']:.2f}/{r['target_idle_s']:.2f}",
+        "PRE/POST rounds": f"{r['pre_rounds']:.1f}/{r['post_rounds']:.1f}" if drafting(r) else "-",
+        "idle s draft/target": (f"{r['draft_idle_s']:.2f}/{r['target_idle_s']:.2f}" if drafting(r)
+                                else f"-/{r['target_idle_s']:.2f}"),
     } for r in summary.to_dict("records")])
     return table.to_markdown(index=False, disable_numparse=True)
 
@@ -129,8 +135,15 @@ def write_summary(df: pd.DataFrame, out_dir: Path, header: str = "") -> tuple[pd
     summary.to_csv(out_dir / "summary.csv", index=False, float_format="%.6g")
     bad = lossless_failures(df)
     lines = [header, markdown_table(summary), "",
-             "speedup: tokens/s over the baseline's on the same questions timed on the same pair, "
-             "[95% bootstrap interval]; MAL: accepted draft tokens per run; idle: seconds per question."]
+             "What the table shows: speed (tokens/s, and speedup = tokens/s over the baseline's on the same "
+             "questions timed on the same pair, [95% bootstrap interval] from 2 questions on), acceptance (MAL: "
+             "accepted draft tokens per run) and, below, losslessness; idle: seconds per question."]
+    if len(summary) and (summary["accuracy_flexible"].fillna(0) == 0).all():
+        cut = int((df.get("finish_reason", pd.Series(dtype=str)) == "length").sum())
+        lines += ["", f"accuracy is 0 for every method: {cut} of {len(df)} answers were cut at the token limit "
+                      "before their final number (a 135M-parameter target writes long chains of thought and "
+                      "rarely solves GSM8K anyway). The methods decode the same tokens, so accuracy cannot "
+                      "differ between them; this run measures speed and losslessness, not accuracy."]
     if bad:
         lines += ["", f"**LOSSLESSNESS FAILURE**: greedy outputs differ between methods on {len(bad)} "
                       f"question(s): {bad[:20]}"]
@@ -142,13 +155,35 @@ def write_summary(df: pd.DataFrame, out_dir: Path, header: str = "") -> tuple[pd
 
 
 # -- plots -------------------------------------------------------------------------------------------------
+SUBTITLE = {"text": ""}
+"""The line under every plot's title: pair, prompt format, questions, machine (``subtitle_for``)."""
+
+
+def subtitle_for(df: pd.DataFrame, pair: str = "") -> str:
+    import os
+    import platform
+
+    fmt = df["prompt_format"].iloc[0] if "prompt_format" in df and len(df) else "?"
+    return (f"{pair + ', ' if pair else ''}{fmt} prompts, {df['qid'].nunique()} question(s); "
+            f"{platform.machine()} machine, {os.cpu_count()} CPUs")
+
+
 def _figure(width: float = 6.4, height: float = 4.0, rows: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt, *plt.subplots(rows, 1, figsize=(width, height * rows), squeeze=False)
+    fig, ax = plt.subplots(rows, 1, figsize=(width, height * rows), squeeze=False)
+    if SUBTITLE["text"]:
+        fig.text(0.5, 0.005, SUBTITLE["text"], ha="center", va="bottom", fontsize=7, color="dimgray")
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout(rect=(0, 0.04 if SUBTITLE["text"] else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_tokens_per_s(df: pd.DataFrame, path: Path) -> None:
@@ -160,9 +195,7 @@ def plot_tokens_per_s(df: pd.DataFrame, path: Path) -> None:
     ax[0, 0].plot(range(1, len(methods) + 1), agg, "D", color="tab:red", label="all questions")
     ax[0, 0].set(ylabel="tokens/s", title="Decoding speed per question")
     ax[0, 0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_speedup(df: pd.DataFrame, path: Path) -> bool:
@@ -177,11 +210,10 @@ def plot_speedup(df: pd.DataFrame, path: Path) -> bool:
         return False
     plt, fig, ax = _figure()
     ax[0, 0].boxplot(data, tick_labels=labels)
-    ax[0, 0].axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax[0, 0].axhline(1.0, color="grey", lw=0.8, ls="--", label="1.0 = as fast as the baseline")
     ax[0, 0].set(ylabel="speedup (per question, same pair)", title="Speedup")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax[0, 0].legend(loc="best", fontsize=8)
+    _save(plt, fig, path)
     return True
 
 
@@ -202,12 +234,17 @@ def plot_acceptance(df: pd.DataFrame, path: Path) -> bool:
         ax[0, 0].plot(np.arange(len(ver))[keep], acc[keep] / ver[keep], "o-", label=m)
         drawn = True
     if drawn:
-        ax[0, 0].set(xlabel="position in the draft window", ylabel="acceptance rate", ylim=(0, 1.05),
-                     title="Acceptance by window position")
+        from matplotlib.ticker import MaxNLocator
+
+        ax[0, 0].set(xlabel="position in the draft window (0 = first drafted token)",
+                     ylabel="accepted / verified at that position", ylim=(0, 1.05),
+                     title="Acceptance by window position (conditional: verified only if all before it passed)")
+        ax[0, 0].title.set_fontsize(9)
+        ax[0, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
         ax[0, 0].legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _save(plt, fig, path)
+    else:
+        plt.close(fig)
     return drawn
 
 
@@ -226,20 +263,23 @@ def plot_timeline(df: pd.DataFrame, path: Path) -> bool:
         for side, y, color in (("draft", 1, "tab:orange"), ("target", 0, "tab:blue")):
             spans = [(r[f"{side}_t"], r[f"{side}_busy_s"]) for r in rec["round_timings"] if r[f"{side}_t"] is not None]
             row.broken_barh(spans, (y - 0.35, 0.7), color=color)
-        for r in rec["round_timings"]:
+        for i, r in enumerate(rec["round_timings"]):
             if r["mode"] == "post":
                 row.axvspan(r["t"], r["t"] + r["round_s"], color="grey", alpha=0.08, lw=0)
+            if i == 0 and r["t"] is not None:  # the first round's target forward reads the whole prompt
+                row.annotate("prompt pass", (r["t"], 0.45), fontsize=7, color="tab:blue")
         row.set(yticks=[0, 1], yticklabels=["target", "draft"], xlabel="seconds since the first round",
                 title=f"{m}, question {qid}: {len(rec['round_timings'])} rounds; idle draft "
                       f"{rec['draft_idle_s']:.2f} s, target {rec['target_idle_s']:.2f} s (shaded: POST rounds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        row.title.set_fontsize(9)
+    _save(plt, fig, path)
     return True
 
 
-def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Write the PNG plots that the records support; return their paths."""
+def make_plots(df: pd.DataFrame, out_dir: Path, pair: str = "") -> list[Path]:
+    """Write the PNG plots that the records support; return their paths. Each has a subtitle naming the
+    pair, the prompt format, the number of questions and the machine."""
+    SUBTITLE["text"] = subtitle_for(df, pair)
     written = []
     plot_tokens_per_s(df, out_dir / PLOTS["tokens_per_s"])
     written.append(out_dir / PLOTS["tokens_per_s"])
@@ -249,8 +289,18 @@ def make_plots(df: pd.DataFrame, out_dir: Path) -> list[Path]:
     return written
 
 
+USAGE = "usage: python -m pearl_ray.evals.gsm8k_report OUT_DIR   (a GSM8K job's --out folder, with results.jsonl)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    out_dir = Path((argv if argv is not None else sys.argv[1:])[0])
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if len(args) != 1 else sys.stdout)
+        return 2 if len(args) != 1 else 0
+    out_dir = Path(args[0])
+    if not (out_dir / "results.jsonl").exists():
+        print(f"no {out_dir / 'results.jsonl'}\n{USAGE}", file=sys.stderr)
+        return 1
     df = to_frame(read_records(out_dir / "results.jsonl"))
     if df.empty:
         print(f"no records in {out_dir / 'results.jsonl'}", file=sys.stderr)

@@ -57,6 +57,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def quiet_loading() -> None:
+    """Keep transformers' and the hub's progress bars ("Loading weights ...") out of CLI and job output
+    (also in the worker processes this one starts, through the environment)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 PREFILL_MIN_TOKENS = 32
 """A forward of at least this many tokens is a prompt pass (decoding rounds feed gamma + 1 at most)."""
 
@@ -95,10 +110,19 @@ class VocabMap:
         return self.in_map[target_ids.to(self.in_map.device)]
 
     def map_out(self, logits: torch.Tensor) -> torch.Tensor:
-        """``[n, draft outputs]`` -> ``[n, target vocab]``."""
-        full = torch.full((logits.shape[0], self.vocab_size), float("-inf"), device=logits.device)
-        full[:, self.out_ids] = logits[:, : len(self.out_ids)]
+        """``[..., draft outputs]`` -> ``[..., target vocab]`` (same dtype)."""
+        full = torch.full((*logits.shape[:-1], self.vocab_size), float("-inf"), dtype=logits.dtype,
+                          device=logits.device)
+        full[..., self.out_ids] = logits[..., : len(self.out_ids)]
         return full
+
+    @classmethod
+    def from_dir(cls, path, device: str | torch.device = "cpu") -> "VocabMap | None":
+        """The map of a reduced-vocabulary draft's folder (its ``pearl_vocab.json``), or None."""
+        from .resolve import vocab_map
+
+        meta = vocab_map(str(path))
+        return None if meta is None else cls(meta["target_vocab_size"], meta["draft_to_target"], torch.device(device))
 
 
 class HFCausalLM:
@@ -149,13 +173,11 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32", target_vocab_size: int | None = None,
-               num_threads: int | None = None) -> LoadedModel:
+def load_model(name: str, device: str = "cpu", dtype: str = "float32", target_vocab_size: int | None = None
+               ) -> LoadedModel:
     """Load an ``AutoModelForCausalLM`` + tokenizer from a local dir, a preset name or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if num_threads:
-        torch.set_num_threads(num_threads)
     path = resolve_path(name)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     try:

@@ -277,6 +277,12 @@ def resolve_preset_models(preset: PairPreset) -> tuple[str, str]:
     return found[preset.draft], found[preset.target]
 
 
+def fill_unset(given: dict, preset_values: dict, is_unset) -> dict:
+    """The one rule of preset application: every option the caller left unset (``is_unset(key, value)``:
+    None, or the entry point's default) takes the preset's value; what the caller set wins."""
+    return {**given, **{k: v for k, v in preset_values.items() if is_unset(k, given.get(k))}}
+
+
 def engine_overrides(preset: PairPreset) -> dict:
     """The ``EngineConfig`` fields a preset sets, with its models resolved to local dirs (raises
     ``ModelNotFoundError`` as ``resolve_preset_models`` does). Presets run on the Ray backend."""

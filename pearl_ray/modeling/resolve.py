@@ -5,6 +5,7 @@ is checked (same tokenizer) and described (eos ids, vocabulary, context) before 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +31,25 @@ def resolve_path(name: str) -> str:
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"model path {str(path)!r} has no config.json (not a transformers model dir)")
         return str(path)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/", "~")):
+    # "models/nope" reads like a hub id "org/name", but a folder "models" here says it is a path
+    looks_local = (name.startswith((".", "/", "~")) or name.count("/") > 1
+                   or Path(name.split("/", 1)[0]).expanduser().is_dir())
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not looks_local:
         from .presets import locate_model
 
         # a hub id "org/name": its local copy ($PEARL_RAY_MODEL_DIR, the HF cache) if there is one, else the id
         # itself (transformers then downloads it where the hub is reachable)
-        return locate_model(name) or name
-    raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
+        found = locate_model(name)
+        if found:
+            return found
+        if offline:
+            from .presets import _where_looked
+
+            raise ModelNotFoundError(f"model {name!r}: no folder {str(path.resolve())!r}, and no local copy of the "
+                                     f"hub id (looked in {_where_looked(name)}); HF_HUB_OFFLINE=1 forbids a download")
+        return name
+    raise ModelNotFoundError(f"model folder {str(path.resolve())!r} does not exist")
 
 
 def load_tokenizer(path: str, name: str | None = None):

@@ -18,7 +18,7 @@ from ray.util.placement_group import placement_group as ray_placement_group
 from ray.util.placement_group import remove_placement_group
 
 from ..config import EngineConfig, Request
-from ..errors import CoordinatorUnavailable, InvalidParameterError, PearlError, ResourcesUnavailable
+from ..errors import CoordinatorUnavailable, InvalidParameterError, PearlError, ResourcesUnavailable, pearl_cause
 from .coordinator import Coordinator
 from .workers import HFModelFactory, ObjectFactory
 
@@ -29,9 +29,9 @@ def connect_ray(address: str | None = None, **init_kwargs) -> str:
     """Join the Ray this process belongs to; start a private local one only when there is none.
 
     In order: Ray already initialised here (a Serve replica, a job's driver that called ``ray.init``) ->
-    use it; ``address`` or ``$RAY_ADDRESS`` (set by ``ray job submit`` and ``ray start``) -> join it;
-    otherwise start a private local instance bound to 127.0.0.1. Returns which of "running", "joined" or
-    "started" happened.
+    use it; ``address`` or ``$RAY_ADDRESS`` (set by ``ray job submit``; ``"auto"`` finds the cluster that
+    ``ray start`` runs on this machine) -> join it; otherwise start a private local instance with every
+    port on 127.0.0.1 and no dashboard. Returns which of "running", "joined" or "started" happened.
     """
     if ray.is_initialized():
         return "running"
@@ -39,10 +39,21 @@ def connect_ray(address: str | None = None, **init_kwargs) -> str:
     if address:
         ray.init(address=address, log_to_driver=False, **init_kwargs)
         return "joined"
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    private_local_ray()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_kwargs)
     return "started"
+
+
+def private_local_ray() -> None:
+    """Make the Ray about to start bind loopback only. Ray decides where its services listen from
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, read once when ``ray`` is imported (``ray_constants``), so the
+    environment alone is too late in a process that imported Ray already; both are set here (the variable
+    for the workers it starts). Token auth stays off for this single-user, loopback-only instance."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float, remove: bool = True) -> None:
@@ -115,8 +126,7 @@ class RayBackend:
             draft_at = (placement_group, bundle_indices[0])
             target_at = (placement_group, list(bundle_indices[1:]))
         else:
-            def bundle(cpu, gpu):
-                return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"CPU": 0.001}
+            from ..config import bundle
 
             if tp == 1 or c.placement == "STRICT_PACK":
                 bundles = [bundle(*draft_res)] + [bundle(*target_res)] * tp
@@ -166,7 +176,9 @@ class RayBackend:
         self.measured = None
         if c.gamma is None and draft_factory is not None:
             self.measured = ray.get(self.coordinator.measure.remote(c.measure_context), timeout=c.start_timeout_s)
-            log.info("auto gamma = %d (measured %s)", self.measured["auto_gamma"], self.measured)
+            m = self.measured
+            log.info("auto gamma = %d: target %.1f ms, draft %.1f ms per one-token forward (ratio %.1f)",
+                     m["auto_gamma"], 1e3 * m["t_target_s"], 1e3 * m["t_draft_s"], m["cost_ratio"])
 
     def _start_coordinator(self) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -177,8 +189,8 @@ class RayBackend:
         try:
             return ray.get(self.coordinator.ready.remote(), timeout=self.config.start_timeout_s + 10)
         except RayTaskError as exc:
-            if isinstance(getattr(exc, "cause", None), PearlError):
-                raise exc.cause from None
+            if pearl_cause(exc) is not None:
+                raise pearl_cause(exc) from None
             raise
         except (RayActorError, GetTimeoutError) as exc:
             raise CoordinatorUnavailable(f"the coordinator failed to start: {exc}") from None
@@ -209,8 +221,8 @@ class RayBackend:
                     return item["token_ids"], item["stats"]
                 yield item
         except RayTaskError as exc:
-            if isinstance(getattr(exc, "cause", None), PearlError):
-                raise exc.cause from None
+            if pearl_cause(exc) is not None:
+                raise pearl_cause(exc) from None
             raise self._coordinator_failed(exc) from None
         except (RayActorError, GetTimeoutError) as exc:
             raise self._coordinator_failed(exc) from None

@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import MAX_GAMMA
-from ..errors import DraftUnavailable, PearlError, TargetUnavailable
+from ..errors import DraftUnavailable, TargetUnavailable, pearl_cause
 from .link import choose_lane, open_draft_link
 from .workers import DraftWorker, TargetLeader, TargetShard
 
@@ -174,8 +174,8 @@ class Coordinator:
         return True
 
     # -- requests ----------------------------------------------------------------------------------------
-    def generate(self, request, stream: bool = True):
-        """Relay the leader's stream: ``list[int]`` per round (if ``stream``), then the final dict."""
+    def generate(self, request):
+        """Relay the leader's stream: ``list[int]`` per round, then the final dict."""
         if self.target_starting is not None:
             try:
                 ray.get(self.target_starting, timeout=self.spec["start_timeout_s"])
@@ -192,7 +192,7 @@ class Coordinator:
         item_timeout = self.spec["round_timeout_s"] * 4 + 60
         try:
             gen = self.target.generate.options(num_returns="streaming").remote(
-                request, self.spec["transport"], self.spec["round_timeout_s"], stream)
+                request, self.spec["transport"], self.spec["round_timeout_s"])
             while True:
                 item = self._next_item(gen, item_timeout)
                 if item is _END:
@@ -202,8 +202,8 @@ class Coordinator:
                     self._replace_draft(f"it failed during a request: {item['stats'].draft_failures} failure(s)")
                 yield item
         except RayTaskError as exc:
-            if isinstance(getattr(exc, "cause", None), PearlError):
-                raise exc.cause from None
+            if pearl_cause(exc) is not None:
+                raise pearl_cause(exc) from None
             self._restart_target()
             raise TargetUnavailable(f"the target leader failed: {str(exc)[:300]}") from None
         except (RayActorError, GetTimeoutError) as exc:
@@ -240,6 +240,11 @@ class Coordinator:
         self.restarts["target"] += 1
 
     def shutdown(self) -> None:
+        if self.shards:  # release the followers from ``follow`` (OP_STOP) before the actors go
+            try:
+                ray.get(self.target.stop_group.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - a dead rank: the kill below ends the rest
+                log.debug("stop_group: %s", exc)
         if self.linked is not None and self.linked[2] is not None:
             try:
                 ray.get(self.target.close_link.remote(), timeout=10)

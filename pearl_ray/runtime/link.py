@@ -209,7 +209,7 @@ class GlooLink:
 
 def draft_frame_handler(worker) -> Callable:
     """The draft's answers to the leader's frames, for ``serve_rounds``. ``worker`` has
-    ``start(prompt_ids, temperature, top_k, top_p, draft_greedy, seed)``, ``draft(DraftRequest)``
+    ``start(DraftStart)``, ``draft(DraftRequest)``
     and ``forwards()``, as ``workers.DraftWorker`` does."""
 
     def on_frame(frame, recv):
@@ -217,7 +217,7 @@ def draft_frame_handler(worker) -> Callable:
         if op == wire.OP_DRAFT:
             return wire.encode_reply(worker.draft(wire.decode_request(frame, recv)))
         if op == wire.OP_START:
-            worker.start(*wire.decode_start(frame, recv))
+            worker.start(wire.decode_start(frame, recv))
             return [wire.ack_frame()]
         if op == wire.OP_COUNT:
             return [wire.ack_frame(worker.forwards())]

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 
-from ..core.loop import draft_start_args, start_target
+from ..core.loop import draft_start, start_target
 from ..core.messages import DraftChunk, DraftRequest
 from . import wire
 from .link import GlooLink
@@ -47,7 +47,7 @@ class LeaderChannel:
         self.round_bytes = 0  # what crossed the transport this round (p rows never do: they stay here)
 
     # -- hooks for a draft transport ---------------------------------------------------------------------
-    def _start_draft(self, args: tuple) -> None: ...
+    def _start_draft(self, start) -> None: ...
 
     def _send(self, req: DraftRequest) -> None: ...
 
@@ -71,7 +71,7 @@ class LeaderChannel:
         self.draft_ok = self.draft_ok and request.uses_draft
         if self.draft_ok:
             try:
-                self._start_draft(draft_start_args(request))
+                self._start_draft(draft_start(request))
             except Exception as exc:  # noqa: BLE001 - any draft failure is a fallback, by design
                 self._fail(exc)
 
@@ -122,8 +122,8 @@ class ActorDraftChannel(LeaderChannel):
 
         return ray.get(ref, timeout=self.round_timeout_s)
 
-    def _start_draft(self, args):
-        self._get(self.draft.start.remote(*args))
+    def _start_draft(self, start):
+        self._get(self.draft.start.remote(start))
 
     def _send(self, req):
         self._ref = self.draft.draft.remote(req)
@@ -160,8 +160,8 @@ class GlooDraftChannel(LeaderChannel):
             raise DraftFailed(f"the draft failed (op {int(frame[0])})")
         return frame
 
-    def _start_draft(self, args):
-        self._ask(wire.encode_start(*args))
+    def _start_draft(self, start):
+        self._ask(wire.encode_start(start))
 
     def _io_loop(self) -> None:
         """The I/O thread: for each round sent, wait for the draft's chunk, hand it over, then post the

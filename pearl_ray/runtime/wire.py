@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.messages import DraftChunk, DraftRequest, SeqUpdate
+from ..core.messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate
 
 HEADER = 16
 INLINE_IDS = 112
@@ -58,21 +58,21 @@ def count_frame() -> torch.Tensor:
     return _build([OP_COUNT])[0]
 
 
-def encode_start(prompt_ids: list[int], temperature: float, top_k: int, top_p: float, draft_greedy: bool,
-                 seed: int) -> list[torch.Tensor]:
+def encode_start(start: DraftStart) -> list[torch.Tensor]:
     """frame: OP_START, n_prompt, top_k, draft_greedy, seed; prompt ids inline (+ overflow); then fp64
     [temperature, top_p] (floats travel in their own tensor, never in the int frame)."""
-    return _build([OP_START, len(prompt_ids), top_k, int(draft_greedy), seed], prompt_ids) + [
-        torch.tensor([temperature, top_p], dtype=torch.float64)]
+    s = start
+    return _build([OP_START, len(s.prompt_ids), s.top_k, int(s.draft_greedy), s.seed], s.prompt_ids) + [
+        torch.tensor([s.temperature, s.top_p], dtype=torch.float64)]
 
 
-def decode_start(frame: torch.Tensor, recv: Recv) -> tuple:
+def decode_start(frame: torch.Tensor, recv: Recv) -> DraftStart:
     op, n, top_k, draft_greedy, seed = frame[:5].tolist()
     if op != OP_START:
         raise ValueError(f"not a start frame (op {op})")
     ids = _get_ids(frame, n, recv)
     temperature, top_p = recv((2,), torch.float64).tolist()
-    return ids, temperature, top_k, top_p, bool(draft_greedy), seed
+    return DraftStart(ids, temperature, top_k, top_p, bool(draft_greedy), seed)
 
 
 def encode_request(req: DraftRequest) -> list[torch.Tensor]:

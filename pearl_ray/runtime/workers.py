@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..core.loop import iter_request, run_request, start_draft
-from ..core.messages import DraftRequest
+from ..core.loop import iter_request, start_draft
+from ..core.messages import DraftRequest, DraftStart
 from ..core.sides import DraftSide, TargetSide, time_forward
 from ..backends import decoder
 from ..core.stopping import StopRule
@@ -99,9 +99,9 @@ class DraftWorker(_WorkerBase):
         super().__init__(model_factory, num_threads)
         self.side = DraftSide(self.model)
 
-    def start(self, prompt_ids, temperature, top_k, top_p, draft_greedy, seed) -> bool:
+    def start(self, start: DraftStart) -> bool:
         with self.lock:
-            start_draft(self.side, prompt_ids, temperature, top_k, top_p, draft_greedy, seed)
+            start_draft(self.side, start)
         return True
 
     def draft(self, req: DraftRequest):
@@ -187,16 +187,13 @@ class TargetLeader(_WorkerBase):
             return GlooDraftChannel(self.side, self.link, round_timeout_s, self.lock)
         return ActorDraftChannel(self.side, self.draft_handle, round_timeout_s, self.lock)
 
-    def generate(self, request, transport: str, round_timeout_s: float, stream: bool = True):
-        """Run one request here. Yields ``list[int]`` of newly committed tokens per round (only if
-        ``stream``: each item costs a Ray report), then a final ``{"token_ids", "stats"}`` dict."""
+    def generate(self, request, transport: str, round_timeout_s: float):
+        """Run one request here. Yields ``list[int]`` of newly committed tokens per round, then a final
+        ``{"token_ids", "stats"}`` dict."""
         stop = StopRule.for_request(request, decoder(self.tokenizer))
         channel = self._channel(request, transport, round_timeout_s)
         try:
-            if stream:
-                ids, stats = yield from iter_request(channel, request, stop)
-            else:
-                ids, stats = run_request(channel, request, stop)
+            ids, stats = yield from iter_request(channel, request, stop)
             yield {"token_ids": ids, "stats": stats}
         finally:
             channel.close()

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import MAX_GAMMA
+from ..config import MAX_GAMMA, Method, Transport
 
 
 class ServeConfig(BaseModel):
@@ -30,11 +30,11 @@ class ServeConfig(BaseModel):
     target: str = "default-target"
     model_name: str | None = None
     """The id clients pass as ``model`` (default: the target's name); any other id is answered 404."""
-    method: Literal["pearl", "sd", "ar"] = "pearl"
+    method: Method = "pearl"
     """Default method; a request may pick another with the ``method`` extension field."""
     gamma: int | None = Field(None, ge=1, le=MAX_GAMMA)
     """Draft window; None measures the pair at start-up and picks it (auto gamma)."""
-    transport: Literal["gloo", "actor"] = "gloo"
+    transport: Transport = "gloo"
     num_threads: int | None = Field(None, ge=1)
     device: str = "cpu"
     dtype: str = "float32"
@@ -71,16 +71,13 @@ class ServeConfig(BaseModel):
     @classmethod
     def _fill_from_preset(cls, data):
         if isinstance(data, dict) and data.get("preset"):
-            from ..modeling.presets import get_preset
+            from ..modeling.presets import fill_unset, get_preset
 
             p = get_preset(data["preset"])  # an unknown name fails validation, listing the known ones
-            given = dict(data)
-            for key, value in (("draft", p.draft), ("target", p.target), ("tensor_parallel_size", p.tensor_parallel_size),
-                               ("dtype", p.dtype), ("device", p.device), ("gamma", p.gamma),
-                               ("draft_num_gpus", p.draft_num_gpus), ("target_num_gpus", p.target_num_gpus)):
-                if given.get(key) is None:
-                    given[key] = value
-            return given
+            values = {"draft": p.draft, "target": p.target, "tensor_parallel_size": p.tensor_parallel_size,
+                      "dtype": p.dtype, "device": p.device, "gamma": p.gamma, "draft_num_gpus": p.draft_num_gpus,
+                      "target_num_gpus": p.target_num_gpus}
+            return fill_unset(dict(data), values, lambda k, v: v is None)
         return data
 
     @model_validator(mode="after")
@@ -96,10 +93,8 @@ class ServeConfig(BaseModel):
     def bundles(self) -> list[dict]:
         """Serve's ``placement_group_bundles``: the replica (bundle 0), then the draft and one per target rank.
 
-        Ray refuses empty bundles, so a side that asks for nothing reserves one byte of ``memory``
-        (not a sliver of CPU, which would keep a 2-CPU node from holding a 1+1 CPU pair)."""
-        def bundle(cpu: float, gpu: float) -> dict:
-            return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v} or {"memory": 1.0}
+        Empty sides follow ``config.bundle``'s rule."""
+        from ..config import bundle
 
         return [bundle(self.replica_num_cpus, 0.0), bundle(self.draft_num_cpus, self.draft_num_gpus)] + [
             bundle(self.target_num_cpus, self.target_num_gpus)] * self.tensor_parallel_size

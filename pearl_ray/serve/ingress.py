@@ -15,6 +15,7 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -24,8 +25,23 @@ from .metrics import IngressMetrics
 from .protocol import ApiError, ChatRequest, CompletionRequest, ResponseBuilder, parse_request, sse
 
 log = logging.getLogger(__name__)
-app = FastAPI(title="pearl-ray", description="OpenAI-compatible PEARL speculative decoding")
+app = FastAPI(title="pearl-ray", description="OpenAI-compatible PEARL speculative decoding", redirect_slashes=False)
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's own answers (unknown route, wrong method) in the OpenAI error shape the endpoints use.
+    Trailing slashes are not redirected (``redirect_slashes=False``): ``/v1/completions/`` is a 404."""
+    if exc.status_code == 404:
+        message = f"no route {request.url.path!r}; routes: {', '.join(sorted(ROUTES.values()))}, /v1/models, /health"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path!r}"
+    else:
+        message = str(exc.detail)
+    err = ApiError(exc.status_code, message, None, HTTP_CODES.get(exc.status_code))
+    return JSONResponse(err.body(), exc.status_code, headers={**(exc.headers or {}), **err.headers()})
 
 
 def _cancel(stream) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import MAX_GAMMA, SEED_LIMIT
+from ..config import MAX_GAMMA, SEED_LIMIT, Method
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 """Engine finish reasons -> OpenAI's."""
@@ -32,7 +32,8 @@ MAX_STOP = 16
 class ApiError(Exception):
     """An error answered as ``{"error": {...}}`` with an HTTP status (and ``Retry-After`` if set)."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+             429: "rate_limit_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  retry_after_s: float | None = None):
@@ -78,7 +79,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     # extensions
     top_k: int = Field(0, ge=-1)
-    method: Literal["pearl", "sd", "ar"] | None = None
+    method: Method | None = None
     gamma: int | None = Field(None, ge=1, le=MAX_GAMMA)
     ignore_eos: bool = False
 

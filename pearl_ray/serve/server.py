@@ -16,7 +16,7 @@ import logging
 import ray
 from ray import serve
 
-from ..config import SamplingParams
+from ..config import SamplingParams, context_room
 from ..engine import PearlEngine
 from ..errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError, InvalidParameterError,
                       PromptError, QueueFullError, ResourcesUnavailable, TargetUnavailable)
@@ -90,7 +90,7 @@ class PearlServer:
             method, gamma = payload.get("method") or engine.method, payload.get("gamma") or engine.gamma
             sampling = dict(payload["sampling"])
             window = gamma if method != "ar" else 0
-            room = engine.max_context - len(ids) - window - 1
+            room = context_room(engine.max_context, len(ids), window)
             where = "messages" if payload["kind"] == "chat" else "prompt"
             if room < 1:
                 raise ApiError(400, f"This model's maximum context length is {engine.max_context} tokens; the "
@@ -142,12 +142,16 @@ class PearlServer:
         """The request's prompt as token ids: a completion's text or ids, or the chat template's output."""
         if payload["kind"] != "chat":
             return self.engine.encode(payload["prompt"])
+        from ..modeling.chat import chat_text, has_chat_template
+
         tok = self.engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
+        if not has_chat_template(tok):
             raise ApiError(400, "this model's tokenizer has no chat template, so /v1/chat/completions cannot "
                            "build a prompt; use /v1/completions", "messages", "chat_template_missing")
         try:
-            text = tok.apply_chat_template(payload["messages"], tokenize=False, add_generation_prompt=True)
+            text = chat_text(tok, payload["messages"])
+        except PromptError:
+            raise  # a 400 with the reason (e.g. a lone surrogate in a message)
         except Exception as exc:  # noqa: BLE001 - the template refused the conversation (e.g. role order)
             raise ApiError(400, f"the chat template refused these messages: {exc}", "messages",
                            "invalid_value") from None

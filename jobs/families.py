@@ -38,8 +38,8 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-from .doctest_tasks import DOCTEST_TASKS, VARIANTS, render_doctest
-from .gsm8k import build_prompt, load_split
+from jobs.doctest_tasks import DOCTEST_TASKS, VARIANTS, render_doctest
+from pearl_ray.evals.gsm8k import build_prompt, load_split
 
 FAMILIES = ("gsm8k_fewshot", "gsm8k_chat", "chat", "code_completion", "code_chat", "text", "code_doctest")
 SPLITS = ("train", "heldout")
@@ -53,10 +53,9 @@ def split_of(unit: str) -> str:
 
 
 def _chat(tokenizer, content: str) -> str:
-    if tokenizer is None:
-        raise ValueError("chat families need a tokenizer with a chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    from pearl_ray.modeling.chat import user_turn
+
+    return user_turn(tokenizer, content)
 
 
 def _select(family: str, items: list[tuple[str, str, str]], split: str, seed: int, tokenizer=None) -> list[dict]:

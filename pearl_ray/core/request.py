@@ -1,0 +1,34 @@
+"""``Request``: one generation, built and validated once by the engine (``PearlEngine.make_request``) and
+passed whole to the side that runs the decoding loop. Plain data the core reads; it refers back to nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .rounds import RoundOptions
+
+if TYPE_CHECKING:
+    from ..config import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: everything the loop needs, and nothing that refers back to the engine."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    method: str
+    rounds: RoundOptions
+    seed: int
+    """The request's own seed, derived from ``params.seed`` and its index in the call, in [0, 2**63)."""
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def uses_draft(self) -> bool:
+        return self.rounds.use_draft
+
+    def target_only(self) -> "Request":
+        """The same request run on the target alone (the draft is down): still lossless."""
+        return dataclasses.replace(self, rounds=dataclasses.replace(self.rounds, use_draft=False, pre_verify=True))
