@@ -7,7 +7,12 @@ For each batch size B (default 1, 2, 4, 8, 16) the same max(B, --min-prompts) ha
   decode at once, the rest join as slots free up); SD and PEARL with the adaptive speculation policy
   (``--gamma 0``) or a fixed window;
 - ``hf``: plain transformers ``generate`` of the target on the same prompts, B at a time, left-padded (the
-  external peer; its tokens are counted up to each row's first EOS).
+  external peer; its tokens are counted up to each row's first EOS);
+- at batch 1 only (``--batch1-extras``): ``ar-1thread`` (target-only on one thread: what each side of a
+  Ray pair gets on a 2-core machine) and ``pearl-ray`` (PEARL on Ray, draft and target in their own actors,
+  one thread each, auto gamma), with the caller's end-to-end time against the engine's own ``stats.wall_s``
+  (``e2e_over_engine``: per-request cost of the Ray path). Until the Ray loop batches, Ray rows exist at
+  batch 1 only.
 
 Cells run in an order that rotates per batch size, so machine drift hits every method alike. Reported per
 cell: aggregate tokens/s (all new tokens over the caller's wall time), per-request latency (p50 / p95 of the
@@ -72,6 +77,27 @@ def run_engine(engine, prompts, params, method, batch) -> dict:
             "mean_window": statistics.mean(windows) if windows else 0.0, "ids": [o.token_ids for o in outs]}
 
 
+def run_ray(engine, prompts, params) -> dict:
+    """PEARL on Ray, one request at a time (the Ray loop does not batch yet); also the caller's time per
+    request against the engine's ``stats.wall_s``."""
+    lat, e2e, inside, outs = [], 0.0, 0.0, []
+    t0 = time.perf_counter()
+    for p in prompts:
+        t1 = time.perf_counter()
+        out = engine.generate([p], params)[0]
+        e2e += time.perf_counter() - t1
+        inside += out.stats.wall_s
+        lat.append(time.perf_counter() - t0)
+        outs.append(out)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.token_ids) for o in outs)
+    verified = sum(o.stats.verified_tokens for o in outs)
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95),
+            "acceptance": sum(o.stats.accepted_tokens for o in outs) / verified if verified else None,
+            "mean_window": float(engine.gamma), "e2e_over_engine": e2e / inside if inside else None,
+            "ids": [o.token_ids for o in outs]}
+
+
 def run_hf(model, tokenizer, prompts, max_new_tokens, eos_ids, batch) -> dict:
     import torch
 
@@ -105,6 +131,9 @@ def plot(rows, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in rows):
         pts = [(r["batch"], r["tok_s"]) for r in rows if r["method"] == method]
+        if len(pts) == 1:  # a batch-1-only row: a marker, not a line
+            ax.plot(*pts[0], marker="x", ls="none", label=method)
+            continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["batch"] for r in rows}))
@@ -131,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=0, help="0: the adaptive speculation policy; else a fixed window")
     ap.add_argument("--num-threads", type=int, default=2)
     ap.add_argument("--families", default="chat,code")
+    ap.add_argument("--batch1-extras", default="ar-1thread,pearl-ray",
+                    help="extra methods at batch 1 only (comma-separated; empty for none)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_throughput" / time.strftime("%Y%m%d-%H%M%S")))
     args = ap.parse_args(argv)
 
@@ -158,22 +189,39 @@ def main(argv=None) -> int:
         hf_model = AutoModelForCausalLM.from_pretrained(engine.config.target, dtype=torch.float32).eval()
     # warm-up (not reported)
     engine.generate(prompts_all[:2], SamplingParams(max_new_tokens=8), method="pearl" if engine.has_draft else "ar")
+    extras = [m for m in args.batch1_extras.split(",") if m]
+    ray_engine = None
+    if "pearl-ray" in extras:
+        t_ray = time.perf_counter()
+        ray_engine = PearlEngine(draft=args.draft, target=args.target, gamma=None, backend="ray")
+        ray_engine.generate(prompts_all[:1], SamplingParams(max_new_tokens=8))  # warm-up
+        print(f"ray engine ready in {time.perf_counter() - t_ray:.1f} s, auto gamma {ray_engine.gamma}", flush=True)
     rows = []
     for bi, batch in enumerate(sizes):
         n = max(batch, args.min_prompts)
         prompts = [prompts_all[i % len(prompts_all)] for i in range(n)]
         order = methods[bi % len(methods):] + methods[: bi % len(methods)]
+        if batch == 1:
+            order = order + extras
         ids = {}
         for method in order:
             if method == "hf":
                 r = run_hf(hf_model, engine.tokenizer, prompts, args.max_new_tokens, set(engine.eos_token_ids), batch)
+            elif method == "ar-1thread":
+                torch.set_num_threads(1)
+                try:
+                    r = run_engine(engine, prompts, params, "ar", batch)
+                finally:
+                    torch.set_num_threads(args.num_threads)
+            elif method == "pearl-ray":
+                r = run_ray(ray_engine, prompts, params)
             else:
                 r = run_engine(engine, prompts, params, method, batch)
             ids[method] = r.pop("ids")
             rows.append({"batch": batch, "method": method, "prompts": n, **r})
             print(f"B={batch:2d} {method:5s} {r['tok_s']:7.1f} tok/s  p50 {r['p50_s']:6.2f} s  "
                   f"tokens {r['tokens']}  window {r['mean_window']:.2f}", flush=True)
-        same = [ids[m] == ids["ar"] for m in ("sd", "pearl") if m in ids and "ar" in ids]
+        same = [ids[m] == ids["ar"] for m in ("sd", "pearl", "ar-1thread", "pearl-ray") if m in ids and "ar" in ids]
         for row in rows[-len(order):]:
             row["identical_to_ar"] = all(same) if row["method"] != "hf" else (ids["hf"] == ids.get("ar"))
     df = pd.DataFrame(rows)
@@ -186,8 +234,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
+    if "e2e_over_engine" not in df:
+        df["e2e_over_engine"] = None
     show = df[["batch", "method", "prompts", "tokens", "tok_s", "p50_s", "p95_s", "vs_own_batch1", "vs_ar", "vs_hf",
-               "mean_window", "acceptance", "identical_to_ar"]]
+               "mean_window", "acceptance", "identical_to_ar", "e2e_over_engine"]]
     table = show.to_markdown(index=False, floatfmt=".3g")
     title = (f"{Path(engine.config.target).name} + {Path(engine.config.draft or '-').name}, held-out "
              f"{args.families} prompts (chat template), greedy, EOS stop, <= {args.max_new_tokens} new tokens, "
@@ -199,6 +249,8 @@ def main(argv=None) -> int:
     print(table)
     print(f"\nwritten under {out}")
     engine.shutdown()
+    if ray_engine is not None:
+        ray_engine.shutdown()
     return 0
 
 

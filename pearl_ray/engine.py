@@ -51,6 +51,45 @@ class StreamChunk:
     stats: GenerationStats | None = field(default=None, repr=False)
 
 
+class TextDeltas:
+    """New text per step in O(new tokens): each step decodes only a short window of ids (from the last
+    position where the text was settled), as streaming detokenizers do, never the whole output. Text that
+    could still change is held back: an incomplete UTF-8 character, and the tail a stop string may be forming
+    in. The caller reconciles with one full decode at the end (``PearlEngine._text``)."""
+
+    def __init__(self, tokenizer, stops=None):
+        self.tokenizer, self.stops = tokenizer, tuple(stops or ())
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] decode to text already in self.text
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, new_ids) -> str:
+        self.ids.extend(new_ids)
+        if self.stopped:
+            return ""
+        before = self._decode(self.ids[self.prefix: self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd") and after.startswith(before):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        ready = len(self.text) - self.hold
+        if self.stops:
+            start = max(0, self.sent - self.hold)
+            cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.stopped, ready = True, cut
+        if ready <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent: ready], ready
+        return out
+
+
 class _Admission:
     """Requests to one pair run one at a time, in arrival order; at most ``max_queued`` wait."""
 
@@ -279,6 +318,7 @@ class PearlEngine:
                 raise EngineClosedError("this engine was shut down")
             gen = self._backend.stream(request)
             ids: list[int] = []
+            deltas = TextDeltas(self.tokenizer, request.params.stop) if self.tokenizer is not None else None
             sent = ""
             try:
                 while True:
@@ -287,16 +327,13 @@ class PearlEngine:
                     except StopIteration as done:
                         ids, stats = done.value
                         break
-                    ids.extend(delta)
-                    text = self._text(ids, request, False)
-                    new = None
-                    if text is not None:
-                        new = text[len(sent):] if text.startswith(sent) else ""
-                        sent = sent + new
+                    new = deltas.push(delta) if deltas is not None else None
+                    if new is not None:
+                        sent += new
                     yield StreamChunk(list(delta), new)
             finally:
                 gen.close()
-            final = self._text(ids, request, True)
+            final = self._text(ids, request, True)  # one full decode per request: the reference text
             rest = None if final is None else (final[len(sent):] if final.startswith(sent) else "")
             yield StreamChunk([], rest, stats.finish_reason, stats)
         finally:

@@ -49,7 +49,7 @@ def resolve_path(name: str) -> str:
             raise ModelNotFoundError(f"model {name!r}: no folder {str(path.resolve())!r}, and no local copy of the "
                                      f"hub id (looked in {_where_looked(name)}); HF_HUB_OFFLINE=1 forbids a download")
         return name
-    raise ModelNotFoundError(f"model folder {str(path.resolve())!r} does not exist")
+    raise ModelNotFoundError(f"model path {str(path.resolve())!r} does not exist (no such folder)")
 
 
 def load_tokenizer(path: str, name: str | None = None):

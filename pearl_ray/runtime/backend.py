@@ -215,7 +215,16 @@ class RayBackend:
         item_timeout = c.round_timeout_s * 4 + 60
         gen = self.coordinator.generate.options(num_returns="streaming").remote(request)
         try:
-            for ref in gen:
+            while True:
+                # every wait is bounded, the wait for the stream's next item included (a plain ``for ref in
+                # gen`` blocks in ``next`` for as long as a hung coordinator stays silent)
+                ready, _ = ray.wait([gen], num_returns=1, timeout=item_timeout)
+                if not ready:
+                    raise GetTimeoutError(f"no item from the coordinator within {item_timeout:.0f} s")
+                try:
+                    ref = next(gen)
+                except StopIteration:
+                    break
                 item = ray.get(ref, timeout=item_timeout)
                 if isinstance(item, dict):
                     return item["token_ids"], item["stats"]
