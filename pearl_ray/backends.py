@@ -50,12 +50,14 @@ def as_batched(model) -> "BatchedLM":
     """A ``core.batch.BatchedLM`` over ``model``: a ``modeling.hf.HFCausalLM`` gets the slot cache of
     ``modeling.batched`` (sharing its weights); any other ``CausalLM`` the per-slot reference (copies)."""
     from .modeling.hf import HFCausalLM
+    from .modeling.tp import TPBatchedLeader, TPLeaderModel
 
+    if isinstance(model, TPLeaderModel):  # rank 0 of a tensor-parallel group: the batched ops go to every rank
+        return TPBatchedLeader(as_batched(model.runner), model.group)
     if isinstance(model, HFCausalLM):
         from .modeling.batched import BatchedHFCausalLM
 
-        draft_to_target = model.vocab.out_ids.tolist() if model.vocab is not None else None
-        lm = BatchedHFCausalLM(model.model, model.vocab_size, draft_to_target)
+        lm = BatchedHFCausalLM(model.model, model.vocab_size, model.draft_to_target)
         lm.prefill_threads = model.prefill_threads
         return lm
     return PerSlotLM(lambda: copy.deepcopy(model))
@@ -75,8 +77,7 @@ def _fresh(lm):
     from .modeling.batched import BatchedHFCausalLM
 
     if isinstance(lm, BatchedHFCausalLM):
-        fresh = BatchedHFCausalLM(lm.model, lm.vocab_size,
-                                  lm.vocab.out_ids.tolist() if lm.vocab is not None else None)
+        fresh = BatchedHFCausalLM(lm.model, lm.vocab_size, lm.draft_to_target)
         fresh.prefill_threads = lm.prefill_threads
         return fresh
     return PerSlotLM(lm.make_model)

@@ -137,8 +137,8 @@ class EngineConfig:
     """Set when the engine resolves ``gamma=None`` on the local backend: requests follow the policy, and
     ``gamma`` holds its largest window. Requests with an explicit ``gamma=`` keep a fixed window."""
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
-    """Requests one pair decodes at once (the local backend's batch); further prompts wait and join as
-    slots free up."""
+    """Requests one pair decodes at once: locally a call's prompts (further ones join as slots free up); on
+    Ray the calls in flight, which the target leader's continuous loop batches (``runtime.leader_loop``)."""
     pre_verify: bool = True
     post_verify: bool = True
     draft_greedy: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -91,13 +92,19 @@ class TextDeltas:
 
 
 class _Admission:
-    """Requests to one pair run one at a time, in arrival order; at most ``max_queued`` wait."""
+    """At most ``capacity`` calls run on one pair at once (1 locally, where a call's prompts form the batch;
+    ``max_num_seqs`` on Ray, where the leader's loop batches the calls); more wait in arrival order, at most
+    ``max_queued`` of them."""
 
-    def __init__(self, max_queued: int, timeout_s: float):
-        self.max_queued, self.timeout_s = max_queued, timeout_s
+    def __init__(self, max_queued: int, timeout_s: float, capacity: int = 1):
+        self.max_queued, self.timeout_s, self.capacity = max_queued, timeout_s, capacity
         self.cv = threading.Condition()
         self.waiting: collections.deque = collections.deque()
-        self.busy = False
+        self.running = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running >= self.capacity
 
     def enter(self) -> None:
         me = object()
@@ -111,16 +118,17 @@ class _Admission:
             if not ok:
                 self.cv.notify_all()
                 raise QueueFullError(f"the pair stayed busy for queue_timeout_s={self.timeout_s:.0f} s")
-            self.busy = True
+            self.running += 1
+            self.cv.notify_all()  # the next in line may fit too
 
     def leave(self) -> None:
         with self.cv:
-            self.busy = False
+            self.running -= 1
             self.cv.notify_all()
 
     @property
     def depth(self) -> int:
-        return len(self.waiting) + int(self.busy)
+        return len(self.waiting) + self.running
 
 
 def apply_preset(name: str, draft, target, method, gamma, backend, options: dict):
@@ -218,7 +226,8 @@ class PearlEngine:
         self.config: EngineConfig = config
         """The resolved configuration (model paths, chosen gamma); ``config.to_dict()`` for saving."""
         self.max_context, self.vocab_size = self._backend.max_context, self._backend.vocab_size
-        self._queue = _Admission(config.max_queued, config.queue_timeout_s)
+        self._queue = _Admission(config.max_queued, config.queue_timeout_s,
+                                 config.max_num_seqs if backend == "ray" else 1)
         self._closed = False
         self._finalizer = weakref.finalize(self, self._backend.shutdown)
 
@@ -296,26 +305,27 @@ class PearlEngine:
         rounds = self.config.round_options(method, gamma, params.greedy, adaptive)
         return Request(tuple(ids), params, method, rounds, request_seed(params.seed, index), self.eos_token_ids)
 
-    def _text(self, ids: list[int], request: Request, finished: bool) -> str | None:
+    def _text(self, ids: list[int], request: Request) -> str | None:
+        """A finished request's text: one full decode, cut before its first stop string."""
         if self.tokenizer is None:
             return None
-        stops = request.params.stop
-        text = cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stops)
-        if finished:
-            return text
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next token
-            text = text[:-1]
-        if stops:  # a stop string may be forming at the end: hold that much back
-            text = text[: max(0, len(text) - max(len(s) for s in stops) + 1)]
-        return text
+        return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), request.params.stop)
 
-    def _run(self, request: Request) -> Iterator[StreamChunk]:
+    @contextlib.contextmanager
+    def _turn(self):
+        """Wait for this pair's turn in the bounded queue; the engine must be open before and after the wait."""
         if self._closed:
             raise EngineClosedError("this engine was shut down")
         self._queue.enter()
         try:
             if self._closed:
                 raise EngineClosedError("this engine was shut down")
+            yield
+        finally:
+            self._queue.leave()
+
+    def _run(self, request: Request) -> Iterator[StreamChunk]:
+        with self._turn():
             gen = self._backend.stream(request)
             ids: list[int] = []
             deltas = TextDeltas(self.tokenizer, request.params.stop) if self.tokenizer is not None else None
@@ -333,11 +343,9 @@ class PearlEngine:
                     yield StreamChunk(list(delta), new)
             finally:
                 gen.close()
-            final = self._text(ids, request, True)  # one full decode per request: the reference text
+            final = self._text(ids, request)  # one full decode per request: the reference text
             rest = None if final is None else (final[len(sent):] if final.startswith(sent) else "")
             yield StreamChunk([], rest, stats.finish_reason, stats)
-        finally:
-            self._queue.leave()
 
     def stream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None
                ) -> Iterator[StreamChunk]:
@@ -406,28 +414,20 @@ class PearlEngine:
                     on_tokens(i, chunk.token_ids)
                 ids.extend(chunk.token_ids)
             stats = chunk.stats  # the last chunk's
-            outs.append(GenerationOutput(list(request.prompt_ids), ids, self._text(ids, request, True),
+            outs.append(GenerationOutput(list(request.prompt_ids), ids, self._text(ids, request),
                                          stats.finish_reason, stats))
         return outs
 
     def _generate_batch(self, batch, requests: list[Request], on_tokens) -> list[GenerationOutput]:
         """All of a call's requests through the backend's batched loop (``max_num_seqs`` at once), holding
         the pair for the whole call."""
-        if self._closed:
-            raise EngineClosedError("this engine was shut down")
-        self._queue.enter()
-        try:
-            if self._closed:
-                raise EngineClosedError("this engine was shut down")
+        def seen(i: int, event) -> None:
+            if on_tokens is not None and event.token_ids:
+                on_tokens(i, list(event.token_ids))
 
-            def seen(i: int, event) -> None:
-                if on_tokens is not None and event.token_ids:
-                    on_tokens(i, list(event.token_ids))
-
+        with self._turn():
             results = batch(requests, seen)
-        finally:
-            self._queue.leave()
-        return [GenerationOutput(list(r.prompt_ids), ids, self._text(ids, r, True), stats.finish_reason, stats)
+        return [GenerationOutput(list(r.prompt_ids), ids, self._text(ids, r), stats.finish_reason, stats)
                 for r, (ids, stats) in zip(requests, results)]
 
     def shutdown(self) -> None:

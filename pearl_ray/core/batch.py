@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .messages import DraftChunk, TargetOutput
+from .messages import DraftChunk, DraftRequest, DraftStart, TargetOutput
 from .metrics import GenerationStats, RoundTiming
 from .policy import SeqView, SpeculationPolicy
 from .rounds import PearlState, RoundOptions, RoundPlan, pearl_step, plan_round
 from .sampling import make_generator, sample, warp_probs
+from .loop import draft_start, overlap_s
 from .sides import CausalLM, SeqMirror
 from .stopping import StopRule
 
@@ -117,6 +118,118 @@ class _SlotView:
         return self.lm.cache_len(self.slot)
 
 
+class BatchedDraftSide:
+    """The draft's half of batched rounds: a mirror and a sampling generator per slot over a ``BatchedLM``.
+    ``draft`` applies every request's update, then drafts the windows asked for as batched one-token steps
+    (the first step of a slot also feeds what its cache lacks). The same code runs in the loop's process
+    (local) and in a draft worker (Ray), so both give the same tokens."""
+
+    def __init__(self, lm: BatchedLM):
+        self.lm = lm
+        self.mirrors: dict[int, SeqMirror] = {}
+        self.starts: dict[int, DraftStart] = {}
+        self.gens: dict[int, torch.Generator | None] = {}
+
+    def start(self, slot: int, start: DraftStart) -> None:
+        mirror = SeqMirror(_SlotView(self.lm, slot))
+        mirror.start(list(start.prompt_ids))
+        self.mirrors[slot], self.starts[slot] = mirror, start
+        sampled = start.temperature > 0 and not start.draft_greedy
+        self.gens[slot] = make_generator(start.seed, 1) if sampled else None
+
+    def release(self, slot: int) -> None:
+        self.mirrors.pop(slot, None)
+        self.starts.pop(slot, None)
+        self.gens.pop(slot, None)
+        self.lm.release(slot)
+
+    def forwards(self, slot: int) -> int:
+        return self.mirrors[slot].forwards if slot in self.mirrors else 0
+
+    def draft(self, reqs: dict[int, DraftRequest]) -> dict[int, DraftChunk]:
+        started = time.time()
+        t0 = time.perf_counter()
+        chunks = {slot: DraftChunk(r.round_id, r.start_pos, []) for slot, r in reqs.items()}
+        for slot, req in reqs.items():
+            m = self.mirrors[slot]
+            m.apply(req.update)  # every round, drafting or not, so the mirror never misses a decision
+            if len(m.tokens) != req.start_pos:
+                raise RuntimeError(f"draft mirror of slot {slot} has {len(m.tokens)} tokens, round {req.round_id} "
+                                   f"expects {req.start_pos}")
+        drafting = [slot for slot, r in reqs.items() if r.num_steps > 0]
+        if not drafting:
+            return chunks
+        feeds = {slot: self.mirrors[slot].tokens[len(self.mirrors[slot].cached):] for slot in drafting}
+        ids: dict[int, list[int]] = {slot: [] for slot in drafting}
+        rows: dict[int, list[torch.Tensor]] = {slot: [] for slot in drafting}
+        for k in range(max(reqs[slot].num_steps for slot in drafting)):
+            live = [slot for slot in drafting if k < reqs[slot].num_steps]
+            logits = self.lm.forward({slot: (feeds[slot], 1) for slot in live})
+            for slot in live:
+                m, st, gen = self.mirrors[slot], self.starts[slot], self.gens[slot]
+                m.cached.extend(feeds[slot])
+                m.forwards += 1
+                row = logits[slot][-1]
+                if gen is None:
+                    token = int(torch.argmax(row))
+                else:
+                    q = warp_probs(row, st.temperature, st.top_k, st.top_p)
+                    token = sample(q, gen)
+                    rows[slot].append(q)
+                ids[slot].append(token)
+                feeds[slot] = [token]
+        busy = time.perf_counter() - t0
+        for slot in drafting:
+            r = reqs[slot]
+            probs = torch.stack(rows[slot]) if rows[slot] else None
+            chunks[slot] = DraftChunk(r.round_id, r.start_pos, ids[slot], probs, busy, started)
+        return chunks
+
+
+class DraftPhase(Protocol):
+    """How the batched loop reaches the draft: start and release slots, and one round's work as ``submit``
+    (may run in the background: another actor, at the same time as the target) then ``collect``. Any
+    exception is a draft failure: the requests go on without it."""
+
+    def start(self, slot: int, start: DraftStart) -> None: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def submit(self, reqs: dict[int, DraftRequest]) -> None: ...
+
+    def collect(self) -> dict[int, DraftChunk]: ...
+
+    def forwards(self, slot: int) -> int: ...
+
+
+class LocalDraftPhase:
+    """The draft in this process: ``submit`` drafts at once (the sides run one after the other)."""
+
+    def __init__(self, side: BatchedDraftSide):
+        self.side = side
+        self._chunks: dict[int, DraftChunk] = {}
+
+    def start(self, slot, start):
+        self.side.start(slot, start)
+
+    def release(self, slot):
+        self.side.release(slot)
+
+    def submit(self, reqs):
+        self._chunks = self.side.draft(reqs)
+
+    def collect(self):
+        chunks, self._chunks = self._chunks, {}
+        return chunks
+
+    def forwards(self, slot):
+        return self.side.forwards(slot)
+
+    def clear(self) -> None:
+        for slot in list(self.side.mirrors):
+            self.side.release(slot)
+
+
 @dataclass
 class Event:
     """What one round did for one request: newly visible tokens, and on the last event the result."""
@@ -139,8 +252,7 @@ class _Seq:
     coins: torch.Generator | None
     stats: GenerationStats
     target: SeqMirror
-    draft: SeqMirror | None = None
-    draft_gen: torch.Generator | None = None
+    drafts: bool = False  # the draft side holds this request's slot
     t_start: float = field(default_factory=time.perf_counter)
     emitted: int = 0
     target_forwards: int = 0
@@ -153,7 +265,7 @@ class _Seq:
 
     @property
     def draft_ok(self) -> bool:
-        return self.draft is not None
+        return self.drafts
 
     def round_options(self, window: int) -> RoundOptions:
         o = self.opts
@@ -173,10 +285,14 @@ class BatchLoop:
 
     ``max_num_seqs`` requests decode at once; more wait in arrival order and join as slots free up."""
 
-    def __init__(self, target: BatchedLM, draft: BatchedLM | None = None, policy: SpeculationPolicy | None = None,
-                 max_num_seqs: int = 8, decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, target: BatchedLM, draft: "BatchedLM | DraftPhase | None" = None,
+                 policy: SpeculationPolicy | None = None, max_num_seqs: int = 8,
+                 decode: Callable[[list[int]], str] | None = None):
+        """``draft``: a ``BatchedLM`` (drafted here, ``LocalDraftPhase``) or any ``DraftPhase``."""
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if draft is not None and not hasattr(draft, "submit"):
+            draft = LocalDraftPhase(BatchedDraftSide(draft))
         self.target, self.draft, self.policy = target, draft, policy
         self.max_num_seqs, self.decode = max_num_seqs, decode
         self.active: list[_Seq] = []
@@ -226,32 +342,44 @@ class BatchLoop:
             if self.draft is None:
                 stats.draft_failures += 1
             else:
-                seq.draft = SeqMirror(_SlotView(self.draft, slot))
-                seq.draft.start(list(request.prompt_ids))
-                p = request.params
-                if p.temperature > 0 and not opts.draft_greedy:
-                    seq.draft_gen = make_generator(request.seed, 1)
+                try:
+                    self.draft.start(slot, draft_start(request))
+                    seq.drafts = True
+                except Exception:  # noqa: BLE001 - a broken draft: this request runs on the target alone
+                    stats.draft_failures += 1
         return seq
 
     def _leave(self, seq: _Seq) -> None:
         if seq in self.active:
             self.active.remove(seq)
         self.target.release(seq.slot)
-        if seq.draft is not None and self.draft is not None:
-            self.draft.release(seq.slot)
+        if seq.drafts and self.draft is not None:
+            seq.drafts = False
+            try:
+                self.draft.release(seq.slot)
+            except Exception:  # noqa: BLE001 - a broken draft: nothing of this request is lost
+                pass
         if self.policy is not None and seq.stats.verified_tokens:
             self.policy.finished(seq.stats.accepted_tokens, seq.stats.verified_tokens)
 
     def _draft_down(self, seqs: Iterable[_Seq]) -> None:
+        """The draft failed: every request it held goes on without it (target-only rounds, still lossless)."""
         for seq in seqs:
-            if seq.draft is not None:
+            if seq.drafts:
+                seq.drafts = False
+                seq.stats.draft_failures += 1
                 try:
                     self.draft.release(seq.slot)
                 except Exception:  # noqa: BLE001 - the draft is already broken; the request goes on without it
                     pass
-                seq.draft = None
-                seq.stats.draft_failures += 1
         self.draft_failures += 1
+
+    def set_draft(self, draft: "DraftPhase | None") -> None:
+        """A new draft (the old one failed and was replaced): requests that join from now on use it; the
+        running ones hold no slot on it and go on target-only."""
+        for seq in self.active:
+            seq.drafts = False
+        self.draft = draft
 
     # -- one round ---------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -267,12 +395,15 @@ class BatchLoop:
             window = self.policy.choose([s.view() for s in seqs])
         plans = {s: plan_round(s.state, s.round_options(window)) for s in seqs}
         wall0, t0 = time.time(), time.perf_counter()
-        chunks, draft_rows, draft_steps = self._draft_phase(seqs, plans)
+        collect = self._draft_phase(seqs, plans)  # the draft works on its round meanwhile, where it can
         t1 = time.perf_counter()
         outs, width = self._target_phase(seqs, plans)
+        t_target = time.perf_counter() - t1
+        chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
         if self.policy is not None:
-            self.policy.observe(len(seqs), width, t2 - t1, draft_rows, draft_steps, t1 - t0)
+            draft_s = max((c.busy_s for c in chunks.values()), default=0.0)
+            self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s)
         self.rounds += 1
         events = []
         for seq in seqs:
@@ -280,52 +411,37 @@ class BatchLoop:
         return events
 
     def _draft_phase(self, seqs: list[_Seq], plans: dict) -> tuple[dict, int, int]:
-        started = time.time()
-        t0 = time.perf_counter()
+        """Send every drafting request's round to the draft (it may work meanwhile, e.g. in another actor)
+        and return a function that collects the chunks."""
         chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}
-        drafting = []
-        for s in seqs:
-            if s.draft is None:
-                continue
-            req = plans[s].draft
-            s.draft.apply(req.update)  # every round, drafting or not, so the mirror never misses a decision
-            if len(s.draft.tokens) != req.start_pos:
-                raise RuntimeError(f"draft mirror has {len(s.draft.tokens)} tokens, round {req.round_id} "
-                                   f"expects {req.start_pos}")
-            if req.num_steps > 0:
-                drafting.append(s)
-        if not drafting:
-            return chunks, 0, 0
-        steps = max(plans[s].draft.num_steps for s in drafting)
-        feeds = {s: s.draft.tokens[len(s.draft.cached):] for s in drafting}
-        ids: dict[_Seq, list[int]] = {s: [] for s in drafting}
-        rows: dict[_Seq, list[torch.Tensor]] = {s: [] for s in drafting}
+        holders = [s for s in seqs if s.drafts]
+        if not holders:
+            return (lambda: (chunks, 0, 0))
+        reqs = {s.slot: plans[s].draft for s in holders}
+        drafting = [s for s in holders if plans[s].draft.num_steps > 0]
         try:
-            for k in range(steps):
-                live = [s for s in drafting if k < plans[s].draft.num_steps]
-                logits = self.draft.forward({s.slot: (feeds[s], 1) for s in live})
-                for s in live:
-                    s.draft.cached.extend(feeds[s])
-                    s.draft.forwards += 1
-                    s.draft_forwards += 1
-                    row = logits[s.slot][-1]
-                    p = s.request.params
-                    if s.draft_gen is None:
-                        token = int(torch.argmax(row))
-                    else:
-                        q = warp_probs(row, p.temperature, p.top_k, p.top_p)
-                        token = sample(q, s.draft_gen)
-                        rows[s].append(q)
-                    ids[s].append(token)
-                    feeds[s] = [token]
+            self.draft.submit(reqs)
         except Exception:  # noqa: BLE001 - a broken draft: these requests finish on the target alone
-            self._draft_down(drafting)
-            return chunks, 0, 0
-        busy = time.perf_counter() - t0
-        for s in drafting:
-            probs = torch.stack(rows[s]) if rows[s] else None
-            chunks[s] = DraftChunk(plans[s].round_id, plans[s].draft.start_pos, ids[s], probs, busy, started)
-        return chunks, len(drafting), steps
+            self._draft_down(holders)
+            return (lambda: (chunks, 0, 0))
+
+        def collect():
+            try:
+                got = self.draft.collect()
+                for s in holders:
+                    chunk = got[s.slot]
+                    if chunk.round_id != plans[s].round_id or chunk.start_pos != plans[s].draft.start_pos:
+                        raise RuntimeError(f"stale draft chunk for slot {s.slot}")
+                    chunks[s] = chunk
+            except Exception:  # noqa: BLE001
+                self._draft_down(holders)
+                return {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}, 0, 0
+            for s in drafting:
+                s.draft_forwards += plans[s].draft.num_steps
+            steps = max((plans[s].draft.num_steps for s in drafting), default=0)
+            return chunks, len(drafting), steps
+
+        return collect
 
     def _target_phase(self, seqs: list[_Seq], plans: dict) -> tuple[dict, int]:
         started = time.time()
@@ -374,6 +490,7 @@ class BatchLoop:
         timing = RoundTiming(
             plan.round_id, plan.mode.value, draft_busy_s=chunk.busy_s,
             target_busy_s=target_out.busy_s if target_out else 0.0, round_s=t3 - t0, decide_s=t3 - t2,
+            overlap_s=overlap_s(chunk, target_out),
             bytes_moved=chunk.num_bytes() + (target_out.num_bytes() if target_out else 0),
             num_candidates=outcome.num_candidates, num_accepted=outcome.num_accepted, started_at=wall0,
             draft_started_at=chunk.started_at if chunk.busy_s else 0.0,

@@ -99,7 +99,7 @@ def expected_run(a: float, n: int) -> float:
 
 class SpeculationPolicy:
     def __init__(self, costs: CostModel, max_gamma: int = 8, prior: float = 0.5, prior_weight: float = 8.0,
-                 probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 20,
+                 probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 50,
                  remeasure: Callable[[], CostModel] | None = None):
         if costs.draft is None:
             max_gamma = 0
@@ -197,6 +197,8 @@ class SpeculationPolicy:
                 draft_s: float = 0.0) -> None:
         """A round's measured times against the prediction: rescale, and re-measure on a sustained drift."""
         off = False
+        if width > self.max_gamma + 1:  # a prompt pass rode in this forward: not a decoding round's cost
+            return
         if rows and width and target_s > 0:
             pred = self.costs.target(rows * width)
             self.scale_target = 0.8 * self.scale_target + 0.2 * (target_s / pred)

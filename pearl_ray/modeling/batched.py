@@ -32,22 +32,18 @@ from __future__ import annotations
 
 import torch
 
-from .hf import PREFILL_MIN_TOKENS, VocabMap, _threads
+from .hf import PREFILL_MIN_TOKENS, ModelRunner, _threads
 
 
-class BatchedHFCausalLM:
+class BatchedHFCausalLM(ModelRunner):
     """Implements ``core.batch.BatchedLM`` over one transformers causal LM (shared with other runners)."""
 
     def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None,
                  compact_ratio: float = 0.5, compact_min: int = 64, pad_id: int = 0):
         from transformers import DynamicCache
 
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
+        super().__init__(model, vocab_size, draft_to_target)
         cfg = model.config
-        self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        self.vocab_size = int(vocab_size or cfg.vocab_size)
-        self.vocab = VocabMap(self.vocab_size, draft_to_target, self.device) if draft_to_target is not None else None
         self.base = model.get_decoder()
         self.head = model.get_output_embeddings()
         if self.base is None or self.head is None:

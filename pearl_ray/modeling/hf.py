@@ -125,8 +125,9 @@ class VocabMap:
         return None if meta is None else cls(meta["target_vocab_size"], meta["draft_to_target"], torch.device(device))
 
 
-class HFCausalLM:
-    """A transformers causal LM with a ``DynamicCache``; implements ``core.sides.CausalLM``."""
+class ModelRunner:
+    """What every runner over one transformers model knows: the model (in eval mode), its device, context,
+    the vocabulary its logits cover and, for a reduced-vocabulary draft, the ``VocabMap``."""
 
     def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None):
         self.model = model.eval()
@@ -135,6 +136,17 @@ class HFCausalLM:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(vocab_size or cfg.vocab_size)
         self.vocab = VocabMap(self.vocab_size, draft_to_target, self.device) if draft_to_target is not None else None
+
+    @property
+    def draft_to_target(self) -> list[int] | None:
+        return self.vocab.out_ids.tolist() if self.vocab is not None else None
+
+
+class HFCausalLM(ModelRunner):
+    """A transformers causal LM with a ``DynamicCache``; implements ``core.sides.CausalLM``."""
+
+    def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None):
+        super().__init__(model, vocab_size, draft_to_target)
         self.cache = None
         self.prefill_threads: int | None = None  # torch threads for forwards of >= PREFILL_MIN_TOKENS tokens
         self.reset()

@@ -152,6 +152,7 @@ class RayBackend:
                 draft_at, target_at = (dpg, 0), (tpg, list(range(tp)))
         self.pg = target_at[0]
         self.spec = {"pg": self.pg, "transport": c.transport, "round_timeout_s": c.round_timeout_s,
+                     "max_num_seqs": c.max_num_seqs, "max_queued": c.max_queued,
                      "start_timeout_s": c.start_timeout_s, "tensor_lane": c.tensor_lane}
         for side, factory, (cpu, gpu), (pg, at) in (("draft", draft_factory, draft_res, draft_at),
                                                      ("target", target_factory, target_res, target_at)):

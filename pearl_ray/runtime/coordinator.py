@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import threading
 import time
 
 import ray
@@ -43,7 +44,7 @@ def choose_gamma(t_draft: float, t_target: float, lo: int = 1, hi: int = MAX_GAM
     return int(min(hi, max(lo, round(t_target / max(t_draft, 1e-9)))))
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
+@ray.remote(num_cpus=0, max_concurrency=256)
 class Coordinator:
     def __init__(self, spec: dict):
         """``spec``: factories, actor options and bundle index per side, the placement group, transport,
@@ -58,6 +59,7 @@ class Coordinator:
             self.draft = self._make("draft")
         self.linked = None  # (draft, target, gloo serve-loop ref or None for the actor transport)
         self.link_used = 0.0
+        self.lifecycle = threading.RLock()  # requests relay concurrently; creating and replacing is one at a time
 
     def _make(self, side: str, cls=None, bundle: int | None = None, factory=None):
         s = self.spec[side]
@@ -65,7 +67,9 @@ class Coordinator:
         strategy = PlacementGroupSchedulingStrategy(s.get("pg", self.spec["pg"]), placement_group_bundle_index=(
             s["bundle"] if bundle is None else bundle))
         extra = (s.get("prefill_threads") or 0,) if cls is TargetLeader else ()
-        return cls.options(scheduling_strategy=strategy, max_concurrency=4, num_cpus=s["num_cpus"],
+        # the leader holds one thread per request in flight (its stream), besides the loop's own
+        concurrency = 16 + self.spec.get("max_num_seqs", 8) + self.spec.get("max_queued", 64) if cls is TargetLeader else 4
+        return cls.options(scheduling_strategy=strategy, max_concurrency=concurrency, num_cpus=s["num_cpus"],
                            num_gpus=s["num_gpus"]).remote(factory or s["factory"], s["threads"], *extra)
 
     def _make_target(self):
@@ -165,8 +169,9 @@ class Coordinator:
                 loop = open_draft_link(self.target, self.draft, self.spec["round_timeout_s"], LINK_IDLE_S, timeout,
                                        lane)
             else:
-                ray.get(self.target.attach_draft.remote(self.draft), timeout=timeout)
                 loop = None
+            # the batched rounds reach the draft by one actor call per round (on either transport, for now)
+            ray.get(self.target.attach_draft.remote(self.draft), timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - this request runs on the target alone; later ones get a new draft
             self._replace_draft(f"could not connect it to the target leader: {str(exc)[:300]}")
             return False
@@ -175,43 +180,64 @@ class Coordinator:
 
     # -- requests ----------------------------------------------------------------------------------------
     def generate(self, request):
-        """Relay the leader's stream: ``list[int]`` per round, then the final dict."""
-        if self.target_starting is not None:
-            try:
-                ray.get(self.target_starting, timeout=self.spec["start_timeout_s"])
-                self.target_starting = None
-            except Exception as exc:  # noqa: BLE001
-                self._restart_target()
-                raise TargetUnavailable(f"the restarted target did not come up: {str(exc)[:300]}") from None
-        if request.uses_draft and not self._connect():
-            if self.draft is None and self.spec["draft"] is not None:
-                raise DraftUnavailable(f"the draft could not be started {MAX_DRAFT_STARTS} times in a row "
-                                       f"({self.draft_error}); method 'ar' still works")
-            request = request.target_only()
-        self.link_used = time.monotonic()
+        """Relay the leader's stream of this request (``TargetLeader.submit``, where it joins the continuous
+        loop beside the others): ``list[int]`` per round, then the final dict."""
+        with self.lifecycle:
+            if self.target_starting is not None:
+                try:
+                    ray.get(self.target_starting, timeout=self.spec["start_timeout_s"])
+                    self.target_starting = None
+                except Exception as exc:  # noqa: BLE001
+                    self._restart_target()
+                    raise TargetUnavailable(f"the restarted target did not come up: {str(exc)[:300]}") from None
+            if request.uses_draft and not self._connect():
+                if self.draft is None and self.spec["draft"] is not None:
+                    raise DraftUnavailable(f"the draft could not be started {MAX_DRAFT_STARTS} times in a row "
+                                           f"({self.draft_error}); method 'ar' still works")
+                request = request.target_only()
+            self.link_used = time.monotonic()
+            target, draft = self.target, self.draft  # what this request runs on (a failure replaces only these)
         item_timeout = self.spec["round_timeout_s"] * 4 + 60
+        gen, ended = None, False
         try:
-            gen = self.target.generate.options(num_returns="streaming").remote(
-                request, self.spec["transport"], self.spec["round_timeout_s"])
+            gen = target.submit.options(num_returns="streaming").remote(
+                request, self.spec["round_timeout_s"], self.spec.get("max_num_seqs", 8))
             while True:
                 item = self._next_item(gen, item_timeout)
                 if item is _END:
+                    ended = True
                     return
                 if isinstance(item, dict) and request.uses_draft and item["stats"].draft_failures:
-                    # before the final item goes out, so that the caller's next request sees the new draft
-                    self._replace_draft(f"it failed during a request: {item['stats'].draft_failures} failure(s)")
+                    # before the final item goes out, so that the caller's next request sees the new draft; one
+                    # failure reaches every request of the batch: the first to report it replaces the draft
+                    with self.lifecycle:
+                        if self.draft is draft and draft is not None:
+                            self._replace_draft(f"it failed during a request: {item['stats'].draft_failures} "
+                                                f"failure(s)")
                 yield item
         except RayTaskError as exc:
             if pearl_cause(exc) is not None:
                 raise pearl_cause(exc) from None
-            self._restart_target()
+            self._target_failed(target)
             raise TargetUnavailable(f"the target leader failed: {str(exc)[:300]}") from None
         except (RayActorError, GetTimeoutError) as exc:
-            self._restart_target()
+            self._target_failed(target)
             raise TargetUnavailable(f"the target leader died or timed out: {exc.__class__.__name__}") from None
         except _RankLost as exc:
-            self._restart_target()
+            self._target_failed(target)
             raise TargetUnavailable(f"a tensor-parallel rank of the target failed: {exc}") from None
+        finally:
+            if gen is not None and not ended:  # the caller left (or it failed): the leader drops the request
+                try:
+                    ray.cancel(gen, recursive=False)
+                except Exception as exc:  # noqa: BLE001 - the leader may be gone
+                    log.debug("cancel: %s", exc)
+
+    def _target_failed(self, target) -> None:
+        """Every request of the batch learns of a dead target; the first one restarts the group."""
+        with self.lifecycle:
+            if self.target is target:
+                self._restart_target()
 
     def _next_item(self, gen, timeout_s: float):
         """The leader's next stream item, waiting at most ``timeout_s``; while waiting, a follower rank whose

@@ -232,3 +232,41 @@ class GlooDraftChannel(LeaderChannel):
             self._io.join(timeout=self.round_timeout_s + 2.0)
             self._io = None
 
+
+
+class RemoteDraftPhase:
+    """``core.batch.DraftPhase`` over a ``DraftWorker`` actor: slot starts and releases ride with the next
+    round's call (``DraftWorker.batch_round``), which ``submit`` sends without waiting, so the draft works
+    on its round while the caller runs the target's forward; ``collect`` waits at most ``timeout_s``. Any
+    failure (timeout, dead actor, an error in the round) raises: the loop turns the requests target-only."""
+
+    def __init__(self, draft_handle, timeout_s: float):
+        self.draft, self.timeout_s = draft_handle, timeout_s
+        self._starts: dict = {}
+        self._releases: list = []
+        self._ref = None
+
+    def start(self, slot, start) -> None:
+        self._starts[slot] = start
+
+    def release(self, slot) -> None:
+        if self._starts.pop(slot, None) is None:
+            self._releases.append(slot)
+
+    def submit(self, reqs) -> None:
+        self._ref = self.draft.batch_round.remote(self._starts, self._releases, reqs)
+        self._starts, self._releases = {}, []
+
+    def collect(self) -> dict:
+        import ray
+
+        ref, self._ref = self._ref, None
+        if ref is None:
+            return {}
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any failure is the draft's; the caller falls back
+            raise DraftFailed(f"the draft's batched round failed: {exc.__class__.__name__}: {str(exc)[:200]}") from None
+
+    def forwards(self, slot) -> int:
+        return 0

@@ -98,6 +98,7 @@ class DraftWorker(_WorkerBase):
     def __init__(self, model_factory, num_threads: int = 1):
         super().__init__(model_factory, num_threads)
         self.side = DraftSide(self.model)
+        self.batched = None  # the batched rounds' slots (built on first use)
 
     def start(self, start: DraftStart) -> bool:
         with self.lock:
@@ -110,6 +111,25 @@ class DraftWorker(_WorkerBase):
 
     def forwards(self) -> int:
         return self.side.mirror.forwards
+
+    # -- batched rounds (core.batch): one call per round carries every slot's work ------------------------
+    def batch_round(self, starts: dict, releases: list, reqs: dict) -> dict:
+        """Release and start slots, then draft every slot's round (``BatchedDraftSide``); returns slot ->
+        ``DraftChunk``. ``transports.RemoteDraftPhase`` calls it once per round."""
+        with self.lock:
+            if self.batched is None:
+                from ..backends import as_batched
+                from ..core.batch import BatchedDraftSide
+
+                self.batched = BatchedDraftSide(as_batched(self.model))
+            for slot in releases:
+                self.batched.release(slot)
+            for slot, start in starts.items():
+                self.batched.start(slot, start)
+            return self.batched.draft(reqs) if reqs else {}
+
+    def batch_forwards(self, slot: int) -> int:
+        return self.batched.forwards(slot) if self.batched is not None else 0
 
     def serve_link(self, host: str, port: int, name: str, reply_timeout_s: float, idle_timeout_s: float,
                    connect_timeout_s: float, lane: str | None = None) -> str:
@@ -134,6 +154,9 @@ class TargetLeader(_WorkerBase):
         self.side = TargetSide(self.model)
         self.link = None
         self.draft_handle = None
+        self.batch = None  # the continuous loop (leader_loop.LeaderLoop), started by the first request
+        self.batch_lock = threading.Lock()
+        self.round_timeout_s = 30.0
 
     # -- transport setup (called by the coordinator) -----------------------------------------------------
     def open_link(self, name: str, idle_timeout_s: float, connect_timeout_s: float,
@@ -173,9 +196,17 @@ class TargetLeader(_WorkerBase):
         link.close()
 
     def attach_draft(self, draft_handle) -> bool:
-        """Transport "actor": the leader calls the draft's methods directly (None detaches it)."""
+        """The draft the batched rounds call (``DraftWorker.batch_round``; None detaches it). Requests that
+        join after this use it."""
         self.draft_handle = draft_handle
+        if self.batch is not None:
+            self.batch.set_draft(self._draft_phase())
         return True
+
+    def _draft_phase(self):
+        from .transports import RemoteDraftPhase
+
+        return None if self.draft_handle is None else RemoteDraftPhase(self.draft_handle, self.round_timeout_s)
 
     # -- requests ----------------------------------------------------------------------------------------
     def _channel(self, request, transport: str, round_timeout_s: float):
@@ -187,9 +218,36 @@ class TargetLeader(_WorkerBase):
             return GlooDraftChannel(self.side, self.link, round_timeout_s, self.lock)
         return ActorDraftChannel(self.side, self.draft_handle, round_timeout_s, self.lock)
 
+    def submit(self, request, round_timeout_s: float, max_num_seqs: int = 8):
+        """Decode one request in the leader's continuous loop, beside every other request in flight. Yields
+        ``list[int]`` of newly committed tokens as rounds commit them, then a final ``{"token_ids", "stats"}``
+        dict. Every wait is bounded; a caller that goes away cancels the request (its slot is freed)."""
+        from ..backends import as_batched
+        from .leader_loop import LeaderLoop
+
+        with self.batch_lock:
+            if self.batch is None:
+                self.round_timeout_s = round_timeout_s
+                self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock)
+                self.batch.set_draft(self._draft_phase())
+        stream = self.batch.open(request)
+        try:
+            while True:
+                item = stream.next_item(round_timeout_s * 4 + 60)
+                yield item
+                if isinstance(item, dict):
+                    return
+        finally:
+            if not stream.done:
+                self.batch.cancel(stream)
+
+    def loop_status(self) -> dict:
+        """Requests running and waiting in the continuous loop, and rounds run so far."""
+        return self.batch.status() if self.batch is not None else {"running": 0, "waiting": 0, "rounds": 0}
+
     def generate(self, request, transport: str, round_timeout_s: float):
-        """Run one request here. Yields ``list[int]`` of newly committed tokens per round, then a final
-        ``{"token_ids", "stats"}`` dict."""
+        """One request alone through the single-request loop (``core.loop.iter_request``) over the gloo link
+        or actor calls: the reference path the batched loop is checked against. Yields as ``submit``."""
         stop = StopRule.for_request(request, decoder(self.tokenizer))
         channel = self._channel(request, transport, round_timeout_s)
         try:

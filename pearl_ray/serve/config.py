@@ -51,8 +51,11 @@ class ServeConfig(BaseModel):
     num_replicas: int = Field(1, ge=1)
     autoscaling_config: dict | None = None
     """Serve's autoscaling config for the model replicas (then ``num_replicas`` is not used)."""
-    max_ongoing_requests: int = Field(4, ge=1)
-    """Requests a model replica holds at once: one generating, the others waiting for its pair."""
+    max_num_seqs: int = Field(8, ge=1)
+    """Requests a replica's pair decodes at once (its target leader's continuous loop)."""
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    """Requests a model replica holds at once; default ``max_num_seqs`` + 4 (what its pair batches, plus a
+    small queue for the next round)."""
     max_queued_requests: int = Field(8, ge=0)
     """Requests queued for a free replica slot (per ingress replica); past it: 503/429 at once."""
     backpressure_status: Literal[503, 429] = 503
@@ -82,6 +85,8 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
+        if self.max_ongoing_requests is None:
+            object.__setattr__(self, "max_ongoing_requests", self.max_num_seqs + 4)
         if self.draft is None and self.method != "ar":
             raise ValueError(f"method {self.method!r} needs a draft; set draft or method='ar'")
         return self

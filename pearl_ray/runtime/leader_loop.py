@@ -1,0 +1,138 @@
+"""The target leader's continuous loop: one thread runs ``core.batch.BatchLoop`` rounds over every request in
+flight. Requests arrive at any time (``open``) and join at a round boundary; they leave when they finish, are
+cancelled, or their caller goes away. Each has its own ``RequestStream`` back to the caller: the loop never
+waits for a slow reader (its tokens accumulate in the stream, at most the request's ``max_new_tokens``).
+
+The draft is reached through a ``transports.RemoteDraftPhase`` (one actor call per round carries every
+drafting request's work, and the draft computes while this process runs the target's forward). One fault
+rule for the batch: a draft failure turns every active request target-only (still lossless), and a failure
+of the target's forward ends every request with ``TargetUnavailable``. No Ray calls here except through the
+draft phase; the actor (``workers.TargetLeader``) owns this object.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from ..core.batch import BatchLoop, Event
+from ..errors import PearlError, TargetUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """One request's results, filled by the loop thread and read by the caller's thread."""
+
+    def __init__(self):
+        self.cv = threading.Condition()
+        self.pending: list[int] = []
+        self.final: dict | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None or self.error is not None
+
+    def push(self, event: Event) -> None:
+        with self.cv:
+            self.pending.extend(event.token_ids)
+            if event.finished:
+                if event.error is not None:
+                    self.error = event.error
+                else:
+                    self.final = {"token_ids": event.output_ids, "stats": event.stats}
+            self.cv.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.cv:
+            if not self.done:
+                self.error = error
+            self.cv.notify_all()
+
+    def next_item(self, timeout_s: float):
+        """The tokens committed since the last call, or the final dict once they are all out; waits at most
+        ``timeout_s`` (then ``TargetUnavailable``)."""
+        deadline = time.monotonic() + timeout_s
+        with self.cv:
+            while not self.pending and not self.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TargetUnavailable(f"the target's loop produced nothing for this request in {timeout_s:.0f} s")
+                self.cv.wait(left)
+            if self.pending:
+                ids, self.pending = self.pending, []
+                return ids
+            if self.error is not None:
+                raise self.error
+            return self.final
+
+
+class LeaderLoop:
+    def __init__(self, target_lm, decode, max_num_seqs: int, lock=None, policy=None):
+        self.loop = BatchLoop(target_lm, None, policy, max_num_seqs, decode)
+        self.lock = lock or threading.Lock()
+        self.inbox: queue.Queue = queue.Queue()
+        self.streams: dict[RequestStream, None] = {}
+        self.rounds = 0
+        self.thread = threading.Thread(target=self._run, name="pearl-leader-loop", daemon=True)
+        self.thread.start()
+
+    # -- called from the actor's request threads ------------------------------------------------------------
+    def open(self, request) -> RequestStream:
+        stream = RequestStream()
+        self.inbox.put(("add", stream, request))
+        return stream
+
+    def cancel(self, stream: RequestStream) -> None:
+        self.inbox.put(("cancel", stream, None))
+
+    def set_draft(self, phase) -> None:
+        """Use ``phase`` (a ``DraftPhase``, or None) for requests that join from the next round on."""
+        self.inbox.put(("draft", None, phase))
+
+    def status(self) -> dict:
+        return {"running": len(self.loop.active), "waiting": len(self.loop.waiting), "rounds": self.rounds,
+                "draft": self.loop.draft is not None}
+
+    # -- the loop thread --------------------------------------------------------------------------------------
+    def _take(self, item) -> None:
+        kind, stream, arg = item
+        if kind == "add":
+            self.streams[stream] = None
+            self.loop.add(arg, key=stream)
+        elif kind == "cancel":
+            if stream in self.streams:
+                self.loop.cancel(stream)
+                self.streams.pop(stream, None)
+                stream.fail(PearlError("cancelled"))
+        elif kind == "draft":
+            self.loop.set_draft(arg)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._take(self.inbox.get(timeout=None if self.loop.idle else 0.0))
+            except queue.Empty:
+                pass
+            while True:  # everything that arrived meanwhile joins at this boundary
+                try:
+                    self._take(self.inbox.get_nowait())
+                except queue.Empty:
+                    break
+            if self.loop.idle:
+                continue
+            try:
+                with self.lock:
+                    events = self.loop.step()
+                self.rounds += 1
+            except Exception as exc:  # noqa: BLE001 - the target's forward failed: every request ends, typed
+                log.exception("the batched round failed")
+                events = self.loop.fail_all(TargetUnavailable(f"the target failed a batched round: "
+                                                              f"{exc.__class__.__name__}: {str(exc)[:300]}"))
+            for ev in events:
+                ev.key.push(ev)
+                if ev.finished:
+                    self.streams.pop(ev.key, None)

@@ -1,0 +1,173 @@
+"""Batched rounds with the draft in a Ray actor (``transports.RemoteDraftPhase`` -> ``DraftWorker.batch_round``):
+one actor call per round carries every slot's work, the draft drafts while this process runs the target,
+and a draft killed mid-batch turns every request target-only with identical greedy output."""
+
+import pytest
+import ray
+
+from pearl_ray import PearlEngine, SamplingParams
+from pearl_ray.backends import as_batched
+from pearl_ray.core.batch import BatchLoop, run_batch
+from pearl_ray.runtime.transports import RemoteDraftPhase
+from pearl_ray.runtime.workers import DraftWorker, HFModelFactory
+
+from ray_utils import private_ray, wait_for
+
+pytestmark = pytest.mark.ray
+local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
+PROMPTS = [[5, 9, 14, 3], [7], [20, 21, 22, 23, 24, 25, 26], [40, 41], [8, 8, 8], [60, 61, 62]]
+
+
+def _setup(tiny_pair):
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3)
+    draft = DraftWorker.options(num_cpus=0).remote(
+        HFModelFactory(tiny_pair["draft"], target_vocab_size=eng.vocab_size), 1)
+    return eng, draft
+
+
+def test_batched_rounds_with_the_draft_in_an_actor(tiny_pair):
+    eng, draft = _setup(tiny_pair)
+    params = SamplingParams(max_new_tokens=19, ignore_eos=True)
+    want = [eng.generate([p], params, method="ar")[0].token_ids for p in PROMPTS]
+    methods = ["pearl", "sd", "ar", "pearl", "sd", "pearl"]
+    reqs = [eng.make_request(p, params, method=m, index=i) for i, (p, m) in enumerate(zip(PROMPTS, methods))]
+    loop = BatchLoop(as_batched(eng.backend.target_model), RemoteDraftPhase(draft, 30.0), None, 4)
+    results = run_batch(loop, reqs)
+    assert [ids for ids, _ in results] == want
+    drafted = [s for (_, s), m in zip(results, methods) if m != "ar"]
+    assert all(s.drafted_tokens > 0 and s.draft_failures == 0 for s in drafted)
+    # the draft's slots were all released: a second batch reuses them
+    assert [ids for ids, _ in run_batch(loop, reqs[:3])] == want[:3]
+    ray.kill(draft)
+
+
+def test_a_draft_killed_mid_batch_leaves_greedy_output_unchanged(tiny_pair):
+    eng, draft = _setup(tiny_pair)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    want = [eng.generate([p], params, method="ar")[0].token_ids for p in PROMPTS[:4]]
+    loop = BatchLoop(as_batched(eng.backend.target_model), RemoteDraftPhase(draft, 10.0), None, 4)
+    for i, p in enumerate(PROMPTS[:4]):
+        loop.add(eng.make_request(p, params, method="pearl", index=i), key=i)
+    got, stats, rounds = {}, {}, 0
+    while len(got) < 4:
+        for ev in loop.step():
+            if ev.finished:
+                got[ev.key], stats[ev.key] = ev.output_ids, ev.stats
+        rounds += 1
+        if rounds == 3:
+            ray.kill(draft)
+    assert [got[i] for i in range(4)] == want
+    assert all(stats[i].draft_failures == 1 and stats[i].fallback_rounds > 0 for i in range(4))
+
+
+# -- the target leader's continuous loop behind a Ray engine (issue 20) ---------------------------------------
+CONCURRENT = [([5, 9, 14, 3], "pearl", 17), ([7], "sd", 9), ([20, 21, 22, 23, 24, 25, 26], "ar", 21),
+              ([40, 41], "pearl", 13), ([8, 8, 8], "sd", 25), ([60, 61, 62], "pearl", 6), ([11, 12], "ar", 15),
+              ([90, 2, 33], "pearl", 19)]
+
+
+def _threads(fn, n):
+    import threading
+
+    out, errors = {}, []
+
+    def run(i):
+        try:
+            out[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append((i, exc))
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(300)
+    return out, errors
+
+
+def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pair):
+    local = PearlEngine(target=tiny_pair["target"], method="ar", gamma=3)
+    want = [local.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
+            for p, _, n in CONCURRENT]
+    with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
+                     max_num_seqs=8, transport="actor") as eng:
+        def one(i):
+            p, method, n = CONCURRENT[i]
+            chunks = list(eng.stream(p, SamplingParams(max_new_tokens=n, ignore_eos=True), method=method))
+            return sum((c.token_ids for c in chunks), []), chunks[-1].stats
+
+        got, errors = _threads(one, len(CONCURRENT))
+        assert not errors, errors
+        assert [got[i][0] for i in range(len(CONCURRENT))] == want
+        batch = max(t.batch_size for _, s in got.values() for t in s.round_timings)
+        assert batch >= 2, "the requests were not decoded together"
+        # a seeded sampled request gives the same tokens alone and beside others
+        sampled = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.0, seed=9)
+        alone = eng.generate([[3, 4, 5]], sampled)[0].token_ids
+        crowd, errors = _threads(lambda i: eng.generate([[3, 4, 5] if i == 0 else CONCURRENT[i][0]], sampled)[0]
+                                 .token_ids, 4)
+        assert not errors and crowd[0] == alone
+        leader = eng.backend.status()["handles"]["target"]
+        assert ray.get(leader.loop_status.remote(), timeout=30)["running"] == 0
+
+
+def test_a_cancelled_stream_frees_its_slot_and_leaves_the_others_unchanged(tiny_pair):
+    local = PearlEngine(target=tiny_pair["target"], method="ar", gamma=3)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    want = local.generate([[5, 9], [7, 8]], params)
+    with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
+                     max_num_seqs=4) as eng:
+        def one(i):
+            if i == 0:  # leaves after its first tokens
+                stream = eng.stream([40, 41, 42], SamplingParams(max_new_tokens=200, ignore_eos=True))
+                next(stream)
+                stream.close()
+                return None
+            return eng.generate([[5, 9], [7, 8]][i - 1], params)[0].token_ids
+
+        got, errors = _threads(one, 3)
+        assert not errors, errors
+        assert [got[1], got[2]] == [w.token_ids for w in want]
+        leader = eng.backend.status()["handles"]["target"]
+        assert wait_for(lambda: ray.get(leader.loop_status.remote(), timeout=30)["running"] == 0, 30)
+        # the cancelled request (200 tokens, about one per round with this draft) left after its first round:
+        # the loop ran the others' ~30 rounds, not 200
+        assert ray.get(leader.loop_status.remote(), timeout=30)["rounds"] < 120
+
+
+def test_a_killed_draft_or_target_with_four_requests_running(tiny_pair):
+    from pearl_ray.errors import TargetUnavailable
+
+    local = PearlEngine(target=tiny_pair["target"], method="ar", gamma=3)
+    prompts = [[5, 9, 14], [7], [40, 41], [8, 8, 8]]
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    want = [o.token_ids for o in local.generate(prompts, params)]
+    with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
+                     max_num_seqs=4, round_timeout_s=10) as eng:
+        eng.generate([[1, 2]], SamplingParams(max_new_tokens=4))  # warm: the draft is connected
+        handles = eng.backend.status()["handles"]
+
+        def one(i):
+            chunks = []
+            for c in eng.stream(prompts[i], params):
+                chunks.append(c)
+                if i == 0 and len(chunks) == 3:
+                    ray.kill(handles["draft"])
+            return sum((c.token_ids for c in chunks), []), chunks[-1].stats
+
+        got, errors = _threads(one, 4)
+        assert not errors, errors
+        assert [got[i][0] for i in range(4)] == want
+        assert any(got[i][1].draft_failures for i in range(4))
+        # the target: every running request gets TargetUnavailable, and the next one succeeds
+        handles = eng.backend.status()["handles"]
+
+        def doomed(i):
+            for j, _ in enumerate(eng.stream(prompts[i], SamplingParams(max_new_tokens=200, ignore_eos=True))):
+                if i == 0 and j == 2:
+                    ray.kill(handles["target"])
+            return "finished"
+
+        got, errors = _threads(doomed, 4)
+        assert len(errors) == 4 and all(isinstance(e, TargetUnavailable) for _, e in errors), (got, errors)
+        assert eng.generate([prompts[0]], params)[0].token_ids == want[0]
