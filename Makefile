@@ -7,7 +7,7 @@ export TRANSFORMERS_VERBOSITY := error
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench bench-throughput distill measure clean-venv
+.PHONY: venv demo test test-fast bench bench-throughput bench-endpoint distill measure clean-venv
 
 venv: $(STAMP)
 
@@ -37,6 +37,9 @@ bench: $(STAMP)
 
 bench-throughput: $(STAMP)
 	$(PY) jobs/bench_throughput.py $(BENCH_ARGS)
+
+bench-endpoint: $(STAMP)
+	$(PY) jobs/bench_throughput.py --endpoint $(BENCH_ARGS)
 
 measure: $(STAMP)
 	$(PY) jobs/measure_pair.py

@@ -8,11 +8,12 @@ For each batch size B (default 1, 2, 4, 8, 16) the same max(B, --min-prompts) ha
   (``--gamma 0``) or a fixed window;
 - ``hf``: plain transformers ``generate`` of the target on the same prompts, B at a time, left-padded (the
   external peer; its tokens are counted up to each row's first EOS);
+- ``ar-ray``, ``pearl-ray`` (``--ray-methods``): a Ray engine (draft and target in their own actors, one
+  thread each), B callers on threads at once, which the target leader's continuous loop batches; with the
+  callers' end-to-end time against the engine's own ``stats.wall_s`` (``e2e_over_engine``: the Ray path's
+  per-request cost);
 - at batch 1 only (``--batch1-extras``): ``ar-1thread`` (target-only on one thread: what each side of a
-  Ray pair gets on a 2-core machine) and ``pearl-ray`` (PEARL on Ray, draft and target in their own actors,
-  one thread each, auto gamma), with the caller's end-to-end time against the engine's own ``stats.wall_s``
-  (``e2e_over_engine``: per-request cost of the Ray path). Until the Ray loop batches, Ray rows exist at
-  batch 1 only.
+  Ray pair gets on a 2-core machine).
 
 Cells run in an order that rotates per batch size, so machine drift hits every method alike. Reported per
 cell: aggregate tokens/s (all new tokens over the caller's wall time), per-request latency (p50 / p95 of the
@@ -77,25 +78,52 @@ def run_engine(engine, prompts, params, method, batch) -> dict:
             "mean_window": statistics.mean(windows) if windows else 0.0, "ids": [o.token_ids for o in outs]}
 
 
-def run_ray(engine, prompts, params) -> dict:
-    """PEARL on Ray, one request at a time (the Ray loop does not batch yet); also the caller's time per
-    request against the engine's ``stats.wall_s``."""
-    lat, e2e, inside, outs = [], 0.0, 0.0, []
+def run_ray(engine, prompts, params, method: str, batch: int) -> dict:
+    """``batch`` callers on threads, each sending the next prompt as soon as its last one is done, to one Ray
+    engine (its target leader's loop batches them); also the callers' time per request against the
+    engine's own ``stats.wall_s``."""
+    import queue
+    import threading
+
+    todo: queue.Queue = queue.Queue()
+    for i, p in enumerate(prompts):
+        todo.put((i, p))
+    lat, e2e, inside = [0.0] * len(prompts), [0.0], [0.0]
+    outs: list = [None] * len(prompts)
+    lock = threading.Lock()
     t0 = time.perf_counter()
-    for p in prompts:
-        t1 = time.perf_counter()
-        out = engine.generate([p], params)[0]
-        e2e += time.perf_counter() - t1
-        inside += out.stats.wall_s
-        lat.append(time.perf_counter() - t0)
-        outs.append(out)
+
+    def caller() -> None:
+        while True:
+            try:
+                i, p = todo.get_nowait()
+            except queue.Empty:
+                return
+            t1 = time.perf_counter()
+            out = engine.generate([p], params, method=method)[0]
+            with lock:
+                e2e[0] += time.perf_counter() - t1
+                inside[0] += out.stats.wall_s
+            lat[i], outs[i] = time.perf_counter() - t0, out
+
+    threads = [threading.Thread(target=caller) for _ in range(batch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    e2e, inside = e2e[0], inside[0]
     wall = time.perf_counter() - t0
     tokens = sum(len(o.token_ids) for o in outs)
     verified = sum(o.stats.verified_tokens for o in outs)
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95),
             "acceptance": sum(o.stats.accepted_tokens for o in outs) / verified if verified else None,
-            "mean_window": float(engine.gamma), "e2e_over_engine": e2e / inside if inside else None,
+            "mean_window": _mean_window(outs), "e2e_over_engine": e2e / inside if inside else None,
             "ids": [o.token_ids for o in outs]}
+
+
+def _mean_window(outs) -> float:
+    windows = [t.window for o in outs for t in o.stats.round_timings]
+    return statistics.mean(windows) if windows else 0.0
 
 
 def run_hf(model, tokenizer, prompts, max_new_tokens, eos_ids, batch) -> dict:
@@ -120,6 +148,165 @@ def run_hf(model, tokenizer, prompts, max_new_tokens, eos_ids, batch) -> dict:
     wall = time.perf_counter() - t0
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95),
             "acceptance": None, "mean_window": 0.0, "ids": ids_out}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client_load(base_url: str, model: str, prompts: list[str], clients: int, max_tokens: int,
+                extra: dict | None = None) -> dict:
+    """``clients`` concurrent ``openai`` clients, each sending the next chat request as soon as its last one
+    is answered, until ``prompts`` are used up; aggregate completion tokens/s and latency percentiles."""
+    import queue
+    import threading
+
+    from openai import OpenAI
+
+    todo: queue.Queue = queue.Queue()
+    for p in prompts:
+        todo.put(p)
+    lat, tokens, errors = [], [0], []
+    lock = threading.Lock()
+
+    def client() -> None:
+        api = OpenAI(base_url=base_url, api_key="unused", timeout=600, max_retries=0)
+        while True:
+            try:
+                p = todo.get_nowait()
+            except queue.Empty:
+                return
+            t1 = time.perf_counter()
+            try:
+                r = api.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
+                                                max_tokens=max_tokens, temperature=0, extra_body=extra or None)
+            except Exception as exc:  # noqa: BLE001 - counted, reported
+                with lock:
+                    errors.append(repr(exc)[:200])
+                continue
+            with lock:
+                lat.append(time.perf_counter() - t1)
+                tokens[0] += r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens[0], "wall_s": wall, "tok_s": tokens[0] / wall, "p50_s": pct(lat, 0.5),
+            "p95_s": pct(lat, 0.95), "errors": len(errors)}
+
+
+def wait_http(url: str, timeout_s: float) -> bool:
+    import requests
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(2.0)
+    return False
+
+
+def endpoint_mode(args, sizes: list[int]) -> int:
+    """The OpenAI endpoint (``python -m pearl_ray serve`` in its own process, its own private Ray) under N
+    concurrent clients for each N, per method; vLLM's OpenAI server under the same load if ``--vllm-python``
+    names a Python with vLLM installed (its own venv; never a dependency of this project)."""
+    import subprocess
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from pearl_ray.modeling.resolve import resolve_path
+
+    data = json.loads(HELDOUT.read_text())["families"]
+    texts = [t for pair in zip(data["chat"], data["code"]) for t in pair]
+    rows = []
+    servers = [("pearl_ray", [sys.executable, "-m", "pearl_ray", "serve", "--draft", args.draft, "--target",
+                              args.target, "--host", "127.0.0.1", "--max-num-seqs", str(max(sizes)),
+                              "--max-queued-requests", str(4 * max(sizes)), "--num-threads", "1"])]
+    if args.vllm_python:
+        target_dir = resolve_path(args.target)
+        servers.append(("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", target_dir,
+                                 "--host", "127.0.0.1", "--dtype", "float32", "--max-num-seqs", str(max(sizes))]))
+    for name, cmd in servers:
+        port = _free_port()
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0-1")
+        proc = subprocess.Popen(cmd + ["--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            if not wait_http(base + ("/health" if name == "pearl_ray" else "/v1/models"), 900):
+                print(f"{name}: the server did not come up", file=sys.stderr)
+                continue
+            import requests
+
+            model = requests.get(base + "/v1/models", timeout=30).json()["data"][0]["id"]
+            methods = ["ar", "pearl"] if name == "pearl_ray" else ["vllm"]
+            client_load(base + "/v1", model, texts[:2], 2, 8,
+                        {"method": "pearl"} if name == "pearl_ray" else None)  # warm-up
+            for n in sizes:
+                prompts = [texts[i % len(texts)] for i in range(max(n, args.min_prompts))]
+                for method in (methods if n % 2 else methods[::-1]):
+                    extra = {"method": method} if name == "pearl_ray" else None
+                    r = client_load(base + "/v1", model, prompts, n, args.max_new_tokens, extra)
+                    rows.append({"server": name, "method": method, "clients": n, **r})
+                    print(f"{name:9s} {method:6s} clients {n:2d}: {r['tok_s']:7.1f} tok/s  p50 {r['p50_s']:6.2f} s  "
+                          f"p95 {r['p95_s']:6.2f} s  errors {r['errors']}", flush=True)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return 1
+    one = {(r.server, r.method): r.tok_s for r in df.itertuples() if r.clients == min(sizes)}
+    lat1 = {(r.server, r.method): r.p50_s for r in df.itertuples() if r.clients == min(sizes)}
+    df["vs_one_client"] = [r.tok_s / one[(r.server, r.method)] for r in df.itertuples()]
+    df["p50_vs_one_client"] = [r.p50_s / lat1[(r.server, r.method)] for r in df.itertuples()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "endpoint.csv", index=False)
+    table = df.to_markdown(index=False, floatfmt=".3g")
+    title = (f"OpenAI endpoint, {Path(args.target).name} + {Path(args.draft).name}, held-out chat/code prompts, "
+             f"greedy, <= {args.max_new_tokens} tokens, {os.cpu_count()}-CPU machine")
+    (out / "endpoint.md").write_text(f"{title}\n\n{table}\n")
+    plot_endpoint(df, out / "endpoint.png", title)
+    print(table)
+    return 0
+
+
+def plot_endpoint(df, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for (server, method), g in df.groupby(["server", "method"]):
+        a.plot(g.clients, g.tok_s, marker="o", label=f"{server} {method}")
+        b.plot(g.clients, g.p50_s, marker="o", label=f"{server} {method}")
+    for ax, label in ((a, "aggregate completion tokens / s"), (b, "p50 latency per request (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(rows, path: Path, title: str) -> None:
@@ -160,10 +347,18 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=0, help="0: the adaptive speculation policy; else a fixed window")
     ap.add_argument("--num-threads", type=int, default=2)
     ap.add_argument("--families", default="chat,code")
-    ap.add_argument("--batch1-extras", default="ar-1thread,pearl-ray",
+    ap.add_argument("--batch1-extras", default="ar-1thread",
                     help="extra methods at batch 1 only (comma-separated; empty for none)")
+    ap.add_argument("--ray-methods", default="ar,pearl",
+                    help="methods also run on a Ray engine at every batch size (rows 'METHOD-ray'; empty: none)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_throughput" / time.strftime("%Y%m%d-%H%M%S")))
+    ap.add_argument("--endpoint", action="store_true",
+                    help="endpoint mode: N concurrent openai clients against `python -m pearl_ray serve` (and vLLM)")
+    ap.add_argument("--vllm-python", default="",
+                    help="endpoint mode: a Python with vllm-cpu installed (its own venv) to serve the same target")
     args = ap.parse_args(argv)
+    if args.endpoint:
+        return endpoint_mode(args, [int(x) for x in args.batch_sizes.split(",")])
 
     import pandas as pd
     import torch
@@ -190,17 +385,20 @@ def main(argv=None) -> int:
     # warm-up (not reported)
     engine.generate(prompts_all[:2], SamplingParams(max_new_tokens=8), method="pearl" if engine.has_draft else "ar")
     extras = [m for m in args.batch1_extras.split(",") if m]
+    ray_methods = [f"{m}-ray" for m in args.ray_methods.split(",") if m]
     ray_engine = None
-    if "pearl-ray" in extras:
+    if ray_methods:
         t_ray = time.perf_counter()
-        ray_engine = PearlEngine(draft=args.draft, target=args.target, gamma=None, backend="ray")
+        ray_engine = PearlEngine(draft=args.draft, target=args.target, gamma=args.gamma or None, backend="ray",
+                                 max_num_seqs=max(sizes), max_queued=max(sizes))
         ray_engine.generate(prompts_all[:1], SamplingParams(max_new_tokens=8))  # warm-up
         print(f"ray engine ready in {time.perf_counter() - t_ray:.1f} s, auto gamma {ray_engine.gamma}", flush=True)
     rows = []
     for bi, batch in enumerate(sizes):
         n = max(batch, args.min_prompts)
         prompts = [prompts_all[i % len(prompts_all)] for i in range(n)]
-        order = methods[bi % len(methods):] + methods[: bi % len(methods)]
+        cells = methods + ray_methods
+        order = cells[bi % len(cells):] + cells[: bi % len(cells)]
         if batch == 1:
             order = order + extras
         ids = {}
@@ -213,24 +411,29 @@ def main(argv=None) -> int:
                     r = run_engine(engine, prompts, params, "ar", batch)
                 finally:
                     torch.set_num_threads(args.num_threads)
-            elif method == "pearl-ray":
-                r = run_ray(ray_engine, prompts, params)
+            elif method.endswith("-ray"):
+                r = run_ray(ray_engine, prompts, params, method[: -len("-ray")], batch)
             else:
                 r = run_engine(engine, prompts, params, method, batch)
             ids[method] = r.pop("ids")
             rows.append({"batch": batch, "method": method, "prompts": n, **r})
             print(f"B={batch:2d} {method:5s} {r['tok_s']:7.1f} tok/s  p50 {r['p50_s']:6.2f} s  "
                   f"tokens {r['tokens']}  window {r['mean_window']:.2f}", flush=True)
-        same = [ids[m] == ids["ar"] for m in ("sd", "pearl", "ar-1thread", "pearl-ray") if m in ids and "ar" in ids]
+        same = [ids[m] == ids["ar"] for m in ids if m != "hf" and "ar" in ids]
         for row in rows[-len(order):]:
             row["identical_to_ar"] = all(same) if row["method"] != "hf" else (ids["hf"] == ids.get("ar"))
     df = pd.DataFrame(rows)
     base = {m: df[(df.method == m) & (df.batch == sizes[0])].tok_s.iloc[0] for m in df.method.unique()}
     df["vs_own_batch1"] = [r.tok_s / base[r.method] for r in df.itertuples()]
     hf_by = {r.batch: r.tok_s for r in df.itertuples() if r.method == "hf"}
-    ar_by = {r.batch: r.tok_s for r in df.itertuples() if r.method == "ar"}
+    ar_by = {(r.method, r.batch): r.tok_s for r in df.itertuples() if r.method in ("ar", "ar-ray")}
+
+    def same_backend_ar(r):  # target-only decoding on the same backend, same batch size
+        key = ("ar-ray" if r.method.endswith("-ray") else "ar", r.batch)
+        return r.tok_s / ar_by[key] if key in ar_by else None
+
     df["vs_hf"] = [r.tok_s / hf_by[r.batch] if r.batch in hf_by else None for r in df.itertuples()]
-    df["vs_ar"] = [r.tok_s / ar_by[r.batch] if r.batch in ar_by else None for r in df.itertuples()]
+    df["vs_ar"] = [same_backend_ar(r) for r in df.itertuples()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)

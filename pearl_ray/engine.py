@@ -186,9 +186,11 @@ class PearlEngine:
         if options.get("preset"):
             draft, target, method, gamma, backend, options = apply_preset(
                 options["preset"], draft, target, method, gamma, backend, options)
-        adaptive = gamma is None and backend == "local"
+        # gamma None: the adaptive policy. Locally its largest window is POLICY_MAX_GAMMA; on Ray the measured
+        # auto gamma (set below), and the target leader's policy picks each round's window up to it.
+        adaptive = gamma is None
         config = EngineConfig(draft=draft, target=target, method=method, backend=backend, **options,
-                              gamma=POLICY_MAX_GAMMA if adaptive else gamma, adaptive=adaptive)
+                              gamma=POLICY_MAX_GAMMA if adaptive and backend == "local" else gamma, adaptive=adaptive)
         if backend == "local":
             ray_set = sorted(k for k in RAY_ONLY if k in options)
             if ray_set or placement_group is not None:

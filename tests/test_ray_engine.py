@@ -83,10 +83,10 @@ def test_full_queue_on_ray():
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
     want = PearlEngine(target_model=target, method="ar").generate([[1, 2]], params)[0].token_ids
     with PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
-                     max_queued=1) as eng:
+                     max_queued=1, max_num_seqs=2) as eng:  # two decode at once (batched), one more may wait
         outs = []
         runners = [threading.Thread(target=lambda: outs.append(eng.generate([[1, 2]], params)[0].token_ids))
-                   for _ in range(2)]
+                   for _ in range(3)]
         for r in runners:
             r.start()
             assert wait_for(lambda n=len(outs): eng.queue_depth >= 1 + runners.index(r) or len(outs) > n, 10)
@@ -96,7 +96,7 @@ def test_full_queue_on_ray():
         assert time.monotonic() - t0 < 0.5
         for r in runners:
             r.join(60)
-        assert outs == [want, want]
+        assert outs == [want, want, want]
 
 
 def test_joins_the_running_ray_and_uses_a_handed_in_placement_group():

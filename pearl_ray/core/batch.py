@@ -267,8 +267,11 @@ class _Seq:
     def draft_ok(self) -> bool:
         return self.drafts
 
-    def round_options(self, window: int) -> RoundOptions:
+    def round_options(self, window: int | None) -> RoundOptions:
+        """This round's options: ``window`` is the policy's choice (None: no policy, the request's own cap)."""
         o = self.opts
+        if window is None:
+            window = o.gamma
         if not o.use_draft or not self.draft_ok or (o.adaptive and window == 0):
             return replace(o, use_draft=False, pre_verify=True)
         if o.adaptive:
@@ -390,7 +393,7 @@ class BatchLoop:
         if not self.active:
             return []
         seqs = list(self.active)
-        window = 0
+        window = None
         if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in seqs):
             window = self.policy.choose([s.view() for s in seqs])
         plans = {s: plan_round(s.state, s.round_options(window)) for s in seqs}

@@ -237,7 +237,9 @@ def measure_forward_costs(lm, max_rows: int, widths: Sequence[int], context: int
     rows_list = sorted({min(max_rows, 2 ** i) for i in range(0, max(1, math.ceil(math.log2(max_rows))) + 1)},
                        reverse=True)
     context = max(1, min(context, lm.max_context - max(widths, default=1) - 2))
-    ctx = [token + (i % 7) for i in range(context)]
+    vocab = max(1, int(getattr(lm, "vocab_size", 0) or 1))
+    token = token % vocab
+    ctx = [(token + i % 7) % vocab for i in range(context)]
     for slot in range(max_rows):
         lm.forward({slot: (list(ctx), 1)})
     points: dict[int, list[float]] = {}

@@ -47,9 +47,12 @@ class PairPool:
                  run: Callable[[object, int, WorkItem], Iterator[tuple[str, dict]]],
                  sink: Callable[[dict], None], is_pair_failure: Callable[[BaseException], bool],
                  stop: Callable[[object], None] = lambda engine: None, max_attempts: int = 3,
-                 max_pair_failures: int = 2):
-        if num_pairs < 1 or max_attempts < 1 or max_pair_failures < 1:
-            raise ValueError("num_pairs, max_attempts and max_pair_failures must be >= 1")
+                 max_pair_failures: int = 2, slots_per_pair: int = 1):
+        """``slots_per_pair``: items one pair runs at once (threads sharing its engine, whose loop batches
+        them)."""
+        if num_pairs < 1 or max_attempts < 1 or max_pair_failures < 1 or slots_per_pair < 1:
+            raise ValueError("num_pairs, max_attempts, max_pair_failures and slots_per_pair must be >= 1")
+        self.slots_per_pair = slots_per_pair
         self.num_pairs, self.start, self.run, self.sink, self.stop = num_pairs, start, run, sink, stop
         self.is_pair_failure = is_pair_failure
         self.max_attempts, self.max_pair_failures = max_attempts, max_pair_failures
@@ -95,31 +98,18 @@ class PairPool:
             with self._cv:
                 self.report.pairs_started += 1
                 self._engines[index] = engine
-            failures = 0
-            while failures < self.max_pair_failures and (item := self._next()) is not None:
-                try:
-                    for method, record in self.run(engine, index, item):
-                        self.sink(record)
-                        item.methods.remove(method)
-                        with self._cv:
-                            self.report.records += 1
-                    failures = 0
-                    self._finish()
-                except BaseException as exc:  # noqa: BLE001 - sorted below
-                    if not self.is_pair_failure(exc):
-                        self._finish()
-                        raise
-                    failures += 1
-                    item.attempts += 1
-                    item.errors.append(f"pair {index}: {type(exc).__name__}: {exc}")
-                    log.warning("pair %d failed on item %s (try %d of %d): %s", index, item.key, item.attempts,
-                                self.max_attempts, exc)
-                    if item.attempts < self.max_attempts:
-                        self._queue.put(item)  # another pair (or this one) takes it again
-                    else:
-                        self._finish(item, failed=True)
-            if failures >= self.max_pair_failures:
-                log.warning("pair %d retired after %d failures in a row", index, failures)
+            state = {"failures": 0, "error": None}
+            extra = [threading.Thread(target=self._slot, args=(engine, index, state), daemon=True,
+                                      name=f"pair-{index}-slot-{k}") for k in range(1, self.slots_per_pair)]
+            for t in extra:
+                t.start()
+            self._slot(engine, index, state)
+            for t in extra:
+                t.join()
+            if state["error"] is not None:
+                raise state["error"]
+            if state["failures"] >= self.max_pair_failures:
+                log.warning("pair %d retired after %d failures in a row", index, state["failures"])
                 self.report.pairs_retired.append(index)
         except BaseException as exc:  # noqa: BLE001 - handed to run_all
             with self._cv:
@@ -136,6 +126,33 @@ class PairPool:
             with self._cv:
                 self._alive -= 1
                 self._cv.notify_all()
+
+    def _slot(self, engine, index: int, state: dict) -> None:
+        """One of a pair's slots: take items until none is left, the pair failed too often in a row, or a
+        bug (any error ``is_pair_failure`` does not recognise, kept in ``state`` for the pair to raise)."""
+        while state["failures"] < self.max_pair_failures and state["error"] is None and (item := self._next()):
+            try:
+                for method, record in self.run(engine, index, item):
+                    self.sink(record)
+                    item.methods.remove(method)
+                    with self._cv:
+                        self.report.records += 1
+                state["failures"] = 0
+                self._finish()
+            except BaseException as exc:  # noqa: BLE001 - sorted below
+                if not self.is_pair_failure(exc):
+                    self._finish()
+                    state["error"] = state["error"] or exc
+                    return
+                state["failures"] += 1
+                item.attempts += 1
+                item.errors.append(f"pair {index}: {type(exc).__name__}: {exc}")
+                log.warning("pair %d failed on item %s (try %d of %d): %s", index, item.key, item.attempts,
+                            self.max_attempts, exc)
+                if item.attempts < self.max_attempts:
+                    self._queue.put(item)  # another pair (or this one) takes it again
+                else:
+                    self._finish(item, failed=True)
 
     # -- the pool ------------------------------------------------------------------------------------------
     def run_all(self, items: list[WorkItem]) -> PoolReport:

@@ -84,6 +84,7 @@ class JobSettings:
     out: str
     preset: str | None = None
     tensor_parallel_size: int = 1
+    max_num_seqs: int = 1
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--temperature", type=float, default=0.0, help="0 = greedy (outputs must match across methods)")
     a("--gamma", type=int, default=0, help=f"draft window in [1, {MAX_GAMMA}]; 0 = auto (measured per pair)")
     a("--num-pairs", type=int, default=1, help="draft/target pairs working in parallel (default: %(default)s)")
+    a("--max-num-seqs", type=int, default=1,
+      help="questions each pair decodes at once (its target leader batches them; 1: per-request speed alone, "
+           "default: %(default)s)")
     a("--placement", default="STRICT_PACK", choices=PLACEMENTS,
       help="placement group strategy of each pair (STRICT_SPREAD: draft and target on different nodes)")
     a("--transport", default="gloo", choices=TRANSPORTS)
@@ -177,6 +181,7 @@ def parse_settings(argv: list[str]) -> JobSettings:
               (1 <= args.num_shots <= 8, f"--num-shots must lie in [1, 8], got {args.num_shots}"),
               (0 <= args.seed < SEED_LIMIT, f"--seed must lie in [0, 2**63), got {args.seed}"),
               (args.max_attempts >= 1, f"--max-attempts must be >= 1, got {args.max_attempts}"),
+              (args.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {args.max_num_seqs}"),
               (args.num_threads is None or args.num_threads >= 1, "--num-threads must be >= 1"),
               (args.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")]
     for ok, message in checks:
@@ -397,7 +402,8 @@ def engine_options(settings: JobSettings) -> dict:
                 transport=settings.transport, placement=settings.placement, draft_num_cpus=settings.draft_num_cpus,
                 target_num_cpus=settings.target_num_cpus, draft_num_gpus=settings.draft_num_gpus,
                 target_num_gpus=settings.target_num_gpus, num_threads=settings.num_threads, device=settings.device,
-                dtype=settings.dtype, tensor_parallel_size=settings.tensor_parallel_size)
+                dtype=settings.dtype, tensor_parallel_size=settings.tensor_parallel_size,
+                max_num_seqs=settings.max_num_seqs)
 
 
 def is_pair_failure(exc: BaseException) -> bool:
@@ -458,7 +464,7 @@ def run_pairs(settings: JobSettings, questions: list[Question], results: Results
             progress.update(record)
 
     pool = PairPool(settings.num_pairs, start, run, sink, is_pair_failure, stop=lambda e: e.shutdown(),
-                    max_attempts=settings.max_attempts)
+                    max_attempts=settings.max_attempts, slots_per_pair=settings.max_num_seqs)
     try:
         return pool.run_all(items)
     finally:
@@ -495,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
              len(results.records))
     how = connect_ray(settings.ray_address)
     code = 0
+    t_run = time.perf_counter()
     try:
         config.update(ray_connection=how, **provenance())
         pool_report = run_pairs(settings, questions, results, config, session_id)
@@ -523,10 +530,14 @@ def main(argv: list[str] | None = None) -> int:
     if not results.records:
         print("eval_gsm8k: no results were recorded", file=sys.stderr)
         return 1
-    return 3 if report(settings, results.records, config) else code
+    session = [r for r in results.records if str(r.get("pair", "")).startswith(session_id)]
+    throughput = (sum(r["new_tokens"] for r in session), time.perf_counter() - t_run)
+    config.update(aggregate_tokens=throughput[0], aggregate_wall_s=round(throughput[1], 3))
+    return 3 if report(settings, results.records, config, throughput) else code
 
 
-def report(settings: JobSettings, records: list[dict], config: ConfigFile) -> list[int]:
+def report(settings: JobSettings, records: list[dict], config: ConfigFile,
+           throughput: tuple[int, float] | None = None) -> list[int]:
     """Write and print the summary, draw the plots; returns the questions that failed losslessness."""
     from . import gsm8k_report
 
@@ -535,6 +546,10 @@ def report(settings: JobSettings, records: list[dict], config: ConfigFile) -> li
     header = (f"## GSM8K: {settings.draft} -> {settings.target}, {settings.prompt_format}, protocol "
               f"{settings.protocol}, max_new_tokens {settings.max_new_tokens}, temperature {settings.temperature}, "
               f"{df['qid'].nunique()} questions, timed on {df['pair'].nunique()} pair(s)\n")
+    if throughput and throughput[0] and throughput[1] > 0:
+        header += (f"\naggregate throughput of this session: {throughput[0] / throughput[1]:.1f} tokens/s "
+                   f"({throughput[0]} new tokens in {throughput[1]:.1f} s, every method, {settings.num_pairs} pair(s) "
+                   f"x {settings.max_num_seqs} question(s) at once); per-request tokens/s in the table\n")
     _, bad, text = gsm8k_report.write_summary(df, out, header)
     plots = gsm8k_report.make_plots(df, out, f"{Path(settings.draft).name} -> {Path(settings.target).name}")
     config.update(lossless_failures=bad)

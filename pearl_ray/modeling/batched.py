@@ -114,7 +114,8 @@ class BatchedHFCausalLM(ModelRunner):
         return self.vocab.map_in(ids) if self.vocab is not None else ids
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden).float()
+        # [1, n, hidden]: AutoTP's sharded LM head (LmHeadLinearAllreduce) slices a 3-d input
+        logits = self.head(hidden.unsqueeze(0))[0].float()
         return self.vocab.map_out(logits) if self.vocab is not None else logits
 
     # -- forwards ----------------------------------------------------------------------------------------

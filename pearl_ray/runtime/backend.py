@@ -180,6 +180,9 @@ class RayBackend:
             m = self.measured
             log.info("auto gamma = %d: target %.1f ms, draft %.1f ms per one-token forward (ratio %.1f)",
                      m["auto_gamma"], 1e3 * m["t_target_s"], 1e3 * m["t_draft_s"], m["cost_ratio"])
+            if c.adaptive:
+                m["policy"] = ray.get(self.coordinator.prepare_policy.remote(m["auto_gamma"], c.measure_context),
+                                      timeout=c.start_timeout_s)
 
     def _start_coordinator(self) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -117,6 +117,14 @@ class Coordinator:
         return {"t_draft_s": td, "t_target_s": t1, f"t_target_{k}_s": tk, "cost_ratio": t1 / td,
                 "auto_gamma": choose_gamma(td, t1), "context_len": context_len}
 
+    def prepare_policy(self, max_gamma: int, context_len: int = 128) -> dict | None:
+        """Have the target leader measure the pair for the adaptive speculation policy."""
+        with self.lifecycle:
+            if not self._draft_ready():
+                return None
+            return ray.get(self.target.prepare_policy.remote(self.draft, self.spec.get("max_num_seqs", 8), max_gamma,
+                                                             context_len), timeout=self.spec["start_timeout_s"])
+
     def status(self) -> dict:
         return {"draft_ready": self._draft_ready(), "draft_error": self.draft_error, "restarts": dict(self.restarts),
                 "handles": {"draft": self.draft, "target": self.target, "target_ranks": [self.target] + self.shards}}

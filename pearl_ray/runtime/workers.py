@@ -128,6 +128,15 @@ class DraftWorker(_WorkerBase):
                 self.batched.start(slot, start)
             return self.batched.draft(reqs) if reqs else {}
 
+    def measure_batched(self, max_rows: int, context: int = 128) -> object:
+        """Seconds per batched one-token draft step against rows (``core.policy.ForwardCosts``), on a fresh slot
+        cache over this worker's model."""
+        from ..backends import as_batched
+        from ..core.policy import measure_forward_costs
+
+        with self.lock:
+            return measure_forward_costs(as_batched(self.model), max_rows, (), context)
+
     def batch_forwards(self, slot: int) -> int:
         return self.batched.forwards(slot) if self.batched is not None else 0
 
@@ -155,6 +164,7 @@ class TargetLeader(_WorkerBase):
         self.link = None
         self.draft_handle = None
         self.batch = None  # the continuous loop (leader_loop.LeaderLoop), started by the first request
+        self.policy = None  # the adaptive speculation policy (prepare_policy), if measured
         self.batch_lock = threading.Lock()
         self.round_timeout_s = 30.0
 
@@ -228,7 +238,8 @@ class TargetLeader(_WorkerBase):
         with self.batch_lock:
             if self.batch is None:
                 self.round_timeout_s = round_timeout_s
-                self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock)
+                self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock,
+                                        self.policy)
                 self.batch.set_draft(self._draft_phase())
         stream = self.batch.open(request)
         try:
@@ -240,6 +251,25 @@ class TargetLeader(_WorkerBase):
         finally:
             if not stream.done:
                 self.batch.cancel(stream)
+
+    def prepare_policy(self, draft_handle, max_num_seqs: int, max_gamma: int, context: int = 128) -> dict | None:
+        """Measure the pair for the adaptive speculation policy on the actual placement (the target here over
+        a few token counts, the draft's batched steps in its actor; a few seconds) and use it for the batched
+        rounds: each round's window from these costs and the requests' running acceptance, the sides running
+        at the same time (``CostModel(parallel=True)``). A tensor-parallel group keeps fixed windows."""
+        from ..backends import as_batched
+        from ..core.policy import CostModel, SpeculationPolicy, measure_forward_costs
+        from ..modeling.tp import TPLeaderModel
+
+        if draft_handle is None or isinstance(self.model, TPLeaderModel):
+            return None
+        with self.lock:
+            t = measure_forward_costs(as_batched(self.model), max_num_seqs, sorted({2, 3, 5, max_gamma + 1}), context)
+        d = ray.get(draft_handle.measure_batched.remote(max_num_seqs, context), timeout=600)
+        self.policy = SpeculationPolicy(CostModel(t, d, parallel=True), max_gamma=max_gamma)
+        if self.batch is not None:
+            self.batch.loop.policy = self.policy
+        return self.policy.describe()
 
     def loop_status(self) -> dict:
         """Requests running and waiting in the continuous loop, and rounds run so far."""

@@ -16,6 +16,8 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 
 TOKEN_LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
 RATE_BUCKETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0]
 LENGTH_BUCKETS = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+WINDOW_BUCKETS = [0.5, 1, 2, 3, 4, 5, 6, 8, 12, 16]  # Ray wants positive bounds: window 0 falls in the first
 
 
 class IngressMetrics:
@@ -66,14 +68,20 @@ class ServerMetrics:
         self.draft_failures = Counter("pearl_draft_failures", "Draft failures inside requests (finished on the target)",
                                       ("model",))
         self.restarts = Counter("pearl_worker_restarts", "Draft and target workers restarted", ("model", "side"))
-        self.running = Gauge("pearl_num_requests_running", "Requests generating on the replica's pair", ("model",))
-        self.waiting = Gauge("pearl_num_requests_waiting", "Requests waiting for the replica's pair", ("model",))
+        self.running = Gauge("pearl_num_requests_running", "Requests decoding in the replica's batch", ("model",))
+        self.waiting = Gauge("pearl_num_requests_waiting", "Requests waiting for a slot in the replica's batch",
+                             ("model",))
+        self.batch_size = Histogram("pearl_batch_size_per_round", "Requests decoded together, per round",
+                                    BATCH_BUCKETS, ("model",))
+        self.window = Histogram("pearl_spec_decode_window_per_round",
+                                "Draft window asked for per round (the speculation policy's choice; 0: none)",
+                                WINDOW_BUCKETS, m)
         self.model = model
 
-    def queue(self, ongoing: int) -> None:
+    def queue(self, ongoing: int, max_num_seqs: int = 1) -> None:
         tags = {"model": self.model}
-        self.running.set(min(1, ongoing), tags)
-        self.waiting.set(max(0, ongoing - 1), tags)
+        self.running.set(min(max_num_seqs, ongoing), tags)
+        self.waiting.set(max(0, ongoing - max_num_seqs), tags)
 
     def finish(self, method: str, prompt_tokens: int, stats) -> None:
         tags = {"model": self.model, "method": method}
@@ -92,6 +100,9 @@ class ServerMetrics:
         if stats.draft_failures:
             self.draft_failures.inc(stats.draft_failures, {"model": self.model})
         self.finished.inc(1, {**tags, "finished_reason": stats.finish_reason or "unknown"})
+        for t in stats.round_timings:
+            self.batch_size.observe(t.batch_size, {"model": self.model})
+            self.window.observe(t.window, tags)
 
     def fail(self, error: str) -> None:
         self.failed.inc(1, {"model": self.model, "error": error})

@@ -76,13 +76,13 @@ class PearlServer:
     async def generate(self, payload: dict):
         """Stream one request; see the module docstring for the items."""
         self.ongoing += 1
-        self.metrics.queue(self.ongoing)
+        self.metrics.queue(self.ongoing, self.engine.config.max_num_seqs)
         try:
             async for item in self._generate(payload):
                 yield item
         finally:
             self.ongoing -= 1
-            self.metrics.queue(self.ongoing)
+            self.metrics.queue(self.ongoing, self.engine.config.max_num_seqs)
 
     async def _generate(self, payload: dict):
         engine, c = self.engine, self.config
