@@ -150,6 +150,30 @@ def test_pair_pool_retries_a_failed_question_on_another_pair():
     assert {r["pair"] for r in records if r["method"] == "sd"} == {1}
 
 
+def test_pair_pool_runs_several_questions_at_once_per_pair():
+    """--max-num-seqs: each pair's engine gets up to that many questions at once (its loop batches them)."""
+    import threading
+
+    lock, running, peak = threading.Lock(), {0: 0, 1: 0}, {0: 0, 1: 0}
+
+    def run(engine, index, item):
+        with lock:
+            running[index] += 1
+            peak[index] = max(peak[index], running[index])
+        time.sleep(0.05)
+        with lock:
+            running[index] -= 1
+        for m in list(item.methods):
+            yield m, {"qid": item.key, "method": m, "pair": index}
+
+    records = []
+    report = PairPool(2, lambda i: i, run, records.append, is_pair_failure, slots_per_pair=3).run_all(
+        [WorkItem(q, list(METHODS)) for q in range(24)])
+    counts = collections.Counter((r["qid"], r["method"]) for r in records)
+    assert counts == {(q, m): 1 for q in range(24) for m in METHODS} and not report.failed
+    assert peak == {0: 3, 1: 3}
+
+
 def test_pair_pool_gives_up_after_max_attempts_and_stops_on_bugs():
     def dead(engine, index, item):
         raise TargetUnavailable("always down")
