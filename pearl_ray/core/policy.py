@@ -13,11 +13,15 @@ predicts the batch's committed tokens per second and takes the best:
   - vanilla SD: ``E(g + 1) = (1 - a^(g+1)) / (1 - a)`` per ``D + T``;
   - PEARL: a two-state chain. PRE rounds commit 1 and move to POST with probability a; POST rounds verify
     g candidates, commit ``E(g)`` and stay in POST with probability a^g. Tokens per second are the
-    stationary mix's tokens over its time (PRE costs ``D ⊕ target(B)``, POST ``D ⊕ target(B * g)``).
+    stationary mix's tokens over its time (PRE costs ``D ⊕ target(B)`` alone, POST ``D ⊕ target(B * g)``;
+    in a batch rows are in mixed phases and every forward is padded to the widest, so PRE rounds cost as
+    POST ones).
 - a request's acceptance is its own accepted / verified counts, shrunk towards the pair's running mean
   (``prior_weight`` pseudo-candidates), so a new request starts from what the pair has shown so far.
 
-Plain decoding never learns acceptance, so while the policy keeps choosing 0 it still tries its best
+A window is taken only when its predicted rate beats plain decoding's by ``margin`` (5%): the model's
+errors then cost speculation, not plain decoding. Plain decoding never learns acceptance, so while the
+policy keeps choosing 0 it still tries its best
 positive window every ``probe_every`` rounds. Measured round times are compared with the prediction:
 their ratio rescales the costs online, and when it stays off by more than ``drift`` for ``drift_rounds``
 rounds (a busy machine) the costs are measured again (``remeasure``).
@@ -100,9 +104,10 @@ def expected_run(a: float, n: int) -> float:
 class SpeculationPolicy:
     def __init__(self, costs: CostModel, max_gamma: int = 8, prior: float = 0.5, prior_weight: float = 8.0,
                  probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 50,
-                 remeasure: Callable[[], CostModel] | None = None):
+                 remeasure: Callable[[], CostModel] | None = None, margin: float = 1.05):
         if costs.draft is None:
             max_gamma = 0
+        self.margin = margin
         self.costs, self.max_gamma = costs, max_gamma
         self.prior, self.prior_weight = prior, prior_weight
         self.probe_every, self.drift, self.drift_rounds = probe_every, drift, drift_rounds
@@ -110,6 +115,7 @@ class SpeculationPolicy:
         self.scale_target = self.scale_draft = 1.0
         self._pair_acc, self._pair_ver = 0.0, 0.0
         self._zero_streak = 0
+        self._probing = False
         self._off_rounds = 0
         self.remeasures = 0
         self.last_choice: dict = {}
@@ -157,7 +163,10 @@ class SpeculationPolicy:
             elif w == 1:  # PEARL with a one-token window never has a window pending: one token per round
                 total += 1.0 / self._join(d, self.target_s(b))
             else:
-                c_pre, c_post = self._join(d, self.target_s(b)), self._join(d, self.target_s(b * w))
+                # alone, a PRE round's forward is one token; in a batch the rows are in mixed phases and every
+                # forward is padded to the widest row, so each round pays for the POST width
+                c_post = self._join(d, self.target_s(b * w))
+                c_pre = self._join(d, self.target_s(b)) if b == 1 else c_post
                 stay = a ** w
                 post_per_pre = a / max(1.0 - stay, 1e-9)
                 tokens = 1.0 + post_per_pre * expected_run(a, w)
@@ -176,11 +185,15 @@ class SpeculationPolicy:
             return 0
         rates = {g: self.rate(seqs, g) for g in range(self.max_gamma + 1)}
         best = max(rates, key=lambda g: (rates[g], -g))
+        if best > 0 and rates[best] < self.margin * rates[0]:
+            best = 0  # drafting must win clearly: the model's errors should cost speculation, not plain decoding
         choice = best
+        self._probing = False
         if best == 0:
             self._zero_streak += 1
             if self.probe_every and self._zero_streak % self.probe_every == 0:
                 choice = max((g for g in rates if g > 0), key=lambda g: rates[g])
+                self._probing = True  # its draft steps first catch up on every token since the last window
         else:
             self._zero_streak = 0
         self.last_choice = {"window": choice, "best": best, "rates": {g: round(r, 2) for g, r in rates.items()}}
@@ -196,17 +209,20 @@ class SpeculationPolicy:
     def observe(self, rows: int, width: int, target_s: float, draft_rows: int = 0, draft_steps: int = 0,
                 draft_s: float = 0.0) -> None:
         """A round's measured times against the prediction: rescale, and re-measure on a sustained drift."""
-        off = False
         if width > self.max_gamma + 1:  # a prompt pass rode in this forward: not a decoding round's cost
             return
+        seen, off = False, False
         if rows and width and target_s > 0:
-            pred = self.costs.target(rows * width)
-            self.scale_target = 0.8 * self.scale_target + 0.2 * (target_s / pred)
-            off |= not (1 / self.drift <= self.scale_target <= self.drift)
-        if draft_rows and draft_steps and draft_s > 0 and self.costs.draft is not None:
-            pred = draft_steps * self.costs.draft(draft_rows)
-            self.scale_draft = 0.8 * self.scale_draft + 0.2 * (draft_s / pred)
-            off |= not (1 / self.drift <= self.scale_draft <= self.drift)
+            ratio = min(2.0, max(0.5, target_s / self.costs.target(rows * width)))  # one outlier moves it little
+            self.scale_target = 0.8 * self.scale_target + 0.2 * ratio
+            seen, off = True, not (1 / self.drift <= self.scale_target <= self.drift)
+        if (draft_rows and draft_steps and draft_s > 0 and self.costs.draft is not None
+                and not self._probing):  # a probe's steps also catch up on skipped tokens: not a step's cost
+            ratio = min(2.0, max(0.5, draft_s / (draft_steps * self.costs.draft(draft_rows))))
+            self.scale_draft = 0.8 * self.scale_draft + 0.2 * ratio
+            seen, off = True, off or not (1 / self.drift <= self.scale_draft <= self.drift)
+        if not seen:
+            return
         self._off_rounds = self._off_rounds + 1 if off else 0
         if self._off_rounds >= self.drift_rounds and self.remeasure_fn is not None:
             self.costs = self.remeasure_fn()
