@@ -19,6 +19,7 @@ The sides here run one after the other in the caller's thread (the local backend
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -38,6 +39,20 @@ from .stopping import StopRule
 
 if TYPE_CHECKING:
     from .request import Request
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the body with ``n`` torch threads (None: leave the count alone)."""
+    before = torch.get_num_threads()
+    if not n or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class BatchedLM(Protocol):
@@ -297,6 +312,9 @@ class BatchLoop:
         if draft is not None and not hasattr(draft, "submit"):
             draft = LocalDraftPhase(BatchedDraftSide(draft))
         self.target, self.draft, self.policy = target, draft, policy
+        self.alone_threads: int | None = None
+        """Torch threads for a round's target forward when no request drafts in it (on CPU the draft's
+        cores then idle: Ray's leader borrows them, as for prompt passes). None: leave the count alone."""
         self.max_num_seqs, self.decode = max_num_seqs, decode
         self.active: list[_Seq] = []
         self.waiting: deque = deque()
@@ -400,7 +418,9 @@ class BatchLoop:
         wall0, t0 = time.time(), time.perf_counter()
         collect = self._draft_phase(seqs, plans)  # the draft works on its round meanwhile, where it can
         t1 = time.perf_counter()
-        outs, width = self._target_phase(seqs, plans)
+        drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
+        with torch_threads(None if drafting else self.alone_threads):  # the draft idles: take its cores
+            outs, width = self._target_phase(seqs, plans)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()

@@ -74,10 +74,14 @@ class CostModel:
     draft: ForwardCosts | None = None
     parallel: bool = False
     """True when the draft and the target run at the same time (Ray), False one after the other (local)."""
+    target_alone: ForwardCosts | None = None
+    """The target's one-token forwards when no request drafts (on CPU it then borrows the draft's threads);
+    None: the same as ``target``."""
 
     def to_dict(self) -> dict:
         return {"target": self.target.to_dict(), "draft": self.draft.to_dict() if self.draft else None,
-                "parallel": self.parallel}
+                "parallel": self.parallel,
+                "target_alone": self.target_alone.to_dict() if self.target_alone else None}
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,8 @@ class SpeculationPolicy:
         width = max(windows)
         drafting = sum(1 for w in windows if w > 0)
         d = self.draft_s(drafting, width)
-        t_plain = self.target_s(b)
+        alone = self.costs.target_alone
+        t_plain = self.scale_target * alone(b) if (alone is not None and width == 0) else self.target_s(b)
         total = 0.0
         for s, w in zip(seqs, windows):
             if w == 0:

@@ -71,8 +71,9 @@ class RequestStream:
 
 
 class LeaderLoop:
-    def __init__(self, target_lm, decode, max_num_seqs: int, lock=None, policy=None):
+    def __init__(self, target_lm, decode, max_num_seqs: int, lock=None, policy=None, alone_threads=None):
         self.loop = BatchLoop(target_lm, None, policy, max_num_seqs, decode)
+        self.loop.alone_threads = alone_threads
         self.lock = lock or threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
         self.streams: dict[RequestStream, None] = {}

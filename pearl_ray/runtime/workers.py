@@ -239,7 +239,7 @@ class TargetLeader(_WorkerBase):
             if self.batch is None:
                 self.round_timeout_s = round_timeout_s
                 self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock,
-                                        self.policy)
+                                        self.policy, getattr(self.model, "prefill_threads", None))
                 self.batch.set_draft(self._draft_phase())
         stream = self.batch.open(request)
         try:
@@ -258,15 +258,23 @@ class TargetLeader(_WorkerBase):
         rounds: each round's window from these costs and the requests' running acceptance, the sides running
         at the same time (``CostModel(parallel=True)``). A tensor-parallel group keeps fixed windows."""
         from ..backends import as_batched
+        from ..core.batch import torch_threads
         from ..core.policy import CostModel, SpeculationPolicy, measure_forward_costs
         from ..modeling.tp import TPLeaderModel
 
         if draft_handle is None or isinstance(self.model, TPLeaderModel):
             return None
+        alone = getattr(self.model, "prefill_threads", None)
         with self.lock:
             t = measure_forward_costs(as_batched(self.model), max_num_seqs, sorted({2, 3, 5, max_gamma + 1}), context)
+            t_alone = None
+            if alone:  # rounds without drafting run on the draft's threads too
+                # (no ``torch`` global here: Ray pickles this class by value, and cloudpickle would take the
+                # ``backends`` import above for ``torch.backends`` and fail on it)
+                with torch_threads(alone):
+                    t_alone = measure_forward_costs(as_batched(self.model), max_num_seqs, (), context)
         d = ray.get(draft_handle.measure_batched.remote(max_num_seqs, context), timeout=600)
-        self.policy = SpeculationPolicy(CostModel(t, d, parallel=True), max_gamma=max_gamma)
+        self.policy = SpeculationPolicy(CostModel(t, d, parallel=True, target_alone=t_alone), max_gamma=max_gamma)
         if self.batch is not None:
             self.batch.loop.policy = self.policy
         return self.policy.describe()
