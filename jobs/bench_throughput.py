@@ -303,7 +303,9 @@ def plot_endpoint(df, path: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=8)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, 140)), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -327,8 +329,10 @@ def plot(rows, path: Path, title: str) -> None:
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("batch size (requests decoding at once)")
     ax.set_ylabel("aggregate new tokens / s")
+    import textwrap
+
     ax.set_title("Throughput against batch size", fontsize=11)
-    fig.suptitle(title, fontsize=8, y=0.995)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=7, y=0.995)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
