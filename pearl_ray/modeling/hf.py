@@ -10,11 +10,11 @@ Input ids outside that vocabulary are fed as the draft's extra "unknown" id.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from ..core.batch import torch_threads
 from ..errors import InvalidParameterError, ModelNotFoundError, TokenizerMismatchError
 from .resolve import eos_token_ids, resolve_path, vocab_map
 
@@ -76,18 +76,7 @@ PREFILL_MIN_TOKENS = 32
 """A forward of at least this many tokens is a prompt pass (decoding rounds feed gamma + 1 at most)."""
 
 
-@contextmanager
-def _threads(n: int | None):
-    """Run the body with ``n`` torch threads (None: leave the count alone)."""
-    before = torch.get_num_threads()
-    if not n or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+_threads = torch_threads  # torch threads for a block (one helper, in the core)
 
 
 class VocabMap:
