@@ -21,7 +21,7 @@ import torch
 from .config import EngineConfig, Request
 from .core.batch import BatchedLM, BatchLoop, PerSlotLM, run_batch
 from .core.metrics import GenerationStats
-from .core.policy import CostModel, SpeculationPolicy, measure_forward_costs
+from .core.policy import CostModel, SpeculationPolicy, measure_forward_costs, policy_widths
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +63,12 @@ def as_batched(model) -> "BatchedLM":
     return PerSlotLM(lambda: copy.deepcopy(model))
 
 
-def local_cost_model(target: "BatchedLM", draft: "BatchedLM", max_num_seqs: int, max_gamma: int,
-                     context: int = 128) -> CostModel:
-    """Measure the pair for the policy on fresh slot caches over the same weights (a few seconds)."""
-    widths = sorted({2, 3, 5, max_gamma + 1})
-    t = measure_forward_costs(_fresh(target), max_num_seqs, widths, context)
-    d = measure_forward_costs(_fresh(draft), max_num_seqs, (), context)
+def local_cost_model(target_model, draft_model, max_num_seqs: int, max_gamma: int, context: int = 128) -> CostModel:
+    """Measure the pair for the policy on fresh slot caches over the same weights (a few seconds; the live
+    caches keep their slots)."""
+    t = measure_forward_costs(as_batched(target_model), max_num_seqs, policy_widths(max_gamma), context)
+    d = measure_forward_costs(as_batched(draft_model), max_num_seqs, (), context)
     return CostModel(t, d, parallel=False)
-
-
-def _fresh(lm):
-    """An empty ``BatchedLM`` of the same model (the live one keeps its slots)."""
-    from .modeling.batched import BatchedHFCausalLM
-
-    if isinstance(lm, BatchedHFCausalLM):
-        fresh = BatchedHFCausalLM(lm.model, lm.vocab_size, lm.draft_to_target)
-        fresh.prefill_threads = lm.prefill_threads
-        return fresh
-    return PerSlotLM(lm.make_model)
 
 
 class LocalBackend:
@@ -107,7 +95,7 @@ class LocalBackend:
         self.measured = None
         if config.adaptive and self.draft_lm is not None:
             def measure() -> CostModel:
-                return local_cost_model(self.target_lm, self.draft_lm, config.max_num_seqs, config.gamma,
+                return local_cost_model(self.target_model, self.draft_model, config.max_num_seqs, config.gamma,
                                         config.measure_context)
 
             t0 = time.perf_counter()

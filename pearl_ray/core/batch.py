@@ -433,7 +433,7 @@ class BatchLoop:
             events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs)))
         return events
 
-    def _draft_phase(self, seqs: list[_Seq], plans: dict) -> tuple[dict, int, int]:
+    def _draft_phase(self, seqs: list[_Seq], plans: dict) -> Callable[[], tuple[dict, int, int]]:
         """Send every drafting request's round to the draft (it may work meanwhile, e.g. in another actor)
         and return a function that collects the chunks."""
         chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}

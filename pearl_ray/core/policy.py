@@ -241,6 +241,11 @@ class SpeculationPolicy:
                 "remeasures": self.remeasures, "costs": self.costs.to_dict()}
 
 
+def policy_widths(max_gamma: int) -> list[int]:
+    """Target forward widths (tokens per row) measured for the policy: the windows it weighs most, and its largest."""
+    return sorted({2, 3, 5, max_gamma + 1})
+
+
 def _median_time(fn: Callable[[], None], reps: int, warmup: int) -> float:
     times = []
     for r in range(reps + warmup):

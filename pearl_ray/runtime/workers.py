@@ -259,14 +259,14 @@ class TargetLeader(_WorkerBase):
         at the same time (``CostModel(parallel=True)``). A tensor-parallel group keeps fixed windows."""
         from ..backends import as_batched
         from ..core.batch import torch_threads
-        from ..core.policy import CostModel, SpeculationPolicy, measure_forward_costs
+        from ..core.policy import CostModel, SpeculationPolicy, measure_forward_costs, policy_widths
         from ..modeling.tp import TPLeaderModel
 
         if draft_handle is None or isinstance(self.model, TPLeaderModel):
             return None
         alone = getattr(self.model, "prefill_threads", None)
         with self.lock:
-            t = measure_forward_costs(as_batched(self.model), max_num_seqs, sorted({2, 3, 5, max_gamma + 1}), context)
+            t = measure_forward_costs(as_batched(self.model), max_num_seqs, policy_widths(max_gamma), context)
             t_alone = None
             if alone:  # rounds without drafting run on the draft's threads too
                 # (no ``torch`` global here: Ray pickles this class by value, and cloudpickle would take the
