@@ -184,6 +184,66 @@ def test_draft_failure_in_a_batch_turns_those_rows_target_only(tiny_pair):
     assert sum(o.stats.draft_failures for o in outs) >= 1 and any(o.stats.fallback_rounds for o in outs)
 
 
+class _ScriptedPolicy:
+    """Windows from a fixed script (the real policy's interface: choose / observe / finished)."""
+
+    def __init__(self, windows):
+        self.windows, self.chosen = list(windows), []
+
+    def choose(self, views):
+        w = self.windows[len(self.chosen) % len(self.windows)]
+        self.chosen.append(w)
+        return w
+
+    def observe(self, *args):
+        pass
+
+    def finished(self, *args):
+        pass
+
+
+class _CountingPhase:
+    """A local draft phase that counts the rounds it is asked to draft."""
+
+    def __init__(self, inner):
+        self.inner, self.submits = inner, 0
+
+    def start(self, slot, start):
+        self.inner.start(slot, start)
+
+    def release(self, slot):
+        self.inner.release(slot)
+
+    def submit(self, reqs):
+        assert reqs and all(r.num_steps > 0 for r in reqs.values())
+        self.submits += 1
+        self.inner.submit(reqs)
+
+    def collect(self):
+        return self.inner.collect()
+
+    def forwards(self, slot):
+        return self.inner.forwards(slot)
+
+
+def test_rounds_without_drafting_make_no_draft_call_and_stay_lossless(tiny_pair):
+    """Plain-decoding rounds (window 0) skip the draft entirely; the draft's mirror is resynchronised by the
+    whole sequence when drafting resumes, so greedy output still equals target-only decoding."""
+    from pearl_ray.core.batch import BatchedDraftSide, LocalDraftPhase
+
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], max_num_seqs=4)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    want = [eng.generate([p], params, method="ar")[0].token_ids for p in PROMPTS[:4]]
+    for method in ("pearl", "sd"):
+        policy = _ScriptedPolicy([0, 0, 3, 0, 2, 2, 0, 0, 0, 4, 1, 0])
+        phase = _CountingPhase(LocalDraftPhase(BatchedDraftSide(eng.backend.draft_lm)))
+        loop = BatchLoop(eng.backend.target_lm, phase, policy, 4)
+        got = run_batch(loop, [eng.make_request(p, params, method=method, index=i) for i, p in enumerate(PROMPTS[:4])])
+        assert [ids for ids, _ in got] == want, method
+        assert sum(st.draft_failures for _, st in got) == 0
+        assert 0 < phase.submits <= sum(1 for w in policy.chosen if w > 0) < len(policy.chosen)
+
+
 # -- sampling -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["pearl", "sd"])

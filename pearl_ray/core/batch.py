@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .messages import DraftChunk, DraftRequest, DraftStart, TargetOutput
+from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput
 from .metrics import GenerationStats, RoundTiming
 from .policy import SeqView, SpeculationPolicy
 from .rounds import PearlState, RoundOptions, RoundPlan, pearl_step, plan_round
@@ -268,6 +268,7 @@ class _Seq:
     stats: GenerationStats
     target: SeqMirror
     drafts: bool = False  # the draft side holds this request's slot
+    draft_stale: bool = False  # the draft's mirror missed a round's update (it sat the round out)
     t_start: float = field(default_factory=time.perf_counter)
     emitted: int = 0
     target_forwards: int = 0
@@ -437,27 +438,39 @@ class BatchLoop:
         """Send every drafting request's round to the draft (it may work meanwhile, e.g. in another actor)
         and return a function that collects the chunks."""
         chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}
-        holders = [s for s in seqs if s.drafts]
-        if not holders:
+        # Only requests that draft this round are sent: a round with no drafting at all makes no call (on Ray,
+        # no actor round trip). A holder left out misses this round's mirror update; the next time it
+        # drafts it carries its whole sequence instead (the draft keeps its cache where it still matches).
+        drafting = [s for s in seqs if s.drafts and plans[s].draft.num_steps > 0]
+        for s in seqs:
+            if s.drafts and s not in drafting:
+                s.draft_stale = True
+        if not drafting:
             return (lambda: (chunks, 0, 0))
-        reqs = {s.slot: plans[s].draft for s in holders}
-        drafting = [s for s in holders if plans[s].draft.num_steps > 0]
+        reqs = {}
+        for s in drafting:
+            req = plans[s].draft
+            if s.draft_stale:
+                st = s.state
+                req = replace(req, update=SeqUpdate(req.round_id, 0, list(st.committed), list(st.pending)))
+                s.draft_stale = False
+            reqs[s.slot] = req
         try:
             self.draft.submit(reqs)
         except Exception:  # noqa: BLE001 - a broken draft: these requests finish on the target alone
-            self._draft_down(holders)
+            self._draft_down(seqs)  # one fault rule for the batch: every request goes on target-only
             return (lambda: (chunks, 0, 0))
 
         def collect():
             try:
                 got = self.draft.collect()
-                for s in holders:
+                for s in drafting:
                     chunk = got[s.slot]
                     if chunk.round_id != plans[s].round_id or chunk.start_pos != plans[s].draft.start_pos:
                         raise RuntimeError(f"stale draft chunk for slot {s.slot}")
                     chunks[s] = chunk
             except Exception:  # noqa: BLE001
-                self._draft_down(holders)
+                self._draft_down(seqs)
                 return {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}, 0, 0
             for s in drafting:
                 s.draft_forwards += plans[s].draft.num_steps
