@@ -3,7 +3,8 @@
 Built from a resolved ``EngineConfig`` and ``PairInfo`` (never from the engine). It joins the Ray cluster
 this process belongs to (``connect_ray``), reserves the pair's resources (its own placement group, or one
 handed in, e.g. a Serve replica's), starts the ``Coordinator``, measures the cost ratio for automatic
-gamma, and relays each request's stream. A coordinator that dies is rebuilt for the next request.
+gamma and the speculation policy, and streams each request's tokens from the target leader (the coordinator
+only routes). A coordinator that dies is rebuilt for the next request.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from ray.util.placement_group import placement_group as ray_placement_group
 from ray.util.placement_group import remove_placement_group
 
 from ..config import EngineConfig, Request
-from ..errors import CoordinatorUnavailable, InvalidParameterError, PearlError, ResourcesUnavailable, pearl_cause
+from ..errors import (CoordinatorUnavailable, InvalidParameterError, PearlError, ResourcesUnavailable, TargetUnavailable,
+                      pearl_cause)
 from .coordinator import Coordinator
 from .workers import HFModelFactory, ObjectFactory
 
@@ -209,42 +211,78 @@ class RayBackend:
         return CoordinatorUnavailable(f"the coordinator died or stopped answering ({exc.__class__.__name__}); "
                                       f"this request failed, the next one starts new workers")
 
-    def stream(self, request: Request):
-        """Yields ``list[int]`` per round of newly committed tokens; returns (ids, stats)."""
-        if self.pg is None:
-            raise PearlError("this backend was shut down")
-        if self.coordinator is None:
-            self._start_coordinator()
-        c = self.config
-        item_timeout = c.round_timeout_s * 4 + 60
-        gen = self.coordinator.generate.options(num_returns="streaming").remote(request)
+    def _lifecycle(self, method: str, *args, timeout_s: float):
+        """A bounded call to the coordinator; a dead or stuck one becomes ``CoordinatorUnavailable``."""
         try:
-            while True:
-                # every wait is bounded, the wait for the stream's next item included (a plain ``for ref in
-                # gen`` blocks in ``next`` for as long as a hung coordinator stays silent)
-                ready, _ = ray.wait([gen], num_returns=1, timeout=item_timeout)
-                if not ready:
-                    raise GetTimeoutError(f"no item from the coordinator within {item_timeout:.0f} s")
-                try:
-                    ref = next(gen)
-                except StopIteration:
-                    break
-                item = ray.get(ref, timeout=item_timeout)
-                if isinstance(item, dict):
-                    return item["token_ids"], item["stats"]
-                yield item
+            return ray.get(getattr(self.coordinator, method).remote(*args), timeout=timeout_s)
         except RayTaskError as exc:
             if pearl_cause(exc) is not None:
                 raise pearl_cause(exc) from None
             raise self._coordinator_failed(exc) from None
         except (RayActorError, GetTimeoutError) as exc:
             raise self._coordinator_failed(exc) from None
-        except GeneratorExit:
-            # The caller left mid-stream: stop the relay. Not recursive: a recursive cancel would also
-            # cancel a worker the coordinator may be creating (which crashes Ray 2.60's task manager).
-            ray.cancel(gen, recursive=False)
-            raise
-        raise CoordinatorUnavailable("the token stream ended without a result")
+
+    def stream(self, request: Request):
+        """Yields ``list[int]`` per round of newly committed tokens; returns (ids, stats).
+
+        The coordinator says where the request runs (``route``); its tokens then come straight from the target
+        leader's stream (``TargetLeader.submit``: the request joins the leader's continuous loop), one Ray hop.
+        A failure is reported back to the coordinator, which replaces what failed for the next requests."""
+        if self.pg is None:
+            raise PearlError("this backend was shut down")
+        if self.coordinator is None:
+            self._start_coordinator()
+        c = self.config
+        item_timeout = c.round_timeout_s * 4 + 60
+        route = self._lifecycle("route", request, timeout_s=2 * c.start_timeout_s + 60)
+        target, request = route["target"], route["request"]
+        gen = target.submit.options(num_returns="streaming").remote(request, c.round_timeout_s, c.max_num_seqs)
+        ended = False
+        try:
+            while True:
+                # every wait is bounded, the wait for the stream's next item included (a plain ``for ref in
+                # gen`` blocks in ``next`` for as long as a hung leader stays silent)
+                ready, _ = ray.wait([gen], num_returns=1, timeout=item_timeout)
+                if not ready:
+                    raise GetTimeoutError(f"no token from the target within {item_timeout:.0f} s")
+                try:
+                    ref = next(gen)
+                except StopIteration:
+                    ended = True
+                    break
+                item = ray.get(ref, timeout=item_timeout)
+                if isinstance(item, dict):
+                    ended = True
+                    if request.uses_draft and item["stats"].draft_failures:
+                        # before the result goes out, so that the caller's next request finds a new draft
+                        self._lifecycle("draft_failed", route["draft"], item["stats"].draft_failures,
+                                        timeout_s=c.start_timeout_s + 30)
+                    return item["token_ids"], item["stats"]
+                yield item
+        except RayTaskError as exc:
+            cause = pearl_cause(exc)
+            if cause is not None and not isinstance(cause, TargetUnavailable):
+                raise cause from None
+            raise self._target_failed(target, cause or exc) from None
+        except (RayActorError, GetTimeoutError) as exc:
+            raise self._target_failed(target, exc) from None
+        finally:
+            if not ended:
+                # The caller left mid-stream (or the stream failed): the leader drops the request and frees its
+                # slot. Not recursive: the leader's own calls (to the draft) are the batch's, not this request's.
+                try:
+                    ray.cancel(gen, recursive=False)
+                except Exception as exc:  # noqa: BLE001 - the leader may be gone
+                    log.debug("cancel: %s", exc)
+        raise TargetUnavailable("the target's token stream ended without a result")
+
+    def _target_failed(self, target, exc: BaseException) -> TargetUnavailable:
+        """Tell the coordinator (it rebuilds the group once for the whole batch) and say what failed."""
+        why = self._lifecycle("target_failed", target, timeout_s=self.config.start_timeout_s + 30)
+        if isinstance(exc, TargetUnavailable):
+            return TargetUnavailable(f"{exc}{'; ' + why if why else ''}")
+        return TargetUnavailable(why or f"the target leader died or timed out: {exc.__class__.__name__}: "
+                                        f"{str(exc)[:200]}")
 
     def status(self) -> dict:
         if self.coordinator is None:

@@ -1,14 +1,16 @@
 """The coordinator actor: lifecycle only. It creates and places the draft worker and the target leader,
-measures their forwards (auto gamma), connects the draft to the leader over the chosen transport, relays
-each request's token stream from the leader, and restarts what failed:
+measures their forwards (auto gamma, the speculation policy), connects the draft to the leader over the
+chosen transport, routes each request to the leader (``route``: the caller then streams the request's tokens
+from the leader itself, with no relay here), and restarts what failed:
 
-- a draft that failed during a request (the leader finished it on the target alone) is replaced after it;
-  while the new draft loads, requests run on the target alone; a draft that cannot start
+- a draft that failed during a request (the leader finished it on the target alone) is replaced after it
+  (``draft_failed``); while the new draft loads, requests run on the target alone; a draft that cannot start
   ``MAX_DRAFT_STARTS`` times in a row is given up, and requests that need it raise ``DraftUnavailable``;
-- a target leader that died or timed out fails its request with ``TargetUnavailable`` and is replaced
-  before the next one. With a tensor-parallel target (``tp_size`` > 1) the whole group is one unit: the
-  coordinator watches the followers' ``follow`` calls while it relays, so a rank that dies fails the request
-  at once (not after a timeout), and the group is rebuilt (new rendezvous) for later requests.
+- a target leader that died, timed out or failed a round fails every request in its batch with
+  ``TargetUnavailable`` and is replaced before the next one (``target_failed``). With a tensor-parallel target
+  (``tp_size`` > 1) the whole group is one unit: a thread here watches the followers' ``follow`` calls, so a
+  rank that dies takes the group down at once (its callers' streams fail then, not after a timeout), and the
+  group is rebuilt (new rendezvous) for later requests.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import threading
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import MAX_GAMMA
-from ..errors import DraftUnavailable, TargetUnavailable, pearl_cause
+from ..errors import DraftUnavailable, TargetUnavailable
 from .link import choose_lane, open_draft_link
 from .workers import DraftWorker, TargetLeader, TargetShard
 
@@ -59,7 +60,10 @@ class Coordinator:
             self.draft = self._make("draft")
         self.linked = None  # (draft, target, gloo serve-loop ref or None for the actor transport)
         self.link_used = 0.0
-        self.lifecycle = threading.RLock()  # requests relay concurrently; creating and replacing is one at a time
+        self.lifecycle = threading.RLock()  # routing, creating and replacing: one at a time
+        self.closing = False
+        self.lost_ranks: list = []  # (leader handle, why): groups taken down because a rank left
+        threading.Thread(target=self._watch_ranks, name="pearl-rank-watch", daemon=True).start()
 
     def _make(self, side: str, cls=None, bundle: int | None = None, factory=None):
         s = self.spec[side]
@@ -186,10 +190,13 @@ class Coordinator:
         self.linked = (self.draft, self.target, loop)
         return True
 
-    # -- requests ----------------------------------------------------------------------------------------
-    def generate(self, request):
-        """Relay the leader's stream of this request (``TargetLeader.submit``, where it joins the continuous
-        loop beside the others): ``list[int]`` per round, then the final dict."""
+    # -- requests: the coordinator places them; their tokens go from the leader to the caller directly -----
+    def route(self, request) -> dict:
+        """Where ``request`` runs: makes sure the target group is up and, for a method that drafts, that the
+        leader reaches a ready draft (else the request goes target-only, or ``DraftUnavailable`` once the
+        draft was given up). Returns ``{"target", "draft", "request"}``: the caller then streams the tokens
+        from ``target.submit`` itself (``RayBackend.stream``), and reports a failure with ``target_failed`` /
+        ``draft_failed``."""
         with self.lifecycle:
             if self.target_starting is not None:
                 try:
@@ -204,66 +211,59 @@ class Coordinator:
                                            f"({self.draft_error}); method 'ar' still works")
                 request = request.target_only()
             self.link_used = time.monotonic()
-            target, draft = self.target, self.draft  # what this request runs on (a failure replaces only these)
-        item_timeout = self.spec["round_timeout_s"] * 4 + 60
-        gen, ended = None, False
-        try:
-            gen = target.submit.options(num_returns="streaming").remote(
-                request, self.spec["round_timeout_s"], self.spec.get("max_num_seqs", 8))
-            while True:
-                item = self._next_item(gen, item_timeout)
-                if item is _END:
-                    ended = True
-                    return
-                if isinstance(item, dict) and request.uses_draft and item["stats"].draft_failures:
-                    # before the final item goes out, so that the caller's next request sees the new draft; one
-                    # failure reaches every request of the batch: the first to report it replaces the draft
-                    with self.lifecycle:
-                        if self.draft is draft and draft is not None:
-                            self._replace_draft(f"it failed during a request: {item['stats'].draft_failures} "
-                                                f"failure(s)")
-                yield item
-        except RayTaskError as exc:
-            if pearl_cause(exc) is not None:
-                raise pearl_cause(exc) from None
-            self._target_failed(target)
-            raise TargetUnavailable(f"the target leader failed: {str(exc)[:300]}") from None
-        except (RayActorError, GetTimeoutError) as exc:
-            self._target_failed(target)
-            raise TargetUnavailable(f"the target leader died or timed out: {exc.__class__.__name__}") from None
-        except _RankLost as exc:
-            self._target_failed(target)
-            raise TargetUnavailable(f"a tensor-parallel rank of the target failed: {exc}") from None
-        finally:
-            if gen is not None and not ended:  # the caller left (or it failed): the leader drops the request
-                try:
-                    ray.cancel(gen, recursive=False)
-                except Exception as exc:  # noqa: BLE001 - the leader may be gone
-                    log.debug("cancel: %s", exc)
+            return {"target": self.target, "draft": self.draft if request.uses_draft else None, "request": request}
 
-    def _target_failed(self, target) -> None:
-        """Every request of the batch learns of a dead target; the first one restarts the group."""
+    def draft_failed(self, draft, failures: int) -> bool:
+        """A request finished on the target alone because ``draft`` failed; one failure reaches every request
+        of the batch: the first report replaces the draft, the others find it replaced. True if replaced."""
         with self.lifecycle:
-            if self.target is target:
-                self._restart_target()
+            if draft is None or self.draft != draft:
+                return False
+            self._replace_draft(f"it failed during a request: {failures} failure(s)")
+            return True
 
-    def _next_item(self, gen, timeout_s: float):
-        """The leader's next stream item, waiting at most ``timeout_s``; while waiting, a follower rank whose
-        ``follow`` call ended (died, or failed) raises ``_RankLost`` at once."""
-        ready, _ = ray.wait([gen] + self.follow_refs, num_returns=1, timeout=timeout_s)
-        if not ready:
-            raise GetTimeoutError(f"no token from the target within {timeout_s:.0f} s")
-        if ready[0] is not gen:
-            try:
-                why = ray.get(ready[0], timeout=5)
-            except Exception as exc:  # noqa: BLE001
-                why = f"{exc.__class__.__name__}: {str(exc)[:200]}"
-            raise _RankLost(f"rank {1 + self.follow_refs.index(ready[0])} left the group ({why})")
+    def target_failed(self, target) -> str:
+        """A caller's stream from ``target`` broke (dead, timed out, or its batched round failed). Every
+        request of the batch reports it; the first rebuilds the group. Returns what is known of the cause
+        (a tensor-parallel rank that left the group), or ""."""
+        if self.shards and not self._lost(target):
+            ray.wait(list(self.follow_refs), num_returns=1, timeout=2.0)  # a dead rank is seen within moments
+            self._check_ranks(timeout=0)
+        with self.lifecycle:
+            if self.target == target:
+                self._restart_target()
+        return self._lost(target)
+
+    def _lost(self, target) -> str:
+        return next((why for handle, why in self.lost_ranks if handle == target), "")
+
+    def _check_ranks(self, timeout: float) -> None:
+        """A follower whose ``follow`` call ended (it died, or failed) takes the group down at once: the
+        leader is killed, so every caller's stream from it fails now rather than after a timeout."""
+        refs, target = list(self.follow_refs), self.target
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not ready or self.closing:
+            return
         try:
-            ref = next(gen)
-        except StopIteration:
-            return _END
-        return ray.get(ref, timeout=timeout_s)
+            why = ray.get(ready[0], timeout=5)
+        except Exception as exc:  # noqa: BLE001
+            why = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+        with self.lifecycle:
+            if self.target != target or self.closing:
+                return
+            reason = f"a tensor-parallel rank of the target failed: rank {1 + refs.index(ready[0])} left the group ({why})"
+            log.warning("%s; rebuilding the group", reason)
+            self.lost_ranks = (self.lost_ranks + [(target, reason)])[-8:]
+            self._restart_target()
+
+    def _watch_ranks(self) -> None:
+        while not self.closing:
+            if self.follow_refs:
+                self._check_ranks(timeout=1.0)
+            else:
+                time.sleep(0.5)
 
     def _restart_target(self) -> None:
         for handle in [self.target] + self.shards:
@@ -274,6 +274,7 @@ class Coordinator:
         self.restarts["target"] += 1
 
     def shutdown(self) -> None:
+        self.closing = True
         if self.shards:  # release the followers from ``follow`` (OP_STOP) before the actors go
             try:
                 ray.get(self.target.stop_group.remote(), timeout=10)
@@ -286,13 +287,6 @@ class Coordinator:
                 log.debug("close_link: %s", exc)
         for handle in [self.draft, self.target] + self.shards:
             _kill(handle)
-
-
-class _RankLost(RuntimeError):
-    """A follower rank of the tensor-parallel target ended its ``follow`` loop (it died or failed)."""
-
-
-_END = object()
 
 
 def _free_port(host: str) -> int:
