@@ -398,7 +398,8 @@ class PearlEngine:
                  gamma: int | None = None) -> list[GenerationOutput]:
         """Generate for each prompt (text or token ids); ``on_tokens(i, ids)`` sees the committed tokens as
         they come. Every prompt is checked before any is generated. The local backend decodes the prompts
-        as one batch (``max_num_seqs`` at once, the rest joining as slots free up); Ray, one after the other."""
+        as one batch (``max_num_seqs`` at once, the rest joining as slots free up); Ray sends ``max_num_seqs`` at once
+        (``on_tokens`` is then called from several threads) and the target leader's loop batches them."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and isinstance(prompts[0], int) and not isinstance(prompts[0], bool)):
             prompts = [prompts]
@@ -408,17 +409,30 @@ class PearlEngine:
         batch = getattr(self._backend, "generate_batch", None)
         if batch is not None:
             return self._generate_batch(batch, requests, on_tokens)
-        outs = []
-        for i, request in enumerate(requests):
+        def one(i: int, request: Request) -> GenerationOutput:
             ids: list[int] = []
             for chunk in self._run(request):
                 if on_tokens is not None and chunk.token_ids:
                     on_tokens(i, chunk.token_ids)
                 ids.extend(chunk.token_ids)
             stats = chunk.stats  # the last chunk's
-            outs.append(GenerationOutput(list(request.prompt_ids), ids, self._text(ids, request),
-                                         stats.finish_reason, stats))
-        return outs
+            return GenerationOutput(list(request.prompt_ids), ids, self._text(ids, request), stats.finish_reason,
+                                    stats)
+
+        if len(requests) == 1:
+            return [one(0, requests[0])]
+        # Ray: the prompts go to the pair at once (up to max_num_seqs in flight), where the leader's continuous
+        # loop batches them; results come back in prompt order, the first failure raised after all ended
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(requests), self.config.max_num_seqs),
+                                thread_name_prefix="pearl-generate") as pool:
+            futures = [pool.submit(one, i, r) for i, r in enumerate(requests)]
+            errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        return [f.result() for f in futures]
 
     def _generate_batch(self, batch, requests: list[Request], on_tokens) -> list[GenerationOutput]:
         """All of a call's requests through the backend's batched loop (``max_num_seqs`` at once), holding

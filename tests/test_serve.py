@@ -362,6 +362,38 @@ def test_bounded_load_answers_every_request_once(server):
     assert r.status_code == 200
 
 
+def test_eight_concurrent_streams_equal_their_answers_and_share_rounds(server):
+    """8 streamed openai clients at once on one replica (max_num_seqs 8): each stream equals its non-streamed
+    answer, and the pair's continuous loop ran them together (far fewer loop rounds than their sum)."""
+    client = openai.OpenAI(base_url=server.base + "/faults/v1", api_key="unused", max_retries=0, timeout=120)
+    prompts = [[4, 5], [1], [2, 3, 1], [0, 4], [5, 5, 5], [3], [1, 2], [4, 0, 2, 1]]
+    methods = ["pearl", "sd", "ar", "pearl", "pearl", "sd", "ar", "pearl"]
+    kws = [dict(model="toy", prompt=p, max_tokens=24 + 4 * i, temperature=0,
+                extra_body={"ignore_eos": True, "method": m}) for i, (p, m) in enumerate(zip(prompts, methods))]
+    want = [client.completions.create(**kw).choices[0].text for kw in kws]
+    leader = replica_status("faults")["workers"]["target"]
+    rounds_before = ray.get(leader.loop_status.remote(), timeout=30)["rounds"]
+    got, errors, per_request_rounds = [None] * 8, [], [0] * 8
+
+    def one(i):
+        try:
+            chunks = list(client.completions.create(**kws[i], stream=True))
+            got[i] = "".join(c.choices[0].text for c in chunks if c.choices)
+            per_request_rounds[i] = chunks[-1].model_extra["pearl"]["rounds"]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    assert got == want
+    loop_rounds = ray.get(leader.loop_status.remote(), timeout=30)["rounds"] - rounds_before
+    assert 0 < loop_rounds < sum(per_request_rounds) / 2, (loop_rounds, per_request_rounds)
+
+
 # -- faults (slow injected models) -------------------------------------------------------------------------
 def toy_reference(server, max_tokens: int) -> str:
     ref = PearlEngine(target_model=server.toy_target, tokenizer=server.toy_tokenizer, method="ar", eos_token_ids=())

@@ -2,6 +2,7 @@
 all-reduce) leads the rounds, gives the same tokens as an unsharded target, and survives a rank's death."""
 
 import os
+import threading
 import time
 
 import pytest
@@ -56,6 +57,35 @@ def test_greedy_output_equals_tp1_and_target_only(tp_engine, reference, method):
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     want = [o.token_ids for o in reference.generate(PROMPTS, params, method="ar")]
     assert [o.token_ids for o in tp_engine.generate(PROMPTS, params, method=method)] == want
+
+
+def test_four_concurrent_requests_equal_tp1(tp_engine, reference):
+    """4 requests of different lengths and methods at once through the TP=2 group's batched loop (one
+    broadcast per round carries every slot's new ids): the TP=1 engine's tokens, in far fewer rounds."""
+    prompts = [[1, 5, 9, 13], [2, 7], [3, 3, 8, 1, 4, 6], [11]]
+    methods = ["pearl", "sd", "ar", "pearl"]
+    params = [SamplingParams(max_new_tokens=14 + 3 * i, ignore_eos=True) for i in range(4)]
+    want = [reference.generate([p], q, method="ar")[0].token_ids for p, q in zip(prompts, params)]
+    leader = tp_engine.backend.status()["handles"]["target"]
+    before = ray.get(leader.loop_status.remote(), timeout=30)["rounds"]
+    got, errors = [None] * 4, []
+
+    def one(i):
+        try:
+            got[i] = tp_engine.generate([prompts[i]], params[i], method=methods[i])[0]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert [o.token_ids for o in got] == want
+    rounds = ray.get(leader.loop_status.remote(), timeout=30)["rounds"] - before
+    assert rounds < sum(o.stats.rounds for o in got), (rounds, [o.stats.rounds for o in got])
+    assert max(t.batch_size for o in got for t in o.stats.round_timings) > 1
 
 
 def test_sampling_with_a_seed_gives_the_tp1_tokens(tp_engine, reference):
