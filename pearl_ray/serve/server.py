@@ -88,9 +88,11 @@ class PearlServer:
         engine, c = self.engine, self.config
         try:
             ids = self._prompt_ids(payload)
-            method, gamma = payload.get("method") or engine.method, payload.get("gamma") or engine.gamma
+            # a request without "gamma" takes the engine's default: the adaptive policy, unless the replica
+            # was configured with a fixed gamma (passing engine.gamma here would pin every request to it)
+            method, gamma = payload.get("method") or engine.method, payload.get("gamma")
             sampling = dict(payload["sampling"])
-            window = gamma if method != "ar" else 0
+            window = (gamma or engine.gamma) if method != "ar" else 0
             room = context_room(engine.max_context, len(ids), window)
             where = "messages" if payload["kind"] == "chat" else "prompt"
             if room < 1:
