@@ -104,6 +104,7 @@ class LocalBackend:
             log.info("speculation policy: costs measured in %.1f s (%s)", time.perf_counter() - t0,
                      self.policy.costs.to_dict())
         self.loop = BatchLoop(self.target_lm, self.draft_lm, self.policy, config.max_num_seqs, self.decode)
+        self.loop.kv_budget = config.kv_budget_tokens
 
     def stream(self, request: Request):
         key = self.loop.add(request)

@@ -72,6 +72,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--dtype")
     s.add_argument("--num-replicas", type=int, help="model replicas, one draft/target pair each (default 1)")
     s.add_argument("--max-num-seqs", type=int, help="requests a replica's pair decodes at once (default 8)")
+    s.add_argument("--kv-budget-tokens", type=int,
+                   help="KV-cache positions a replica's pair may hold at once (default: no limit)")
     s.add_argument("--max-ongoing-requests", type=int,
                    help="requests one replica holds at once (default max-num-seqs + 4)")
     s.add_argument("--max-queued-requests", type=int, help="requests queued for a replica; past it 503 (default 8)")

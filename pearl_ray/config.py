@@ -139,6 +139,13 @@ class EngineConfig:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     """Requests one pair decodes at once: locally a call's prompts (further ones join as slots free up); on
     Ray the calls in flight, which the target leader's continuous loop batches (``runtime.leader_loop``)."""
+    kv_budget_tokens: int | None = None
+    """KV-cache positions one pair may hold for the requests it decodes at once (vLLM's counterpart is its
+    memory fraction); None: no limit beyond ``max_num_seqs``. The slot cache is a rectangle (one row per
+    request, as long as the longest), so admitting a request needs (running + 1) x the longest reservation
+    <= the budget, a request reserving prompt + max_new_tokens + its window + 1. One that does not fit now
+    waits; one that could never fit is refused up front (``CacheBudgetError``, with the numbers). Bytes per
+    position: 2 x layers x kv_heads x head_dim x dtype size (the target's; the draft's is far smaller)."""
     pre_verify: bool = True
     post_verify: bool = True
     draft_greedy: bool = False
@@ -202,6 +209,8 @@ class EngineConfig:
             raise InvalidParameterError(f"prefill_threads must be an integer >= 0, got {self.prefill_threads!r}")
         if not _is_int(self.max_num_seqs) or self.max_num_seqs < 1:
             raise InvalidParameterError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        if self.kv_budget_tokens is not None and (not _is_int(self.kv_budget_tokens) or self.kv_budget_tokens < 1):
+            raise InvalidParameterError(f"kv_budget_tokens must be an integer >= 1 or None, got {self.kv_budget_tokens!r}")
         if not _is_int(self.max_queued) or self.max_queued < 0:
             raise InvalidParameterError(f"max_queued must be an integer >= 0, got {self.max_queued!r}")
         for name in ("round_timeout_s", "start_timeout_s", "placement_timeout_s", "queue_timeout_s"):

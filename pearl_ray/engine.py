@@ -24,7 +24,8 @@ from .config import (DEFAULT_GAMMA, POLICY_MAX_GAMMA, EngineConfig, Request, Sam
 from .core.metrics import GenerationStats
 from .modeling.chat import check_text
 from .core.stopping import cut_at_stop
-from .errors import EngineClosedError, InvalidParameterError, PromptError, QueueFullError
+from .core.batch import budget_message, reservation
+from .errors import CacheBudgetError, EngineClosedError, InvalidParameterError, PromptError, QueueFullError
 
 log = logging.getLogger(__name__)
 RAY_ONLY = ("transport", "placement", "draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus",
@@ -305,7 +306,11 @@ class PearlEngine:
                 f"max_new_tokens {params.max_new_tokens} does not fit: prompt {n} tokens + {params.max_new_tokens} "
                 f"new tokens + draft window {window} + 1 exceed the context of {ctx} tokens; at most {room} fit")
         rounds = self.config.round_options(method, gamma, params.greedy, adaptive)
-        return Request(tuple(ids), params, method, rounds, request_seed(params.seed, index), self.eos_token_ids)
+        request = Request(tuple(ids), params, method, rounds, request_seed(params.seed, index), self.eos_token_ids)
+        budget = self.config.kv_budget_tokens
+        if budget is not None and reservation(request) > budget:
+            raise CacheBudgetError(budget_message(request, budget))  # refused before it waits for nothing
+        return request
 
     def _text(self, ids: list[int], request: Request) -> str | None:
         """A finished request's text: one full decode, cut before its first stop string."""

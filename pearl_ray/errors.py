@@ -9,6 +9,10 @@ class InvalidParameterError(PearlError, ValueError):
     """A parameter is out of range or of the wrong type (gamma < 1, negative temperature, seed=None, ...)."""
 
 
+class CacheBudgetError(InvalidParameterError):
+    """A request needs more KV-cache positions than the pair's ``kv_budget_tokens`` could ever give it."""
+
+
 class PromptError(PearlError, ValueError):
     """A prompt is empty, not text or token ids, or longer than the model's context allows."""
 

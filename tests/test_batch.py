@@ -244,6 +244,37 @@ def test_rounds_without_drafting_make_no_draft_call_and_stay_lossless(tiny_pair)
         assert 0 < phase.submits <= sum(1 for w in policy.chosen if w > 0) < len(policy.chosen)
 
 
+def test_kv_budget_holds_requests_back_and_refuses_what_never_fits(tiny_pair):
+    """The pair's KV budget: (running + 1) x the longest reservation must fit, so a 40-position budget runs
+    two 20-position requests at once and makes the 29-position one wait; outputs are unchanged. A request
+    that could never fit is refused before it queues, with the numbers."""
+    from pearl_ray.core.batch import reservation
+    from pearl_ray.errors import CacheBudgetError
+
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ar = PearlEngine(target=tiny_pair["target"], method="ar")
+    want = [ar.generate([p], params)[0].token_ids for p in PROMPTS[:4]]
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, max_num_seqs=4,
+                      kv_budget_tokens=40)
+    assert [reservation(eng.make_request(p, params)) for p in PROMPTS[:4]] == [20, 17, 29, 18]
+    outs = eng.generate(PROMPTS[:4], params)
+    assert [o.token_ids for o in outs] == want
+    sizes = [t.batch_size for o in outs for t in o.stats.round_timings]
+    assert max(sizes) == 2
+    assert max(t.batch_size for t in outs[2].stats.round_timings) == 1  # 2 x 29 > 40: it ran alone
+    with pytest.raises(CacheBudgetError, match=r"needs up to 41 KV-cache positions .* kv_budget_tokens of 40"):
+        eng.make_request(PROMPTS[2], SamplingParams(max_new_tokens=24))
+    # the loop itself ends such a request with the error, never leaving it waiting
+    loop = BatchLoop(eng.backend.target_lm, eng.backend.draft_lm, None, 4)
+    loop.kv_budget = 10
+    loop.add(eng.make_request(PROMPTS[1], SamplingParams(max_new_tokens=4, ignore_eos=True)), key="fits")
+    loop.add(ar.make_request(PROMPTS[2], params), key="never")
+    events = loop.step()
+    assert [(e.key, type(e.error).__name__) for e in events if e.finished] == [("never", "CacheBudgetError")]
+    with pytest.raises(Exception, match="kv_budget_tokens"):
+        PearlEngine(target=tiny_pair["target"], kv_budget_tokens=0)
+
+
 # -- sampling -----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["pearl", "sd"])

@@ -171,3 +171,20 @@ def test_a_killed_draft_or_target_with_four_requests_running(tiny_pair):
         got, errors = _threads(doomed, 4)
         assert len(errors) == 4 and all(isinstance(e, TargetUnavailable) for _, e in errors), (got, errors)
         assert eng.generate([prompts[0]], params)[0].token_ids == want[0]
+
+
+def test_the_kv_budget_reaches_the_leaders_loop(tiny_pair):
+    """On Ray the leader's loop admits by the engine's KV budget: 4 calls at once, at most 2 decode together
+    (2 x 20 positions fit in 40, 3 do not); a request that never fits is refused before it is sent."""
+    from pearl_ray.errors import CacheBudgetError
+
+    prompts = [[5, 9, 14, 3], [7], [40, 41], [8, 8, 8]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    want = [o.token_ids for o in PearlEngine(target=tiny_pair["target"], method="ar").generate(prompts, params)]
+    with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
+                     max_num_seqs=4, kv_budget_tokens=40) as eng:
+        outs = eng.generate(prompts, params)
+        assert [o.token_ids for o in outs] == want
+        assert max(t.batch_size for o in outs for t in o.stats.round_timings) == 2
+        with pytest.raises(CacheBudgetError, match="kv_budget_tokens of 40"):
+            eng.generate([prompts[0]], SamplingParams(max_new_tokens=40))

@@ -36,6 +36,7 @@ from .sampling import make_generator, sample, warp_probs
 from .loop import draft_start, overlap_s
 from .sides import CausalLM, SeqMirror
 from .stopping import StopRule
+from ..errors import CacheBudgetError
 
 if TYPE_CHECKING:
     from .request import Request
@@ -53,6 +54,18 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def reservation(request: "Request") -> int:
+    """KV positions ``request`` may need at most: prompt + max_new_tokens + its draft window + 1."""
+    window = request.rounds.gamma if request.rounds.use_draft else 0
+    return len(request.prompt_ids) + request.params.max_new_tokens + window + 1
+
+
+def budget_message(request: "Request", budget: int) -> str:
+    return (f"this request needs up to {reservation(request)} KV-cache positions ({len(request.prompt_ids)} prompt + "
+            f"{request.params.max_new_tokens} max_new_tokens + the draft window + 1), more than the pair's "
+            f"kv_budget_tokens of {budget}: shorten the prompt or max_new_tokens, or raise kv_budget_tokens")
 
 
 class BatchedLM(Protocol):
@@ -317,6 +330,8 @@ class BatchLoop:
         """Torch threads for a round's target forward when no request drafts in it (on CPU the draft's
         cores then idle: Ray's leader borrows them, as for prompt passes). None: leave the count alone."""
         self.max_num_seqs, self.decode = max_num_seqs, decode
+        self.kv_budget: int | None = None
+        """KV positions the running requests may reserve together (``EngineConfig.kv_budget_tokens``)."""
         self.active: list[_Seq] = []
         self.waiting: deque = deque()
         self.rounds = 0
@@ -343,6 +358,14 @@ class BatchLoop:
     @property
     def idle(self) -> bool:
         return not self.active and not self.waiting
+
+    def _fits(self, request: "Request") -> bool:
+        """Whether ``request`` may join now under ``kv_budget``: the slot cache is one row per request, each
+        as long as the longest, so (running + 1) x the longest reservation must fit."""
+        if self.kv_budget is None:
+            return True
+        longest = max([reservation(s.request) for s in self.active] + [reservation(request)])
+        return (len(self.active) + 1) * longest <= self.kv_budget
 
     def _free_slot(self) -> int:
         used = {s.slot for s in self.active}
@@ -406,11 +429,17 @@ class BatchLoop:
     # -- one round ---------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """Admit waiting requests, run one round over every active request, return what each committed."""
-        while self.waiting and len(self.active) < self.max_num_seqs:
-            key, request = self.waiting.popleft()
+        refused = []
+        if self.kv_budget is not None:  # a request that could never fit ends now (the engine checks it first)
+            for key, request in [w for w in self.waiting if reservation(w[1]) > self.kv_budget]:
+                self.waiting.remove((key, request))
+                refused.append(Event(key, [], finished=True, error=CacheBudgetError(budget_message(
+                    request, self.kv_budget))))
+        while self.waiting and len(self.active) < self.max_num_seqs and self._fits(self.waiting[0][1]):
+            key, request = self.waiting.popleft()  # in arrival order: one that must wait holds the others back
             self.active.append(self._join(key, request))
         if not self.active:
-            return []
+            return refused
         seqs = list(self.active)
         window = None
         if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in seqs):
@@ -429,7 +458,7 @@ class BatchLoop:
             draft_s = max((c.busy_s for c in chunks.values()), default=0.0)
             self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s)
         self.rounds += 1
-        events = []
+        events = refused
         for seq in seqs:
             events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs)))
         return events

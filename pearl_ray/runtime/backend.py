@@ -236,7 +236,8 @@ class RayBackend:
         item_timeout = c.round_timeout_s * 4 + 60
         route = self._lifecycle("route", request, timeout_s=2 * c.start_timeout_s + 60)
         target, request = route["target"], route["request"]
-        gen = target.submit.options(num_returns="streaming").remote(request, c.round_timeout_s, c.max_num_seqs)
+        gen = target.submit.options(num_returns="streaming").remote(request, c.round_timeout_s, c.max_num_seqs,
+                                                                     c.kv_budget_tokens)
         ended = False
         try:
             while True:

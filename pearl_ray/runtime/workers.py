@@ -228,7 +228,7 @@ class TargetLeader(_WorkerBase):
             return GlooDraftChannel(self.side, self.link, round_timeout_s, self.lock)
         return ActorDraftChannel(self.side, self.draft_handle, round_timeout_s, self.lock)
 
-    def submit(self, request, round_timeout_s: float, max_num_seqs: int = 8):
+    def submit(self, request, round_timeout_s: float, max_num_seqs: int = 8, kv_budget: int | None = None):
         """Decode one request in the leader's continuous loop, beside every other request in flight. Yields
         ``list[int]`` of newly committed tokens as rounds commit them, then a final ``{"token_ids", "stats"}``
         dict. Every wait is bounded; a caller that goes away cancels the request (its slot is freed)."""
@@ -241,6 +241,7 @@ class TargetLeader(_WorkerBase):
                 self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock,
                                         self.policy, getattr(self.model, "prefill_threads", None))
                 self.batch.set_draft(self._draft_phase())
+            self.batch.loop.kv_budget = kv_budget  # the engine's setting (the same for every request)
         stream = self.batch.open(request)
         try:
             while True:

@@ -53,6 +53,9 @@ class ServeConfig(BaseModel):
     """Serve's autoscaling config for the model replicas (then ``num_replicas`` is not used)."""
     max_num_seqs: int = Field(8, ge=1)
     """Requests a replica's pair decodes at once (its target leader's continuous loop)."""
+    kv_budget_tokens: int | None = Field(None, ge=1)
+    """KV-cache positions the replica's pair may hold for the requests it decodes at once (the engine's
+    ``kv_budget_tokens``); a request that cannot fit waits, one that never could gets a 400. None: no limit."""
     max_ongoing_requests: int | None = Field(None, ge=1)
     """Requests a model replica holds at once; default ``max_num_seqs`` + 4 (what its pair batches, plus a
     small queue for the next round)."""
