@@ -56,3 +56,23 @@ def stop_process(proc, timeout_s: float = 60.0) -> None:
         proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def run_threads(fn, n: int, timeout_s: float = 300.0):
+    """``fn(i)`` for i in range(n), each in its own thread at once; returns ({i: result}, [(i, exception)])."""
+    import threading
+
+    out, errors = {}, []
+
+    def run(i):
+        try:
+            out[i] = fn(i)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors.append((i, exc))
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout_s)
+    return out, errors

@@ -11,7 +11,7 @@ from pearl_ray.core.batch import BatchLoop, run_batch
 from pearl_ray.runtime.transports import RemoteDraftPhase
 from pearl_ray.runtime.workers import DraftWorker, HFModelFactory
 
-from ray_utils import private_ray, wait_for
+from ray_utils import private_ray, run_threads, wait_for
 
 pytestmark = pytest.mark.ray
 local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
@@ -66,25 +66,6 @@ CONCURRENT = [([5, 9, 14, 3], "pearl", 17), ([7], "sd", 9), ([20, 21, 22, 23, 24
               ([90, 2, 33], "pearl", 19)]
 
 
-def _threads(fn, n):
-    import threading
-
-    out, errors = {}, []
-
-    def run(i):
-        try:
-            out[i] = fn(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append((i, exc))
-
-    ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(300)
-    return out, errors
-
-
 def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pair):
     local = PearlEngine(target=tiny_pair["target"], method="ar", gamma=3)
     want = [local.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
@@ -96,7 +77,7 @@ def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pai
             chunks = list(eng.stream(p, SamplingParams(max_new_tokens=n, ignore_eos=True), method=method))
             return sum((c.token_ids for c in chunks), []), chunks[-1].stats
 
-        got, errors = _threads(one, len(CONCURRENT))
+        got, errors = run_threads(one, len(CONCURRENT))
         assert not errors, errors
         assert [got[i][0] for i in range(len(CONCURRENT))] == want
         batch = max(t.batch_size for _, s in got.values() for t in s.round_timings)
@@ -104,7 +85,7 @@ def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pai
         # a seeded sampled request gives the same tokens alone and beside others
         sampled = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.0, seed=9)
         alone = eng.generate([[3, 4, 5]], sampled)[0].token_ids
-        crowd, errors = _threads(lambda i: eng.generate([[3, 4, 5] if i == 0 else CONCURRENT[i][0]], sampled)[0]
+        crowd, errors = run_threads(lambda i: eng.generate([[3, 4, 5] if i == 0 else CONCURRENT[i][0]], sampled)[0]
                                  .token_ids, 4)
         assert not errors and crowd[0] == alone
         leader = eng.backend.status()["handles"]["target"]
@@ -125,7 +106,7 @@ def test_a_cancelled_stream_frees_its_slot_and_leaves_the_others_unchanged(tiny_
                 return None
             return eng.generate([[5, 9], [7, 8]][i - 1], params)[0].token_ids
 
-        got, errors = _threads(one, 3)
+        got, errors = run_threads(one, 3)
         assert not errors, errors
         assert [got[1], got[2]] == [w.token_ids for w in want]
         leader = eng.backend.status()["handles"]["target"]
@@ -155,7 +136,7 @@ def test_a_killed_draft_or_target_with_four_requests_running(tiny_pair):
                     ray.kill(handles["draft"])
             return sum((c.token_ids for c in chunks), []), chunks[-1].stats
 
-        got, errors = _threads(one, 4)
+        got, errors = run_threads(one, 4)
         assert not errors, errors
         assert [got[i][0] for i in range(4)] == want
         assert any(got[i][1].draft_failures for i in range(4))
@@ -168,7 +149,7 @@ def test_a_killed_draft_or_target_with_four_requests_running(tiny_pair):
                     ray.kill(handles["target"])
             return "finished"
 
-        got, errors = _threads(doomed, 4)
+        got, errors = run_threads(doomed, 4)
         assert len(errors) == 4 and all(isinstance(e, TargetUnavailable) for _, e in errors), (got, errors)
         assert eng.generate([prompts[0]], params)[0].token_ids == want[0]
 

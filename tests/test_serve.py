@@ -31,7 +31,7 @@ from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.serve import ServeConfig, build_app, make_app
 from pearl_ray.testing import SlowLM, TabularLM, save_tiny_llama
 
-from ray_utils import free_port, wait_for
+from ray_utils import free_port, run_threads, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 openai = pytest.importorskip("openai")
@@ -373,22 +373,15 @@ def test_eight_concurrent_streams_equal_their_answers_and_share_rounds(server):
     want = [client.completions.create(**kw).choices[0].text for kw in kws]
     leader = replica_status("faults")["workers"]["target"]
     rounds_before = ray.get(leader.loop_status.remote(), timeout=30)["rounds"]
-    got, errors, per_request_rounds = [None] * 8, [], [0] * 8
 
     def one(i):
-        try:
-            chunks = list(client.completions.create(**kws[i], stream=True))
-            got[i] = "".join(c.choices[0].text for c in chunks if c.choices)
-            per_request_rounds[i] = chunks[-1].model_extra["pearl"]["rounds"]
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(repr(exc))
+        chunks = list(client.completions.create(**kws[i], stream=True))
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].model_extra["pearl"]["rounds"]
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    results, errors = run_threads(one, 8, 180)
     assert not errors, errors
+    got = [results[i][0] for i in range(8)]
+    per_request_rounds = [results[i][1] for i in range(8)]
     assert got == want
     loop_rounds = ray.get(leader.loop_status.remote(), timeout=30)["rounds"] - rounds_before
     assert 0 < loop_rounds < sum(per_request_rounds) / 2, (loop_rounds, per_request_rounds)

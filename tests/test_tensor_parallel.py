@@ -2,7 +2,6 @@
 all-reduce) leads the rounds, gives the same tokens as an unsharded target, and survives a rank's death."""
 
 import os
-import threading
 import time
 
 import pytest
@@ -11,7 +10,7 @@ import ray
 from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.errors import InvalidParameterError, TargetUnavailable
 
-from ray_utils import private_ray
+from ray_utils import private_ray, run_threads
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -68,20 +67,9 @@ def test_four_concurrent_requests_equal_tp1(tp_engine, reference):
     want = [reference.generate([p], q, method="ar")[0].token_ids for p, q in zip(prompts, params)]
     leader = tp_engine.backend.status()["handles"]["target"]
     before = ray.get(leader.loop_status.remote(), timeout=30)["rounds"]
-    got, errors = [None] * 4, []
-
-    def one(i):
-        try:
-            got[i] = tp_engine.generate([prompts[i]], params[i], method=methods[i])[0]
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(repr(exc))
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    results, errors = run_threads(lambda i: tp_engine.generate([prompts[i]], params[i], method=methods[i])[0], 4)
     assert not errors, errors
+    got = [results[i] for i in range(4)]
     assert [o.token_ids for o in got] == want
     rounds = ray.get(leader.loop_status.remote(), timeout=30)["rounds"] - before
     assert rounds < sum(o.stats.rounds for o in got), (rounds, [o.stats.rounds for o in got])

@@ -227,8 +227,7 @@ class Coordinator:
         request of the batch reports it; the first rebuilds the group. Returns what is known of the cause
         (a tensor-parallel rank that left the group), or ""."""
         if self.shards and not self._lost(target):
-            ray.wait(list(self.follow_refs), num_returns=1, timeout=2.0)  # a dead rank is seen within moments
-            self._check_ranks(timeout=0)
+            self._check_ranks(timeout=2.0)  # a dead rank's follow call ends within moments
         with self.lifecycle:
             if self.target == target:
                 self._restart_target()
