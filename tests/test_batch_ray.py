@@ -1,5 +1,5 @@
-"""Batched rounds with the draft in a Ray actor (``transports.RemoteDraftPhase`` -> ``DraftWorker.batch_round``):
-one actor call per round carries every slot's work, the draft drafts while this process runs the target,
+"""Batched rounds with the draft in a Ray actor (``transports.RemoteDraftPhase`` -> ``DraftWorker.batch_round``,
+or ``GlooDraftPhase`` over the leader's gloo link): one call or message per round carries every slot's work, the draft drafts while this process runs the target,
 and a draft killed mid-batch turns every request target-only with identical greedy output."""
 
 import pytest
@@ -66,12 +66,13 @@ CONCURRENT = [([5, 9, 14, 3], "pearl", 17), ([7], "sd", 9), ([20, 21, 22, 23, 24
               ([90, 2, 33], "pearl", 19)]
 
 
-def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pair):
+@pytest.mark.parametrize("transport,phase", [("actor", "RemoteDraftPhase"), ("gloo", "GlooDraftPhase")])
+def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pair, transport, phase):
     local = PearlEngine(target=tiny_pair["target"], method="ar", gamma=3)
     want = [local.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
             for p, _, n in CONCURRENT]
     with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
-                     max_num_seqs=8, transport="actor") as eng:
+                     max_num_seqs=8, transport=transport) as eng:
         def one(i):
             p, method, n = CONCURRENT[i]
             chunks = list(eng.stream(p, SamplingParams(max_new_tokens=n, ignore_eos=True), method=method))
@@ -89,7 +90,9 @@ def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pai
                                  .token_ids, 4)
         assert not errors and crowd[0] == alone
         leader = eng.backend.status()["handles"]["target"]
-        assert ray.get(leader.loop_status.remote(), timeout=30)["running"] == 0
+        status = ray.get(leader.loop_status.remote(), timeout=30)
+        assert status["running"] == 0 and status["draft"] == phase  # gloo: the rounds ride the link
+        assert all(s.draft_failures == 0 for i, (_, s) in got.items() if CONCURRENT[i][1] != "ar")
 
 
 def test_a_cancelled_stream_frees_its_slot_and_leaves_the_others_unchanged(tiny_pair):

@@ -10,7 +10,8 @@ import torch
 
 from pearl_ray.runtime import wire
 from pearl_ray.runtime.link import GlooLink, draft_frame_handler, serve_rounds
-from pearl_ray.runtime.transports import GlooDraftChannel
+from pearl_ray.runtime.transports import GlooDraftChannel, GlooDraftPhase
+from pearl_ray.core.batch import BatchedDraftSide, BatchLoop, PerSlotLM, run_batch
 from pearl_ray.config import EngineConfig, Request, SamplingParams
 from pearl_ray.core.loop import LocalChannel, iter_request, start_draft
 from pearl_ray.core.messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate
@@ -70,6 +71,41 @@ def test_start_round_trip():
         wire.decode_request(wire.stop_frame(), _no_more)
 
 
+@pytest.mark.parametrize("prompt_len", [3, wire.INLINE_IDS + 40])
+def test_batched_rounds_round_trip(prompt_len):
+    """Every slot's work in one message: starts (with their float settings), releases, requests with and
+    without updates; ids past the frame's inline area go in the overflow tensor."""
+    starts = {2: DraftStart(list(range(prompt_len)), 0.7, 5, 0.9, False, 12345), 0: DraftStart([9], 0.0, 0, 1.0, True, 7)}
+    reqs = {2: DraftRequest(4, prompt_len, 3, None), 5: DraftRequest(9, 30, 0, SeqUpdate(8, 27, [1, 2], [3])),
+            1: DraftRequest(9, 12, 4, SeqUpdate(8, 0, list(range(10)), [2**40]))}
+    tensors = wire.encode_batch(starts, [3, 6], reqs)
+    assert tensors[0].dtype == torch.int64 and tensors[-1].dtype == torch.float64
+    assert wire.decode_batch(tensors[0], _feeder(tensors[1:])) == (starts, [3, 6], reqs)
+    tensors = wire.encode_batch({}, [], {4: DraftRequest(1, 2, 3, None)})
+    assert len(tensors) == 1  # a plain round is a single 1 KiB frame
+    assert wire.decode_batch(tensors[0], _no_more) == ({}, [], {4: DraftRequest(1, 2, 3, None)})
+
+
+def test_batched_replies_round_trip():
+    g = torch.Generator().manual_seed(0)
+    q1, q2 = (torch.softmax(torch.randn(n, 300, generator=g), -1) for n in (3, 2))
+    chunks = {4: DraftChunk(3, 50, [5, 6, 2**40], q1, 0.0123, 1.7e9 + 0.25), 0: DraftChunk(8, 9, [], None),
+              1: DraftChunk(2, 47, list(range(wire.INLINE_IDS + 9)), None, 0.05, 1.7e9),
+              6: DraftChunk(5, 11, [1, 2], q2, 0.01, 1.7e9)}
+    tensors = wire.encode_batch_reply(chunks)
+    got = wire.decode_batch_reply(tensors[0], _feeder(tensors[1:]))
+    assert list(got) == list(chunks)
+    for slot, want in chunks.items():
+        c = got[slot]
+        assert (c.round_id, c.start_pos, c.draft_token_ids) == (want.round_id, want.start_pos, want.draft_token_ids)
+        assert (c.draft_probs is None) == (want.draft_probs is None)
+        if want.draft_probs is not None:
+            assert torch.equal(c.draft_probs, want.draft_probs)  # bit-exact fp32
+        assert abs(c.busy_s - want.busy_s) < 1e-8 and abs(c.started_at - want.started_at) < 1e-5
+    with pytest.raises(ValueError, match="not a batched"):
+        wire.decode_batch_reply(wire.encode_batch({}, [], {})[0], _no_more)
+
+
 def run_request(channel, request, stop):
     """``iter_request`` drained: (output ids, stats)."""
     it = iter_request(channel, request, stop)
@@ -85,6 +121,8 @@ class _DraftEnd:
 
     def __init__(self, model, port, name, lane=None):
         self.side = DraftSide(model)
+        self.batched = BatchedDraftSide(PerSlotLM(lambda: TabularLM(table=model.table)))
+        self.batch_calls = 0
         self.link = GlooLink("127.0.0.1", port, 1, 2, name, timeout_s=60, connect_timeout_s=20, lane=lane)
         self.result = None
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -98,6 +136,14 @@ class _DraftEnd:
 
     def forwards(self):
         return self.side.mirror.forwards
+
+    def batch_round(self, starts, releases, reqs):  # as DraftWorker.batch_round
+        self.batch_calls += 1
+        for slot in releases:
+            self.batched.release(slot)
+        for slot, start in starts.items():
+            self.batched.start(slot, start)
+        return self.batched.draft(reqs) if reqs else {}
 
     def _run(self):
         self.result = serve_rounds(self.link, draft_frame_handler(self), reply_timeout_s=10, idle_timeout_s=30)
@@ -169,3 +215,58 @@ def test_choose_lane():
         choose_lane("nccl", cpu, cpu)
     with pytest.raises(ValueError):
         GlooLink("127.0.0.1", 0, 0, 3, "x", lane="gloo")
+
+
+# -- batched rounds over the link (transports.GlooDraftPhase, what the Ray leader's loop uses) -------------
+BATCH = [([1, 2], "pearl", 0.0, 21), ([4, 5, 1], "sd", 0.0, 9), ([3], "ar", 0.0, 14), ([2, 2], "pearl", 1.0, 17),
+         ([5], "pearl", 0.0, 30), ([0, 3, 4], "sd", 1.0, 12)]
+
+
+def _batch_requests():
+    out = []
+    for i, (prompt, method, temperature, n) in enumerate(BATCH):
+        params = SamplingParams(max_new_tokens=n, temperature=temperature, seed=40 + i, ignore_eos=True)
+        opts = EngineConfig().round_options(method, 3, params.greedy)
+        out.append(Request(tuple(prompt), params, method, opts, 40 + i))
+    return out
+
+
+@pytest.mark.parametrize("lane", [None, "gloo"])
+def test_batched_rounds_over_the_link_match_the_local_loop(lane):
+    """Six requests (greedy and seeded sampled, pearl / sd / ar), at most 4 at once, so slots are started and
+    released mid-batch: the same tokens as the in-process batched loop, every round's drafting one message."""
+    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
+    want = run_batch(BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)),
+                               PerSlotLM(lambda: TabularLM(table=draft.table)), None, 4), _batch_requests())
+    leader, end = _linked(draft, f"t-batch-{lane}", lane)
+    try:
+        phase = GlooDraftPhase(leader, 10.0)
+        loop = BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), phase, None, 4)
+        got = run_batch(loop, _batch_requests())
+        assert [ids for ids, _ in got] == [ids for ids, _ in want]
+        assert all(s.draft_failures == 0 for _, s in got)
+        assert [s.drafted_tokens for _, s in got] == [s.drafted_tokens for _, s in want]
+        assert 0 < end.batch_calls <= loop.rounds
+        # every slot still held on the draft is released with the next round's message
+        assert set(end.batched.mirrors) <= set(phase._releases)
+    finally:
+        phase.close()
+        end.thread.join(10)
+    assert end.result == "stopped"
+
+
+def test_a_stalled_draft_over_the_link_turns_the_batch_target_only():
+    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
+    greedy = [r for r in _batch_requests() if r.params.temperature == 0]
+    want = run_batch(BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), None, None, 4), greedy)
+    leader, end = _linked(draft, "t-batch-stall")
+    end.batched = BatchedDraftSide(PerSlotLM(lambda: SlowLM(TabularLM(table=draft.table), 3.0, after=4)))
+    loop = BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), GlooDraftPhase(leader, 0.5), None, 4)
+    t0 = time.monotonic()
+    got = run_batch(loop, greedy)
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    assert time.monotonic() - t0 < 8
+    assert loop.draft_failures == 1 and leader.pg is None  # the link was closed: the coordinator relinks
+    assert all(s.draft_failures == 1 for (_, s), r in zip(got, greedy) if r.uses_draft)
+    end.thread.join(15)
+    assert end.result is not None and end.result.startswith("link closed")

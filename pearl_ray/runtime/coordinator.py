@@ -182,8 +182,9 @@ class Coordinator:
                                        lane)
             else:
                 loop = None
-            # the batched rounds reach the draft by one actor call per round (on either transport, for now)
-            ray.get(self.target.attach_draft.remote(self.draft), timeout=timeout)
+            # the batched rounds reach the draft over the link (gloo) or by one actor call per round (actor)
+            ray.get(self.target.attach_draft.remote(self.draft, loop is not None, self.spec["round_timeout_s"]),
+                    timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - this request runs on the target alone; later ones get a new draft
             self._replace_draft(f"could not connect it to the target leader: {str(exc)[:300]}")
             return False

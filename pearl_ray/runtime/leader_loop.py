@@ -3,8 +3,9 @@ flight. Requests arrive at any time (``open``) and join at a round boundary; the
 cancelled, or their caller goes away. Each has its own ``RequestStream`` back to the caller: the loop never
 waits for a slow reader (its tokens accumulate in the stream, at most the request's ``max_new_tokens``).
 
-The draft is reached through a ``transports.RemoteDraftPhase`` (one actor call per round carries every
-drafting request's work, and the draft computes while this process runs the target's forward). One fault
+The draft is reached through a draft phase: ``transports.GlooDraftPhase`` (one message each way per round on
+the leader's gloo link) or ``transports.RemoteDraftPhase`` (one actor call per round); either carries every
+drafting request's work, and the draft computes while this process runs the target's forward. One fault
 rule for the batch: a draft failure turns every active request target-only (still lossless), and a failure
 of the target's forward ends every request with ``TargetUnavailable``. No Ray calls here except through the
 draft phase; the actor (``workers.TargetLeader``) owns this object.
@@ -96,7 +97,7 @@ class LeaderLoop:
 
     def status(self) -> dict:
         return {"running": len(self.loop.active), "waiting": len(self.loop.waiting), "rounds": self.rounds,
-                "draft": self.loop.draft is not None}
+                "draft": None if self.loop.draft is None else type(self.loop.draft).__name__}
 
     # -- the loop thread --------------------------------------------------------------------------------------
     def _take(self, item) -> None:
@@ -110,7 +111,10 @@ class LeaderLoop:
                 self.streams.pop(stream, None)
                 stream.fail(PearlError("cancelled"))
         elif kind == "draft":
+            old = self.loop.draft
             self.loop.set_draft(arg)
+            if old is not None and old is not arg and hasattr(old, "close"):
+                old.close()  # between rounds: nothing of it is in flight (a gloo phase stops its link)
 
     def _run(self) -> None:
         while True:

@@ -1,6 +1,7 @@
 """A private gloo link between the target leader (rank 0) and the draft worker (rank 1), and its setup.
 
-The leader's side of the rounds is ``transports.GlooDraftChannel``; the draft's side is ``serve_rounds``
+The leader's side of the rounds is ``transports.GlooDraftPhase`` (the batched rounds of the leader's loop;
+``transports.GlooDraftChannel`` is the single-request reference); the draft's side is ``serve_rounds``
 running ``draft_frame_handler`` in a long-running ``DraftWorker.serve_link`` call.
 
 Why torch.distributed's ``ProcessGroupGloo`` built directly on a ``TCPStore``, and not
@@ -209,11 +210,13 @@ class GlooLink:
 
 def draft_frame_handler(worker) -> Callable:
     """The draft's answers to the leader's frames, for ``serve_rounds``. ``worker`` has
-    ``start(DraftStart)``, ``draft(DraftRequest)``
-    and ``forwards()``, as ``workers.DraftWorker`` does."""
+    ``start(DraftStart)``, ``draft(DraftRequest)``, ``forwards()`` (the single-request rounds) and
+    ``batch_round(starts, releases, reqs)`` (the batched rounds), as ``workers.DraftWorker`` does."""
 
     def on_frame(frame, recv):
         op = int(frame[0])
+        if op == wire.OP_BATCH:
+            return wire.encode_batch_reply(worker.batch_round(*wire.decode_batch(frame, recv)))
         if op == wire.OP_DRAFT:
             return wire.encode_reply(worker.draft(wire.decode_request(frame, recv)))
         if op == wire.OP_START:

@@ -270,3 +270,59 @@ class RemoteDraftPhase:
 
     def forwards(self, slot) -> int:
         return 0
+
+
+class GlooDraftPhase(RemoteDraftPhase):
+    """``core.batch.DraftPhase`` over the leader's gloo link (transport "gloo"): each round is one batched
+    message each way (``wire.encode_batch`` / ``encode_batch_reply``), answered by the draft's
+    ``serve_link`` loop with ``DraftWorker.batch_round``. ``submit`` posts the reply's receive and the send
+    without waiting; ``collect`` waits at most ``timeout_s``. Any failure raises ``DraftFailed`` and closes
+    the link (a gloo pair that timed out cannot be used again): the loop turns the requests target-only and
+    the coordinator replaces the draft, with a new link. The phase owns the link: only the leader's loop
+    thread touches it, and ``close`` (at a round boundary, when a new phase replaces it) stops the draft's
+    loop and frees it."""
+
+    def __init__(self, link: GlooLink, timeout_s: float):
+        super().__init__(None, timeout_s)
+        self.link = link
+        self._pending = None  # (sends, reply work, reply frame, tensors kept alive, deadline)
+
+    def _broken(self, what: str, exc: Exception) -> DraftFailed:
+        self.link.close()
+        return DraftFailed(f"the draft link failed ({what}): {exc.__class__.__name__}: {str(exc)[:200]}")
+
+    def submit(self, reqs) -> None:
+        tensors = wire.encode_batch(self._starts, self._releases, reqs)
+        self._starts, self._releases = {}, []
+        try:
+            work, frame = self.link.recv_frame(1)  # posted before the send, so the reply never waits for it
+            sends = self.link.post_send(tensors, 1)
+        except Exception as exc:  # noqa: BLE001 - LinkError, or a link closed earlier
+            raise self._broken("send", exc) from None
+        self._pending = (sends, work, frame, tensors, time.monotonic() + self.timeout_s)
+
+    def collect(self) -> dict:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return {}
+        sends, work, frame, _, deadline = pending
+        link = self.link
+        try:
+            for w in sends:
+                link.wait(w, deadline - time.monotonic(), "send to the draft")
+            link.wait(work, deadline - time.monotonic(), "the draft's batched round")
+            if int(frame[0]) != wire.OP_BATCH_REPLY:
+                raise DraftFailed(f"the draft failed its batched round (op {int(frame[0])})")
+            return wire.decode_batch_reply(
+                frame, lambda shape, dtype: link.recv_tensor(1, shape, dtype, deadline - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 - any failure is the draft's; the caller falls back
+            raise self._broken("reply", exc) from None
+
+    def close(self) -> None:
+        """Stop the draft's end of the link (a stop frame, bounded) and free this end."""
+        if self.link.pg is not None:
+            try:
+                self.link.send([wire.stop_frame()], 1, 5.0)
+            except Exception as exc:  # noqa: BLE001 - already broken: nothing to stop
+                log.debug("stop frame: %s", exc)
+        self.link.close()

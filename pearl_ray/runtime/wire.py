@@ -21,6 +21,7 @@ FRAME = HEADER + INLINE_IDS  # 128 int64 = 1 KiB
 
 # op codes (frame[0])
 OP_DRAFT, OP_STOP, OP_REPLY, OP_ERROR, OP_START, OP_COUNT, OP_ACK = 1, 3, 4, 5, 6, 7, 8
+OP_BATCH, OP_BATCH_REPLY = 9, 10  # a batched round (``core.batch``): every slot's work in one message
 
 Recv = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
@@ -116,3 +117,94 @@ def decode_reply(frame: torch.Tensor, recv: Recv) -> DraftChunk:
     ids = _get_ids(frame, n_ids, recv)
     probs = recv((rows, cols), torch.float32) if rows else None
     return DraftChunk(round_id, start_pos, ids, probs, busy_ns / 1e9, started_us / 1e6)
+
+
+# -- batched rounds: one message per round each way, every slot's work in it --------------------------------
+# The frame's header holds the op and the counts; its id area and the overflow tensor hold one flat int body
+# (the same ``_build`` layout as above), so a round with a few requests and short updates is a single frame.
+
+
+def encode_batch(starts: dict[int, DraftStart], releases: list[int],
+                 reqs: dict[int, DraftRequest]) -> list[torch.Tensor]:
+    """A batched round (``DraftWorker.batch_round``'s arguments). frame: OP_BATCH, n_releases, n_starts,
+    n_reqs, body length; body = releases, then per start (slot, n_prompt, top_k, draft_greedy, seed, prompt
+    ids), then per request (slot, round_id, start_pos, num_steps, has_update[, u.round_id,
+    committed_len_before, n_appended, n_pending, ids]); then, with starts, fp64 [temperature, top_p] each."""
+    body = [int(slot) for slot in releases]
+    for slot, s in starts.items():
+        body += [int(slot), len(s.prompt_ids), int(s.top_k), int(s.draft_greedy), int(s.seed), *s.prompt_ids]
+    for slot, r in reqs.items():
+        body += [int(slot), r.round_id, r.start_pos, r.num_steps, int(r.update is not None)]
+        if r.update is not None:
+            u = r.update
+            body += [u.round_id, u.committed_len_before, len(u.appended_token_ids), len(u.pending_token_ids),
+                     *u.appended_token_ids, *u.pending_token_ids]
+    out = _build([OP_BATCH, len(releases), len(starts), len(reqs), len(body)], body)
+    if starts:
+        out.append(torch.tensor([v for s in starts.values() for v in (s.temperature, s.top_p)], dtype=torch.float64))
+    return out
+
+
+def decode_batch(frame: torch.Tensor, recv: Recv) -> tuple[dict[int, DraftStart], list[int], dict[int, DraftRequest]]:
+    op, n_rel, n_starts, n_reqs, n_body = frame[:5].tolist()
+    if op != OP_BATCH:
+        raise ValueError(f"not a batched round frame (op {op})")
+    body = _get_ids(frame, n_body, recv)
+    floats = recv((2 * n_starts,), torch.float64).tolist() if n_starts else []
+    releases, i = body[:n_rel], n_rel
+    starts: dict[int, DraftStart] = {}
+    for k in range(n_starts):
+        slot, n, top_k, greedy, seed = body[i:i + 5]
+        starts[slot] = DraftStart(body[i + 5:i + 5 + n], floats[2 * k], top_k, floats[2 * k + 1], bool(greedy), seed)
+        i += 5 + n
+    reqs: dict[int, DraftRequest] = {}
+    for _ in range(n_reqs):
+        slot, round_id, start_pos, num, has_update = body[i:i + 5]
+        i += 5
+        update = None
+        if has_update:
+            u_round, before, n_app, n_pend = body[i:i + 4]
+            ids = body[i + 4:i + 4 + n_app + n_pend]
+            update = SeqUpdate(u_round, before, ids[:n_app], ids[n_app:])
+            i += 4 + n_app + n_pend
+        reqs[slot] = DraftRequest(round_id, start_pos, num, update)
+    if i != n_body:
+        raise ValueError(f"batched round frame: body has {n_body} ints, decoded {i}")
+    return starts, releases, reqs
+
+
+def encode_batch_reply(chunks: dict[int, DraftChunk]) -> list[torch.Tensor]:
+    """The draft's answer to a batched round. frame: OP_BATCH_REPLY, n_chunks, body length, prob rows, vocab;
+    body = per chunk (slot, round_id, start_pos, n_ids, prob_rows, busy_ns, started_at_us, ids); then the
+    fp32 probability rows of every sampled chunk stacked in body order (only when some draft samples)."""
+    body, probs = [], []
+    for slot, c in chunks.items():
+        rows = 0 if c.draft_probs is None else int(c.draft_probs.shape[0])
+        body += [int(slot), c.round_id, c.start_pos, len(c.draft_token_ids), rows, int(c.busy_s * 1e9),
+                 int(c.started_at * 1e6), *c.draft_token_ids]
+        if rows:
+            probs.append(c.draft_probs.detach().to("cpu", torch.float32))
+    cols = int(probs[0].shape[1]) if probs else 0
+    out = _build([OP_BATCH_REPLY, len(chunks), len(body), sum(int(p.shape[0]) for p in probs), cols], body)
+    if probs:
+        out.append(torch.cat(probs).contiguous())
+    return out
+
+
+def decode_batch_reply(frame: torch.Tensor, recv: Recv) -> dict[int, DraftChunk]:
+    op, n_chunks, n_body, n_rows, cols = frame[:5].tolist()
+    if op != OP_BATCH_REPLY:
+        raise ValueError(f"not a batched reply frame (op {op})")
+    body = _get_ids(frame, n_body, recv)
+    probs = recv((n_rows, cols), torch.float32) if n_rows else None
+    chunks: dict[int, DraftChunk] = {}
+    i = row = 0
+    for _ in range(n_chunks):
+        slot, round_id, start_pos, n_ids, rows, busy_ns, started_us = body[i:i + 7]
+        ids = body[i + 7:i + 7 + n_ids]
+        i += 7 + n_ids
+        p = None
+        if rows:
+            p, row = probs[row:row + rows], row + rows
+        chunks[slot] = DraftChunk(round_id, start_pos, ids, p, busy_ns / 1e9, started_us / 1e6)
+    return chunks

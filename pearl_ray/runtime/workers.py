@@ -4,9 +4,9 @@ Each worker builds its model through an injected factory (a picklable callable r
 ``(CausalLM, tokenizer or None)``), so tests hand in tiny models and real runs hand in ``HFModelFactory``.
 On CPU each worker pins torch to its own thread count.
 
-``TargetLeader`` is the leader of the target group (rank 0): it runs the decoding loop for each request
-(``core.loop.iter_request``) over a ``transports`` channel to the draft, and streams the committed tokens
-back as a Ray streaming generator. With a tensor-parallel target its model is a ``modeling.tp.TPLeaderModel``
+``TargetLeader`` is the leader of the target group (rank 0): its continuous loop (``leader_loop.LeaderLoop``)
+runs batched rounds over every request in flight, reaches the draft through a draft phase (the gloo link, or
+one actor call per round), and streams each request's committed tokens back as a Ray streaming generator. With a tensor-parallel target its model is a ``modeling.tp.TPLeaderModel``
 and the other ranks are ``TargetShard`` actors sitting in ``follow``. ``DraftWorker`` answers the leader's
 round messages.
 """
@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..core.loop import iter_request, start_draft
+from ..core.loop import start_draft
 from ..core.messages import DraftRequest, DraftStart
 from ..core.sides import DraftSide, TargetSide, time_forward
 from ..backends import decoder
-from ..core.stopping import StopRule
 
 
 @dataclass(frozen=True)
@@ -161,8 +160,9 @@ class TargetLeader(_WorkerBase):
         if prefill_threads > torch.get_num_threads() and getattr(self.model, "device", None) == torch.device("cpu"):
             self.model.prefill_threads = int(prefill_threads)  # HFCausalLM: prompt passes borrow the draft's cores
         self.side = TargetSide(self.model)
-        self.link = None
+        self.link = None  # the newest gloo link to the draft (held by ``phase`` once attached)
         self.draft_handle = None
+        self.phase = None  # how the batched rounds reach the draft (``attach_draft``)
         self.batch = None  # the continuous loop (leader_loop.LeaderLoop), started by the first request
         self.policy = None  # the adaptive speculation policy (prepare_policy), if measured
         self.batch_lock = threading.Lock()
@@ -171,10 +171,12 @@ class TargetLeader(_WorkerBase):
     # -- transport setup (called by the coordinator) -----------------------------------------------------
     def open_link(self, name: str, idle_timeout_s: float, connect_timeout_s: float,
                   lane: str | None = None) -> tuple[str, int]:
-        """Create rank 0 of a new gloo link (closing any old one); returns (host, port) for the draft."""
+        """Create rank 0 of a new gloo link; returns (host, port) for the draft. An old link that no draft
+        phase holds is closed now; one the loop's phase holds stays until ``attach_draft`` replaces it."""
         from .link import GlooLink
 
-        self.close_link()
+        if self.link is not None and self.link is not getattr(self.phase, "link", None):
+            self._drop_link(self.link)
         host = ray.util.get_node_ip_address()
         self.link = GlooLink(host, 0, 0, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s,
                              lane=lane)
@@ -192,9 +194,17 @@ class TargetLeader(_WorkerBase):
         return None if self.link is None or self.link.lane is None else self.link.lane.backend
 
     def close_link(self) -> None:
+        """Close the current link (the draft's loop gets a stop frame). A phase holding a link is detached
+        and closes it at the loop's next round boundary."""
+        held = getattr(self.phase, "link", None)
+        if held is not None:
+            self.attach_draft(None)
         link, self.link = self.link, None
-        if link is None:
-            return
+        if link is not None and link is not held:
+            self._drop_link(link)
+
+    @staticmethod
+    def _drop_link(link) -> None:
         if link.pg is not None:
             from . import wire
             from .link import LinkError
@@ -205,29 +215,33 @@ class TargetLeader(_WorkerBase):
                 pass
         link.close()
 
-    def attach_draft(self, draft_handle) -> bool:
-        """The draft the batched rounds call (``DraftWorker.batch_round``; None detaches it). Requests that
-        join after this use it."""
-        self.draft_handle = draft_handle
+    def attach_draft(self, draft_handle, via_link: bool = False, round_timeout_s: float | None = None) -> bool:
+        """The draft the batched rounds reach: over the current gloo link (``via_link``,
+        ``transports.GlooDraftPhase``) or by one actor call per round (``RemoteDraftPhase`` ->
+        ``DraftWorker.batch_round``); None detaches it. Requests that join after this use it; the phase it
+        replaces is closed at the loop's next round boundary (it may be in a round now)."""
+        from .transports import GlooDraftPhase, RemoteDraftPhase
+
+        if round_timeout_s is not None:
+            self.round_timeout_s = float(round_timeout_s)
+        if draft_handle is None:
+            phase = None
+        elif via_link:
+            if not self.link_ok():
+                raise RuntimeError("attach_draft(via_link=True) without a connected link")
+            phase = GlooDraftPhase(self.link, self.round_timeout_s)
+        else:
+            phase = RemoteDraftPhase(draft_handle, self.round_timeout_s)
+        old, self.phase, self.draft_handle = self.phase, phase, draft_handle
+        if getattr(old, "link", None) is self.link and phase is None:
+            self.link = None  # the old phase takes its link with it
         if self.batch is not None:
-            self.batch.set_draft(self._draft_phase())
+            self.batch.set_draft(phase)  # the loop closes ``old`` between rounds
+        elif old is not None and hasattr(old, "close"):
+            old.close()
         return True
 
-    def _draft_phase(self):
-        from .transports import RemoteDraftPhase
-
-        return None if self.draft_handle is None else RemoteDraftPhase(self.draft_handle, self.round_timeout_s)
-
     # -- requests ----------------------------------------------------------------------------------------
-    def _channel(self, request, transport: str, round_timeout_s: float):
-        from .transports import ActorDraftChannel, GlooDraftChannel, LeaderChannel
-
-        if not request.uses_draft:
-            return LeaderChannel(self.side, round_timeout_s, self.lock)
-        if transport == "gloo":
-            return GlooDraftChannel(self.side, self.link, round_timeout_s, self.lock)
-        return ActorDraftChannel(self.side, self.draft_handle, round_timeout_s, self.lock)
-
     def submit(self, request, round_timeout_s: float, max_num_seqs: int = 8, kv_budget: int | None = None):
         """Decode one request in the leader's continuous loop, beside every other request in flight. Yields
         ``list[int]`` of newly committed tokens as rounds commit them, then a final ``{"token_ids", "stats"}``
@@ -240,7 +254,7 @@ class TargetLeader(_WorkerBase):
                 self.round_timeout_s = round_timeout_s
                 self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock,
                                         self.policy, getattr(self.model, "prefill_threads", None))
-                self.batch.set_draft(self._draft_phase())
+                self.batch.set_draft(self.phase)
             self.batch.loop.kv_budget = kv_budget  # the engine's setting (the same for every request)
         stream = self.batch.open(request)
         try:
@@ -283,17 +297,6 @@ class TargetLeader(_WorkerBase):
     def loop_status(self) -> dict:
         """Requests running and waiting in the continuous loop, and rounds run so far."""
         return self.batch.status() if self.batch is not None else {"running": 0, "waiting": 0, "rounds": 0}
-
-    def generate(self, request, transport: str, round_timeout_s: float):
-        """One request alone through the single-request loop (``core.loop.iter_request``) over the gloo link
-        or actor calls: the reference path the batched loop is checked against. Yields as ``submit``."""
-        stop = StopRule.for_request(request, decoder(self.tokenizer))
-        channel = self._channel(request, transport, round_timeout_s)
-        try:
-            ids, stats = yield from iter_request(channel, request, stop)
-            yield {"token_ids": ids, "stats": stats}
-        finally:
-            channel.close()
 
     def forwards(self) -> int:
         return self.side.mirror.forwards
