@@ -20,6 +20,7 @@ The sides here run one after the other in the caller's thread (the local backend
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -54,6 +55,45 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def adopt_thread_count(n: int | None = None) -> None:
+    """Make this thread's torch intra-op settings ``n`` threads (None: the process's count). The counts of
+    OpenMP and MKL are per thread: a thread that never set them runs with ``OMP_NUM_THREADS`` (which Ray
+    sets to the actor's ``num_cpus``) whatever ``torch.get_num_threads()`` says. Call it first in a
+    long-lived thread that runs model forwards."""
+    torch.set_num_threads(int(n or torch.get_num_threads()))
+
+
+def on_fresh_thread(fn: Callable, *args, timeout_s: float | None = None, name: str = "pearl-compute"):
+    """Run ``fn(*args)`` on a new thread that ends with it; return its result or raise its error
+    (``TimeoutError`` past ``timeout_s``; the thread is left to finish).
+
+    Why a thread of its own: GNU OpenMP, torch's CPU thread pool, keeps a pool of worker threads for each
+    thread that ever ran a parallel region, for as long as that thread lives. Once the pools' threads outnumber
+    the CPUs, it stops letting idle workers spin and parks them on a futex, so every small op then pays a
+    wake-up. A worker whose model passes run on one long-lived thread (the target leader's loop) but whose
+    setup or cost measurement ran multi-threaded on another (an actor's task thread) decoded ~1.5x slower
+    at batch 8 on 2 cores. One-off work (loading, measuring) runs here instead: its pool goes with the
+    thread, and the loop's thread stays the only one with a pool. The caller's thread count is carried over."""
+    threads = torch.get_num_threads()
+    box: dict = {}
+
+    def body() -> None:
+        try:
+            adopt_thread_count(threads)
+            box["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=body, name=name, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TimeoutError(f"{getattr(fn, '__name__', 'the call')} did not finish in {timeout_s:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def reservation(request: "Request") -> int:

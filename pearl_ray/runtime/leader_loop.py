@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 
-from ..core.batch import BatchLoop, Event
+from ..core.batch import BatchLoop, Event, adopt_thread_count
 from ..errors import PearlError, TargetUnavailable
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class LeaderLoop:
                 old.close()  # between rounds: nothing of it is in flight (a gloo phase stops its link)
 
     def _run(self) -> None:
+        adopt_thread_count()  # the only long-lived thread of this process that runs forwards (core.batch.on_fresh_thread)
         while True:
             try:
                 self._take(self.inbox.get(timeout=None if self.loop.idle else 0.0))

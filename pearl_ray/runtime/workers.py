@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
+from ..core.batch import adopt_thread_count, on_fresh_thread
 from ..core.loop import start_draft
 from ..core.messages import DraftRequest, DraftStart
 from ..core.sides import DraftSide, TargetSide, time_forward
@@ -69,7 +70,9 @@ def _param_bytes(model) -> int | None:
 class _WorkerBase:
     def __init__(self, model_factory, num_threads: int):
         torch.set_num_threads(max(1, int(num_threads)))
-        self.model, self.tokenizer = model_factory()
+        # Loading and measuring run on short-lived threads, the rounds on one long-lived one (the leader's
+        # loop, the draft's link loop): see ``core.batch.on_fresh_thread`` for why this matters on CPU.
+        self.model, self.tokenizer = on_fresh_thread(model_factory, name="pearl-load")
         # Round work arrives by actor calls and from the link loop's thread: one at a time.
         self.lock = threading.Lock()
 
@@ -86,7 +89,7 @@ class _WorkerBase:
         vocab = max(2, min(self.model.vocab_size, 1000))
         context = [(7 * i) % vocab for i in range(context_len)]
         with self.lock:
-            return time_forward(self.model, context, num_tokens, reps, warmup)
+            return on_fresh_thread(time_forward, self.model, context, num_tokens, reps, warmup)
 
     def ping(self) -> bool:
         return True
@@ -134,7 +137,7 @@ class DraftWorker(_WorkerBase):
         from ..core.policy import measure_forward_costs
 
         with self.lock:
-            return measure_forward_costs(as_batched(self.model), max_rows, (), context)
+            return on_fresh_thread(measure_forward_costs, as_batched(self.model), max_rows, (), context)
 
     def batch_forwards(self, slot: int) -> int:
         return self.batched.forwards(slot) if self.batched is not None else 0
@@ -147,6 +150,7 @@ class DraftWorker(_WorkerBase):
 
         link = GlooLink(host, port, 1, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s,
                         lane=lane)
+        adopt_thread_count()  # this thread runs the draft's forwards from now on
         return serve_rounds(link, draft_frame_handler(self), reply_timeout_s, idle_timeout_s)
 
 
@@ -280,7 +284,7 @@ class TargetLeader(_WorkerBase):
         if draft_handle is None or isinstance(self.model, TPLeaderModel):
             return None
         alone = getattr(self.model, "prefill_threads", None)
-        with self.lock:
+        def measure():
             t = measure_forward_costs(as_batched(self.model), max_num_seqs, policy_widths(max_gamma), context)
             t_alone = None
             if alone:  # rounds without drafting run on the draft's threads too
@@ -288,6 +292,10 @@ class TargetLeader(_WorkerBase):
                 # ``backends`` import above for ``torch.backends`` and fail on it)
                 with torch_threads(alone):
                     t_alone = measure_forward_costs(as_batched(self.model), max_num_seqs, (), context)
+            return t, t_alone
+
+        with self.lock:
+            t, t_alone = on_fresh_thread(measure, name="pearl-measure")
         d = ray.get(draft_handle.measure_batched.remote(max_num_seqs, context), timeout=600)
         self.policy = SpeculationPolicy(CostModel(t, d, parallel=True, target_alone=t_alone), max_gamma=max_gamma)
         if self.batch is not None:
@@ -303,12 +311,15 @@ class TargetLeader(_WorkerBase):
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """The target's logits at every position of ``token_ids`` (a fresh cache; for checks and evals)."""
-        with self.lock:
+        def run():
             self.side.mirror.start([])
             try:
                 return self.model.forward(list(token_ids), len(token_ids))
             finally:
                 self.side.mirror.start([])
+
+        with self.lock:
+            return on_fresh_thread(run)
 
     def stop_group(self) -> bool:
         """Release a tensor-parallel group's followers (no-op for a group of one)."""
@@ -331,6 +342,7 @@ class TargetShard(_WorkerBase):
     def follow(self) -> str:
         from ..modeling.tp import follow, rank_group
 
+        adopt_thread_count()  # this call's thread runs every broadcast forward of this rank
         return follow(self.model, rank_group(self.factory))
 
     def time_forward(self, *args, **kwargs) -> float:
