@@ -90,6 +90,39 @@ def test_slot_cache_matches_the_single_request_runner(tiny_pair, dtype, tol):
     assert batched.compactions >= 1 and batched.slots == [] and batched.cache_bytes() == 0
 
 
+def test_prefill_groups_keep_padding_bounded():
+    from pearl_ray.modeling.batched import prefill_groups
+
+    assert prefill_groups({0: 10}, 1.25) == [[0]]
+    assert prefill_groups({0: 9, 1: 12, 2: 10, 3: 11}, 1.25) == [[1, 3, 2, 0]]  # 4 x 12 <= 1.25 x 42
+    assert prefill_groups({0: 40, 1: 5, 2: 4}, 1.25) == [[0], [1, 2]]  # 40 would pad 5 and 4 to 120
+    assert prefill_groups({0: 3, 1: 3}, 1.0) == [[0, 1]] and prefill_groups({0: 4, 1: 3}, 1.0) == [[0], [1]]
+
+
+def test_new_slots_joining_together_share_one_prompt_pass(tiny_pair):
+    """Slots that join in the same forward are prefilled as one right-padded pass, and what each then
+    computes equals its single-request run (prompt logits and the decoding steps after)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["target"], dtype=torch.float32)
+    rng = random.Random(3)
+    prompts = {s: [rng.randint(3, 95) for _ in range(n)] for s, n in enumerate((9, 12, 10, 11))}
+    batched = BatchedHFCausalLM(model)
+    calls = []
+    hook = batched.base.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        got = batched.forward({s: (p, 2) for s, p in prompts.items()})
+        assert len(calls) == 1 and batched.physical_len == 12
+        steps = [{s: ([rng.randint(3, 95) for _ in range(1 + s % 2)], 1) for s in prompts} for _ in range(3)]
+        later = [batched.forward(f) for f in steps]
+    finally:
+        hook.remove()
+    for s, p in prompts.items():
+        single = HFCausalLM(model)
+        single.reset()
+        assert (single.forward(p, 2) - got[s]).abs().max().item() < 1e-5
+        for f, out in zip(steps, later):
+            assert (single.forward(*f[s]) - out[s]).abs().max().item() < 1e-5
+
+
 def test_slot_cache_reduced_vocabulary(tiny_pair):
     """A reduced-vocabulary draft: outputs scattered into the full row (-inf elsewhere), inputs mapped."""
     model = AutoModelForCausalLM.from_pretrained(tiny_pair["draft"], dtype=torch.float32)

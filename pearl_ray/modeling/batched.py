@@ -15,8 +15,9 @@ Cache design (chosen for needing only standard transformers APIs):
   positions. Left padding puts every slot's last real token at column ``T - 1``, and the LM head runs only
   on the rows each slot asked for (hidden states are gathered first).
 - Rollback (``crop``) only clears mask bits; ``release`` drops the slot's row (no fully masked row is
-  ever fed, which would make attention NaN). A new slot's prompt is prefilled on its own (batch 1) and its
-  keys merged in as a new row. When masked holes pass ``compact_ratio`` of the physical length
+  ever fed, which would make attention NaN). New slots' prompts are prefilled apart from the decoding rows,
+  those that join in the same forward together (right-padded; groups keep the padding within
+  ``prefill_pad_ratio`` of their real tokens), and their keys merged in as new rows. When masked holes pass ``compact_ratio`` of the physical length
   (and ``compact_min`` positions), the rows are gathered back to their live positions.
 
 Memory per slot: ``2 * layers * kv_heads * head_dim * bytes`` per physical position (SmolLM2-135M in
@@ -39,7 +40,8 @@ class BatchedHFCausalLM(ModelRunner):
     """Implements ``core.batch.BatchedLM`` over one transformers causal LM (shared with other runners)."""
 
     def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None,
-                 compact_ratio: float = 0.5, compact_min: int = 64, pad_id: int = 0):
+                 compact_ratio: float = 0.5, compact_min: int = 64, pad_id: int = 0,
+                 prefill_pad_ratio: float = 1.25):
         from transformers import DynamicCache
 
         super().__init__(model, vocab_size, draft_to_target)
@@ -55,6 +57,7 @@ class BatchedHFCausalLM(ModelRunner):
         self._cache_cls, self._config = DynamicCache, cfg
         self.compact_ratio, self.compact_min, self.pad_id = compact_ratio, compact_min, pad_id
         self.prefill_threads: int | None = None
+        self.prefill_pad_ratio = prefill_pad_ratio
         self.to_host = True  # False: logits stay on the device (a tensor-parallel follower discards them)
         self.forwards = 0
         self.compactions = 0
@@ -131,41 +134,60 @@ class BatchedHFCausalLM(ModelRunner):
                 raise ValueError(f"slot {s}: a forward needs >= 1 token and 1..len(ids) logits, got {len(ids)}, {k}")
         if live:
             out.update(self._forward_rows(live))
-        for s, (ids, k) in fresh.items():
-            out[s] = self._prefill(s, ids, k)
+        for group in prefill_groups({s: len(ids) for s, (ids, _) in fresh.items()}, self.prefill_pad_ratio):
+            out.update(self._prefill({s: fresh[s] for s in group}))
         self.forwards += 1
         self._maybe_compact()
         return out
 
-    def _prefill(self, slot: int, ids: list[int], num_logits: int) -> torch.Tensor:
+    def _prefill(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+        """Prompt passes of new slots as one forward: right-padded to the longest (a pad position attends to
+        its row's real tokens, so nothing is fully masked), the pads' entries left as holes."""
+        slots = list(feeds)
+        lens = [len(feeds[s][0]) for s in slots]
+        width = max(lens)
+        ids = torch.full((len(slots), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(slots), width), dtype=torch.bool)
+        for r, s in enumerate(slots):
+            ids[r, : lens[r]] = torch.tensor(feeds[s][0], dtype=torch.long)
+            mask[r, : lens[r]] = True
         cache = self._cache_cls(config=self._config)
-        x = self._map_ids(torch.tensor([ids], dtype=torch.long, device=self.device))
-        threads = self.prefill_threads if len(ids) >= PREFILL_MIN_TOKENS else None
+        x = self._map_ids(ids.to(self.device))
+        extra = {} if len(slots) == 1 else {"attention_mask": mask.to(self.device)}
+        threads = self.prefill_threads if sum(lens) >= PREFILL_MIN_TOKENS else None
         with torch.inference_mode(), _threads(threads):
-            hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True).last_hidden_state
-            logits = self._logits(hidden[0, -num_logits:])
-        self._merge(slot, cache, len(ids))
-        return logits.cpu() if self.to_host else logits
+            hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True, **extra).last_hidden_state
+            logits = self._logits(torch.cat([hidden[r, n - feeds[s][1]: n] for r, (s, n) in enumerate(zip(slots, lens))]))
+        self._merge(slots, cache, lens)
+        logits = logits.cpu() if self.to_host else logits
+        out, at = {}, 0
+        for s in slots:
+            out[s] = logits[at: at + feeds[s][1]]
+            at += feeds[s][1]
+        return out
 
-    def _merge(self, slot: int, cache, n: int) -> None:
+    def _merge(self, slots: list[int], cache, lens: list[int]) -> None:
+        """Append the rows of ``cache`` (one per slot, its first ``lens[i]`` positions live) to the slot cache."""
         length = self.physical_len
+        width = max(length, cache.layers[0].keys.shape[2])
+        rows = torch.zeros((len(slots), width), dtype=torch.bool, device=self.device)
+        for r, n in enumerate(lens):
+            rows[r, :n] = True
         if not self.rows:
             for dst, src in zip(self.cache.layers, cache.layers):
                 dst.lazy_initialization(src.keys, src.values)
                 dst.keys, dst.values = src.keys, src.values
-            self.valid = torch.ones((1, n), dtype=torch.bool, device=self.device)
+            self.valid = rows
         else:
-            width = max(length, n)
             for dst, src in zip(self.cache.layers, cache.layers):
                 dst.keys = torch.cat([_pad_len(dst.keys, width), _pad_len(src.keys, width)])
                 dst.values = torch.cat([_pad_len(dst.values, width), _pad_len(src.values, width)])
-            row = torch.zeros((1, width), dtype=torch.bool, device=self.device)
-            row[0, :n] = True
             old = torch.zeros((len(self.rows), width), dtype=torch.bool, device=self.device)
             old[:, :length] = self.valid
-            self.valid = torch.cat([old, row])
-        self.rows.append(slot)
-        self.phys[slot] = list(range(n))
+            self.valid = torch.cat([old, rows])
+        for s, n in zip(slots, lens):
+            self.rows.append(s)
+            self.phys[s] = list(range(n))
 
     def _forward_rows(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
         width = max(len(ids) for ids, _ in feeds.values())
@@ -242,6 +264,20 @@ class BatchedHFCausalLM(ModelRunner):
     def cache_bytes(self) -> int:
         return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.cache.layers
                    if getattr(layer, "keys", None) is not None and layer.keys.numel())
+
+
+def prefill_groups(lens: dict[int, int], pad_ratio: float) -> list[list[int]]:
+    """Split new slots (slot -> prompt length) into prompt passes run together: longest first, a group
+    grows while its padded size (members x longest) stays within ``pad_ratio`` x its real tokens."""
+    order = sorted(lens, key=lambda s: -lens[s])
+    groups: list[list[int]] = []
+    for s in order:
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * lens[g[0]] <= pad_ratio * (sum(lens[x] for x in g) + lens[s]):
+            g.append(s)
+        else:
+            groups.append([s])
+    return groups
 
 
 def _pad_len(t: torch.Tensor, width: int) -> torch.Tensor:
