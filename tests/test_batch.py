@@ -411,6 +411,21 @@ def test_policy_rescales_and_remeasures_on_drift():
     assert calls and pol.remeasures == len(calls)
 
 
+def test_policy_scales_rounds_without_drafting_by_their_own_costs():
+    """On Ray's CPU pairs a round without drafting runs on the draft's threads too (``target_alone``, here
+    half the cost): such rounds at their measured speed must not make drafting rounds look cheaper."""
+    base = _costs(0.002)
+    costs = CostModel(base.target, base.draft, parallel=True, target_alone=base.target.scaled(0.5))
+    pol = SpeculationPolicy(costs, max_gamma=4)
+    for _ in range(20):
+        pol.observe(rows=8, width=1, target_s=costs.target_alone(8))  # alone rounds, as measured
+    assert abs(pol.scale_target - 1.0) < 1e-9
+    for _ in range(20):
+        pol.observe(rows=8, width=3, target_s=costs.target(24), draft_rows=8, draft_steps=2,
+                    draft_s=2 * costs.draft(8))  # drafting rounds, as measured
+    assert abs(pol.scale_target - 1.0) < 1e-9
+
+
 def test_engine_policy_is_the_default_and_explicit_gamma_is_fixed(tiny_pair):
     eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"])
     assert eng.config.adaptive and eng.measured["policy"]["costs"]["target"]["tokens"]

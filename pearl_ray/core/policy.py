@@ -218,7 +218,10 @@ class SpeculationPolicy:
             return
         seen, off = False, False
         if rows and width and target_s > 0:
-            ratio = min(2.0, max(0.5, target_s / self.costs.target(rows * width)))  # one outlier moves it little
+            # a round with no drafting ran on the draft's threads too, where those costs were measured apart
+            alone = self.costs.target_alone if draft_rows == 0 and self.costs.target_alone is not None else None
+            predicted = (alone or self.costs.target)(rows * width)
+            ratio = min(2.0, max(0.5, target_s / predicted))  # one outlier moves it little
             self.scale_target = 0.8 * self.scale_target + 0.2 * ratio
             seen, off = True, not (1 / self.drift <= self.scale_target <= self.drift)
         if (draft_rows and draft_steps and draft_s > 0 and self.costs.draft is not None
