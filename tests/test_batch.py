@@ -391,11 +391,17 @@ def test_policy_window_follows_the_costs():
     steep = SpeculationPolicy(_costs(0.002, per_token=0.004), max_gamma=8)
     alone, crowd = steep.choose(good), steep.choose(good * 16)
     assert alone > crowd
-    # a draft that is rarely right: plain decoding, with a probe every probe_every rounds
+    # a draft that is rarely right: plain decoding, with a probe every probe_every rounds, the period
+    # doubling after each probe that changes nothing, up to probe_backoff x probe_every
     bad = [SeqView("pearl", accepted=5, verified=100)]
-    probe = SpeculationPolicy(_costs(0.004), max_gamma=8, probe_every=4)
-    picks = [probe.choose(bad) for _ in range(8)]
-    assert picks.count(0) == 6 and picks[3] > 0 and picks[7] > 0
+    probe = SpeculationPolicy(_costs(0.004), max_gamma=8, probe_every=4, probe_backoff=4)
+    picks = [probe.choose(bad) for _ in range(50)]
+    assert [i for i, g in enumerate(picks) if g > 0] == [3, 11, 27, 43]  # periods 4, 8, 16, 16
+    # a window chosen again resets the gap
+    good_again = [SeqView("pearl", accepted=95, verified=100)]
+    assert probe.choose(good_again) > 0
+    picks = [probe.choose(bad) for _ in range(5)]
+    assert [i for i, g in enumerate(picks) if g > 0] == [3]
     # target-only requests only: nothing to choose
     assert cheap.choose([SeqView("ar")] * 4) == 0
 

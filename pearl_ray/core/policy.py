@@ -22,7 +22,9 @@ predicts the batch's committed tokens per second and takes the best:
 A window is taken only when its predicted rate beats plain decoding's by ``margin`` (5%): the model's
 errors then cost speculation, not plain decoding. Plain decoding never learns acceptance, so while the
 policy keeps choosing 0 it still tries its best
-positive window every ``probe_every`` rounds. Measured round times are compared with the prediction:
+positive window every ``probe_every`` rounds; each probe that leaves the choice at 0 doubles that period,
+up to ``probe_backoff`` times ``probe_every`` (a probe costs a wide forward: where the draft is rarely right
+the probes were all PEARL lost to plain decoding at batch 8), and a chosen window resets it. Measured round times are compared with the prediction:
 their ratio rescales the costs online, and when it stays off by more than ``drift`` for ``drift_rounds``
 rounds (a busy machine) the costs are measured again (``remeasure``).
 
@@ -108,7 +110,7 @@ def expected_run(a: float, n: int) -> float:
 class SpeculationPolicy:
     def __init__(self, costs: CostModel, max_gamma: int = 8, prior: float = 0.5, prior_weight: float = 8.0,
                  probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 50,
-                 remeasure: Callable[[], CostModel] | None = None, margin: float = 1.05):
+                 remeasure: Callable[[], CostModel] | None = None, margin: float = 1.05, probe_backoff: int = 4):
         if costs.draft is None:
             max_gamma = 0
         self.margin = margin
@@ -119,6 +121,8 @@ class SpeculationPolicy:
         self.scale_target = self.scale_draft = 1.0
         self._pair_acc, self._pair_ver = 0.0, 0.0
         self._zero_streak = 0
+        self.probe_backoff = max(1, probe_backoff)
+        self._probe_gap = probe_every
         self._probing = False
         self._off_rounds = 0
         self.remeasures = 0
@@ -196,12 +200,16 @@ class SpeculationPolicy:
         self._probing = False
         if best == 0:
             self._zero_streak += 1
-            if self.probe_every and self._zero_streak % self.probe_every == 0:
+            if self.probe_every and self._zero_streak >= self._probe_gap:
                 choice = max((g for g in rates if g > 0), key=lambda g: rates[g])
                 self._probing = True  # its draft steps first catch up on every token since the last window
+                self._zero_streak = 0
+                self._probe_gap = min(2 * self._probe_gap, self.probe_backoff * self.probe_every)
         else:
             self._zero_streak = 0
-        self.last_choice = {"window": choice, "best": best, "rates": {g: round(r, 2) for g, r in rates.items()}}
+            self._probe_gap = self.probe_every
+        self.last_choice = {"window": choice, "best": best, "probe": self._probing,
+                            "rates": {g: round(r, 2) for g, r in rates.items()}}
         return choice
 
     # -- feedback ----------------------------------------------------------------------------------------
