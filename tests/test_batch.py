@@ -432,6 +432,25 @@ def test_policy_scales_rounds_without_drafting_by_their_own_costs():
     assert abs(pol.scale_target - 1.0) < 1e-9
 
 
+def test_policy_keeps_plain_and_drafting_rounds_on_separate_scales():
+    """Plain rounds running faster than measured (0.6x) must not make drafting rounds look cheaper: with one
+    scale for both, 0.6x plain rounds predicted drafting at 0.6x too and the policy drafted where it lost."""
+    base = _costs(0.002)
+    costs = CostModel(base.target, base.draft, parallel=True, target_alone=base.target.scaled(0.9))
+    pol = SpeculationPolicy(costs, max_gamma=4)
+    seqs = [SeqView("pearl", accepted=50, verified=100)] * 2
+    for _ in range(40):
+        pol.observe(rows=2, width=1, target_s=0.6 * costs.target_alone(2))
+    assert abs(pol.scale_alone - 0.6) < 0.01 and abs(pol.scale_target - 1.0) < 1e-9
+    plain = pol.rate(seqs, 0)
+    assert abs(plain / (2 / (0.6 * costs.target_alone(2))) - 1) < 1e-3
+    for _ in range(40):  # drafting rounds 1.5x what was measured
+        pol.observe(rows=2, width=3, target_s=1.5 * costs.target(6), draft_rows=2, draft_steps=2,
+                    draft_s=2 * costs.draft(2))
+    assert abs(pol.scale_target - 1.5) < 0.01 and abs(pol.scale_alone - 0.6) < 0.01
+    assert pol.rate(seqs, 2) < pol.rate(seqs, 0)
+
+
 def test_engine_policy_is_the_default_and_explicit_gamma_is_fixed(tiny_pair):
     eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"])
     assert eng.config.adaptive and eng.measured["policy"]["costs"]["target"]["tokens"]

@@ -26,7 +26,9 @@ positive window every ``probe_every`` rounds; each probe that leaves the choice 
 up to ``probe_backoff`` times ``probe_every`` (a probe costs a wide forward: where the draft is rarely right
 the probes were all PEARL lost to plain decoding at batch 8), and a chosen window resets it. Measured round times are compared with the prediction:
 their ratio rescales the costs online, and when it stays off by more than ``drift`` for ``drift_rounds``
-rounds (a busy machine) the costs are measured again (``remeasure``).
+rounds (a busy machine) the costs are measured again (``remeasure``). Rounds without drafting keep their own
+scale when ``target_alone`` is given (on CPU they borrow the draft's threads, and their speed says little
+about a drafting round's: with one scale for both, fast plain rounds made drafting look cheap).
 
 Pure arithmetic over injected numbers: no models, no Ray (``measure_costs`` takes any ``BatchedLM``).
 """
@@ -118,7 +120,7 @@ class SpeculationPolicy:
         self.prior, self.prior_weight = prior, prior_weight
         self.probe_every, self.drift, self.drift_rounds = probe_every, drift, drift_rounds
         self.remeasure_fn = remeasure
-        self.scale_target = self.scale_draft = 1.0
+        self.scale_target = self.scale_draft = self.scale_alone = 1.0
         self._pair_acc, self._pair_ver = 0.0, 0.0
         self._zero_streak = 0
         self.probe_backoff = max(1, probe_backoff)
@@ -160,7 +162,7 @@ class SpeculationPolicy:
         drafting = sum(1 for w in windows if w > 0)
         d = self.draft_s(drafting, width)
         alone = self.costs.target_alone
-        t_plain = self.scale_target * alone(b) if (alone is not None and width == 0) else self.target_s(b)
+        t_plain = self.scale_alone * alone(b) if (alone is not None and width == 0) else self.target_s(b)
         total = 0.0
         for s, w in zip(seqs, windows):
             if w == 0:
@@ -226,12 +228,16 @@ class SpeculationPolicy:
             return
         seen, off = False, False
         if rows and width and target_s > 0:
-            # a round with no drafting ran on the draft's threads too, where those costs were measured apart
-            alone = self.costs.target_alone if draft_rows == 0 and self.costs.target_alone is not None else None
-            predicted = (alone or self.costs.target)(rows * width)
+            # a round with no drafting ran on the draft's threads too: its own costs, its own scale
+            alone = draft_rows == 0 and self.costs.target_alone is not None
+            predicted = (self.costs.target_alone if alone else self.costs.target)(rows * width)
             ratio = min(2.0, max(0.5, target_s / predicted))  # one outlier moves it little
-            self.scale_target = 0.8 * self.scale_target + 0.2 * ratio
-            seen, off = True, not (1 / self.drift <= self.scale_target <= self.drift)
+            if alone:
+                self.scale_alone = 0.8 * self.scale_alone + 0.2 * ratio
+            else:
+                self.scale_target = 0.8 * self.scale_target + 0.2 * ratio
+            scale = self.scale_alone if alone else self.scale_target
+            seen, off = True, not (1 / self.drift <= scale <= self.drift)
         if (draft_rows and draft_steps and draft_s > 0 and self.costs.draft is not None
                 and not self._probing):  # a probe's steps also catch up on skipped tokens: not a step's cost
             ratio = min(2.0, max(0.5, draft_s / (draft_steps * self.costs.draft(draft_rows))))
@@ -242,13 +248,14 @@ class SpeculationPolicy:
         self._off_rounds = self._off_rounds + 1 if off else 0
         if self._off_rounds >= self.drift_rounds and self.remeasure_fn is not None:
             self.costs = self.remeasure_fn()
-            self.scale_target = self.scale_draft = 1.0
+            self.scale_target = self.scale_draft = self.scale_alone = 1.0
             self._off_rounds = 0
             self.remeasures += 1
 
     def describe(self) -> dict:
         return {"max_gamma": self.max_gamma, "pair_acceptance": round(self.pair_acceptance, 3),
                 "scale_target": round(self.scale_target, 3), "scale_draft": round(self.scale_draft, 3),
+                "scale_alone": round(self.scale_alone, 3),
                 "remeasures": self.remeasures, "costs": self.costs.to_dict()}
 
 
