@@ -131,7 +131,10 @@ def _mean_window(outs) -> float:
     return statistics.mean(windows) if windows else 0.0
 
 
-def run_hf(model, tokenizer, prompts, max_new_tokens, eos_ids, batch) -> dict:
+def run_hf(model, tokenizer, prompts, max_new_tokens, eos_ids, batch, per_batch: bool = False) -> dict:
+    """``generate`` on ``batch`` prompts at a time. Latency: from the start of the run (every prompt arrived
+    at once, as for ``run_engine``), or with ``per_batch`` from the start of the prompt's own batch (as a
+    closed-loop client measures it: it sends when its last request is answered)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -140,6 +143,7 @@ def run_hf(model, tokenizer, prompts, max_new_tokens, eos_ids, batch) -> dict:
     tokens, lat, ids_out = 0, [], []
     t0 = time.perf_counter()
     for start in range(0, len(prompts), batch):
+        began = time.perf_counter() - t0 if per_batch else 0.0
         enc = tokenizer(prompts[start: start + batch], return_tensors="pt", padding=True, add_special_tokens=True)
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(eos_ids),
@@ -149,7 +153,7 @@ def run_hf(model, tokenizer, prompts, max_new_tokens, eos_ids, batch) -> dict:
             k = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
             tokens += k
             ids_out.append(row[:k])
-            lat.append(done)
+            lat.append(done - began)
     wall = time.perf_counter() - t0
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95),
             "acceptance": None, "mean_window": 0.0, "ids": ids_out}
@@ -240,7 +244,8 @@ def hf_reference(args, hf: dict, texts: list[str], batch: int) -> dict:
         hf["turn"] = lambda t: user_turn(hf["tok"], t)
         hf["eos"] = set(eos_token_ids(path, hf["tok"]))  # the engine's stop ids
     torch.set_num_threads(args.num_threads)
-    r = run_hf(hf["model"], hf["tok"], [hf["turn"](t) for t in texts], args.max_new_tokens, hf["eos"], batch)
+    r = run_hf(hf["model"], hf["tok"], [hf["turn"](t) for t in texts], args.max_new_tokens, hf["eos"], batch,
+               per_batch=True)
     r.pop("ids")
     return {**r, "errors": 0}
 

@@ -32,8 +32,11 @@ class Backend(Protocol):
     measured: dict | None
     """Measured forward times and the automatic gamma (Ray with ``gamma=None``), else None."""
 
-    def stream(self, request: Request) -> Generator[list[int], None, tuple[list[int], GenerationStats]]:
-        """Yields each round's newly committed token ids; returns (all output ids, stats)."""
+    def stream(self, request: Request, hold_s: float = 0.0
+               ) -> Generator[list[int], None, tuple[list[int], GenerationStats]]:
+        """Yields each round's newly committed token ids; returns (all output ids, stats). ``hold_s`` > 0:
+        the caller wants the result more than each round's tokens, so a backend whose tokens cross a process
+        boundary may gather them and send at most one list per ``hold_s`` after the first."""
         ...
 
     def shutdown(self) -> None: ...
@@ -106,8 +109,8 @@ class LocalBackend:
         self.loop = BatchLoop(self.target_lm, self.draft_lm, self.policy, config.max_num_seqs, self.decode)
         self.loop.kv_budget = config.kv_budget_tokens
 
-    def stream(self, request: Request):
-        key = self.loop.add(request)
+    def stream(self, request: Request, hold_s: float = 0.0):
+        key = self.loop.add(request)  # in-process: every round's tokens at once, whatever ``hold_s``
         try:
             while True:
                 for ev in self._step():

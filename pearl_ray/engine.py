@@ -331,9 +331,9 @@ class PearlEngine:
         finally:
             self._queue.leave()
 
-    def _run(self, request: Request) -> Iterator[StreamChunk]:
+    def _run(self, request: Request, hold_s: float = 0.0) -> Iterator[StreamChunk]:
         with self._turn():
-            gen = self._backend.stream(request)
+            gen = self._backend.stream(request, hold_s)
             ids: list[int] = []
             deltas = TextDeltas(self.tokenizer, request.params.stop) if self.tokenizer is not None else None
             sent = ""
@@ -354,16 +354,19 @@ class PearlEngine:
             rest = None if final is None else (final[len(sent):] if final.startswith(sent) else "")
             yield StreamChunk([], rest, stats.finish_reason, stats)
 
-    def stream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None
-               ) -> Iterator[StreamChunk]:
+    def stream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None,
+               result_only: bool = False) -> Iterator[StreamChunk]:
         """Stream one prompt: yields ``StreamChunk`` deltas as tokens are committed. The request is checked
-        now; it waits for its turn (or raises ``QueueFullError``) when iteration starts."""
-        return self._run(self.make_request(prompt, params, method, gamma))
+        now; it waits for its turn (or raises ``QueueFullError``) when iteration starts. ``result_only``: the
+        caller wants the result, not each round's tokens (the first chunk still comes at once, then on Ray at
+        most one per ``config.result_interval_s``)."""
+        hold = self.config.result_interval_s if result_only else 0.0
+        return self._run(self.make_request(prompt, params, method, gamma), hold)
 
-    async def astream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None
-                      ) -> AsyncIterator[StreamChunk]:
+    async def astream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None,
+                      result_only: bool = False) -> AsyncIterator[StreamChunk]:
         """``stream`` for asyncio: the request runs on a worker thread; leaving the loop early cancels it."""
-        chunks = self.stream(prompt, params, method=method, gamma=gamma)
+        chunks = self.stream(prompt, params, method=method, gamma=gamma, result_only=result_only)
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -414,9 +417,11 @@ class PearlEngine:
         batch = getattr(self._backend, "generate_batch", None)
         if batch is not None:
             return self._generate_batch(batch, requests, on_tokens)
+        hold = self.config.result_interval_s if on_tokens is None else 0.0  # nobody watches the rounds
+
         def one(i: int, request: Request) -> GenerationOutput:
             ids: list[int] = []
-            for chunk in self._run(request):
+            for chunk in self._run(request, hold):
                 if on_tokens is not None and chunk.token_ids:
                     on_tokens(i, chunk.token_ids)
                 ids.extend(chunk.token_ids)

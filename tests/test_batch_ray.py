@@ -72,7 +72,7 @@ def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pai
     want = [local.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
             for p, _, n in CONCURRENT]
     with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
-                     max_num_seqs=8, transport=transport) as eng:
+                     max_num_seqs=8, transport=transport, result_interval_s=30.0) as eng:
         def one(i):
             p, method, n = CONCURRENT[i]
             chunks = list(eng.stream(p, SamplingParams(max_new_tokens=n, ignore_eos=True), method=method))
@@ -83,6 +83,14 @@ def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pai
         assert [got[i][0] for i in range(len(CONCURRENT))] == want
         batch = max(t.batch_size for _, s in got.values() for t in s.round_timings)
         assert batch >= 2, "the requests were not decoded together"
+        # a caller that wants only the result: the first round's tokens at once, the rest gathered in the
+        # leader (one message, not one per round), the same tokens; a stream gets a chunk per round
+        p, method, n = CONCURRENT[4]
+        per_round = list(eng.stream(p, SamplingParams(max_new_tokens=n, ignore_eos=True), method=method))
+        held = list(eng.stream(p, SamplingParams(max_new_tokens=n, ignore_eos=True), method=method,
+                               result_only=True))
+        assert sum((c.token_ids for c in held), []) == want[4] == sum((c.token_ids for c in per_round), [])
+        assert len(held) == 3 and len(per_round) > 4
         # a seeded sampled request gives the same tokens alone and beside others
         sampled = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=1.0, seed=9)
         alone = eng.generate([[3, 4, 5]], sampled)[0].token_ids

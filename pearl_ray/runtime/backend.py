@@ -222,8 +222,9 @@ class RayBackend:
         except (RayActorError, GetTimeoutError) as exc:
             raise self._coordinator_failed(exc) from None
 
-    def stream(self, request: Request):
-        """Yields ``list[int]`` per round of newly committed tokens; returns (ids, stats).
+    def stream(self, request: Request, hold_s: float = 0.0):
+        """Yields ``list[int]`` per round of newly committed tokens (``hold_s`` > 0: after the first, at most
+        one list per ``hold_s``, gathered in the leader); returns (ids, stats).
 
         The coordinator says where the request runs (``route``); its tokens then come straight from the target
         leader's stream (``TargetLeader.submit``: the request joins the leader's continuous loop), one Ray hop.
@@ -237,7 +238,7 @@ class RayBackend:
         route = self._lifecycle("route", request, timeout_s=2 * c.start_timeout_s + 60)
         target, request = route["target"], route["request"]
         gen = target.submit.options(num_returns="streaming").remote(request, c.round_timeout_s, c.max_num_seqs,
-                                                                     c.kv_budget_tokens)
+                                                                     c.kv_budget_tokens, hold_s)
         ended = False
         try:
             while True:

@@ -32,6 +32,7 @@ class RequestStream:
         self.pending: list[int] = []
         self.final: dict | None = None
         self.error: BaseException | None = None
+        self.sent_at: float | None = None  # when the last tokens went out (None: nothing yet)
 
     @property
     def done(self) -> bool:
@@ -53,9 +54,11 @@ class RequestStream:
                 self.error = error
             self.cv.notify_all()
 
-    def next_item(self, timeout_s: float):
+    def next_item(self, timeout_s: float, hold_s: float = 0.0):
         """The tokens committed since the last call, or the final dict once they are all out; waits at most
-        ``timeout_s`` (then ``TargetUnavailable``)."""
+        ``timeout_s`` (then ``TargetUnavailable``). ``hold_s`` > 0: after the first tokens, tokens go out at
+        most once per ``hold_s`` (they gather meanwhile; the final dict ends the wait at once), so a caller
+        that wants the result rather than each round's tokens costs a few messages, not one per round."""
         deadline = time.monotonic() + timeout_s
         with self.cv:
             while not self.pending and not self.done:
@@ -63,8 +66,13 @@ class RequestStream:
                 if left <= 0:
                     raise TargetUnavailable(f"the target's loop produced nothing for this request in {timeout_s:.0f} s")
                 self.cv.wait(left)
+            if hold_s > 0 and self.sent_at is not None:
+                until = min(deadline, self.sent_at + hold_s)
+                while not self.done and time.monotonic() < until:
+                    self.cv.wait(until - time.monotonic())
             if self.pending:
                 ids, self.pending = self.pending, []
+                self.sent_at = time.monotonic()
                 return ids
             if self.error is not None:
                 raise self.error

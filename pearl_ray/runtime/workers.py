@@ -246,9 +246,11 @@ class TargetLeader(_WorkerBase):
         return True
 
     # -- requests ----------------------------------------------------------------------------------------
-    def submit(self, request, round_timeout_s: float, max_num_seqs: int = 8, kv_budget: int | None = None):
+    def submit(self, request, round_timeout_s: float, max_num_seqs: int = 8, kv_budget: int | None = None,
+               hold_s: float = 0.0):
         """Decode one request in the leader's continuous loop, beside every other request in flight. Yields
-        ``list[int]`` of newly committed tokens as rounds commit them, then a final ``{"token_ids", "stats"}``
+        ``list[int]`` of newly committed tokens as rounds commit them (with ``hold_s`` > 0 at most once per
+        ``hold_s`` after the first: ``RequestStream.next_item``), then a final ``{"token_ids", "stats"}``
         dict. Every wait is bounded; a caller that goes away cancels the request (its slot is freed)."""
         from ..backends import as_batched
         from .leader_loop import LeaderLoop
@@ -263,7 +265,7 @@ class TargetLeader(_WorkerBase):
         stream = self.batch.open(request)
         try:
             while True:
-                item = stream.next_item(round_timeout_s * 4 + 60)
+                item = stream.next_item(round_timeout_s * 4 + 60, hold_s)
                 yield item
                 if isinstance(item, dict):
                     return

@@ -102,7 +102,8 @@ class OpenAIIngress:
             if req.model is not None and req.model != self.model:
                 raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.model}'",
                                "model", "model_not_found")
-            payload = {"kind": kind, "sampling": req.sampling(), "method": req.method, "gamma": req.gamma}
+            payload = {"kind": kind, "sampling": req.sampling(), "method": req.method, "gamma": req.gamma,
+                       "stream": req.stream}
             if kind == "chat":
                 payload["messages"] = req.conversation()
             else:

@@ -106,7 +106,9 @@ class PearlServer:
                                f"{len(ids)} tokens, the draft window {window} and the context "
                                f"{engine.max_context}; at most {room} fit", "max_tokens", "context_length_exceeded")
             params = SamplingParams(**sampling)
-            async for chunk in engine.astream(ids, params, method=method, gamma=gamma):
+            # a non-streamed answer needs the text, not each round's tokens: fewer messages from the leader
+            result_only = not payload.get("stream", True)
+            async for chunk in engine.astream(ids, params, method=method, gamma=gamma, result_only=result_only):
                 if chunk.finish_reason is None:
                     if chunk.text:
                         yield {"text": chunk.text}
