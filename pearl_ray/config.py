@@ -173,9 +173,10 @@ class EngineConfig:
     round_timeout_s: float = 30.0
     result_interval_s: float = 1.0
     """Ray: for a request whose caller wants its result rather than each round's tokens (``generate``
-    without ``on_tokens``, a non-streamed HTTP request), the target leader sends its tokens at most once per
-    this many seconds after the first. Each message costs CPU on the leader's cores (at batch 8 on a 2-core
-    machine one per round per request cost ~10% of the throughput). 0: every round, as for streams."""
+    without ``on_tokens``, a non-streamed HTTP request, ``stream(result_only=True)``), the target leader
+    sends its tokens at most once per this many seconds after the first. Each message costs CPU on the
+    leader's cores (at batch 8 on a 2-core machine one per round per request cost ~5% of the throughput).
+    0: every round, as for streams."""
     start_timeout_s: float = 600.0
     """Loading the models in the workers."""
     placement_timeout_s: float = 60.0

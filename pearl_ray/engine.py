@@ -331,9 +331,10 @@ class PearlEngine:
         finally:
             self._queue.leave()
 
-    def _run(self, request: Request, hold_s: float = 0.0) -> Iterator[StreamChunk]:
+    def _run(self, request: Request, result_only: bool = False) -> Iterator[StreamChunk]:
+        hold = self.config.result_interval_s if result_only else 0.0
         with self._turn():
-            gen = self._backend.stream(request, hold_s)
+            gen = self._backend.stream(request, hold)
             ids: list[int] = []
             deltas = TextDeltas(self.tokenizer, request.params.stop) if self.tokenizer is not None else None
             sent = ""
@@ -360,8 +361,7 @@ class PearlEngine:
         now; it waits for its turn (or raises ``QueueFullError``) when iteration starts. ``result_only``: the
         caller wants the result, not each round's tokens (the first chunk still comes at once, then on Ray at
         most one per ``config.result_interval_s``)."""
-        hold = self.config.result_interval_s if result_only else 0.0
-        return self._run(self.make_request(prompt, params, method, gamma), hold)
+        return self._run(self.make_request(prompt, params, method, gamma), result_only)
 
     async def astream(self, prompt, params=None, *, method: str | None = None, gamma: int | None = None,
                       result_only: bool = False) -> AsyncIterator[StreamChunk]:
@@ -417,11 +417,9 @@ class PearlEngine:
         batch = getattr(self._backend, "generate_batch", None)
         if batch is not None:
             return self._generate_batch(batch, requests, on_tokens)
-        hold = self.config.result_interval_s if on_tokens is None else 0.0  # nobody watches the rounds
-
         def one(i: int, request: Request) -> GenerationOutput:
             ids: list[int] = []
-            for chunk in self._run(request, hold):
+            for chunk in self._run(request, result_only=on_tokens is None):  # nobody watches the rounds
                 if on_tokens is not None and chunk.token_ids:
                     on_tokens(i, chunk.token_ids)
                 ids.extend(chunk.token_ids)
