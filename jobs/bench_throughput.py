@@ -212,11 +212,14 @@ def client_load(base_url: str, model: str, prompts: list[str], clients: int, max
             "p95_s": pct(lat, 0.95), "errors": len(errors)}
 
 
-def wait_http(url: str, timeout_s: float) -> bool:
+def wait_http(url: str, timeout_s: float, proc=None) -> bool:
+    """True once ``url`` answers 200; False past ``timeout_s`` or as soon as ``proc`` (the server) exits."""
     import requests
 
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            return False
         try:
             if requests.get(url, timeout=5).status_code == 200:
                 return True
@@ -274,13 +277,20 @@ def endpoint_mode(args, sizes: list[int]) -> int:
                                  "--host", "127.0.0.1", "--dtype", "float32", "--max-num-seqs", str(max(sizes))]))
     for name, cmd in servers:
         port = _free_port()
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0-1")
-        proc = subprocess.Popen(cmd + ["--port", str(port)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        # vLLM's CPU build binds its OpenMP threads to the cores named here and reserves its KV cache up front:
+        # its default reservation did not fit beside the other servers on a 24 GiB machine (the engine core
+        # died at start-up); 2 GiB holds 16 sequences of this target many times over.
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        log_file = open(out / f"{name}-server.log", "w")  # why a server did not come up
+        proc = subprocess.Popen(cmd + ["--port", str(port)], env=env, cwd=ROOT, stdout=log_file,
+                                stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
-            if not wait_http(base + ("/health" if name == "pearl_ray" else "/v1/models"), 900):
-                print(f"{name}: the server did not come up", file=sys.stderr)
+            if not wait_http(base + ("/health" if name == "pearl_ray" else "/v1/models"), 900, proc):
+                print(f"{name}: the server did not come up (its log: {out / f'{name}-server.log'})", file=sys.stderr)
                 continue
             import requests
 
@@ -308,6 +318,7 @@ def endpoint_mode(args, sizes: list[int]) -> int:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+            log_file.close()
     df = pd.DataFrame(rows)
     if df.empty:
         return 1
