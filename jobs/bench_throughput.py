@@ -282,15 +282,15 @@ def endpoint_mode(args, sizes: list[int]) -> int:
         # died at start-up); 2 GiB holds 16 sequences of this target many times over.
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
                    VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        log_file = open(out / f"{name}-server.log", "w")  # why a server did not come up
+        log_path = Path(args.out) / f"{name}-server.log"  # why a server did not come up
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(log_path, "w")
         proc = subprocess.Popen(cmd + ["--port", str(port)], env=env, cwd=ROOT, stdout=log_file,
                                 stderr=subprocess.STDOUT)
         try:
             base = f"http://127.0.0.1:{port}"
             if not wait_http(base + ("/health" if name == "pearl_ray" else "/v1/models"), 900, proc):
-                print(f"{name}: the server did not come up (its log: {out / f'{name}-server.log'})", file=sys.stderr)
+                print(f"{name}: the server did not come up (its log: {log_path})", file=sys.stderr)
                 continue
             import requests
 
