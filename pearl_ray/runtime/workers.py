@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..core.batch import adopt_thread_count, on_fresh_thread
+from ..core.batch import adopt_thread_count, borrowed_threads, on_fresh_thread
 from ..core.loop import start_draft
 from ..core.messages import DraftRequest, DraftStart
 from ..core.sides import DraftSide, TargetSide, time_forward
@@ -161,8 +161,9 @@ class TargetLeader(_WorkerBase):
 
     def __init__(self, model_factory, num_threads: int = 1, prefill_threads: int = 0):
         super().__init__(model_factory, num_threads)
-        if prefill_threads > torch.get_num_threads() and getattr(self.model, "device", None) == torch.device("cpu"):
-            self.model.prefill_threads = int(prefill_threads)  # HFCausalLM: prompt passes borrow the draft's cores
+        borrowed = borrowed_threads(prefill_threads, torch.get_num_threads())
+        if borrowed and getattr(self.model, "device", None) == torch.device("cpu"):
+            self.model.prefill_threads = borrowed  # HFCausalLM: prompt passes borrow the draft's cores
         self.side = TargetSide(self.model)
         self.link = None  # the newest gloo link to the draft (held by ``phase`` once attached)
         self.draft_handle = None
