@@ -293,8 +293,9 @@ def endpoint_mode(args, sizes: list[int]) -> int:
     rows = []
     hf: dict = {}  # the transformers reference, loaded on first use
     servers = [("pearl_ray", [sys.executable, "-m", "pearl_ray", "serve", "--draft", args.draft, "--target",
-                              args.target, "--dtype", args.dtype, "--host", "127.0.0.1", "--max-num-seqs", str(max(sizes)),
-                              "--max-queued-requests", str(4 * max(sizes)), "--num-threads", "1"])]
+                              args.target, "--dtype", args.dtype, "--host", "127.0.0.1",
+                              "--max-num-seqs", str(max(sizes)), "--max-queued-requests", str(4 * max(sizes)),
+                              "--num-threads", "1"])]
     if args.vllm_python:
         target_dir = resolve_path(args.target)
         servers.append(("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", target_dir,
@@ -358,8 +359,8 @@ def write_endpoint(args, raw, sizes: list[int]) -> int:
     df = summarize_endpoint(raw, min(sizes))
     df.to_csv(out / "endpoint.csv", index=False)
     table = df.to_markdown(index=False, floatfmt=".3g")
-    title = (f"OpenAI endpoint, {Path(args.target).name} + {Path(args.draft).name} in {args.dtype}, held-out chat/code prompts, "
-             f"greedy, <= {args.max_new_tokens} tokens, {os.cpu_count()}-CPU machine")
+    title = (f"OpenAI endpoint, {Path(args.target).name} + {Path(args.draft).name} in {args.dtype}, held-out "
+             f"chat/code prompts, greedy, <= {args.max_new_tokens} tokens, {os.cpu_count()}-CPU machine")
     (out / "endpoint.md").write_text(f"{title}\n\n{table}\n")
     plot_endpoint(df, out / "endpoint.png", title)
     print(table)
@@ -370,18 +371,17 @@ def summarize_endpoint(raw, one_client: int):
     """One row per (server, method, clients): the median over repeats of tok/s and latency, and the
     median over repeats of the ratios taken within one repeat (pearl / ar, ar / hf generate on the same
     prompts in the same pass), which cancel the machine's slow spells better than ratios of medians."""
-    import pandas as pd
-
     keys = ["server", "method", "clients"]
     df = raw.groupby(keys, sort=False).agg(
         repeats=("tok_s", "size"), tokens=("tokens", "median"), tok_s=("tok_s", "median"),
         tok_s_min=("tok_s", "min"), tok_s_max=("tok_s", "max"), p50_s=("p50_s", "median"),
         p95_s=("p95_s", "median"), errors=("errors", "sum")).reset_index()
     by = {(r.server, r.method, r.clients, r.rep): r.tok_s for r in raw.itertuples()}
+    passes = sorted(raw.rep.unique())
 
     def paired(r, ref):
-        ratios = [v / by[(*ref, r.clients, rep)] for (s, m, c, rep), v in by.items()
-                  if (s, m, c) == (r.server, r.method, r.clients) and (*ref, r.clients, rep) in by]
+        mine, theirs = (r.server, r.method, r.clients), (*ref, r.clients)
+        ratios = [by[(*mine, p)] / by[(*theirs, p)] for p in passes if (*mine, p) in by and (*theirs, p) in by]
         return statistics.median(ratios) if ratios else None
 
     df["vs_ar"] = [paired(r, ("pearl_ray", "ar")) if r.server == "pearl_ray" else None for r in df.itertuples()]
@@ -389,7 +389,7 @@ def summarize_endpoint(raw, one_client: int):
     one = {(r.server, r.method): r for r in df.itertuples() if r.clients == one_client}
     df["vs_one_client"] = [r.tok_s / one[(r.server, r.method)].tok_s for r in df.itertuples()]
     df["p50_vs_one_client"] = [r.p50_s / one[(r.server, r.method)].p50_s for r in df.itertuples()]
-    return pd.DataFrame(df)
+    return df
 
 
 def plot_endpoint(df, path: Path, title: str) -> None:
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="both models, the transformers reference and vLLM's server (bf16 is ~1.5x faster per "
-                         "forward on CPUs with AVX512-BF16; its greedy tokens differ from fp32's)"),
+                         "forward on CPUs with AVX512-BF16; its greedy tokens differ from fp32's)")
     ap.add_argument("--families", default="chat,code")
     ap.add_argument("--batch1-extras", default="ar-1thread",
                     help="extra methods at batch 1 only (comma-separated; empty for none)")
@@ -496,8 +496,8 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     methods = args.methods.split(",")
     t_load = time.perf_counter()
-    engine = PearlEngine(draft=args.draft, target=args.target, gamma=args.gamma or None, max_num_seqs=max(sizes), dtype=args.dtype,
-                         num_threads=args.num_threads)
+    engine = PearlEngine(draft=args.draft, target=args.target, gamma=args.gamma or None, max_num_seqs=max(sizes),
+                         dtype=args.dtype, num_threads=args.num_threads)
     print(f"engine ready in {time.perf_counter() - t_load:.1f} s; policy: "
           f"{(engine.measured or {}).get('measure_s', '-')} s of cost measurement", flush=True)
     prompts_all = heldout_prompts(engine.tokenizer, tuple(args.families.split(",")))
@@ -512,8 +512,8 @@ def main(argv=None) -> int:
     ray_engine = None
     if ray_methods:
         t_ray = time.perf_counter()
-        ray_engine = PearlEngine(draft=args.draft, target=args.target, gamma=args.gamma or None, backend="ray", dtype=args.dtype,
-                                 max_num_seqs=max(sizes), max_queued=max(sizes))
+        ray_engine = PearlEngine(draft=args.draft, target=args.target, gamma=args.gamma or None, backend="ray",
+                                 dtype=args.dtype, max_num_seqs=max(sizes), max_queued=max(sizes))
         ray_engine.generate(prompts_all[:1], SamplingParams(max_new_tokens=8))  # warm-up
         print(f"ray engine ready in {time.perf_counter() - t_ray:.1f} s, auto gamma {ray_engine.gamma}", flush=True)
     rows = []
