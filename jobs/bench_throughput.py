@@ -292,10 +292,14 @@ def endpoint_mode(args, sizes: list[int]) -> int:
     texts = [t for pair in zip(data["chat"], data["code"]) for t in pair]
     rows = []
     hf: dict = {}  # the transformers reference, loaded on first use
-    servers = [("pearl_ray", [sys.executable, "-m", "pearl_ray", "serve", "--draft", args.draft, "--target",
-                              args.target, "--dtype", args.dtype, "--host", "127.0.0.1",
-                              "--max-num-seqs", str(max(sizes)), "--max-queued-requests", str(4 * max(sizes)),
-                              "--num-threads", "1"])]
+    def ours(kernels: str) -> list[str]:
+        return [sys.executable, "-m", "pearl_ray", "serve", "--draft", args.draft, "--target", args.target,
+                "--dtype", args.dtype, "--cpu-kernels", kernels, "--host", "127.0.0.1", "--max-num-seqs",
+                str(max(sizes)), "--max-queued-requests", str(4 * max(sizes)), "--num-threads", "1"]
+
+    servers = [("pearl_ray", ours(args.cpu_kernels))]
+    if args.also_eager and args.cpu_kernels != "eager":
+        servers.append(("pearl_ray-eager", ours("eager")))
     if args.vllm_python:
         target_dir = resolve_path(args.target)
         servers.append(("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", target_dir,
@@ -316,17 +320,17 @@ def endpoint_mode(args, sizes: list[int]) -> int:
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             base = f"http://127.0.0.1:{port}"
-            if not wait_http(base + ("/health" if name == "pearl_ray" else "/v1/models"), 900, proc):
+            if not wait_http(base + ("/health" if name.startswith("pearl_ray") else "/v1/models"), 900, proc):
                 print(f"{name}: the server did not come up (its log: {log_path})", file=sys.stderr)
                 continue
             import requests
 
             model = requests.get(base + "/v1/models", timeout=30).json()["data"][0]["id"]
-            methods = ["ar", "pearl"] if name == "pearl_ray" else ["vllm"]
+            methods = {"pearl_ray": ["ar", "pearl"], "pearl_ray-eager": ["ar"]}.get(name, ["vllm"])
             if name == "pearl_ray" and args.hf_row:
                 methods.append("generate")
             client_load(base + "/v1", model, texts[:2], 2, 8,
-                        {"method": "pearl"} if name == "pearl_ray" else None)  # warm-up
+                        {"method": "pearl"} if name.startswith("pearl_ray") else None)  # warm-up
             for rep in range(args.repeats):  # repeats go round every size, so slow spells spread over all cells
                 for i, n in enumerate(sizes):
                     prompts = [texts[i % len(texts)] for i in range(max(n, args.min_prompts))]
@@ -336,7 +340,7 @@ def endpoint_mode(args, sizes: list[int]) -> int:
                             r = hf_reference(args, hf, prompts, n)
                             rows.append({"server": "hf", "method": method, "clients": n, "rep": rep, **r})
                         else:
-                            extra = {"method": method} if name == "pearl_ray" else None
+                            extra = {"method": method} if name.startswith("pearl_ray") else None
                             r = client_load(base + "/v1", model, prompts, n, args.max_new_tokens, extra)
                             rows.append({"server": name, "method": method, "clients": n, "rep": rep, **r})
                         pd.DataFrame(rows).to_csv(Path(args.out) / "endpoint-runs.csv", index=False)  # kept if stopped
@@ -384,7 +388,7 @@ def summarize_endpoint(raw, one_client: int):
         ratios = [by[(*mine, p)] / by[(*theirs, p)] for p in passes if (*mine, p) in by and (*theirs, p) in by]
         return statistics.median(ratios) if ratios else None
 
-    df["vs_ar"] = [paired(r, ("pearl_ray", "ar")) if r.server == "pearl_ray" else None for r in df.itertuples()]
+    df["vs_ar"] = [paired(r, (r.server, "ar")) if r.server.startswith("pearl_ray") else None for r in df.itertuples()]
     df["vs_hf"] = [paired(r, ("hf", "generate")) for r in df.itertuples()]
     one = {(r.server, r.method): r for r in df.itertuples() if r.clients == one_client}
     df["vs_one_client"] = [r.tok_s / one[(r.server, r.method)].tok_s for r in df.itertuples()]
@@ -458,6 +462,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="both models, the transformers reference and vLLM's server (bf16 is ~1.5x faster per "
                          "forward on CPUs with AVX512-BF16; its greedy tokens differ from fp32's)")
+    ap.add_argument("--cpu-kernels", default="onednn", choices=["onednn", "eager"],
+                    help="the engine's CPU linear layers (the transformers reference always runs torch's default)")
+    ap.add_argument("--also-eager", action="store_true",
+                    help="endpoint mode: a second pearl_ray server with --cpu-kernels eager (row server "
+                         "'pearl_ray-eager'), to show what the kernels bring on their own")
     ap.add_argument("--families", default="chat,code")
     ap.add_argument("--batch1-extras", default="ar-1thread",
                     help="extra methods at batch 1 only (comma-separated; empty for none)")
@@ -497,7 +506,7 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     t_load = time.perf_counter()
     engine = PearlEngine(draft=args.draft, target=args.target, gamma=args.gamma or None, max_num_seqs=max(sizes),
-                         dtype=args.dtype, num_threads=args.num_threads)
+                         dtype=args.dtype, num_threads=args.num_threads, cpu_kernels=args.cpu_kernels)
     print(f"engine ready in {time.perf_counter() - t_load:.1f} s; policy: "
           f"{(engine.measured or {}).get('measure_s', '-')} s of cost measurement", flush=True)
     prompts_all = heldout_prompts(engine.tokenizer, tuple(args.families.split(",")))
@@ -513,7 +522,8 @@ def main(argv=None) -> int:
     if ray_methods:
         t_ray = time.perf_counter()
         ray_engine = PearlEngine(draft=args.draft, target=args.target, gamma=args.gamma or None, backend="ray",
-                                 dtype=args.dtype, max_num_seqs=max(sizes), max_queued=max(sizes))
+                                 dtype=args.dtype, max_num_seqs=max(sizes), max_queued=max(sizes),
+                                 cpu_kernels=args.cpu_kernels)
         ray_engine.generate(prompts_all[:1], SamplingParams(max_new_tokens=8))  # warm-up
         print(f"ray engine ready in {time.perf_counter() - t_ray:.1f} s, auto gamma {ray_engine.gamma}", flush=True)
     rows = []

@@ -84,11 +84,11 @@ class LocalBackend:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         if target_model is None:
-            loaded = load_model(pair.target_path, config.device, config.dtype)
+            loaded = load_model(pair.target_path, config.device, config.dtype, cpu_kernels=config.cpu_kernels)
             target_model, tokenizer = loaded.runner, loaded.tokenizer
         if draft_model is None and pair is not None and pair.draft_path is not None:
             draft_model = load_model(pair.draft_path, config.device, config.dtype,
-                                     target_vocab_size=target_model.vocab_size).runner
+                                     target_vocab_size=target_model.vocab_size, cpu_kernels=config.cpu_kernels).runner
         self.draft_model, self.target_model = draft_model, target_model
         self.decode = decoder(tokenizer)
         self.max_context, self.vocab_size = target_model.max_context, target_model.vocab_size

@@ -16,6 +16,7 @@ import torch
 
 from ..core.batch import torch_threads
 from ..errors import InvalidParameterError, ModelNotFoundError, TokenizerMismatchError
+from .kernels import CPU_KERNELS, pack_linears
 from .resolve import eos_token_ids, resolve_path, vocab_map
 
 log = logging.getLogger(__name__)
@@ -174,11 +175,15 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32", target_vocab_size: int | None = None
-               ) -> LoadedModel:
-    """Load an ``AutoModelForCausalLM`` + tokenizer from a local dir, a preset name or a hub id."""
+def load_model(name: str, device: str = "cpu", dtype: str = "float32", target_vocab_size: int | None = None,
+               cpu_kernels: str = "onednn") -> LoadedModel:
+    """Load an ``AutoModelForCausalLM`` + tokenizer from a local dir, a preset name or a hub id, for inference.
+    ``cpu_kernels="onednn"``: on CPU its linear layers run through oneDNN with packed weights
+    (``modeling.kernels``); ``"eager"``: torch's default."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if cpu_kernels not in CPU_KERNELS:
+        raise InvalidParameterError(f"cpu_kernels must be one of {CPU_KERNELS}, got {cpu_kernels!r}")
     path = resolve_path(name)
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     try:
@@ -186,6 +191,9 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", target_vo
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev)
     except OSError as exc:  # hub id not reachable / not found
         raise ModelNotFoundError(f"could not load model {name!r}: {exc}") from exc
+    model.requires_grad_(False)
+    if cpu_kernels == "onednn":
+        pack_linears(model)
     vmap = vocab_map(path)
     draft_to_target = vmap["draft_to_target"] if vmap else None
     if vmap:

@@ -106,13 +106,15 @@ class RayBackend:
                                             load_sharded=c.load_sharded, kernel_inject=c.kernel_inject)
             vocab = pair.vocab_size
         else:
-            target_factory = HFModelFactory(pair.target_path, c.device, c.dtype, with_tokenizer=True)
+            target_factory = HFModelFactory(pair.target_path, c.device, c.dtype, with_tokenizer=True,
+                                            cpu_kernels=c.cpu_kernels)
             vocab = pair.vocab_size
         draft_factory = None
         if draft_model is not None:
             draft_factory = ObjectFactory(draft_model)
         elif pair is not None and pair.draft_path is not None:
-            draft_factory = HFModelFactory(pair.draft_path, c.device, c.dtype, target_vocab_size=vocab)
+            draft_factory = HFModelFactory(pair.draft_path, c.device, c.dtype, target_vocab_size=vocab,
+                                           cpu_kernels=c.cpu_kernels)
         draft_res, target_res = (c.draft_num_cpus, c.draft_num_gpus), (c.target_num_cpus, c.target_num_gpus)
         self.owns_pg = placement_group is None
         self.pgs = []

@@ -37,6 +37,7 @@ class HFModelFactory:
     dtype: str = "float32"
     target_vocab_size: int | None = None
     with_tokenizer: bool = False
+    cpu_kernels: str = "onednn"
 
     def __call__(self):
         from ..modeling.hf import load_model
@@ -44,7 +45,8 @@ class HFModelFactory:
         device = self.device
         if device == "cuda" and ray.get_gpu_ids():
             device = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
-        loaded = load_model(self.path, device, self.dtype, target_vocab_size=self.target_vocab_size)
+        loaded = load_model(self.path, device, self.dtype, target_vocab_size=self.target_vocab_size,
+                            cpu_kernels=self.cpu_kernels)
         return loaded.runner, (loaded.tokenizer if self.with_tokenizer else None)
 
 

@@ -38,6 +38,8 @@ class ServeConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1)
     device: str = "cpu"
     dtype: str = "float32"
+    cpu_kernels: Literal["onednn", "eager"] = "onednn"
+    """On CPU: linear layers through oneDNN with packed weights, or torch's default (``EngineConfig``)."""
     engine_options: dict = Field(default_factory=dict)
     """Further ``PearlEngine`` options (``round_timeout_s``, ``pre_verify``, ``draft_greedy``, ...)."""
     # -- resources: placement_group_bundles = [replica, draft, target] -------------------------------------

@@ -60,7 +60,8 @@ class PearlServer:
                      if pg is not None else {})
         self.engine = PearlEngine(
             c.draft, c.target, method=c.method, gamma=c.gamma, backend="ray", transport=c.transport,
-            num_threads=c.num_threads, device=c.device, dtype=c.dtype, max_queued=c.max_ongoing_requests,
+            num_threads=c.num_threads, device=c.device, dtype=c.dtype, cpu_kernels=c.cpu_kernels,
+            max_queued=c.max_ongoing_requests,
             max_num_seqs=min(c.max_num_seqs, c.max_ongoing_requests), kv_budget_tokens=c.kv_budget_tokens,
             draft_num_cpus=c.draft_num_cpus, target_num_cpus=c.target_num_cpus, draft_num_gpus=c.draft_num_gpus,
             target_num_gpus=c.target_num_gpus, tensor_parallel_size=c.tensor_parallel_size, **placement, **c.engine_options, **(models or {}))
