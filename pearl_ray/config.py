@@ -28,10 +28,11 @@ METHODS: tuple[str, ...] = get_args(Method)
 TRANSPORTS: tuple[str, ...] = get_args(Transport)
 BACKENDS = ("local", "ray")
 TENSOR_LANES = ("auto", "gloo", "nccl")
-CPU_KERNELS = ("onednn", "eager")  # the same as ``modeling.kernels.CPU_KERNELS`` (this module imports no torch)
 """What carries the draft's probability rows on the gloo link: "auto" = NCCL when draft and leader sit on
 different GPUs, else gloo (everything else always goes over gloo)."""
 PLACEMENTS = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
+CPU_KERNELS = ("onednn", "eager")
+"""How CPU linear layers run (``modeling.kernels``)."""
 DEFAULT_GAMMA = 4
 MAX_GAMMA = 16
 POLICY_MAX_GAMMA = 8

@@ -85,6 +85,7 @@ class JobSettings:
     preset: str | None = None
     tensor_parallel_size: int = 1
     max_num_seqs: int = 1
+    cpu_kernels: str = "onednn"
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="target ranks per pair, one actor (GPU) each: a DeepSpeed AutoTP group (default: %(default)s)")
     a("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
     a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    a("--cpu-kernels", default="onednn", choices=("onednn", "eager"),
+      help="CPU linear layers: oneDNN with packed weights, or torch's default GEMM (default: %(default)s)")
     a("--max-attempts", type=int, default=3, help="tries per question when pairs fail (default: %(default)s)")
     a("--ray-address", default=None,
       help="Ray to join: an address, or 'auto' for the cluster `ray start` runs on this machine (default: "
@@ -403,7 +406,7 @@ def engine_options(settings: JobSettings) -> dict:
                 target_num_cpus=settings.target_num_cpus, draft_num_gpus=settings.draft_num_gpus,
                 target_num_gpus=settings.target_num_gpus, num_threads=settings.num_threads, device=settings.device,
                 dtype=settings.dtype, tensor_parallel_size=settings.tensor_parallel_size,
-                max_num_seqs=settings.max_num_seqs)
+                max_num_seqs=settings.max_num_seqs, cpu_kernels=settings.cpu_kernels)
 
 
 def is_pair_failure(exc: BaseException) -> bool:
