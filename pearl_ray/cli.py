@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from .config import METHODS, TRANSPORTS
+from .config import CPU_KERNELS, METHODS, TRANSPORTS
 from .errors import PearlError, PromptError
 from .modeling.presets import preset_names
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-threads", type=int, help="torch threads per model (local) or per worker (ray)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32")
-    g.add_argument("--cpu-kernels", default="onednn", choices=["onednn", "eager"],
+    g.add_argument("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
                    help="CPU linear layers: oneDNN with packed weights (default) or torch's default GEMM")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -72,7 +72,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--num-threads", type=int, help="torch threads per worker")
     s.add_argument("--device")
     s.add_argument("--dtype")
-    s.add_argument("--cpu-kernels", choices=["onednn", "eager"], help="CPU linear layers (default onednn)")
+    s.add_argument("--cpu-kernels", choices=CPU_KERNELS, help="CPU linear layers (default onednn)")
     s.add_argument("--num-replicas", type=int, help="model replicas, one draft/target pair each (default 1)")
     s.add_argument("--max-num-seqs", type=int, help="requests a replica's pair decodes at once (default 8)")
     s.add_argument("--kv-budget-tokens", type=int,
@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             extra["tensor_parallel_size"] = args.tensor_parallel_size
         with PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
                          backend=args.backend, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
-                         cpu_kernels=args.cpu_kernels, pre_verify=not args.no_pre_verify, post_verify=not args.no_post_verify, **extra) as engine:
+                         cpu_kernels=args.cpu_kernels, pre_verify=not args.no_pre_verify,
+                         post_verify=not args.no_post_verify, **extra) as engine:
             prompts = [chat_prompt(engine.tokenizer, p) for p in args.prompt] if args.chat else args.prompt
             outs = engine.generate(prompts, params)
     except PearlError as exc:

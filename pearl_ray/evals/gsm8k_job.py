@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import MAX_GAMMA, METHODS, PLACEMENTS, SEED_LIMIT, TRANSPORTS, context_room
+from ..config import CPU_KERNELS, MAX_GAMMA, METHODS, PLACEMENTS, SEED_LIMIT, TRANSPORTS, context_room
 from .dispatch import PairPool, WorkItem
 from .gsm8k import DATA_DIR, STOP_STRINGS, answer_text, build_prompt, chat_prompt, gold_answer, score
 from ..modeling.presets import EMBEDDED_PRESET, engine_overrides, fill_unset, get_preset, preset_names
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="target ranks per pair, one actor (GPU) each: a DeepSpeed AutoTP group (default: %(default)s)")
     a("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
     a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    a("--cpu-kernels", default="onednn", choices=("onednn", "eager"),
+    a("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
       help="CPU linear layers: oneDNN with packed weights, or torch's default GEMM (default: %(default)s)")
     a("--max-attempts", type=int, default=3, help="tries per question when pairs fail (default: %(default)s)")
     a("--ray-address", default=None,

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import CPU_KERNELS
 from ..core.batch import torch_threads
 from ..errors import InvalidParameterError, ModelNotFoundError, TokenizerMismatchError
-from .kernels import CPU_KERNELS, pack_linears
+from .kernels import pack_linears
 from .resolve import eos_token_ids, resolve_path, vocab_map
 
 log = logging.getLogger(__name__)

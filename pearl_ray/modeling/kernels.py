@@ -22,8 +22,6 @@ import logging
 import torch
 from torch import nn
 
-from ..config import CPU_KERNELS  # noqa: F401 - re-exported: the loader checks its argument against it
-
 log = logging.getLogger(__name__)
 
 PACK_DTYPES = (torch.float32, torch.bfloat16)
@@ -46,7 +44,6 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w, batch_hint), persistent=False)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
-        self.weight_dtype = w.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
