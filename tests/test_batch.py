@@ -221,11 +221,12 @@ class _ScriptedPolicy:
     """Windows from a fixed script (the real policy's interface: choose / observe / finished)."""
 
     def __init__(self, windows):
-        self.windows, self.chosen = list(windows), []
+        self.windows, self.chosen, self.views = list(windows), [], []
 
     def choose(self, views):
         w = self.windows[len(self.chosen) % len(self.windows)]
         self.chosen.append(w)
+        self.views.append(views)
         return w
 
     def observe(self, *args):
@@ -275,6 +276,13 @@ def test_rounds_without_drafting_make_no_draft_call_and_stay_lossless(tiny_pair)
         assert [ids for ids, _ in got] == want, method
         assert sum(st.draft_failures for _, st in got) == 0
         assert 0 < phase.submits <= sum(1 for w in policy.chosen if w > 0) < len(policy.chosen)
+        # what the policy reads of each row: the tokens the draft lacks, and the new tokens left to decode
+        lens = [len(eng.encode(p)) for p in PROMPTS[:4]]
+        first, before, after = policy.views[0], policy.views[2], policy.views[3]  # round 2 drafts (window 3)
+        assert [v.behind for v in first] == lens and all(v.remaining == 20 for v in first)
+        assert [v.behind for v in before] == [n + 2 for n in lens]  # two plain rounds: one token each
+        assert all(v.behind <= 4 for v in after)  # caught up in round 2: at most its committed tokens
+        assert all(b.remaining == 18 and a.remaining <= 18 for a, b in zip(after, before))
 
 
 def test_kv_budget_holds_requests_back_and_refuses_what_never_fits(tiny_pair):
@@ -391,19 +399,66 @@ def test_policy_window_follows_the_costs():
     steep = SpeculationPolicy(_costs(0.002, per_token=0.004), max_gamma=8)
     alone, crowd = steep.choose(good), steep.choose(good * 16)
     assert alone > crowd
-    # a draft that is rarely right: plain decoding, with a probe every probe_every rounds, the period
-    # doubling after each probe that changes nothing, up to probe_backoff x probe_every
-    bad = [SeqView("pearl", accepted=5, verified=100)]
+    # a draft whose worth is still unknown (6 of 10: at its estimate drafting loses, at an optimistic one it
+    # would win): plain decoding, with a probe every probe_every rounds, the period doubling after each probe
+    # that changes nothing, up to probe_backoff x probe_every
+    unsure = [SeqView("pearl", accepted=6, verified=10)]
     probe = SpeculationPolicy(_costs(0.004), max_gamma=8, probe_every=4, probe_backoff=4)
-    picks = [probe.choose(bad) for _ in range(50)]
+    picks = [probe.choose(unsure) for _ in range(50)]
     assert [i for i, g in enumerate(picks) if g > 0] == [3, 11, 27, 43]  # periods 4, 8, 16, 16
+    assert probe.probes == 4 and probe.skipped_probes == 0
     # a window chosen again resets the gap
     good_again = [SeqView("pearl", accepted=95, verified=100)]
     assert probe.choose(good_again) > 0
-    picks = [probe.choose(bad) for _ in range(5)]
+    picks = [probe.choose(unsure) for _ in range(5)]
     assert [i for i, g in enumerate(picks) if g > 0] == [3]
+    # a draft known to be rarely right (5 of 100): no acceptance it plausibly has pays for drafting, so the
+    # probes are skipped (each still backs off), and the policy never leaves plain decoding
+    bad = [SeqView("pearl", accepted=5, verified=100)]
+    skip = SpeculationPolicy(_costs(0.004), max_gamma=8, probe_every=4, probe_backoff=4)
+    assert not any(skip.choose(bad) for _ in range(50))
+    assert skip.probes == 0 and skip.skipped_probes == 4 and skip.last_choice["window"] == 0
     # target-only requests only: nothing to choose
     assert cheap.choose([SeqView("ar")] * 4) == 0
+
+
+def test_policy_drafts_on_evidence_not_on_a_lucky_start():
+    """The window is chosen at the acceptance's lower bound: 7 of 10 accepted (a lucky start) keeps plain
+    decoding where 70 of 100 drafts, and with confidence=0 (the estimate alone) both draft."""
+    lucky, proven = [SeqView("pearl", accepted=7, verified=10)], [SeqView("pearl", accepted=70, verified=100)]
+    cautious = SpeculationPolicy(_costs(0.002), max_gamma=8)
+    assert cautious.choose(lucky) == 0 and cautious.choose(proven) >= 3
+    assert cautious.acceptance(lucky[0], -1.0) < cautious.acceptance(proven[0], -1.0) < cautious.acceptance(proven[0])
+    naive = SpeculationPolicy(_costs(0.002), max_gamma=8, confidence=0.0)
+    assert naive.choose(lucky) >= 3 and naive.choose(proven) >= 3
+
+
+def test_policy_probes_where_drafting_could_pay_and_skips_where_it_cannot():
+    """With the default pair's costs as a Ray pair measured them on a 2-core CPU (2026-12-05), and a new
+    request at the pair's running acceptance of 0.42: alone, an optimistic acceptance would pay for drafting,
+    so it is probed; at batch 8 the padded wide forward costs nearly as much per token as plain rounds and no
+    plausible acceptance pays, so the probes (a wide forward and the draft's catch-up each) are skipped."""
+    costs = CostModel(
+        ForwardCosts((1, 2, 3, 4, 5, 6, 8, 16, 32, 48, 80, 96),
+                     (0.0252, 0.0279, 0.0286, 0.0311, 0.0311, 0.0311, 0.0399, 0.0513, 0.0816, 0.0990, 0.137, 0.294)),
+        ForwardCosts((1, 2, 4, 8, 16), (0.00526, 0.00547, 0.00639, 0.00815, 0.0131)), parallel=True,
+        target_alone=ForwardCosts((1, 2, 4, 8, 16), (0.0188, 0.0201, 0.0225, 0.0310, 0.0633)))
+    def probes(seqs, rounds=30):
+        pol = SpeculationPolicy(costs, max_gamma=5, probe_every=4, probe_backoff=4)
+        pol.finished(420, 1000)
+        assert abs(pol.pair_acceptance - 0.42) < 0.02
+        picks = [pol.choose(seqs) for _ in range(rounds)]
+        assert [g > 0 for g in picks].count(True) == pol.probes
+        assert pol.probes + pol.skipped_probes == 3
+        return pol.probes
+
+    assert probes([SeqView("pearl")]) == 3 and probes([SeqView("pearl")] * 8) == 0
+    # what the requests have left must repay the probe: a new request (64 tokens to go, its 60-token prompt to
+    # catch up on) is probed; one 4 tokens from its end is not, nor a draining batch of 3 with 30 tokens left
+    # each and 130 tokens each for the draft to catch up on
+    assert probes([SeqView("pearl", behind=60, remaining=64)]) == 3
+    assert probes([SeqView("pearl", behind=120, remaining=4)]) == 0
+    assert probes([SeqView("pearl", behind=130, remaining=30)] * 3) == 0
 
 
 def test_policy_rescales_and_remeasures_on_drift():

@@ -342,6 +342,7 @@ class _Seq:
     target: SeqMirror
     drafts: bool = False  # the draft side holds this request's slot
     draft_stale: bool = False  # the draft's mirror missed a round's update (it sat the round out)
+    draft_seen: int = 0  # committed tokens when the draft last drafted for this request (its cache has them)
     t_start: float = field(default_factory=time.perf_counter)
     emitted: int = 0
     target_forwards: int = 0
@@ -368,8 +369,11 @@ class _Seq:
         return o
 
     def view(self) -> SeqView:
+        st = self.state
         return SeqView(self.request.method if self.draft_ok else "ar", self.stats.accepted_tokens,
-                       self.stats.verified_tokens, self.opts.adaptive, self.opts.gamma)
+                       self.stats.verified_tokens, self.opts.adaptive, self.opts.gamma,
+                       behind=max(0, len(st.committed) - self.draft_seen),
+                       remaining=max(0, self.request.params.max_new_tokens - (len(st.committed) - st.prompt_len)))
 
 
 class BatchLoop:
@@ -538,6 +542,7 @@ class BatchLoop:
             return (lambda: (chunks, 0, 0))
         reqs = {}
         for s in drafting:
+            s.draft_seen = len(s.state.committed)
             req = plans[s].draft
             if s.draft_stale:
                 st = s.state

@@ -19,12 +19,19 @@ predicts the batch's committed tokens per second and takes the best:
 - a request's acceptance is its own accepted / verified counts, shrunk towards the pair's running mean
   (``prior_weight`` pseudo-candidates), so a new request starts from what the pair has shown so far.
 
-A window is taken only when its predicted rate beats plain decoding's by ``margin`` (5%): the model's
-errors then cost speculation, not plain decoding. Plain decoding never learns acceptance, so while the
-policy keeps choosing 0 it still tries its best
-positive window every ``probe_every`` rounds; each probe that leaves the choice at 0 doubles that period,
-up to ``probe_backoff`` times ``probe_every`` (a probe costs a wide forward: where the draft is rarely right
-the probes were all PEARL lost to plain decoding at batch 8), and a chosen window resets it. Measured round times are compared with the prediction:
+A window is taken only when its predicted rate beats plain decoding's by ``margin`` (5%), and with the
+acceptance taken ``confidence`` standard errors below its estimate (a request's estimate rests on its own
+verified candidates plus the prior's ``prior_weight``): the model's errors then cost speculation, not plain
+decoding. Without the lower bound a request that started with a lucky run drafted on a guess; on
+hand-written prompts (acceptance about 0.4 on the default pair) those rounds were most of what PEARL lost
+to target-only decoding at batch 1. Plain decoding never learns acceptance, so while the policy keeps
+choosing 0 it still tries its best positive window every ``probe_every`` rounds, if that window could win
+at an optimistic acceptance (``probe_optimism`` standard errors above the estimate): a probe costs a wide
+forward and the draft's catch-up over every skipped token, so where no plausible acceptance pays for
+drafting (a big batch, whose padded forwards cost nearly as much per token as plain ones), or where what
+the batch's requests have left to decode could not repay the probe (``_probe_pays``), it is skipped.
+Each probe, run or skipped, that leaves the choice at 0 doubles that period, up to ``probe_backoff`` times
+``probe_every``, and a chosen window resets it. Measured round times are compared with the prediction:
 their ratio rescales the costs online, and when it stays off by more than ``drift`` for ``drift_rounds``
 rounds (a busy machine) the costs are measured again (``remeasure``). Rounds without drafting keep their own
 scale when ``target_alone`` is given (on CPU they borrow the draft's threads, and their speed says little
@@ -97,6 +104,8 @@ class SeqView:
     verified: int = 0
     adaptive: bool = True  # False: the request keeps its own fixed window (it still counts in the costs)
     fixed_gamma: int = 0
+    behind: int = 0  # tokens the draft lacks before its first step (it last drafted this many tokens ago)
+    remaining: int | None = None  # new tokens the request may still produce (None: unknown, unbounded)
 
 
 def expected_run(a: float, n: int) -> float:
@@ -112,10 +121,12 @@ def expected_run(a: float, n: int) -> float:
 class SpeculationPolicy:
     def __init__(self, costs: CostModel, max_gamma: int = 8, prior: float = 0.5, prior_weight: float = 8.0,
                  probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 50,
-                 remeasure: Callable[[], CostModel] | None = None, margin: float = 1.05, probe_backoff: int = 4):
+                 remeasure: Callable[[], CostModel] | None = None, margin: float = 1.05, probe_backoff: int = 4,
+                 confidence: float = 1.0, probe_optimism: float = 2.0):
         if costs.draft is None:
             max_gamma = 0
         self.margin = margin
+        self.confidence, self.probe_optimism = confidence, probe_optimism
         self.costs, self.max_gamma = costs, max_gamma
         self.prior, self.prior_weight = prior, prior_weight
         self.probe_every, self.drift, self.drift_rounds = probe_every, drift, drift_rounds
@@ -128,6 +139,7 @@ class SpeculationPolicy:
         self._probing = False
         self._off_rounds = 0
         self.remeasures = 0
+        self.probes = self.skipped_probes = 0
         self.last_choice: dict = {}
 
     # -- estimates ---------------------------------------------------------------------------------------
@@ -137,8 +149,12 @@ class SpeculationPolicy:
             return self.prior
         return (self._pair_acc + self.prior_weight * self.prior) / (self._pair_ver + self.prior_weight)
 
-    def acceptance(self, seq: SeqView) -> float:
-        a = (seq.accepted + self.prior_weight * self.pair_acceptance) / (seq.verified + self.prior_weight)
+    def acceptance(self, seq: SeqView, z: float = 0.0) -> float:
+        """The request's acceptance estimate, moved ``z`` standard errors up (z > 0) or down (z < 0)."""
+        n = seq.verified + self.prior_weight
+        a = (seq.accepted + self.prior_weight * self.pair_acceptance) / n
+        if z:
+            a += z * math.sqrt(a * (1.0 - a) / (n + 1.0))
         return min(max(a, 0.01), 0.98)
 
     def target_s(self, tokens: float) -> float:
@@ -152,8 +168,9 @@ class SpeculationPolicy:
     def _join(self, d: float, t: float) -> float:
         return max(d, t) if self.costs.parallel else d + t
 
-    def rate(self, seqs: Sequence[SeqView], g: int) -> float:
-        """Predicted committed tokens per second of the batch if every adaptive request drafts ``g``."""
+    def rate(self, seqs: Sequence[SeqView], g: int, z: float = 0.0) -> float:
+        """Predicted committed tokens per second of the batch if every adaptive request drafts ``g``, with each
+        acceptance moved ``z`` standard errors (``acceptance``)."""
         if not seqs:
             return 0.0
         b = len(seqs)
@@ -168,7 +185,7 @@ class SpeculationPolicy:
             if w == 0:
                 total += 1.0 / (t_plain if width == 0 else self._join(d, self.target_s(b * (width + 1))))
                 continue
-            a = self.acceptance(s)
+            a = self.acceptance(s, z)
             if s.method == "sd":
                 total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1)))
             elif w == 1:  # PEARL with a one-token window never has a window pending: one token per round
@@ -194,25 +211,50 @@ class SpeculationPolicy:
         """The window for the next round (0: plain decoding)."""
         if not any(s.method != "ar" and s.adaptive for s in seqs) or self.max_gamma == 0:
             return 0
-        rates = {g: self.rate(seqs, g) for g in range(self.max_gamma + 1)}
+        rates = {g: self.rate(seqs, g, -self.confidence) for g in range(self.max_gamma + 1)}
         best = max(rates, key=lambda g: (rates[g], -g))
         if best > 0 and rates[best] < self.margin * rates[0]:
             best = 0  # drafting must win clearly: the model's errors should cost speculation, not plain decoding
         choice = best
         self._probing = False
+        hopeful = None
         if best == 0:
             self._zero_streak += 1
             if self.probe_every and self._zero_streak >= self._probe_gap:
-                choice = max((g for g in rates if g > 0), key=lambda g: rates[g])
-                self._probing = True  # its draft steps first catch up on every token since the last window
+                hopes = {g: self.rate(seqs, g, self.probe_optimism) for g in range(1, self.max_gamma + 1)}
+                hopeful = max(hopes, key=lambda g: (hopes[g], -g))
+                if hopes[hopeful] >= self.margin * rates[0] and self._probe_pays(seqs, hopeful, hopes[hopeful],
+                                                                                 rates[0]):
+                    choice = hopeful
+                    self._probing = True  # its draft steps first catch up on every token since the last window
+                    self.probes += 1
+                else:  # not even an optimistic acceptance pays for drafting here: save the probe's cost
+                    self.skipped_probes += 1
                 self._zero_streak = 0
                 self._probe_gap = min(2 * self._probe_gap, self.probe_backoff * self.probe_every)
         else:
             self._zero_streak = 0
             self._probe_gap = self.probe_every
         self.last_choice = {"window": choice, "best": best, "probe": self._probing,
+                            "probe_skipped": hopeful is not None and not self._probing,
                             "rates": {g: round(r, 2) for g, r in rates.items()}}
         return choice
+
+    def _probe_pays(self, seqs: Sequence[SeqView], g: int, hope: float, plain: float) -> bool:
+        """Whether a probe of window ``g`` could repay its cost before the batch's requests end: if drafting
+        ran at the optimistic rate ``hope``, the rest of their tokens (``remaining``) would take
+        ``1 - plain / hope`` less time than plain decoding; the probe costs the draft's catch-up over every
+        token it skipped (``behind``, as one forward) plus the wide round's excess over a plain one. A batch
+        near its end, or with long stretches to catch up on, skips the probe."""
+        if any(s.remaining is None for s in seqs if s.method != "ar") or plain <= 0 or hope <= plain:
+            return True
+        left = sum(s.remaining for s in seqs if s.method != "ar")
+        saved = (1.0 - plain / hope) * left / plain
+        behind = sum(s.behind for s in seqs if s.method != "ar")
+        catch_up = self.scale_draft * self.costs.draft(behind) if behind and self.costs.draft else 0.0
+        rows = len(seqs)
+        wide = self.target_s(rows * (g + 1)) - rows / plain
+        return saved > catch_up + max(0.0, wide)
 
     # -- feedback ----------------------------------------------------------------------------------------
     def finished(self, accepted: int, verified: int) -> None:
@@ -254,6 +296,8 @@ class SpeculationPolicy:
 
     def describe(self) -> dict:
         return {"max_gamma": self.max_gamma, "pair_acceptance": round(self.pair_acceptance, 3),
+                "confidence": self.confidence, "probe_optimism": self.probe_optimism,
+                "probes": self.probes, "skipped_probes": self.skipped_probes,
                 "scale_target": round(self.scale_target, 3), "scale_draft": round(self.scale_draft, 3),
                 "scale_alone": round(self.scale_alone, 3),
                 "remeasures": self.remeasures, "costs": self.costs.to_dict()}
