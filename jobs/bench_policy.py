@@ -8,6 +8,7 @@ This is the instrument behind the policy's probe rules: the probes' cost (a wide
 catch-up over every skipped token) shows as few, slow drafting rounds.
 
     python jobs/bench_policy.py --batch-sizes 1,4,8 --prompts 16 --max-new-tokens 64
+    python jobs/bench_policy.py --batch-sizes 1 --fixed-gammas 2,4   # the windows the policy declines
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def run_cell(engine, prompts, method: str, batch: int, max_new_tokens: int, timeout_s: float) -> dict:
+def run_cell(engine, prompts, method: str, batch: int, max_new_tokens: int, timeout_s: float,
+             gamma: int | None = None) -> dict:
     from pearl_ray import SamplingParams
 
     todo: queue.Queue = queue.Queue()
@@ -42,7 +44,8 @@ def run_cell(engine, prompts, method: str, batch: int, max_new_tokens: int, time
             except queue.Empty:
                 return
             try:
-                out = engine.generate([p], SamplingParams(max_new_tokens=max_new_tokens), method=method)[0]
+                out = engine.generate([p], SamplingParams(max_new_tokens=max_new_tokens), method=method,
+                                      gamma=gamma)[0]
             except Exception as exc:  # noqa: BLE001 - reported, not hidden
                 with lock:
                     errors.append(repr(exc))
@@ -80,6 +83,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,4,8")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--fixed-gammas", default="",
+                    help="also PEARL with these fixed windows (policy off), e.g. 2,4: what the policy declines")
     ap.add_argument("--cell-timeout-s", type=float, default=900.0)
     args = ap.parse_args()
 
@@ -97,18 +102,41 @@ def main() -> None:
         print("| batch | method | pass | tok/s | request-rounds | drafting | plain ms | drafting ms | acceptance |")
         print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
         summary = []
+        fixed = [f"pearl@{g}" for g in args.fixed_gammas.split(",") if g.strip()]
+        order = ["ar", "pearl", *fixed, *reversed(fixed), "pearl", "ar"]  # ABBA: drift hits all alike
         for batch in sizes:
-            got: dict[str, list[float]] = {"ar": [], "pearl": []}
-            for i, method in enumerate(("ar", "pearl", "pearl", "ar")):
-                r = run_cell(engine, prompts, method, batch, args.max_new_tokens, args.cell_timeout_s)
-                got[method].append(r["tok_s"])
-                print(f"| {batch} | {method} | {i // 2 + 1} | "
+            got: dict[str, list[float]] = {}
+            for label in order:
+                method, _, g = label.partition("@")
+                r = run_cell(engine, prompts, method, batch, args.max_new_tokens, args.cell_timeout_s,
+                             int(g) if g else None)
+                got.setdefault(label, []).append(r["tok_s"])
+                print(f"| {batch} | {label} | {len(got[label])} | "
                       f"{r['tok_s']:.1f} | {r['request_rounds']} | {r['drafting']} | {r['plain_ms']} | "
                       f"{r['drafting_ms']} | {r['acceptance']} |", flush=True)
-            summary.append((batch, sum(got["pearl"]) / sum(got["ar"])))
+            summary += [(batch, label, sum(v) / sum(got["ar"])) for label, v in got.items() if label != "ar"]
         print()
-        for batch, ratio in summary:
-            print(f"batch {batch}: PEARL / target-only {ratio:.3f}")
+        for batch, label, ratio in summary:
+            print(f"batch {batch}: {label} / target-only {ratio:.3f}")
+        print_breakeven(engine.measured, sizes)
+
+
+def print_breakeven(measured: dict | None, sizes: list[int]) -> None:
+    """What draft this machine would need: by the policy's own model over the pair's measured costs, the
+    acceptance per candidate at which PEARL breaks even with target-only decoding, and at which it is 1.2x."""
+    from pearl_ray.core.policy import CostModel, breakeven_acceptance
+
+    policy = (measured or {}).get("policy")
+    if not policy:
+        return
+    costs = CostModel.from_dict(policy["costs"])
+    print("\nacceptance per candidate PEARL needs on these measured costs (window), by the policy's model:")
+    for batch in sizes:
+        cells = []
+        for speedup in (1.0, 1.2):
+            got = breakeven_acceptance(costs, batch, speedup, max_gamma=policy["max_gamma"])
+            cells.append(f"{speedup:.1f}x: " + (f"{got[0]:.2f} (window {got[1]})" if got else "none below 0.98"))
+        print(f"batch {batch}: " + ", ".join(cells))
 
 
 if __name__ == "__main__":

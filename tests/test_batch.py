@@ -23,7 +23,7 @@ from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.backends import as_batched
 from pearl_ray.config import EngineConfig, Request
 from pearl_ray.core.batch import BatchLoop, PerSlotLM, run_batch
-from pearl_ray.core.policy import CostModel, ForwardCosts, SeqView, SpeculationPolicy
+from pearl_ray.core.policy import CostModel, ForwardCosts, SeqView, SpeculationPolicy, breakeven_acceptance
 from pearl_ray.modeling.batched import BatchedHFCausalLM
 from pearl_ray.modeling.hf import HFCausalLM
 from pearl_ray.testing import TabularLM
@@ -459,6 +459,35 @@ def test_policy_probes_where_drafting_could_pay_and_skips_where_it_cannot():
     assert probes([SeqView("pearl", behind=60, remaining=64)]) == 3
     assert probes([SeqView("pearl", behind=120, remaining=4)]) == 0
     assert probes([SeqView("pearl", behind=130, remaining=30)] * 3) == 0
+
+
+def test_breakeven_acceptance_is_where_drafting_starts_to_pay():
+    """The acceptance ``breakeven_acceptance`` returns is the edge of the policy's own model: just above it the
+    best window's predicted rate reaches the asked speedup over plain decoding, just below it none does. The
+    harder goal needs more, a parallel pair (PEARL on Ray) needs less than one run side after side, and a draft
+    as costly as the target never pays."""
+    def best(costs, a, b, method="pearl"):
+        pol = SpeculationPolicy(costs, max_gamma=8, confidence=0.0)
+        seqs = [SeqView(method, accepted=round(a * 10 ** 9), verified=10 ** 9)] * b
+        return max(pol.rate(seqs, g) for g in range(1, 9)) / pol.rate(seqs, 0)
+
+    base = _costs(0.004)
+    ray_pair = CostModel(base.target, base.draft, True, target_alone=base.target.scaled(0.75))
+    for costs, b, method in [(base, 1, "sd"), (ray_pair, 1, "pearl"), (ray_pair, 4, "pearl")]:
+        even, _ = breakeven_acceptance(costs, b, 1.0, method)
+        more, window = breakeven_acceptance(costs, b, 1.2, method)
+        assert 0.05 < even < more < 0.98 and 1 <= window <= 8
+        assert best(costs, even + 0.002, b, method) > 1.0 > best(costs, even - 0.002, b, method)
+        assert best(costs, more + 0.002, b, method) > 1.2 > best(costs, more - 0.002, b, method)
+    serial = CostModel(base.target, base.draft, False, target_alone=base.target.scaled(0.75))
+    assert breakeven_acceptance(ray_pair, 1, 1.2)[0] < breakeven_acceptance(serial, 1, 1.2)[0]
+    assert breakeven_acceptance(_costs(0.2), 1, 1.0, "sd") is None
+    # a policy's describe() carries its costs (rounded to the microsecond); they come back whole
+    back = CostModel.from_dict(SpeculationPolicy(ray_pair).describe()["costs"])
+    assert back.parallel and back.target.tokens == ray_pair.target.tokens
+    for got, want in [(back.target, ray_pair.target), (back.draft, ray_pair.draft),
+                      (back.target_alone, ray_pair.target_alone)]:
+        assert got.seconds == pytest.approx(want.seconds, abs=1e-6)
 
 
 def test_policy_rescales_and_remeasures_on_drift():

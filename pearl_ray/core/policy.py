@@ -94,6 +94,13 @@ class CostModel:
                 "parallel": self.parallel,
                 "target_alone": self.target_alone.to_dict() if self.target_alone else None}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostModel":
+        """The inverse of ``to_dict`` (e.g. the ``costs`` of a policy's ``describe()``)."""
+        def fc(x):
+            return ForwardCosts(tuple(x["tokens"]), tuple(x["seconds"])) if x else None
+        return cls(fc(d["target"]), fc(d.get("draft")), bool(d.get("parallel")), fc(d.get("target_alone")))
+
 
 @dataclass(frozen=True)
 class SeqView:
@@ -301,6 +308,32 @@ class SpeculationPolicy:
                 "scale_target": round(self.scale_target, 3), "scale_draft": round(self.scale_draft, 3),
                 "scale_alone": round(self.scale_alone, 3),
                 "remeasures": self.remeasures, "costs": self.costs.to_dict()}
+
+
+def breakeven_acceptance(costs: CostModel, batch: int, speedup: float = 1.0, method: str = "pearl",
+                         max_gamma: int = 8) -> tuple[float, int] | None:
+    """The lowest acceptance per candidate at which drafting, by the policy's own model (``rate``: independent
+    acceptances, these costs), commits more than ``speedup`` times plain decoding's tokens per second for
+    ``batch`` requests of ``method`` that all draft, with the window that gets there; None where no acceptance
+    up to 0.98 does. The question behind a speed goal: what draft would this machine need?"""
+    pol = SpeculationPolicy(costs, max_gamma=max_gamma, confidence=0.0)
+    big = 10 ** 9  # counts so large that neither the prior nor the lower bound moves the acceptance
+
+    def best(a: float) -> tuple[float, int]:
+        seqs = [SeqView(method, accepted=round(a * big), verified=big)] * batch
+        plain = pol.rate(seqs, 0)
+        return max((pol.rate(seqs, g) / plain, -g) for g in range(1, pol.max_gamma + 1))
+
+    lo, hi = 0.01, 0.98
+    if pol.max_gamma == 0 or best(hi)[0] <= speedup:
+        return None
+    if best(lo)[0] <= speedup:
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if best(mid)[0] > speedup else (mid, hi)
+    else:
+        hi = lo
+    return hi, -best(hi)[1]
 
 
 def policy_widths(max_gamma: int) -> list[int]:
