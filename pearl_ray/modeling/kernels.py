@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 PACK_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def bf16_packing_supported() -> bool:
+    """Whether oneDNN can pack bf16 weights on this CPU: it needs AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and
+    refuses with a RuntimeError elsewhere (an AVX2-only CPU, e.g. AMD Zen 3 or most laptops before 2022)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes ``pack_linears`` packs on this CPU."""
+    return PACK_DTYPES if bf16_packing_supported() else tuple(d for d in PACK_DTYPES if d != torch.bfloat16)
+
+
 def packing_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
@@ -55,16 +70,24 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module, batch_hint: int = 8) -> int:
     """Replace every plain ``nn.Linear`` of a CPU model in fp32/bf16 by a ``PackedLinear`` (inference only: no
     gradients flow through it); returns how many.
-    Nothing changes (0) on other devices or dtypes, or where this torch build lacks the oneDNN ops. A tied
+    Nothing changes (0) on other devices or dtypes, or where this torch build lacks the oneDNN ops; bf16
+    linears stay as they are on a CPU that oneDNN cannot pack bf16 for (``bf16_packing_supported``). A tied
     LM head gets its own packed copy (the embedding table stays as it is, for lookups)."""
     if not packing_available():
         log.info("oneDNN packed linears are not available in this torch build: keeping torch's default")
         return 0
-    swaps = []
+    dtypes = packable_dtypes()
+    swaps, kept_bf16 = [], 0
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in PACK_DTYPES:
-                swaps.append((parent, name, child))
+            if type(child) is nn.Linear and child.weight.device.type == "cpu":
+                if child.weight.dtype in dtypes:
+                    swaps.append((parent, name, child))
+                elif child.weight.dtype == torch.bfloat16:
+                    kept_bf16 += 1
+    if kept_bf16:
+        log.info("oneDNN cannot pack bf16 weights on this CPU (it needs AVX-512 or AVX-NE-CONVERT): %d bf16 "
+                 "linears keep torch's default kernels", kept_bf16)
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child, batch_hint))
     return len(swaps)
