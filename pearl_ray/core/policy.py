@@ -327,12 +327,11 @@ def breakeven_acceptance(costs: CostModel, batch: int, speedup: float = 1.0, met
     lo, hi = 0.01, 0.98
     if pol.max_gamma == 0 or best(hi)[0] <= speedup:
         return None
-    if best(lo)[0] <= speedup:
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if best(mid)[0] > speedup else (mid, hi)
-    else:
-        hi = lo
+    if best(lo)[0] > speedup:  # drafting pays whatever the draft gets right
+        return lo, -best(lo)[1]
+    for _ in range(30):  # best() grows with the acceptance: bisect for the edge
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if best(mid)[0] > speedup else (mid, hi)
     return hi, -best(hi)[1]
 
 

@@ -37,11 +37,6 @@ def bf16_packing_supported() -> bool:
         return False
 
 
-def packable_dtypes() -> tuple[torch.dtype, ...]:
-    """The weight dtypes ``pack_linears`` packs on this CPU."""
-    return PACK_DTYPES if bf16_packing_supported() else tuple(d for d in PACK_DTYPES if d != torch.bfloat16)
-
-
 def packing_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
@@ -76,7 +71,7 @@ def pack_linears(model: nn.Module, batch_hint: int = 8) -> int:
     if not packing_available():
         log.info("oneDNN packed linears are not available in this torch build: keeping torch's default")
         return 0
-    dtypes = packable_dtypes()
+    dtypes = PACK_DTYPES if bf16_packing_supported() else (torch.float32,)
     swaps, kept_bf16 = [], 0
     for parent in model.modules():
         for name, child in parent.named_children():
