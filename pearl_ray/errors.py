@@ -33,6 +33,11 @@ class TargetUnavailable(PearlError, RuntimeError):
     """The target worker died or timed out; the request cannot finish (the target is restarted)."""
 
 
+class RequestFailed(PearlError, RuntimeError):
+    """One request failed inside the decoding loop (bad numbers in its rows, its stop rule raised); it alone
+    ended, and the requests decoded beside it went on. The workers stay up."""
+
+
 class CoordinatorUnavailable(PearlError, RuntimeError):
     """The Ray coordinator died or stopped answering; the request failed and the next one rebuilds it."""
 

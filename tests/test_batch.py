@@ -198,6 +198,52 @@ def test_mixed_methods_sampled_rows_and_a_cancelled_row(tiny_pair):
     assert backend.target_lm.slots == [] and backend.draft_lm.slots == []
 
 
+def test_a_request_failing_in_its_own_rows_ends_alone(tiny_pair):
+    """Non-finite target rows for one sampled request, and a stop rule that raises for another: each ends with
+    ``RequestFailed``; the three beside them give exactly their solo tokens, and every slot is freed."""
+    from pearl_ray.errors import RequestFailed
+
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, max_num_seqs=5)
+    greedy = SamplingParams(max_new_tokens=18, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=18, ignore_eos=True, temperature=0.9, seed=3)
+    good = {0: eng.make_request(PROMPTS[0], greedy, method="pearl"),
+            1: eng.make_request(PROMPTS[2], sampled, method="sd", index=1),
+            2: eng.make_request(PROMPTS[3], greedy, method="ar")}
+    backend = eng.backend
+    solo = {i: run_batch(BatchLoop(backend.target_lm, backend.draft_lm, None, 1), [r])[0][0] for i, r in good.items()}
+
+    def broken_decode(ids):
+        raise ValueError("the decoder fell over")
+
+    loop = BatchLoop(backend.target_lm, backend.draft_lm, None, 5, broken_decode)
+    real_forward = backend.target_lm.forward
+
+    def nan_rows(feeds):
+        out = real_forward(feeds)
+        for seq in loop.active:
+            if seq.key == "nan" and seq.slot in out and seq.target_forwards >= 2:
+                out[seq.slot] = torch.full_like(out[seq.slot], float("nan"))
+        return out
+
+    backend.target_lm.forward = nan_rows
+    try:
+        loop.add(eng.make_request(PROMPTS[4], sampled, method="pearl", index=4), key="nan")
+        loop.add(eng.make_request(PROMPTS[5], SamplingParams(max_new_tokens=18, stop=("w1",)), method="pearl"),
+                 key="stop")
+        for i, r in good.items():
+            loop.add(r, key=i)
+        got, errors = {}, {}
+        while not loop.idle:
+            for ev in loop.step():
+                if ev.finished:
+                    (errors if ev.error is not None else got)[ev.key] = ev.error or ev.output_ids
+    finally:
+        del backend.target_lm.forward
+    assert set(errors) == {"nan", "stop"} and all(isinstance(e, RequestFailed) for e in errors.values()), errors
+    assert got == solo and loop.request_failures == 2
+    assert backend.target_lm.slots == [] and backend.draft_lm.slots == []
+
+
 def test_draft_failure_in_a_batch_turns_those_rows_target_only(tiny_pair):
     eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, max_num_seqs=4)
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)

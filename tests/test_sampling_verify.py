@@ -24,6 +24,18 @@ def test_top_k_and_top_p_zero_out_the_tail():
     torch.testing.assert_close(warp_probs(logits, 1.0).sum(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-46, 1e-44, 1e-30])
+@pytest.mark.parametrize("temperature", [1e-300, 1e-39, 0.5, 2.0])
+def test_extreme_top_p_keeps_the_most_likely_token(top_p, temperature):
+    """A top_p below float32's smallest value compares as 0 against float32 masses; the top token stays, so the
+    row is a point mass on it, never NaN (ties at the top: the first in sorted order)."""
+    logits = torch.tensor([[0.3, 2.5, -1.0, 2.4], [9.0, -9.0, 0.0, 1.0]])
+    probs = warp_probs(logits, temperature, top_k=0, top_p=top_p)
+    assert torch.isfinite(probs).all()
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    assert sample(probs[0], make_generator(1, 0)) == 1
+
+
 def test_temperature_scales_logits():
     logits = torch.tensor([1.0, 2.0])
     torch.testing.assert_close(warp_probs(logits, 2.0), torch.softmax(logits / 2.0, -1))

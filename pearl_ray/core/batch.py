@@ -38,7 +38,7 @@ from .sampling import make_generator, sample, warp_probs
 from .loop import draft_start, overlap_s
 from .sides import CausalLM, SeqMirror
 from .stopping import StopRule
-from ..errors import CacheBudgetError
+from ..errors import CacheBudgetError, RequestFailed
 
 if TYPE_CHECKING:
     from .request import Request
@@ -250,8 +250,11 @@ class BatchedDraftSide:
         feeds = {slot: self.mirrors[slot].tokens[len(self.mirrors[slot].cached):] for slot in drafting}
         ids: dict[int, list[int]] = {slot: [] for slot in drafting}
         rows: dict[int, list[torch.Tensor]] = {slot: [] for slot in drafting}
+        cut: set[int] = set()  # slots whose window ended early: their row could not be sampled
         for k in range(max(reqs[slot].num_steps for slot in drafting)):
-            live = [slot for slot in drafting if k < reqs[slot].num_steps]
+            live = [slot for slot in drafting if k < reqs[slot].num_steps and slot not in cut]
+            if not live:
+                break
             logits = self.lm.forward({slot: (feeds[slot], 1) for slot in live})
             for slot in live:
                 m, st, gen = self.mirrors[slot], self.starts[slot], self.gens[slot]
@@ -261,8 +264,12 @@ class BatchedDraftSide:
                 if gen is None:
                     token = int(torch.argmax(row))
                 else:
-                    q = warp_probs(row, st.temperature, st.top_k, st.top_p)
-                    token = sample(q, gen)
+                    try:
+                        q = warp_probs(row, st.temperature, st.top_k, st.top_p)
+                        token = sample(q, gen)
+                    except RuntimeError:  # not a distribution (e.g. NaN): a shorter window for this slot only
+                        cut.add(slot)
+                        continue
                     rows[slot].append(q)
                 ids[slot].append(token)
                 feeds[slot] = [token]
@@ -400,6 +407,8 @@ class BatchLoop:
         self.waiting: deque = deque()
         self.rounds = 0
         self.draft_failures = 0
+        self.request_failures = 0
+        """Requests ended alone with ``RequestFailed`` (the batch went on)."""
 
     # -- membership --------------------------------------------------------------------------------------
     def add(self, request: "Request", key: object = None) -> object:
@@ -504,17 +513,25 @@ class BatchLoop:
             self.active.append(self._join(key, request))
         if not self.active:
             return refused
-        seqs = list(self.active)
+        # A request whose own work raises (its plan, its rows' sampling, its stop rule) ends alone with
+        # ``RequestFailed``; only the shared forwards' errors escape this method and end the batch.
+        failed: dict[_Seq, BaseException] = {}
         window = None
-        if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in seqs):
-            window = self.policy.choose([s.view() for s in seqs])
-        plans = {s: plan_round(s.state, s.round_options(window)) for s in seqs}
+        if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in self.active):
+            window = self.policy.choose([s.view() for s in self.active])
+        plans = {}
+        for s in self.active:
+            try:
+                plans[s] = plan_round(s.state, s.round_options(window))
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                failed[s] = exc
+        seqs = [s for s in self.active if s not in failed]
         wall0, t0 = time.time(), time.perf_counter()
         collect = self._draft_phase(seqs, plans)  # the draft works on its round meanwhile, where it can
         t1 = time.perf_counter()
         drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
         with torch_threads(None if drafting else self.alone_threads):  # the draft idles: take its cores
-            outs, width = self._target_phase(seqs, plans)
+            outs, width = self._target_phase(seqs, plans, failed)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
@@ -524,8 +541,23 @@ class BatchLoop:
         self.rounds += 1
         events = refused
         for seq in seqs:
-            events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs)))
+            if seq in failed:
+                continue
+            try:
+                events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs)))
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                failed[seq] = exc
+        for seq, exc in failed.items():
+            events.append(self._fail_one(seq, exc))
         return events
+
+    def _fail_one(self, seq: _Seq, exc: BaseException) -> Event:
+        """End one request with ``RequestFailed``; its slots are freed and the others carry on."""
+        self._leave(seq)
+        self.request_failures += 1
+        return Event(seq.key, [], True, error=RequestFailed(
+            f"this request failed in the decoding loop and was ended; the others went on: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"))
 
     def _draft_phase(self, seqs: list[_Seq], plans: dict) -> Callable[[], tuple[dict, int, int]]:
         """Send every drafting request's round to the draft (it may work meanwhile, e.g. in another actor)
@@ -573,7 +605,9 @@ class BatchLoop:
 
         return collect
 
-    def _target_phase(self, seqs: list[_Seq], plans: dict) -> tuple[dict, int]:
+    def _target_phase(self, seqs: list[_Seq], plans: dict, failed: dict) -> tuple[dict, int]:
+        """The target's forward over every request's rows, then each request's decision rows. A request whose
+        own part raises goes into ``failed``; the forward's own error is the batch's and propagates."""
         started = time.time()
         t0 = time.perf_counter()
         outs: dict[_Seq, TargetOutput | None] = {}
@@ -581,14 +615,19 @@ class BatchLoop:
         for s in seqs:
             req = plans[s].target
             m = s.target
-            m.apply(req.update)
-            if req.num_rows == 0:
-                outs[s] = TargetOutput(req.round_id, req.start_pos, busy_s=0.0, started_at=started)
+            try:
+                m.apply(req.update)
+                if req.num_rows == 0:
+                    outs[s] = TargetOutput(req.round_id, req.start_pos, busy_s=0.0, started_at=started)
+                    continue
+                feed = m.tokens[len(m.cached):]
+                if len(m.tokens) - req.num_rows + 1 != req.start_pos or len(feed) < req.num_rows:
+                    raise RuntimeError(f"target mirror out of step in round {req.round_id}: {len(m.tokens)} "
+                                       f"tokens, {len(m.cached)} cached, {req.num_rows} rows from position "
+                                       f"{req.start_pos}")
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                failed[s] = exc
                 continue
-            feed = m.tokens[len(m.cached):]
-            if len(m.tokens) - req.num_rows + 1 != req.start_pos or len(feed) < req.num_rows:
-                raise RuntimeError(f"target mirror out of step in round {req.round_id}: {len(m.tokens)} tokens, "
-                                   f"{len(m.cached)} cached, {req.num_rows} rows from position {req.start_pos}")
             feeds[s] = feed
         width = max((len(f) for f in feeds.values()), default=0)
         if not feeds:
@@ -604,8 +643,11 @@ class BatchLoop:
             if p.temperature == 0.0:
                 out = TargetOutput(req.round_id, req.start_pos, target_argmax_ids=rows.argmax(-1).tolist())
             else:
-                out = TargetOutput(req.round_id, req.start_pos,
-                                   target_probs=warp_probs(rows, p.temperature, p.top_k, p.top_p))
+                probs = warp_probs(rows, p.temperature, p.top_k, p.top_p)
+                if not bool(torch.isfinite(probs).all()):
+                    failed[s] = FloatingPointError("the target's probabilities for this request are not finite")
+                    continue
+                out = TargetOutput(req.round_id, req.start_pos, target_probs=probs)
             out.busy_s, out.started_at = busy, started
             outs[s] = out
         return outs, width

@@ -42,9 +42,12 @@ def warp_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: 
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the mass strictly before it already reaches top_p; the top token always stays.
+        # Drop a token when the mass strictly before it already reaches top_p. The top token always stays,
+        # whatever top_p: a top_p below float32's smallest value compares as 0, and the mass before the top
+        # token (0) would then reach it, drop every token and leave a NaN row.
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.softmax(logits, dim=-1)

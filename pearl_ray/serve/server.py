@@ -20,7 +20,7 @@ from ray import serve
 from ..config import SamplingParams, context_room
 from ..engine import PearlEngine
 from ..errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError, InvalidParameterError,
-                      PromptError, QueueFullError, ResourcesUnavailable, TargetUnavailable)
+                      PromptError, QueueFullError, RequestFailed, ResourcesUnavailable, TargetUnavailable)
 from .config import ServeConfig
 from .metrics import ServerMetrics
 from .protocol import FINISH_REASONS, PEARL_STATS, ApiError
@@ -134,6 +134,10 @@ class PearlServer:
         except QueueFullError as exc:
             self.metrics.fail("queue_full")
             yield {"error": ApiError(503, str(exc), None, "overloaded", c.retry_after_s).to_dict()}
+        except RequestFailed as exc:  # this request alone ended in the loop; the pair and the others go on
+            log.warning("request failed: %s", exc)
+            self.metrics.fail("request_failed")
+            yield {"error": ApiError(500, str(exc), None, "request_failed").to_dict()}
         except UNAVAILABLE as exc:
             log.warning("request failed: %s", exc)
             name = type(exc).__name__
