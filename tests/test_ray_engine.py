@@ -150,6 +150,40 @@ def test_a_dead_coordinator_is_rebuilt():
         assert eng.backend.coordinator != coord
 
 
+def test_coordinator_killed_under_load_fails_every_stream_typed():
+    """8 streams in flight; the coordinator (and so its workers) is killed: each of the 8 ends with
+    ``CoordinatorUnavailable`` (none with an untyped error from racing over who forgets the coordinator), and
+    the next request runs on a new one."""
+    target, draft = toy_pair()
+    params = SamplingParams(max_new_tokens=400, ignore_eos=True)
+    with PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
+                     max_num_seqs=8) as eng:
+        coord = eng.backend.coordinator
+        started, errors = threading.Semaphore(0), {}
+
+        def one(i):
+            try:
+                for n, _ in enumerate(eng.stream([1 + i % 5, 2], params)):
+                    if n == 0:
+                        started.release()
+                errors[i] = None
+            except Exception as exc:  # noqa: BLE001 - checked below
+                errors[i] = exc
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        assert all(started.acquire(timeout=120) for _ in range(8))
+        ray.kill(coord)
+        for t in threads:
+            t.join(180)
+        assert not any(t.is_alive() for t in threads)
+        kinds = {i: type(e).__name__ for i, e in errors.items()}
+        assert all(isinstance(e, CoordinatorUnavailable) for e in errors.values()), (kinds, errors)
+        out = eng.generate([[1, 2]], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+        assert len(out.token_ids) == 5 and eng.backend.coordinator != coord
+
+
 def test_a_draft_that_cannot_start_raises_draft_unavailable(tmp_path):
     from pearl_ray.testing import FlakyLM
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import ray
@@ -171,6 +172,8 @@ class RayBackend:
         elif c.device == "cpu" and draft is not None and tp == 1:
             target["prefill_threads"] = target["threads"] + draft["threads"]
         self.coordinator = None
+        self.lock = threading.Lock()  # guards ``coordinator`` against requests that fail at the same time
+        self.starting = threading.Lock()  # one coordinator start at a time
         try:
             self.info = self._start_coordinator()
         except BaseException:
@@ -192,37 +195,59 @@ class RayBackend:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         target_bundle = self.spec["target"]["bundle"]
-        self.coordinator = Coordinator.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+        coord = Coordinator.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             self.pg, placement_group_bundle_index=target_bundle)).remote(self.spec)
+        with self.lock:
+            self.coordinator = coord
         try:
-            return ray.get(self.coordinator.ready.remote(), timeout=self.config.start_timeout_s + 10)
+            return ray.get(coord.ready.remote(), timeout=self.config.start_timeout_s + 10)
         except RayTaskError as exc:
             if pearl_cause(exc) is not None:
                 raise pearl_cause(exc) from None
             raise
         except (RayActorError, GetTimeoutError) as exc:
-            raise CoordinatorUnavailable(f"the coordinator failed to start: {exc}") from None
+            raise self._coordinator_failed(coord, exc, "failed to start") from None
 
-    def _coordinator_failed(self, exc: Exception) -> CoordinatorUnavailable:
-        """Forget a dead or stuck coordinator (its workers go with it); the next request builds a new one."""
-        coord, self.coordinator = self.coordinator, None
+    def _coordinator(self):
+        """The running coordinator; a request that finds none (the last one died) starts the next. One at a time:
+        concurrent requests wait for the same new coordinator instead of each starting one."""
+        with self.starting:
+            coord = self.coordinator
+            if coord is None:
+                if self.pg is None:
+                    raise PearlError("this backend was shut down")
+                self._start_coordinator()
+                coord = self.coordinator
+            return coord
+
+    def _coordinator_failed(self, coord, exc: Exception, what: str = "died or stopped answering"
+                            ) -> CoordinatorUnavailable:
+        """Forget a dead or stuck coordinator (its workers go with it); the next request builds a new one.
+        Requests in flight may all report the same one: only the first forgets it (a newer one stays)."""
+        with self.lock:
+            if self.coordinator is coord:
+                self.coordinator = None
         try:
             ray.kill(coord)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        return CoordinatorUnavailable(f"the coordinator died or stopped answering ({exc.__class__.__name__}); "
+        return CoordinatorUnavailable(f"the coordinator {what} ({exc.__class__.__name__}); "
                                       f"this request failed, the next one starts new workers")
 
-    def _lifecycle(self, method: str, *args, timeout_s: float):
-        """A bounded call to the coordinator; a dead or stuck one becomes ``CoordinatorUnavailable``."""
+    def _lifecycle(self, coord, method: str, *args, timeout_s: float):
+        """A bounded call to ``coord`` (the coordinator that routed the request); a dead or stuck one becomes
+        ``CoordinatorUnavailable``."""
+        if coord is None:
+            raise CoordinatorUnavailable("the coordinator is gone; this request failed, the next one starts new "
+                                         "workers")
         try:
-            return ray.get(getattr(self.coordinator, method).remote(*args), timeout=timeout_s)
+            return ray.get(getattr(coord, method).remote(*args), timeout=timeout_s)
         except RayTaskError as exc:
             if pearl_cause(exc) is not None:
                 raise pearl_cause(exc) from None
-            raise self._coordinator_failed(exc) from None
+            raise self._coordinator_failed(coord, exc) from None
         except (RayActorError, GetTimeoutError) as exc:
-            raise self._coordinator_failed(exc) from None
+            raise self._coordinator_failed(coord, exc) from None
 
     def stream(self, request: Request, hold_s: float = 0.0):
         """Yields ``list[int]`` per round of newly committed tokens (``hold_s`` > 0: after the first, at most
@@ -233,11 +258,10 @@ class RayBackend:
         A failure is reported back to the coordinator, which replaces what failed for the next requests."""
         if self.pg is None:
             raise PearlError("this backend was shut down")
-        if self.coordinator is None:
-            self._start_coordinator()
+        coord = self._coordinator()
         c = self.config
         item_timeout = c.round_timeout_s * 4 + 60
-        route = self._lifecycle("route", request, timeout_s=2 * c.start_timeout_s + 60)
+        route = self._lifecycle(coord, "route", request, timeout_s=2 * c.start_timeout_s + 60)
         target, request = route["target"], route["request"]
         gen = target.submit.options(num_returns="streaming").remote(request, c.round_timeout_s, c.max_num_seqs,
                                                                      c.kv_budget_tokens, hold_s)
@@ -259,7 +283,7 @@ class RayBackend:
                     ended = True
                     if request.uses_draft and item["stats"].draft_failures:
                         # before the result goes out, so that the caller's next request finds a new draft
-                        self._lifecycle("draft_failed", route["draft"], item["stats"].draft_failures,
+                        self._lifecycle(coord, "draft_failed", route["draft"], item["stats"].draft_failures,
                                         timeout_s=c.start_timeout_s + 30)
                     return item["token_ids"], item["stats"]
                 yield item
@@ -267,9 +291,9 @@ class RayBackend:
             cause = pearl_cause(exc)
             if cause is not None and not isinstance(cause, TargetUnavailable):
                 raise cause from None
-            raise self._target_failed(target, cause or exc) from None
+            raise self._target_failed(coord, target, cause or exc) from None
         except (RayActorError, GetTimeoutError) as exc:
-            raise self._target_failed(target, exc) from None
+            raise self._target_failed(coord, target, exc) from None
         finally:
             if not ended:
                 # The caller left mid-stream (or the stream failed): the leader drops the request and frees its
@@ -280,21 +304,24 @@ class RayBackend:
                     log.debug("cancel: %s", exc)
         raise TargetUnavailable("the target's token stream ended without a result")
 
-    def _target_failed(self, target, exc: BaseException) -> TargetUnavailable:
-        """Tell the coordinator (it rebuilds the group once for the whole batch) and say what failed."""
-        why = self._lifecycle("target_failed", target, timeout_s=self.config.start_timeout_s + 30)
+    def _target_failed(self, coord, target, exc: BaseException) -> TargetUnavailable:
+        """Tell the coordinator (it rebuilds the group once for the whole batch) and say what failed. A dead
+        coordinator (its workers died with it) makes this ``CoordinatorUnavailable``."""
+        why = self._lifecycle(coord, "target_failed", target, timeout_s=self.config.start_timeout_s + 30)
         if isinstance(exc, TargetUnavailable):
             return TargetUnavailable(f"{exc}{'; ' + why if why else ''}")
         return TargetUnavailable(why or f"the target leader died or timed out: {exc.__class__.__name__}: "
                                         f"{str(exc)[:200]}")
 
     def status(self) -> dict:
-        if self.coordinator is None:
+        coord = self.coordinator
+        if coord is None:
             return {"draft_ready": False, "restarts": {}, "handles": {}}
-        return ray.get(self.coordinator.status.remote(), timeout=30)
+        return ray.get(coord.status.remote(), timeout=30)
 
     def shutdown(self) -> None:
-        coord, self.coordinator = self.coordinator, None
+        with self.lock:
+            coord, self.coordinator = self.coordinator, None
         if coord is not None:
             try:
                 ray.get(coord.shutdown.remote(), timeout=30)
