@@ -264,6 +264,23 @@ BAD = [  # (route, raw body, status, param, code)
      "chat_template_missing"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1 \\ud800 w2"}]}', 400, "messages",
      "invalid_value"),  # a lone surrogate (JSON lets it through, UTF-8 cannot encode it)
+    # found by a probe (2026-12-07): each was a 500 or was accepted without a word
+    ("/v1/completions", b'{"prompt": "w1", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "too_deep"),
+    ("/v1/completions", b'{"prompt": "w1", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, None, "too_deep"),
+    ("/v1/completions", b'{"prompt": "w1", "x": "' + b"a" * (9 * 2**20) + b'"}', 400, None, "body_too_large"),
+    ("/v1/completions", b'{"prompt": "w1", "stop": ""}', 400, "stop", "invalid_value"),
+    ("/v1/completions", b'{"prompt": "w1", "stop": ["w2", ""]}', 400, "stop", "invalid_value"),
+    ("/v1/completions", b'{"prompt": "w1", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
+    ("/v1/completions", b'{"prompt": "w1", "echo": true}', 400, "echo", "unsupported_parameter"),
+    ("/v1/completions", b'{"prompt": "w1", "logit_bias": {"5": 10}}', 400, "logit_bias", "unsupported_parameter"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "logprobs": true}', 400,
+     "logprobs", "unsupported_parameter"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "tools": [{"type": "function"}]}',
+     400, "tools", "unsupported_parameter"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "response_format": '
+     b'{"type": "json_object"}}', 400, "response_format", "unsupported_parameter"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "w1"}]}', 400, "messages",
+     "invalid_value"),
 ]
 
 
@@ -284,7 +301,9 @@ def test_tiny_temperatures_decode(server):
 
 
 def test_every_bad_input_is_answered_and_the_server_keeps_serving(server):
-    good = {"prompt": "w1 w2", "max_tokens": 2, "temperature": 0, "some_unknown_field": {"ignored": True}}
+    good = {"prompt": "w1 w2", "max_tokens": 2, "temperature": 0, "some_unknown_field": {"ignored": True},
+            "logprobs": None, "echo": False, "tools": [], "logit_bias": {}, "presence_penalty": 0,
+            "response_format": {"type": "text"}}  # unsupported fields at their "off" values are served
     for route, body, status, param, code in BAD:
         r = requests.post(server.base + route, data=body, headers={"Content-Type": "application/json"}, timeout=30)
         assert r.status_code == status, (body[:80], r.status_code, r.text)
@@ -388,6 +407,60 @@ def test_eight_concurrent_streams_equal_their_answers_and_share_rounds(server):
 
 
 # -- faults (slow injected models) -------------------------------------------------------------------------
+def test_extreme_sampling_parameters_never_break_the_streams_beside_them(server):
+    """A fuzz of extreme sampling parameters (tiny top_p and temperature, huge top_k, random seeds and stops),
+    one request at a time, while 4 greedy streams run: each fuzz request is answered 200 or 400, every stream
+    finishes with its normal output, and no worker restarts. ``top_p: 1e-300`` alone used to end every stream
+    beside it and restart the target."""
+    import random
+
+    rng = random.Random(1234)
+    want = toy_reference(server, 300)
+    restarts = replica_status("faults")["restarts"]
+    url = server.base + "/faults/v1/completions"
+    body = {"model": "toy", "prompt": [4, 5], "max_tokens": 300, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+
+    def stream(_):
+        text = ""
+        with requests.post(url, json=body, stream=True, timeout=180) as r:
+            for event in data_events(r):
+                assert "error" not in event, event
+                text += event["choices"][0]["text"]
+        return text
+
+    outcome = []
+    runner = threading.Thread(target=lambda: outcome.append(run_threads(stream, 4, 240)))
+    runner.start()
+    time.sleep(1.0)  # the streams are under way
+    statuses = collections.Counter()
+    for i in range(200):
+        if not runner.is_alive() and i >= 8:
+            break
+        if i == 0:  # the probe's request first, then the fuzz
+            fuzz = {"model": "toy", "prompt": [4, 5], "max_tokens": 8, "temperature": 0.7, "top_p": 1e-300}
+            r = requests.post(url, json=fuzz, timeout=120)
+            assert r.status_code == 200, r.text
+            statuses[r.status_code] += 1
+            continue
+        fuzz = {"model": "toy", "prompt": [rng.randrange(6) for _ in range(rng.randint(1, 4))],
+                "max_tokens": rng.randint(1, 12), "stream": rng.random() < 0.5,
+                "temperature": rng.choice([0, 1e-300, 5e-324, 1e-39, 1e-8, 0.7, 2.0]),
+                "top_p": rng.choice([1e-300, 5e-324, 1e-46, 1e-44, 1e-30, 0.5, 1.0]),
+                "top_k": rng.choice([-1, 0, 1, 3, 10**12]), "seed": rng.randrange(2**63),
+                "method": rng.choice(["pearl", "sd", "ar"]), "gamma": rng.randint(1, 16)}
+        r = requests.post(url, json=fuzz, timeout=120)
+        statuses[r.status_code] += 1
+        assert r.status_code in (200, 400), (fuzz, r.status_code, r.text[:500])
+        if fuzz["stream"] and r.status_code == 200:
+            assert "error" not in r.text, (fuzz, r.text[-500:])
+    runner.join(240)
+    results, errors = outcome[0]
+    assert not errors and results == {i: want for i in range(4)}, (errors, results)
+    assert replica_status("faults")["restarts"] == restarts
+    print(f"\n[fuzz] {sum(statuses.values())} extreme requests beside 4 streams: {dict(statuses)}")
+
+
 def toy_reference(server, max_tokens: int) -> str:
     ref = PearlEngine(target_model=server.toy_target, tokenizer=server.toy_tokenizer, method="ar", eos_token_ids=())
     return ref.generate([[4, 5]], SamplingParams(max_new_tokens=max_tokens, ignore_eos=True))[0].text

@@ -22,9 +22,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from .config import ServeConfig
 from .metrics import IngressMetrics
-from .protocol import ApiError, ChatRequest, CompletionRequest, ResponseBuilder, parse_request, sse
+from .protocol import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, ResponseBuilder, parse_request,
+                       sse, too_large)
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("ray.serve")  # Serve's logger: the replica's log file (and console, where Serve's is)
 app = FastAPI(title="pearl-ray", description="OpenAI-compatible PEARL speculative decoding", redirect_slashes=False)
 ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -42,6 +44,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
     err = ApiError(exc.status_code, message, None, HTTP_CODES.get(exc.status_code))
     return JSONResponse(err.body(), exc.status_code, headers={**(exc.headers or {}), **err.headers()})
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, read up to ``MAX_BODY_BYTES``: a larger one is refused as soon as it shows (its declared
+    length, or the bytes read so far), without holding it all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large(int(declared))
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_large(size)
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _cancel(stream) -> None:
@@ -96,9 +113,18 @@ class OpenAIIngress:
     # -- one request -------------------------------------------------------------------------------------
     async def _answer(self, request: Request, kind: str):
         route, t0 = ROUTES[kind], time.monotonic()
+        try:
+            return await self._answer_checked(request, kind, route, t0)
+        except Exception:  # noqa: BLE001 - a bug, not the input: still an OpenAI error body, and logged
+            log.exception("unexpected error answering %s", route)
+            err = ApiError(500, "internal error (logged on the server)", None, "internal_error")
+            self._answered(route, err.status, t0)
+            return JSONResponse(err.body(), err.status)
+
+    async def _answer_checked(self, request: Request, kind: str, route: str, t0: float):
         stream = first = None
         try:
-            req = parse_request(await request.body(), ChatRequest if kind == "chat" else CompletionRequest)
+            req = parse_request(await _read_body(request), ChatRequest if kind == "chat" else CompletionRequest)
             if req.model is not None and req.model != self.model:
                 raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.model}'",
                                "model", "model_not_found")
@@ -111,7 +137,7 @@ class OpenAIIngress:
             stream = self.server.generate.remote(payload)
             first = await self._next(stream, self.config.first_chunk_timeout_s)
         except ApiError as exc:
-            self.metrics.answered(route, exc.status)
+            self._answered(route, exc.status, t0)
             return JSONResponse(exc.body(), exc.status, headers=exc.headers())
         finally:
             if first is None:  # failed, or the client left while the request waited: free its slot
@@ -151,12 +177,12 @@ class OpenAIIngress:
                 item = await self._next(stream, self.config.chunk_timeout_s)
                 texts.append(item["text"])
         except ApiError as exc:
-            self.metrics.answered(route, exc.status)
+            self._answered(route, exc.status, t0)
             return JSONResponse(exc.body(), exc.status, headers=exc.headers())
         finally:
             if "finish_reason" not in item:
                 _cancel(stream)
-        self.metrics.answered(route, 200)
+        self._answered(route, 200, t0, item)
         self._timings(route, t0, ttft, item)
         return JSONResponse(builder.full("".join(texts), item["finish_reason"], item["usage"], item["pearl"]))
 
@@ -191,10 +217,18 @@ class OpenAIIngress:
                 _cancel(stream)  # client gone or failed: free the pair now
                 if status == 200:
                     status = 499  # the client closed the connection (nginx's convention)
-            self.metrics.answered(route, status)
+            self._answered(route, status, t0, item if finished else None)
             if finished:
                 self._timings(route, t0, ttft, item)
         yield sse("[DONE]")
+
+    def _answered(self, route: str, status: int, t0: float, final: dict | None = None) -> None:
+        """Count the answer and write its access line: route, status, tokens, latency and finish reason."""
+        self.metrics.answered(route, status)
+        usage = (final or {}).get("usage") or {}
+        access_log.info("%s %d prompt_tokens=%s completion_tokens=%s latency_s=%.3f finish_reason=%s", route, status,
+                        usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"), time.monotonic() - t0,
+                        (final or {}).get("finish_reason", "-"))
 
     def _timings(self, route: str, t0: float, ttft: float, final: dict) -> None:
         e2e = time.monotonic() - t0

@@ -27,6 +27,28 @@ PEARL_STATS = ("method", "gamma", "acceptance_rate", "mean_accepted_len", "token
                "new_tokens", "wall_s", "tokens_per_s")
 """The ``GenerationStats`` fields sent in each response's ``pearl`` extension field."""
 MAX_STOP = 16
+MAX_BODY_BYTES = 8 * 2**20
+"""Largest request body read (a prompt of a full context is far smaller); past it: 400 ``body_too_large``."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of JSON arrays and objects accepted in a body (a valid request needs 4)."""
+UNSUPPORTED = {
+    # field: (the values that mean "not used", what to say). Any other value is refused with a 400, never ignored.
+    "logprobs": ((False,), "logprobs are not returned"),
+    "top_logprobs": ((0,), "logprobs are not returned"),
+    "echo": ((False,), "echo is not supported"),
+    "suffix": (("",), "suffix (insertion) is not supported"),
+    "best_of": ((1,), "best_of > 1 is not supported"),
+    "tools": (([],), "tool calls are not supported"),
+    "functions": (([],), "function calls are not supported"),
+    "tool_choice": (("none", "auto"), "tool calls are not supported"),
+    "function_call": (("none", "auto"), "function calls are not supported"),
+    "response_format": (({"type": "text"},), "only plain text responses are supported (no JSON mode or schema)"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "presence_penalty": ((0, 0.0), "presence_penalty is not supported (only 0)"),
+    "frequency_penalty": ((0, 0.0), "frequency_penalty is not supported (only 0)"),
+}
+"""OpenAI fields this server does not implement. A request that uses one gets a 400 naming it; a request
+that sends one at its "off" value (``"logprobs": false``, ``"tools": []``, ...) is served."""
 
 
 class ApiError(Exception):
@@ -89,6 +111,17 @@ class _Common(BaseModel):
         """``null`` means "not given" (some clients send every field)."""
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, (off, why) in UNSUPPORTED.items():
+                value = data.get(name)
+                if value is not None and not any(_same(value, o) for o in off):
+                    raise ApiError(400, f"'{name}' is not supported by this server: {why}", name,
+                                   "unsupported_parameter")
+        return data
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int) -> int:
@@ -99,13 +132,17 @@ class _Common(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, stop):
-        if stop is None or isinstance(stop, str):
-            return None if stop == "" else stop
+        if stop is None:
+            return None
+        if isinstance(stop, str):
+            stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ValueError("stop must be a string or a list of strings")
         if len(stop) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(stop)}")
-        return [s for s in stop if s] or None
+        if any(s == "" for s in stop):
+            raise ValueError("a stop string must not be empty")
+        return stop or None
 
     def check(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -185,26 +222,60 @@ class ChatRequest(_Common):
             raise ApiError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
         if not self.messages:
             raise ApiError(400, "messages must hold at least one message", "messages", "invalid_value")
+        if not any(m.role == "user" for m in self.messages):
+            raise ApiError(400, "messages must hold at least one user message (there is nothing to answer)",
+                           "messages", "invalid_value")
 
     def conversation(self) -> list[dict]:
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
 
+def _same(value, off) -> bool:
+    """``value == off`` with JSON's types: ``false`` is not ``0`` and ``0`` is not ``false``."""
+    return type(value) is type(off) and value == off or (
+        isinstance(off, float) and isinstance(value, int) and not isinstance(value, bool) and value == off)
+
+
+def too_large(size: int) -> ApiError:
+    return ApiError(400, f"the request body has {size} bytes; at most {MAX_BODY_BYTES} are accepted", None,
+                    "body_too_large")
+
+
+def json_depth(data) -> int:
+    """Deepest nesting of lists and dicts in ``data`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def parse_request(body: bytes, model_cls: type[_Common]) -> _Common:
     """Body bytes -> a checked request, or ``ApiError(400)`` saying what is wrong and where (``param``)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise too_large(len(body))
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {exc.start})", None,
                        "invalid_encoding") from None
+    too_deep = ApiError(400, f"the request body nests JSON arrays and objects deeper than {MAX_JSON_DEPTH} "
+                        f"levels", None, "too_deep")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
                        None, "invalid_json") from None
+    except RecursionError:  # the parser nests a call per level
+        raise too_deep from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}", None,
                        "invalid_type")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
     try:
         request = model_cls.model_validate(data)
     except ValidationError as exc:
