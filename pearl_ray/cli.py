@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
-from .config import CPU_KERNELS, METHODS, TRANSPORTS
-from .errors import PearlError, PromptError
+from .config import CPU_KERNELS, MAX_GAMMA, METHODS, TRANSPORTS, SamplingParams
+from .errors import InvalidParameterError, PearlError, PromptError
 from .modeling.presets import preset_names
 
 
@@ -94,23 +95,106 @@ def add_serve_parser(sub) -> None:
                    help="Prometheus port of the Ray this command starts (a joined Ray keeps its own)")
 
 
-def serve_main(args) -> int:
+def fail(exc: BaseException) -> int:
+    """Report an input error as one ``error: ...`` line on stderr (no traceback); exit status 2."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    print(f"error: {message or type(exc).__name__}", file=sys.stderr)
+    return 2
+
+
+def check_gamma_option(gamma: int) -> None:
+    if not 0 <= gamma <= MAX_GAMMA:
+        raise InvalidParameterError(f"--gamma must be in 0..{MAX_GAMMA} (0 = auto), got {gamma}")
+
+
+def check_at_least(args, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def check_not_empty(args, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            raise InvalidParameterError(f"--{name.replace('_', '-')} is empty")
+
+
+def check_generate_args(args) -> SamplingParams:
+    """Everything ``generate`` can check before a model loads; returns the request's sampling parameters.
+    The sampling ranges are ``SamplingParams``' own (one rule for the API, the endpoint and the CLI)."""
+    for i, prompt in enumerate(args.prompt, 1):
+        if not prompt.strip():
+            which = f" (prompt {i} of {len(args.prompt)})" if len(args.prompt) > 1 else ""
+            raise PromptError(f"--prompt is empty{which}: give the text to continue")
+    check_not_empty(args, ("draft", "target", "device", "dtype"))
+    check_gamma_option(args.gamma)
+    check_at_least(args, ("num_threads", "tensor_parallel_size"), 1)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def describe_validation_error(exc) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field: message; field: message``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or str(exc)
+
+
+SERVE_FLOATS = ("retry_after_s", "replica_num_cpus", "draft_num_cpus", "target_num_cpus", "draft_num_gpus",
+                "target_num_gpus", "start_timeout_s")
+
+
+def check_serve_args(args) -> None:
+    """What ``serve`` checks itself before Ray starts (``ServeConfig`` checks the rest)."""
+    for name in ("port", "metrics_export_port"):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= 65535:
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be in 1..65535, got {value}")
+    check_gamma_option(args.gamma)
+    for name in SERVE_FLOATS:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not args.start_timeout_s > 0:
+        raise InvalidParameterError(f"--start-timeout-s must be > 0, got {args.start_timeout_s}")
+    check_not_empty(args, ("draft", "target", "model_name", "device", "dtype", "app_name", "host"))
+    prefix = args.route_prefix
+    if not prefix.startswith("/") or (prefix != "/" and prefix.endswith("/")) or "{" in prefix or "}" in prefix:
+        raise InvalidParameterError(f"--route-prefix must start with '/', not end with '/' (unless it is '/') "
+                                    f"and hold no wildcards, got {prefix!r}")
+
+
+def serve_config(args):
+    """The checked ``ServeConfig`` for ``serve``'s options; InvalidParameterError (one line) if any is bad."""
     from pydantic import ValidationError
 
-    from .serve import ServeConfig, run_blocking
+    from .serve import ServeConfig
 
+    check_serve_args(args)
     fields = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
     try:
-        config = ServeConfig(**{**fields, "gamma": args.gamma or None})  # gamma None: the preset's, or auto
+        return ServeConfig(**{**fields, "gamma": args.gamma or None})  # gamma None: the preset's, or auto
     except ValidationError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise InvalidParameterError(describe_validation_error(exc)) from None
+
+
+def serve_main(args) -> int:
+    from .serve import run_blocking
+
+    try:
+        config = serve_config(args)
+    except PearlError as exc:
+        return fail(exc)
     try:
         run_blocking(config, args.host, args.port, args.app_name, args.route_prefix, args.start_timeout_s,
                      args.metrics_export_port, ready=lambda msg: print(msg, flush=True))
     except (PearlError, TimeoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     return 0
 
 
@@ -151,14 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_loading()
     if args.command == "serve":
         return serve_main(args)
-    from . import PearlEngine, SamplingParams
+    from . import PearlEngine
+
+    try:
+        params = check_generate_args(args)  # before any model loads
+    except PearlError as exc:
+        return fail(exc)
 
     draft, target = args.draft, args.target
     if target is None and draft is None and not args.preset:
         draft, target = "default-draft", "default-target"  # the embedded pair, as `serve` does
     try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         extra = {"transport": args.transport} if args.transport else {}
         if args.preset:
             extra["preset"] = args.preset
@@ -171,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [chat_prompt(engine.tokenizer, p) for p in args.prompt] if args.chat else args.prompt
             outs = engine.generate(prompts, params)
     except PearlError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     if args.json:
         print(json.dumps({"method": args.method, "gamma": engine.gamma, "adaptive": engine.config.adaptive,
                           "gamma_choice": describe_gamma(engine, outs), "outputs": [

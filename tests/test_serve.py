@@ -173,6 +173,24 @@ def test_cli_serves_the_default_pair_and_shuts_down(cluster):
         assert pearl["method"] == "pearl" and pearl["gamma"] == 4 and pearl["verified_tokens"] > 0, pearl
         print(f"\n[default pair via CLI] {out.choices[0].message.content!r} {pearl['tokens_per_s']:.1f} tok/s, "
               f"acceptance {pearl['acceptance_rate']:.2f}")
+        # the console: one access line per request, and a worker restart as a warning
+        access = f"/v1/chat/completions 200 prompt_tokens={out.usage.prompt_tokens} " \
+                 f"completion_tokens={out.usage.completion_tokens} latency_s="
+        assert wait_for(lambda: any(access in ln for ln in lines), 30, 0.5), "".join(lines[-40:])
+        target = replica_status("cli")["workers"]["target"]
+        ray.kill(target)
+
+        def recovered() -> bool:
+            try:
+                client.completions.create(model="default-target", prompt="Q: 2 + 3?\nA:", max_tokens=2)
+                return True
+            except openai.APIStatusError:
+                return False
+
+        assert wait_for(recovered, 180, 1.0)
+        assert wait_for(lambda: any("WARNING" in ln and "target worker" in ln and "restarted" in ln
+                                    for ln in lines), 60, 0.5), "".join(lines[-40:])
+        assert not any("Connecting to existing Serve app" in ln for ln in lines), "".join(lines)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

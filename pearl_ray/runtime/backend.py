@@ -28,7 +28,7 @@ from .workers import HFModelFactory, ObjectFactory
 log = logging.getLogger(__name__)
 
 
-def connect_ray(address: str | None = None, **init_kwargs) -> str:
+def connect_ray(address: str | None = None, log_to_driver: bool = False, **init_kwargs) -> str:
     """Join the Ray this process belongs to; start a private local one only when there is none.
 
     In order: Ray already initialised here (a Serve replica, a job's driver that called ``ray.init``) ->
@@ -40,10 +40,10 @@ def connect_ray(address: str | None = None, **init_kwargs) -> str:
         return "running"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, **init_kwargs)
+        ray.init(address=address, log_to_driver=log_to_driver, **init_kwargs)
         return "joined"
     private_local_ray()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, **init_kwargs)
+    ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, **init_kwargs)
     return "started"
 
 

@@ -22,6 +22,7 @@ import threading
 import time
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import MAX_GAMMA
@@ -206,7 +207,13 @@ class Coordinator:
                 except Exception as exc:  # noqa: BLE001
                     self._restart_target()
                     raise TargetUnavailable(f"the restarted target did not come up: {str(exc)[:300]}") from None
-            if request.uses_draft and not self._connect():
+            try:
+                connected = request.uses_draft and self._connect()
+            except RayActorError:  # the leader died while idle (asked whether its link is up): restart it
+                log.warning("the target leader died while idle; restarting it")
+                self._restart_target()
+                raise TargetUnavailable("the target worker had died; it is being restarted, retry shortly") from None
+            if request.uses_draft and not connected:
                 if self.draft is None and self.spec["draft"] is not None:
                     raise DraftUnavailable(f"the draft could not be started {MAX_DRAFT_STARTS} times in a row "
                                            f"({self.draft_error}); method 'ar' still works")

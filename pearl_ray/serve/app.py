@@ -79,15 +79,20 @@ def run_blocking(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
 
     from ..runtime.backend import connect_ray
 
-    how = connect_ray(**({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}))
+    # the replicas' logs (access lines, worker restarts) come to this console
+    how = connect_ray(log_to_driver=True, **({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}))
     if how != "started" and metrics_export_port:
         log.warning("joined a running Ray: metrics go to its own export port, not %d", metrics_export_port)
     started_serve = not _serve_running()
     serve.start(http_options={"host": host, "port": port})
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    quiet = _OwnServeFilter()
+    if started_serve:  # deploying finds the Serve started just above and says its options "will not be applied"
+        logging.getLogger("ray.serve").addFilter(quiet)
     try:
         deploy(config, name, route_prefix, timeout_s)
+        logging.getLogger("ray.serve").removeFilter(quiet)
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{route_prefix.rstrip('/')}"
         if not _answers(url + "/health", 60.0):
             raise TimeoutError(f"nothing answers at {url}/health: " + (
@@ -98,6 +103,7 @@ def run_blocking(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
         while not stop.wait(1.0):
             pass
     finally:
+        logging.getLogger("ray.serve").removeFilter(quiet)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         try:
@@ -107,6 +113,14 @@ def run_blocking(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
         finally:
             if how == "started":
                 ray.shutdown()
+
+
+class _OwnServeFilter(logging.Filter):
+    """Drops Serve's "Connecting to existing Serve app ... will not be applied" line: said of the Serve this
+    process has just started with these very options, it is false."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Connecting to existing Serve app" not in record.getMessage()
 
 
 def _answers(url: str, timeout_s: float) -> bool:

@@ -25,7 +25,7 @@ from .config import ServeConfig
 from .metrics import ServerMetrics
 from .protocol import FINISH_REASONS, PEARL_STATS, ApiError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # Serve's logger: the replica's log file and the console that started Serve
 RESTARTS_EVERY_S = 2.0  # how often the worker-restart counter is refreshed from the coordinator while busy
 UNAVAILABLE = (TargetUnavailable, DraftUnavailable, CoordinatorUnavailable, ResourcesUnavailable, EngineClosedError)
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -188,7 +188,11 @@ class PearlServer:
             return
         for side, n in status.get("restarts", {}).items():
             seen = self.restarts_seen.get(side, 0)
-            self.metrics.restarted(side, n - seen if n >= seen else n)  # a rebuilt coordinator counts from 0
+            new = n - seen if n >= seen else n  # a rebuilt coordinator counts from 0
+            if new:
+                log.warning("the %s worker of this replica's pair was restarted (%d time%s; %d since the pair "
+                            "started)", side, new, "s" if new > 1 else "", n)
+            self.metrics.restarted(side, new)
             self.restarts_seen[side] = n
 
     def status(self) -> dict:
