@@ -9,6 +9,7 @@ only routes). A coordinator that dies is rebuilt for the next request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from ..config import EngineConfig, Request
 from ..errors import (CoordinatorUnavailable, InvalidParameterError, PearlError, ResourcesUnavailable, TargetUnavailable,
                       pearl_cause)
 from .coordinator import Coordinator
+from .link import free_port
 from .workers import HFModelFactory, ObjectFactory
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,8 @@ def connect_ray(address: str | None = None, log_to_driver: bool = False, **init_
         ray.init(address=address, log_to_driver=log_to_driver, **init_kwargs)
         return "joined"
     private_local_ray()
-    ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, **init_kwargs)
+    with free_fixed_ports():
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver, **init_kwargs)
     return "started"
 
 
@@ -57,6 +60,31 @@ def private_local_ray() -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@contextlib.contextmanager
+def free_fixed_ports():
+    """While a private Ray starts, give the services that Ray otherwise binds to fixed ports a free port each:
+    the dashboard agent (52365), the autoscaler's metrics (44217) and the dashboard's metrics (44227). With
+    the fixed ones taken, a ``ray start --head`` on the same machine comes up without its job agent ("No
+    available agent to submit job"). ``ray.init`` has no argument for these: the agent's port is a default of
+    ``RayParams`` (set here for this call only), the metrics ports are read by Ray's subprocesses from the
+    environment."""
+    import ray._private.parameter as parameter
+
+    for name in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
+        os.environ[name] = str(free_port())
+    original = parameter.RayParams.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)  # 0: the agent binds a free port and reports it
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
 
 
 def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float, remove: bool = True) -> None:

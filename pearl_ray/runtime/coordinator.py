@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
 import threading
 import time
 
@@ -27,7 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ..config import MAX_GAMMA
 from ..errors import DraftUnavailable, TargetUnavailable
-from .link import choose_lane, open_draft_link
+from .link import choose_lane, free_port, open_draft_link
 from .workers import DraftWorker, TargetLeader, TargetShard
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class Coordinator:
             self.shards, self.follow_refs = [], []
             return self._make("target")
         host = ray.util.get_node_ip_address()
-        port = _free_port(host)
+        port = free_port(host)  # the TP group's rendezvous
         log.info("tensor-parallel target: %d ranks, rendezvous %s:%d", len(ranks), host, port)
         handles = []
         for rank, bundle in enumerate(ranks):
@@ -294,13 +293,6 @@ class Coordinator:
                 log.debug("close_link: %s", exc)
         for handle in [self.draft, self.target] + self.shards:
             _kill(handle)
-
-
-def _free_port(host: str) -> int:
-    """A free TCP port on ``host`` (this node) for the TP group's rendezvous."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _kill(handle) -> None:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -106,6 +108,35 @@ class TensorLane:
             log.debug("lane abort: %s", exc)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def listening_store(host: str, port: int, world_size: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The server side of a ``TCPStore`` that listens on ``host`` only (0: a free port). TCPStore's own
+    listener binds every interface whatever its host argument, and the store answers anyone, so the socket
+    is bound here and handed over (``master_listen_fd``; the store then owns and closes it)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(addr)
+        sock.listen(128)
+        bound = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    fd = sock.detach()
+    try:
+        return dist.TCPStore(host, bound, world_size, True, timeout=timeout, wait_for_workers=False,
+                             master_listen_fd=fd)
+    except Exception:
+        os.close(fd)
+        raise
+
+
 class GlooLink:
     """One rank's end of a small gloo group. Rank 0 creates the store (``port=0`` picks a free port).
     ``lane``: None, or "gloo"/"nccl" for a tensor lane that carries the fp32 tensors (``TensorLane``)."""
@@ -116,8 +147,11 @@ class GlooLink:
             raise ValueError(f"lane must be one of {LANES} (on a two-rank link), got {lane!r}")
         self.lane_backend, self.lane = lane, None
         self.rank, self.world_size, self.name = rank, world_size, name
-        self.store = dist.TCPStore(host, port, world_size, rank == 0,
-                                   timeout=datetime.timedelta(seconds=connect_timeout_s), wait_for_workers=False)
+        timeout = datetime.timedelta(seconds=connect_timeout_s)
+        if rank == 0:
+            self.store = listening_store(host, port, world_size, timeout)
+        else:
+            self.store = dist.TCPStore(host, port, world_size, False, timeout=timeout, wait_for_workers=False)
         self.host, self.port = host, self.store.port
         self.timeout_s = timeout_s  # the group's default; every wait below passes its own
         self.pg = None

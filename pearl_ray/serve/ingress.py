@@ -20,6 +20,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from .binding import bind_replica_server_to_node_ip
 from .config import ServeConfig
 from .metrics import IngressMetrics
 from .protocol import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, ResponseBuilder, parse_request,
@@ -76,6 +77,7 @@ def _cancel(stream) -> None:
 class OpenAIIngress:
     def __init__(self, server, config: dict):
         """``server``: the ``PearlServer`` deployment handle."""
+        bind_replica_server_to_node_ip()
         self.server = server.options(stream=True)
         self.config = ServeConfig.model_validate(config)
         self.model = self.config.served_name

@@ -21,6 +21,7 @@ from ..config import SamplingParams, context_room
 from ..engine import PearlEngine
 from ..errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError, InvalidParameterError,
                       PromptError, QueueFullError, RequestFailed, ResourcesUnavailable, TargetUnavailable)
+from .binding import bind_replica_server_to_node_ip
 from .config import ServeConfig
 from .metrics import ServerMetrics
 from .protocol import FINISH_REASONS, PEARL_STATS, ApiError
@@ -54,6 +55,7 @@ class PearlServer:
     def __init__(self, config: dict, models: dict | None = None):
         """``models``: ready ``draft_model``/``target_model``/``tokenizer``/``eos_token_ids`` to inject
         instead of loading ``config.draft``/``config.target`` (tests)."""
+        bind_replica_server_to_node_ip()
         self.config = c = ServeConfig.model_validate(config)
         pg = ray.util.get_current_placement_group()
         placement = ({"placement_group": pg, "bundle_indices": tuple(range(1, 2 + c.tensor_parallel_size))}
