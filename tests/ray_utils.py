@@ -9,9 +9,12 @@ import ray
 def start_local_ray(num_cpus: int = 2, num_gpus: int = 2) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from pearl_ray.runtime.backend import free_fixed_ports
+
     tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tmp)
+    with free_fixed_ports():  # a user's Ray on this machine keeps its default ports
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 log_to_driver=False, _temp_dir=tmp)
 
 
 def private_ray():
