@@ -228,6 +228,16 @@ def describe_gamma(engine, outs) -> str:
     return f"gamma: {engine.gamma}"
 
 
+def describe_acceptance(method: str, stats) -> str:
+    """The acceptance rate, or why there is none: a drafting method that drafted nothing (the adaptive policy
+    chose plain decoding in every round) would otherwise read as a draft that is always rejected."""
+    if method == "ar" or stats.drafted_tokens:
+        return f"acceptance {stats.acceptance_rate:.2f}"
+    if stats.fallback_rounds or stats.draft_failures:
+        return f"never drafted (the draft was unavailable in {stats.fallback_rounds} of {stats.rounds} rounds)"
+    return f"never drafted (the policy chose plain decoding in {stats.rounds} rounds)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from .modeling.hf import quiet_loading
@@ -270,6 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         for p, o in zip(args.prompt, outs):
             s = o.stats
             print(f"--- {args.method} | {s.new_tokens} tokens in {s.wall_s:.2f} s ({s.tokens_per_s:.1f} tok/s), "
-                  f"acceptance {s.acceptance_rate:.2f}, tokens/target forward {s.tokens_per_target_forward:.2f}")
+                  f"{describe_acceptance(args.method, s)}, tokens/target forward {s.tokens_per_target_forward:.2f}")
             print(o.text)
     return 0

@@ -191,6 +191,48 @@ def test_pair_pool_gives_up_after_max_attempts_and_stops_on_bugs():
         PairPool(2, lambda i: i, buggy, lambda r: None, is_pair_failure).run_all([WorkItem(0, ["ar"])])
 
 
+# -- the report (no Ray) -------------------------------------------------------------------------------------
+def report_record(qid: int, method: str, **over) -> dict:
+    """One results.jsonl line as the job writes it, for 16 greedy tokens decoded in 16 plain rounds."""
+    record = {"qid": qid, "method": method, "pair": "s/0", "temperature": 0.0, "token_ids": list(range(16)),
+              "correct_strict": False, "correct_flexible": False, "finish_reason": "length", "new_tokens": 16,
+              "wall_s": 2.0, "rounds": 16, "plain_rounds": 16, "pre_rounds": 16 if method != "ar" else 0,
+              "post_rounds": 0, "draft_idle_s": 1.0, "target_idle_s": 0.1, "target_forwards": 16,
+              "accepted_tokens": 0, "verified_tokens": 0, "drafted_tokens": 0, "runs": 0, "fallback_rounds": 0,
+              "draft_failures": 0, "acceptance_rate": None, "mean_accepted_len": None}
+    record.update(over)
+    return record
+
+
+def test_report_says_when_a_method_never_drafted(tmp_path):
+    """The adaptive policy chose plain decoding in every PEARL round: its row says so with the round count,
+    never acceptance 0 / MAL 0, and the CSV keeps NaN there; SD, which drafted, shows its acceptance."""
+    import math
+
+    import pandas as pd
+
+    from pearl_ray.evals import gsm8k_report
+
+    sd = dict(rounds=8, plain_rounds=2, pre_rounds=8, drafted_tokens=24, verified_tokens=20, accepted_tokens=15,
+              runs=5, target_forwards=8, acceptance_rate=0.75, mean_accepted_len=3.0)
+    records = [r for q in (0, 1) for r in (report_record(q, "ar"), report_record(q, "sd", **sd),
+                                           report_record(q, "pearl"))]
+    df = gsm8k_report.to_frame(records)
+    summary, bad, text = gsm8k_report.write_summary(df, tmp_path)
+    assert bad == []
+    lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+             if line.startswith("| ")]
+    rows = {cells[0]: dict(zip(lines[0], cells)) for cells in lines[1:]}
+    assert rows["pearl"]["acceptance"] == "never drafted (the policy chose plain decoding in 32 rounds)", text
+    assert rows["pearl"]["MAL"] == "-"
+    assert (rows["sd"]["acceptance"], rows["sd"]["MAL"]) == ("0.750", "3.00")  # 30 of 40 accepted in 10 runs
+    assert rows["ar"]["acceptance"] == "-"
+    csv = pd.read_csv(tmp_path / "summary.csv").set_index("method")
+    assert math.isnan(csv.loc["pearl", "acceptance_rate"]) and math.isnan(csv.loc["pearl", "mean_accepted_len"])
+    assert csv.loc["pearl", "drafted_tokens"] == 0 and csv.loc["pearl", "total_rounds"] == 32
+    assert csv.loc["sd", "acceptance_rate"] == pytest.approx(0.75)
+
+
 # -- the job on Ray ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_pair_long(tmp_path_factory, tiny_tokenizer_dir):
@@ -254,6 +296,7 @@ def test_job_end_to_end_and_resume(tiny_pair_long, tmp_path):
     records = check_outputs(out, 3)
     r = next(r for r in records if r["method"] == "pearl")
     assert r["rounds"] == r["pre_rounds"] + r["post_rounds"] == len(r["round_timings"]) and r["gamma"] == 3
+    assert r["plain_rounds"] == sum(t["window"] == 0 for t in r["round_timings"]) < r["rounds"]  # it drafted
     config = json.loads((out / "config.json").read_text())
     first_s, second_s = config["sessions"]
     assert (first_s["records_before"], first_s["records_written"]) == (0, 6)

@@ -352,7 +352,8 @@ def make_record(q: Question, method: str, out, engine, pair_id: str, settings: J
         "acceptance_rate": _round(s.acceptance_rate, 4) if s.verified_tokens else None,
         "mean_accepted_len": _round(s.mean_accepted_len, 4) if s.runs else None,
         "tokens_per_target_forward": _round(s.tokens_per_target_forward, 4),
-        "rounds": s.rounds, "pre_rounds": sum(t.mode == "pre" for t in timings),
+        "rounds": s.rounds, "plain_rounds": sum(t.window == 0 for t in timings),  # no draft window asked
+        "pre_rounds": sum(t.mode == "pre" for t in timings),
         "post_rounds": sum(t.mode == "post" for t in timings),
         "draft_busy_s": _round(s.draft_busy_s), "target_busy_s": _round(s.target_busy_s),
         "draft_idle_s": _round(sum(t.draft_idle_s for t in timings)),
@@ -366,7 +367,8 @@ def make_record(q: Question, method: str, out, engine, pair_id: str, settings: J
         "round_timings": [{"mode": t.mode, "t": rel(t.started_at), "round_s": _round(t.round_s),
                            "draft_t": rel(t.draft_started_at), "draft_busy_s": _round(t.draft_busy_s),
                            "target_t": rel(t.target_started_at), "target_busy_s": _round(t.target_busy_s),
-                           "num_candidates": t.num_candidates, "num_accepted": t.num_accepted} for t in timings],
+                           "num_candidates": t.num_candidates, "num_accepted": t.num_accepted,
+                           "window": t.window} for t in timings],
     }
 
 

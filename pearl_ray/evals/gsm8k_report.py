@@ -9,6 +9,9 @@ Definitions (sums over questions, never means of ratios, as ``core.metrics``):
   a 95% bootstrap interval over questions (``_ci_lo``/``_ci_hi``) and the quartiles of per-question ratios.
 - Losslessness: at temperature 0 every method must emit the same tokens; ``lossless_failures`` lists the
   questions where they differ.
+- A drafting method (sd, pearl) that drafted no token at all (the adaptive policy chose plain decoding in
+  every round, or the draft was unavailable) has no acceptance and no MAL: they stay NaN in ``summary.csv``
+  (None in ``results.jsonl``), never 0, and the table says "never drafted (...)" with the round count.
 
 Run ``python -m pearl_ray.evals.gsm8k_report OUT_DIR`` to rebuild the tables and plots of a run.
 """
@@ -76,7 +79,15 @@ SPREAD = ("", "_ci_lo", "_ci_hi", "_q25", "_q75", "_questions")
 COLUMNS = (["method", "questions", "accuracy_strict", "accuracy_flexible", "new_tokens", "wall_s", "tokens_per_s"]
            + [f"speedup_vs_{b}{k}" for b in ("ar", "sd") for k in SPREAD]
            + ["acceptance_rate", "mean_accepted_len", "tokens_per_target_forward", "rounds", "pre_rounds",
-              "post_rounds", "draft_idle_s", "target_idle_s", "draft_failures", "pairs"])
+              "post_rounds", "draft_idle_s", "target_idle_s", "draft_failures", "pairs", "drafted_tokens",
+              "total_rounds", "plain_rounds", "fallback_rounds"])
+
+
+def _total(g: pd.DataFrame, column: str) -> float:
+    """Sum of a count column over a method's records; NaN when some records (older runs) lack it."""
+    if column not in g or g[column].isna().any():
+        return np.nan
+    return int(g[column].sum())
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
@@ -90,14 +101,36 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         for base in ("ar", "sd"):
             row.update({f"speedup_vs_{base}{k}": v for k, v in speedup(df, method, base).items()})
         verified = g["verified_tokens"].sum()
-        row.update(acceptance_rate=g["accepted_tokens"].sum() / verified if verified else np.nan,
-                   mean_accepted_len=g["accepted_tokens"].sum() / g["runs"].sum() if g["runs"].sum() else np.nan,
+        drafted = _total(g, "drafted_tokens")
+        drew = verified and drafted != 0  # never drafted: no acceptance to show (NaN, not 0)
+        row.update(acceptance_rate=g["accepted_tokens"].sum() / verified if drew else np.nan,
+                   mean_accepted_len=g["accepted_tokens"].sum() / g["runs"].sum() if drew and g["runs"].sum() else np.nan,
                    tokens_per_target_forward=g["new_tokens"].sum() / g["target_forwards"].sum(),
                    rounds=g["rounds"].mean(), pre_rounds=g["pre_rounds"].mean(), post_rounds=g["post_rounds"].mean(),
                    draft_idle_s=g["draft_idle_s"].mean(), target_idle_s=g["target_idle_s"].mean(),
-                   draft_failures=int(g["draft_failures"].sum()), pairs=g["pair"].nunique())
+                   draft_failures=int(g["draft_failures"].sum()), pairs=g["pair"].nunique(), drafted_tokens=drafted,
+                   total_rounds=int(g["rounds"].sum()), plain_rounds=_total(g, "plain_rounds"),
+                   fallback_rounds=_total(g, "fallback_rounds"))
         rows.append(row)
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
+
+
+def _count(v) -> int | None:
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else int(v)
+
+
+def never_drafted(r: dict) -> str | None:
+    """For a drafting method's summary row that drafted no token at all: what the table says instead of an
+    acceptance of 0 (which would read as a draft that is always rejected); None otherwise."""
+    if r["method"] == "ar" or _count(r.get("drafted_tokens")) != 0:
+        return None
+    rounds, plain = _count(r.get("total_rounds")), _count(r.get("plain_rounds"))
+    fallback = _count(r.get("fallback_rounds")) or 0
+    if fallback or r.get("draft_failures"):
+        return f"never drafted (the draft was unavailable: {fallback} of {rounds} rounds ran without it)"
+    if plain is not None and plain < rounds:  # some rounds asked for a window and got no token
+        return f"never drafted (the policy chose plain decoding in {plain} of {rounds} rounds)"
+    return f"never drafted (the policy chose plain decoding in {rounds} rounds)"
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
@@ -120,7 +153,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
         "method": r["method"], "questions": r["questions"],
         "acc strict": num(r["accuracy_strict"], "{:.3f}"), "acc flexible": num(r["accuracy_flexible"], "{:.3f}"),
         "tokens/s": num(r["tokens_per_s"]), "speedup vs AR": spd(r, "ar"), "speedup vs SD": spd(r, "sd"),
-        "acceptance": num(r["acceptance_rate"], "{:.3f}"), "MAL": num(r["mean_accepted_len"]),
+        "acceptance": never_drafted(r) or num(r["acceptance_rate"], "{:.3f}"), "MAL": num(r["mean_accepted_len"]),
         "tokens/target fwd": num(r["tokens_per_target_forward"]), "rounds": num(r["rounds"], "{:.1f}"),
         "PRE/POST rounds": f"{r['pre_rounds']:.1f}/{r['post_rounds']:.1f}" if drafting(r) else "-",
         "idle s draft/target": (f"{r['draft_idle_s']:.2f}/{r['target_idle_s']:.2f}" if drafting(r)
