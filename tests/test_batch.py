@@ -275,6 +275,10 @@ class _ScriptedPolicy:
         self.views.append(views)
         return w
 
+    def decide(self, views):
+        w = self.choose(views)
+        return ("plain" if w == 0 else "turn"), w
+
     def observe(self, *args):
         pass
 

@@ -325,6 +325,50 @@ class LocalDraftPhase:
             self.side.release(slot)
 
 
+class ThreadedDraftPhase:
+    """The draft in this process on a thread of its own, drafting while the caller runs the target's forward:
+    PEARL's schedule with both models in one worker. On CPU each side keeps its share of the cores (torch's
+    intra-op thread count is per thread: this thread keeps ``threads``); on CUDA the draft's kernels go to a
+    stream of their own. It shares the ``BatchedDraftSide`` of the in-turn phase, so a request's draft cache
+    and mirror carry over when a round changes schedule."""
+
+    def __init__(self, side: BatchedDraftSide, threads: int | None, timeout_s: float = 300.0,
+                 stream: "torch.cuda.Stream | None" = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.side, self.timeout_s, self.stream = side, timeout_s, stream
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pearl-draft")
+        self.pool.submit(adopt_thread_count, threads).result(timeout=timeout_s)
+        self._future = None
+
+    def start(self, slot, start):
+        self.side.start(slot, start)
+
+    def release(self, slot):
+        self.side.release(slot)
+
+    def forwards(self, slot):
+        return self.side.forwards(slot)
+
+    def _draft(self, reqs):
+        if self.stream is None:
+            return self.side.draft(reqs)
+        with torch.cuda.stream(self.stream):
+            chunks = self.side.draft(reqs)
+        self.stream.synchronize()  # its tokens are on the host already; its probability rows must be ready too
+        return chunks
+
+    def submit(self, reqs):
+        self._future = self.pool.submit(self._draft, reqs)
+
+    def collect(self):
+        future, self._future = self._future, None
+        return future.result(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
 @dataclass
 class Event:
     """What one round did for one request: newly visible tokens, and on the last event the result."""
@@ -364,14 +408,17 @@ class _Seq:
     def draft_ok(self) -> bool:
         return self.drafts
 
-    def round_options(self, window: int | None) -> RoundOptions:
-        """This round's options: ``window`` is the policy's choice (None: no policy, the request's own cap)."""
+    def round_options(self, window: int | None, sd_rounds: bool = False) -> RoundOptions:
+        """This round's options: ``window`` is the policy's choice (None: no policy, the request's own cap);
+        ``sd_rounds``: an adaptive request runs vanilla SD rounds (the sides take turns this round)."""
         o = self.opts
         if window is None:
             window = o.gamma
         if not o.use_draft or not self.draft_ok or (o.adaptive and window == 0):
             return replace(o, use_draft=False, pre_verify=True)
         if o.adaptive:
+            if sd_rounds:
+                return replace(o, gamma=min(window, o.gamma), pre_verify=False, post_verify=False)
             return replace(o, gamma=min(window, o.gamma))
         return o
 
@@ -397,6 +444,14 @@ class BatchLoop:
         if draft is not None and not hasattr(draft, "submit"):
             draft = LocalDraftPhase(BatchedDraftSide(draft))
         self.target, self.draft, self.policy = target, draft, policy
+        self.concurrent: ThreadedDraftPhase | None = None
+        """The draft on its own thread, for rounds whose sides run at once (``set_concurrent``); None: every
+        drafting round runs ``draft`` (in turn here, or remote)."""
+        self.split_threads: int | None = None
+        """Torch threads for the target's forward while the concurrent draft runs (its share of the cores)."""
+        self.schedule: str | None = None
+        """Force every drafting round's schedule ("turn" or "once"); None: the policy's choice, else "once"
+        where there is a concurrent draft."""
         self.alone_threads: int | None = None
         """Torch threads for a round's target forward when no request drafts in it (on CPU the draft's
         cores then idle: Ray's leader borrows them, as for prompt passes). None: leave the count alone."""
@@ -492,6 +547,11 @@ class BatchLoop:
                     pass
         self.draft_failures += 1
 
+    def set_concurrent(self, phase: ThreadedDraftPhase | None, split_threads: int | None) -> None:
+        """Let rounds run the draft at the same time as the target: ``phase`` must draft on the same side as
+        the in-turn ``draft`` phase (one cache per request whatever the schedule)."""
+        self.concurrent, self.split_threads = phase, split_threads
+
     def set_draft(self, draft: "DraftPhase | None") -> None:
         """A new draft (the old one failed and was replaced): requests that join from now on use it; the
         running ones hold no slot on it and go on target-only."""
@@ -517,34 +577,45 @@ class BatchLoop:
         # ``RequestFailed``; only the shared forwards' errors escape this method and end the batch.
         failed: dict[_Seq, BaseException] = {}
         window = None
+        schedule = self.schedule or ("once" if self.concurrent is not None else "turn")
         if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in self.active):
-            window = self.policy.choose([s.view() for s in self.active])
+            schedule, window = self.policy.decide([s.view() for s in self.active])
+        # in turn, adaptive PEARL requests run vanilla SD rounds (when this loop could also run them at once)
+        sd_rounds = schedule == "turn" and self.concurrent is not None
         plans = {}
         for s in self.active:
             try:
-                plans[s] = plan_round(s.state, s.round_options(window))
+                plans[s] = plan_round(s.state, s.round_options(window, sd_rounds))
             except Exception as exc:  # noqa: BLE001 - this request's alone
                 failed[s] = exc
         seqs = [s for s in self.active if s not in failed]
+        at_once = schedule == "once" and self.concurrent is not None
+        phase = self.concurrent if at_once else self.draft
         wall0, t0 = time.time(), time.perf_counter()
-        collect = self._draft_phase(seqs, plans)  # the draft works on its round meanwhile, where it can
+        collect = self._draft_phase(seqs, plans, phase)  # the draft works on its round meanwhile, where it can
         t1 = time.perf_counter()
         drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
-        with torch_threads(None if drafting else self.alone_threads):  # the draft idles: take its cores
+        if not drafting:
+            schedule = "plain"
+        # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
+        threads = self.split_threads if (drafting and at_once) else (None if drafting else self.alone_threads)
+        with torch_threads(threads):
             outs, width = self._target_phase(seqs, plans, failed)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
         if self.policy is not None:
             draft_s = max((c.busy_s for c in chunks.values()), default=0.0)
-            self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s)
+            self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s,
+                                schedule if schedule != "plain" else None)
         self.rounds += 1
         events = refused
         for seq in seqs:
             if seq in failed:
                 continue
             try:
-                events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs)))
+                events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs),
+                                           schedule))
             except Exception as exc:  # noqa: BLE001 - this request's alone
                 failed[seq] = exc
         for seq, exc in failed.items():
@@ -559,7 +630,7 @@ class BatchLoop:
             f"this request failed in the decoding loop and was ended; the others went on: "
             f"{type(exc).__name__}: {str(exc)[:300]}"))
 
-    def _draft_phase(self, seqs: list[_Seq], plans: dict) -> Callable[[], tuple[dict, int, int]]:
+    def _draft_phase(self, seqs: list[_Seq], plans: dict, phase: "DraftPhase") -> Callable[[], tuple[dict, int, int]]:
         """Send every drafting request's round to the draft (it may work meanwhile, e.g. in another actor)
         and return a function that collects the chunks."""
         chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}
@@ -582,14 +653,14 @@ class BatchLoop:
                 s.draft_stale = False
             reqs[s.slot] = req
         try:
-            self.draft.submit(reqs)
+            phase.submit(reqs)
         except Exception:  # noqa: BLE001 - a broken draft: these requests finish on the target alone
             self._draft_down(seqs)  # one fault rule for the batch: every request goes on target-only
             return (lambda: (chunks, 0, 0))
 
         def collect():
             try:
-                got = self.draft.collect()
+                got = phase.collect()
                 for s in drafting:
                     chunk = got[s.slot]
                     if chunk.round_id != plans[s].round_id or chunk.start_pos != plans[s].draft.start_pos:
@@ -653,7 +724,7 @@ class BatchLoop:
         return outs, width
 
     def _decide(self, seq: _Seq, plan: RoundPlan, chunk: DraftChunk, target_out: TargetOutput | None,
-                wall0: float, t0: float, t1: float, t2: float, batch: int) -> Event:
+                wall0: float, t0: float, t1: float, t2: float, batch: int, schedule: str = "") -> Event:
         outcome = pearl_step(seq.state, plan, chunk, target_out, seq.coins, seq.opts)  # reads greedy/draft_greedy only
         state = seq.state
         output = state.committed[state.prompt_len:]
@@ -667,7 +738,8 @@ class BatchLoop:
             num_candidates=outcome.num_candidates, num_accepted=outcome.num_accepted, started_at=wall0,
             draft_started_at=chunk.started_at if chunk.busy_s else 0.0,
             target_started_at=target_out.started_at if target_out and target_out.busy_s else 0.0,
-            batch_size=batch, window=plan.draft.num_steps)
+            batch_size=batch, window=plan.draft.num_steps,
+            schedule=schedule if (plan.draft.num_steps > 0 or plan.mode.value == "post") else "plain")
         seq.stats.observe_round(outcome.num_drafted, outcome.num_candidates, outcome.num_accepted,
                                 outcome.recovered_token_id >= 0, outcome.bonus_token_id >= 0,
                                 outcome.candidate_positions, timing)

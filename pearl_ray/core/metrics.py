@@ -42,6 +42,7 @@ class RoundTiming:
     target_started_at: float = 0.0
     batch_size: int = 1  # requests in the round (the batched loop; 1 for a request decoded alone)
     window: int = 0  # draft window asked of the draft this round (the policy's choice; 0: none)
+    schedule: str = ""  # how the sides shared the device: "plain", "turn" (one after the other), "once" (PEARL)
 
     @property
     def draft_idle_s(self) -> float:
@@ -83,6 +84,9 @@ class GenerationStats:
     decide_s: float = 0.0
     overlap_s: float = 0.0
     bytes_moved: int = 0
+    plain_rounds: int = 0  # rounds without the draft (the policy chose plain decoding, or method "ar")
+    turn_rounds: int = 0  # rounds with the draft's window, then the target's forward
+    once_rounds: int = 0  # rounds with both sides at the same time (PEARL's schedule)
     finish_reason: str = ""
     round_timings: list[RoundTiming] = field(default_factory=list)
     _current_run: int = 0
@@ -115,6 +119,9 @@ class GenerationStats:
         self.recovered_tokens += int(recovered)
         self.bonus_tokens += int(bonus)
         if timing is not None:
+            if timing.schedule:
+                name = f"{timing.schedule}_rounds"
+                setattr(self, name, getattr(self, name) + 1)
             self.round_timings.append(timing)
             self.draft_busy_s += timing.draft_busy_s
             self.target_busy_s += timing.target_busy_s
@@ -174,7 +181,8 @@ class GenerationStats:
         summed = ["new_tokens", "wall_s", "rounds", "target_forwards", "draft_forwards", "drafted_tokens",
                   "verified_tokens", "accepted_tokens", "recovered_tokens", "bonus_tokens", "fallback_rounds",
                   "draft_failures", "runs", "runs_official", "accepted_in_official_runs", "draft_busy_s",
-                  "target_busy_s", "decide_s", "overlap_s", "bytes_moved"]
+                  "target_busy_s", "decide_s", "overlap_s", "bytes_moved", "plain_rounds", "turn_rounds",
+                  "once_rounds"]
         for s in items:
             for name in summed:
                 setattr(out, name, getattr(out, name) + getattr(s, name))

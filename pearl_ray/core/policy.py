@@ -19,6 +19,13 @@ predicts the batch's committed tokens per second and takes the best:
 - a request's acceptance is its own accepted / verified counts, shrunk towards the pair's running mean
   (``prior_weight`` pseudo-candidates), so a new request starts from what the pair has shown so far.
 
+Schedules. Where one process holds both models (``split`` costs given), each round also picks how the sides
+share the device: ``"turn"``, the draft's window then the target's verification, each with every core (PEARL
+requests then run vanilla SD rounds: in turn, PEARL's pre-verify rounds would cost a window for one token);
+or ``"once"``, PEARL with the sides at the same time, each on its share (the ``split`` costs, measured apart).
+``"plain"`` is a round with no drafting. Without ``split`` the schedule is fixed by ``parallel``: "once" for
+a pair in two workers, "turn" for one process that cannot split. Each schedule keeps its own online scales.
+
 A window is taken only when its predicted rate beats plain decoding's by ``margin`` (5%), and with the
 acceptance taken ``confidence`` standard errors below its estimate (a request's estimate rests on its own
 verified candidates plus the prior's ``prior_weight``): the model's errors then cost speculation, not plain
@@ -88,18 +95,33 @@ class CostModel:
     target_alone: ForwardCosts | None = None
     """The target's one-token forwards when no request drafts (on CPU it then borrows the draft's threads);
     None: the same as ``target``."""
+    split: "CostModel | None" = None
+    """One process that can also run the sides at once: their costs then, each on its share of the device
+    (``parallel=True``). ``target``/``draft`` are then the whole-device costs of the sides in turn."""
 
     def to_dict(self) -> dict:
         return {"target": self.target.to_dict(), "draft": self.draft.to_dict() if self.draft else None,
                 "parallel": self.parallel,
-                "target_alone": self.target_alone.to_dict() if self.target_alone else None}
+                "target_alone": self.target_alone.to_dict() if self.target_alone else None,
+                "split": self.split.to_dict() if self.split else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostModel":
         """The inverse of ``to_dict`` (e.g. the ``costs`` of a policy's ``describe()``)."""
         def fc(x):
             return ForwardCosts(tuple(x["tokens"]), tuple(x["seconds"])) if x else None
-        return cls(fc(d["target"]), fc(d.get("draft")), bool(d.get("parallel")), fc(d.get("target_alone")))
+        return cls(fc(d["target"]), fc(d.get("draft")), bool(d.get("parallel")), fc(d.get("target_alone")),
+                   cls.from_dict(d["split"]) if d.get("split") else None)
+
+    def schedules(self) -> tuple[str, ...]:
+        """The drafting schedules these costs describe."""
+        if self.split is not None:
+            return ("turn", "once")
+        return ("once",) if self.parallel else ("turn",)
+
+    def of(self, schedule: str) -> "CostModel":
+        """The costs that a round of ``schedule`` pays."""
+        return self.split if schedule == "once" and self.split is not None else self
 
 
 @dataclass(frozen=True)
@@ -125,11 +147,18 @@ def expected_run(a: float, n: int) -> float:
     return (1.0 - a ** n) / (1.0 - a)
 
 
+SCHEDULES = ("plain", "turn", "once")
+"""How a round uses the device: no drafting; the draft's window then the target's forward, each with the
+whole device; the sides at the same time (PEARL)."""
+
+
 class SpeculationPolicy:
     def __init__(self, costs: CostModel, max_gamma: int = 8, prior: float = 0.5, prior_weight: float = 8.0,
                  probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 50,
                  remeasure: Callable[[], CostModel] | None = None, margin: float = 1.05, probe_backoff: int = 4,
-                 confidence: float = 1.0, probe_optimism: float = 2.0):
+                 confidence: float = 1.0, probe_optimism: float = 2.0, schedule: str | None = None):
+        """``schedule``: force every drafting round to "turn" or "once" (it must be one the costs describe);
+        None: the best of them each round."""
         if costs.draft is None:
             max_gamma = 0
         self.margin = margin
@@ -138,7 +167,12 @@ class SpeculationPolicy:
         self.prior, self.prior_weight = prior, prior_weight
         self.probe_every, self.drift, self.drift_rounds = probe_every, drift, drift_rounds
         self.remeasure_fn = remeasure
-        self.scale_target = self.scale_draft = self.scale_alone = 1.0
+        if schedule is not None and schedule not in costs.schedules():
+            raise ValueError(f"schedule {schedule!r} is not one these costs describe: {costs.schedules()}")
+        self.forced = schedule
+        self.scale_alone = 1.0
+        self.scales = {sch: [1.0, 1.0] for sch in ("turn", "once")}  # [target, draft] per drafting schedule
+        self.schedule = "plain"  # the last round's
         self._pair_acc, self._pair_ver = 0.0, 0.0
         self._zero_streak = 0
         self.probe_backoff = max(1, probe_backoff)
@@ -164,44 +198,63 @@ class SpeculationPolicy:
             a += z * math.sqrt(a * (1.0 - a) / (n + 1.0))
         return min(max(a, 0.01), 0.98)
 
-    def target_s(self, tokens: float) -> float:
-        return self.scale_target * self.costs.target(tokens)
+    @property
+    def scale_target(self) -> float:
+        return self.scales[self._sched(None)][0]
 
-    def draft_s(self, rows: int, steps: int) -> float:
-        if steps <= 0 or rows <= 0 or self.costs.draft is None:
+    @property
+    def scale_draft(self) -> float:
+        return self.scales[self._sched(None)][1]
+
+    def _sched(self, schedule: str | None) -> str:
+        """A drafting schedule: the one given, else the one these costs run when they offer one only."""
+        if schedule in ("turn", "once"):
+            return schedule
+        return self.forced or self.costs.schedules()[-1]
+
+    def target_s(self, tokens: float, schedule: str | None = None) -> float:
+        sch = self._sched(schedule)
+        return self.scales[sch][0] * self.costs.of(sch).target(tokens)
+
+    def draft_s(self, rows: int, steps: int, schedule: str | None = None) -> float:
+        sch = self._sched(schedule)
+        draft = self.costs.of(sch).draft
+        if steps <= 0 or rows <= 0 or draft is None:
             return 0.0
-        return steps * self.scale_draft * self.costs.draft(rows)
+        return steps * self.scales[sch][1] * draft(rows)
 
-    def _join(self, d: float, t: float) -> float:
-        return max(d, t) if self.costs.parallel else d + t
+    def _join(self, d: float, t: float, schedule: str | None = None) -> float:
+        return max(d, t) if self.costs.of(self._sched(schedule)).parallel else d + t
 
-    def rate(self, seqs: Sequence[SeqView], g: int, z: float = 0.0) -> float:
-        """Predicted committed tokens per second of the batch if every adaptive request drafts ``g``, with each
-        acceptance moved ``z`` standard errors (``acceptance``)."""
+    def rate(self, seqs: Sequence[SeqView], g: int, z: float = 0.0, schedule: str | None = None) -> float:
+        """Predicted committed tokens per second of the batch if every adaptive request drafts ``g`` under
+        ``schedule`` (None: the costs' own), with each acceptance moved ``z`` standard errors (``acceptance``).
+        In turn, an adaptive PEARL request runs vanilla SD rounds."""
         if not seqs:
             return 0.0
+        sch = self._sched(schedule)
         b = len(seqs)
         windows = [self._window(s, g) for s in seqs]
         width = max(windows)
         drafting = sum(1 for w in windows if w > 0)
-        d = self.draft_s(drafting, width)
+        d = self.draft_s(drafting, width, sch)
         alone = self.costs.target_alone
-        t_plain = self.scale_alone * alone(b) if (alone is not None and width == 0) else self.target_s(b)
+        t_plain = self.scale_alone * alone(b) if (alone is not None and width == 0) else self.target_s(b, sch)
         total = 0.0
         for s, w in zip(seqs, windows):
             if w == 0:
-                total += 1.0 / (t_plain if width == 0 else self._join(d, self.target_s(b * (width + 1))))
+                total += 1.0 / (t_plain if width == 0 else self._join(d, self.target_s(b * (width + 1), sch), sch))
                 continue
             a = self.acceptance(s, z)
-            if s.method == "sd":
-                total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1)))
+            if s.method == "sd" or (sch == "turn" and s.adaptive and self.costs.split is not None):
+                total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1), sch))
             elif w == 1:  # PEARL with a one-token window never has a window pending: one token per round
-                total += 1.0 / self._join(d, self.target_s(b))
+                total += 1.0 / self._join(d, self.target_s(b, sch), sch)
             else:
                 # alone, a PRE round's forward is one token; in a batch the rows are in mixed phases and every
                 # forward is padded to the widest row, so each round pays for the POST width
-                c_post = self._join(d, self.target_s(b * w))
-                c_pre = self._join(d, self.target_s(b)) if b == 1 else c_post
+                c_post = self._join(d, self.target_s(b * w, sch), sch)
+                c_pre = self._join(d, self.target_s(b, sch), sch) if b == 1 else c_post
                 stay = a ** w
                 post_per_pre = a / max(1.0 - stay, 1e-9)
                 tokens = 1.0 + post_per_pre * expected_run(a, w)
@@ -215,10 +268,33 @@ class SpeculationPolicy:
 
     # -- the choice --------------------------------------------------------------------------------------
     def choose(self, seqs: Sequence[SeqView]) -> int:
-        """The window for the next round (0: plain decoding)."""
+        """The window for the next round (0: plain decoding); ``schedule`` says how the sides run it."""
+        return self.decide(seqs)[1]
+
+    def decide(self, seqs: Sequence[SeqView]) -> tuple[str, int]:
+        """(schedule, window) for the next round: "plain" with 0, or "turn"/"once" with a window > 0."""
+        window = self._choose(seqs)
+        if window == 0:
+            self.schedule = "plain"
+        elif self.forced or len(self.costs.schedules()) == 1:
+            self.schedule = self._sched(None)
+        else:
+            rates = {sch: self.rate(seqs, window, -self.confidence, sch) for sch in self.costs.schedules()}
+            self.schedule = max(rates, key=lambda sch: (rates[sch], sch == "turn"))
+        self.last_choice["schedule"] = self.schedule
+        return self.schedule, window
+
+    def _best_rate(self, seqs: Sequence[SeqView], g: int, z: float) -> float:
+        """The rate of window ``g`` under the schedule that gives it most (the forced one, if any)."""
+        if g == 0 or self.forced:
+            return self.rate(seqs, g, z)
+        return max(self.rate(seqs, g, z, sch) for sch in self.costs.schedules())
+
+    def _choose(self, seqs: Sequence[SeqView]) -> int:
         if not any(s.method != "ar" and s.adaptive for s in seqs) or self.max_gamma == 0:
+            self.last_choice = {"window": 0}
             return 0
-        rates = {g: self.rate(seqs, g, -self.confidence) for g in range(self.max_gamma + 1)}
+        rates = {g: self._best_rate(seqs, g, -self.confidence) for g in range(self.max_gamma + 1)}
         best = max(rates, key=lambda g: (rates[g], -g))
         if best > 0 and rates[best] < self.margin * rates[0]:
             best = 0  # drafting must win clearly: the model's errors should cost speculation, not plain decoding
@@ -228,7 +304,7 @@ class SpeculationPolicy:
         if best == 0:
             self._zero_streak += 1
             if self.probe_every and self._zero_streak >= self._probe_gap:
-                hopes = {g: self.rate(seqs, g, self.probe_optimism) for g in range(1, self.max_gamma + 1)}
+                hopes = {g: self._best_rate(seqs, g, self.probe_optimism) for g in range(1, self.max_gamma + 1)}
                 hopeful = max(hopes, key=lambda g: (hopes[g], -g))
                 if hopes[hopeful] >= self.margin * rates[0] and self._probe_pays(seqs, hopeful, hopes[hopeful],
                                                                                  rates[0]):
@@ -258,7 +334,7 @@ class SpeculationPolicy:
         left = sum(s.remaining for s in seqs if s.method != "ar")
         saved = (1.0 - plain / hope) * left / plain
         behind = sum(s.behind for s in seqs if s.method != "ar")
-        catch_up = self.scale_draft * self.costs.draft(behind) if behind and self.costs.draft else 0.0
+        catch_up = self.draft_s(behind, 1, "turn") if behind and self.costs.draft else 0.0
         rows = len(seqs)
         wide = self.target_s(rows * (g + 1)) - rows / plain
         return saved > catch_up + max(0.0, wide)
@@ -271,33 +347,38 @@ class SpeculationPolicy:
         self._pair_ver = decay * self._pair_ver + verified
 
     def observe(self, rows: int, width: int, target_s: float, draft_rows: int = 0, draft_steps: int = 0,
-                draft_s: float = 0.0) -> None:
-        """A round's measured times against the prediction: rescale, and re-measure on a sustained drift."""
+                draft_s: float = 0.0, schedule: str | None = None) -> None:
+        """A round's measured times against the prediction: rescale (the scales of the round's ``schedule``;
+        None: the last one chosen), and re-measure on a sustained drift."""
         if width > self.max_gamma + 1:  # a prompt pass rode in this forward: not a decoding round's cost
             return
+        sch = self._sched(schedule if schedule is not None else self.schedule)
+        costs, scales = self.costs.of(sch), self.scales[sch]
         seen, off = False, False
         if rows and width and target_s > 0:
             # a round with no drafting ran on the draft's threads too: its own costs, its own scale
             alone = draft_rows == 0 and self.costs.target_alone is not None
-            predicted = (self.costs.target_alone if alone else self.costs.target)(rows * width)
+            predicted = (self.costs.target_alone if alone else costs.target)(rows * width)
             ratio = min(2.0, max(0.5, target_s / predicted))  # one outlier moves it little
             if alone:
                 self.scale_alone = 0.8 * self.scale_alone + 0.2 * ratio
+                scale = self.scale_alone
             else:
-                self.scale_target = 0.8 * self.scale_target + 0.2 * ratio
-            scale = self.scale_alone if alone else self.scale_target
+                scales[0] = 0.8 * scales[0] + 0.2 * ratio
+                scale = scales[0]
             seen, off = True, not (1 / self.drift <= scale <= self.drift)
-        if (draft_rows and draft_steps and draft_s > 0 and self.costs.draft is not None
+        if (draft_rows and draft_steps and draft_s > 0 and costs.draft is not None
                 and not self._probing):  # a probe's steps also catch up on skipped tokens: not a step's cost
-            ratio = min(2.0, max(0.5, draft_s / (draft_steps * self.costs.draft(draft_rows))))
-            self.scale_draft = 0.8 * self.scale_draft + 0.2 * ratio
-            seen, off = True, off or not (1 / self.drift <= self.scale_draft <= self.drift)
+            ratio = min(2.0, max(0.5, draft_s / (draft_steps * costs.draft(draft_rows))))
+            scales[1] = 0.8 * scales[1] + 0.2 * ratio
+            seen, off = True, off or not (1 / self.drift <= scales[1] <= self.drift)
         if not seen:
             return
         self._off_rounds = self._off_rounds + 1 if off else 0
         if self._off_rounds >= self.drift_rounds and self.remeasure_fn is not None:
             self.costs = self.remeasure_fn()
-            self.scale_target = self.scale_draft = self.scale_alone = 1.0
+            self.scale_alone = 1.0
+            self.scales = {k: [1.0, 1.0] for k in self.scales}
             self._off_rounds = 0
             self.remeasures += 1
 
@@ -306,7 +387,9 @@ class SpeculationPolicy:
                 "confidence": self.confidence, "probe_optimism": self.probe_optimism,
                 "probes": self.probes, "skipped_probes": self.skipped_probes,
                 "scale_target": round(self.scale_target, 3), "scale_draft": round(self.scale_draft, 3),
-                "scale_alone": round(self.scale_alone, 3),
+                "scale_alone": round(self.scale_alone, 3), "schedules": list(self.costs.schedules()),
+                "forced_schedule": self.forced,
+                "scales": {k: [round(x, 3) for x in v] for k, v in self.scales.items()},
                 "remeasures": self.remeasures, "costs": self.costs.to_dict()}
 
 
