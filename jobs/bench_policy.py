@@ -9,6 +9,7 @@ catch-up over every skipped token) shows as few, slow drafting rounds.
 
     python jobs/bench_policy.py --batch-sizes 1,4,8 --prompts 16 --max-new-tokens 64
     python jobs/bench_policy.py --batch-sizes 1 --fixed-gammas 2,4   # the windows the policy declines
+    python jobs/bench_policy.py --schedules --batch-sizes 1,2,4,8 --prompts 8   # one device, three schedules
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def run_cell(engine, prompts, method: str, batch: int, max_new_tokens: int, time
              gamma: int | None = None) -> dict:
     from pearl_ray import SamplingParams
 
+    if engine.config.backend == "local":  # one call: its loop batches ``batch`` requests at a time
+        engine.backend.loop.max_num_seqs = batch
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens), method=method, gamma=gamma)
+        return cell_result(outs, time.perf_counter() - t0, [])
     todo: queue.Queue = queue.Queue()
     for p in prompts:
         todo.put(p)
@@ -61,7 +67,10 @@ def run_cell(engine, prompts, method: str, batch: int, max_new_tokens: int, time
         t.join(timeout=timeout_s)
     if any(t.is_alive() for t in threads):
         raise TimeoutError(f"{method} at batch {batch} did not finish within {timeout_s} s")
-    wall = time.perf_counter() - t0
+    return cell_result(outs, time.perf_counter() - t0, errors)
+
+
+def cell_result(outs, wall: float, errors: list) -> dict:
     rounds = [r for o in outs for r in o.stats.round_timings]
     drafting = [r for r in rounds if r.window > 0]
     plain = [r for r in rounds if r.window == 0]
@@ -73,7 +82,9 @@ def run_cell(engine, prompts, method: str, batch: int, max_new_tokens: int, time
     return {"tok_s": sum(len(o.token_ids) for o in outs) / wall, "request_rounds": len(rounds),
             "drafting": len(drafting), "plain_ms": med_ms(plain), "drafting_ms": med_ms(drafting),
             "acceptance": round(sum(r.num_accepted for r in rounds) / cand, 3) if cand else None,
-            "errors": len(errors)}
+            "errors": len(errors),
+            "schedules": [sum(o.stats.plain_rounds for o in outs), sum(o.stats.turn_rounds for o in outs),
+                          sum(o.stats.once_rounds for o in outs)]}
 
 
 def main() -> None:
@@ -86,7 +97,18 @@ def main() -> None:
     ap.add_argument("--fixed-gammas", default="",
                     help="also PEARL with these fixed windows (policy off), e.g. 2,4: what the policy declines")
     ap.add_argument("--cell-timeout-s", type=float, default=900.0)
+    ap.add_argument("--schedules", action="store_true",
+                    help="compare target-only, SD in turn, PEARL at once, the default policy and Ray pairs "
+                         "(colocated and separate) on the held-out families and 8-shot GSM8K")
+    ap.add_argument("--configs", default="", help="with --schedules: a subset of " + ",".join(SCHEDULE_CONFIGS))
+    ap.add_argument("--families", default="", help="with --schedules: a subset of the families")
+    ap.add_argument("--prompts-per-cell", type=int, default=4, help="with --schedules: at least this many")
     args = ap.parse_args()
+    if args.schedules:
+        from pearl_ray.modeling.hf import quiet_loading
+
+        quiet_loading()
+        return run_schedules(args)
 
     from jobs.bench_throughput import heldout_prompts
     from pearl_ray import PearlEngine, SamplingParams
@@ -137,6 +159,79 @@ def print_breakeven(measured: dict | None, sizes: list[int]) -> None:
             got = breakeven_acceptance(costs, batch, speedup, max_gamma=policy["max_gamma"])
             cells.append(f"{speedup:.1f}x: " + (f"{got[0]:.2f} (window {got[1]})" if got else "none below 0.98"))
         print(f"batch {batch}: " + ", ".join(cells))
+
+
+# -- schedules: one device, one worker ----------------------------------------------------------------------
+SCHEDULE_CONFIGS = {
+    # label: (engine options, per-call method, per-call gamma)
+    "target-only": (dict(backend="local"), "ar", None),
+    "sd-turn@2": (dict(backend="local", schedule="turn"), "sd", 2),
+    "sd-turn@4": (dict(backend="local", schedule="turn"), "sd", 4),
+    "pearl-once@4": (dict(backend="local", schedule="once"), "pearl", 4),
+    "default": (dict(backend="local"), "pearl", None),
+    "ray-colocated": (dict(backend="ray", colocate=True), "pearl", None),
+    "ray-separate": (dict(backend="ray"), "pearl", None),
+}
+
+
+def schedule_families(tokenizer, per_family: int) -> dict[str, list[str]]:
+    """The held-out hand-written families (chat template) and 8-shot GSM8K test questions (plain text)."""
+    import json
+
+    from jobs.bench_throughput import HELDOUT
+    from pearl_ray.evals.gsm8k import build_prompt, load_split
+    from pearl_ray.modeling.chat import user_turn
+
+    data = json.loads(HELDOUT.read_text())["families"]
+    out = {name: [user_turn(tokenizer, p) for p in items] for name, items in data.items()}
+    out["gsm8k_fewshot"] = [build_prompt(q["question"]) for q in load_split("test")[:per_family]]
+    return {name: [items[i % len(items)] for i in range(per_family)] for name, items in out.items()}
+
+
+def run_schedules(args) -> None:
+    """Every configuration of ``SCHEDULE_CONFIGS`` on each family at each batch size, in ABBA order per cell
+    (so drift hits all alike), on the callers' clock, greedy, EOS stop. Prints a table of tokens/s and the
+    ratio to target-only, and the share of rounds per schedule under the default policy."""
+    from pearl_ray import PearlEngine, SamplingParams
+
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    labels = [x for x in args.configs.split(",") if x] if args.configs else list(SCHEDULE_CONFIGS)
+    engines = {}
+    try:
+        for label in labels:
+            options, _, _ = SCHEDULE_CONFIGS[label]
+            engines[label] = PearlEngine(draft=args.draft, target=args.target, max_num_seqs=max(sizes),
+                                         max_queued=max(sizes), **options)
+        tokenizer = next(iter(engines.values())).tokenizer
+        families = schedule_families(tokenizer, args.prompts)
+        if args.families:
+            families = {k: v for k, v in families.items() if k in args.families.split(",")}
+        for label, eng in engines.items():  # warm-up
+            _, method, gamma = SCHEDULE_CONFIGS[label]
+            eng.generate(families[next(iter(families))][:1], SamplingParams(max_new_tokens=8), method=method,
+                         gamma=gamma)
+        print("| family | batch | " + " | ".join(labels) + " | default's rounds plain/turn/once |")
+        print("|---|---:|" + "---:|" * len(labels) + "---|")
+        for family, prompts in families.items():
+            for batch in sizes:
+                got: dict[str, list[float]] = {}
+                shares = [0, 0, 0]
+                for label in labels + labels[::-1]:
+                    _, method, gamma = SCHEDULE_CONFIGS[label]
+                    r = run_cell(engines[label], prompts[:max(batch, args.prompts_per_cell)], method, batch,
+                                 args.max_new_tokens, args.cell_timeout_s, gamma)
+                    got.setdefault(label, []).append(r["tok_s"])
+                    if label == "default":
+                        shares = [a + b for a, b in zip(shares, r["schedules"])]
+                base = sum(got["target-only"]) if "target-only" in got else None
+                cells = [f"{sum(v) / 2:.1f}" + (f" ({sum(v) / base:.2f}x)" if base else "") for v in
+                         (got[label] for label in labels)]
+                total = sum(shares) or 1
+                print(f"| {family} | {batch} | " + " | ".join(cells) + " | "
+                      + "/".join(f"{100 * s / total:.0f}%" for s in shares) + " |", flush=True)
+    finally:
+        for eng in engines.values():
+            eng.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""GPU check of the whole stack: AR, SD and PEARL, on the local and the Ray backend, in float32 and bfloat16,
-on the embedded default pair (``default-draft`` / ``default-target``). A few minutes on one CUDA GPU.
+"""GPU check of the whole stack: AR, SD and PEARL, on the local and the Ray backend (each schedule of a pair
+in one process: the policy's, in turn, at once; Ray pairs colocated and in two actors), in float32 and
+bfloat16, on the embedded default pair (``default-draft`` / ``default-target``). A few minutes on one CUDA
+GPU; each run reports its rounds per schedule and the median round's cost.
 
     python jobs/gpu_check.py                       # cuda, float32+bfloat16, local+ray, 3 prompts, 96 tokens
     python jobs/gpu_check.py --device cpu --dtypes float32 --backends local --max-new-tokens 16 --prompts 1
@@ -48,7 +50,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 DRAFT, TARGET = "default-draft", "default-target"
 METHODS = ("ar", "sd", "pearl")
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "local-turn", "local-once", "ray", "ray-colocated")
+"""Where the pair runs: one process with the policy's schedule per round (local), every drafting round in
+turn or at once (the draft on a CUDA stream of its own); on Ray two actors sharing the GPU, or one actor
+holding both models (colocated, the schedules as locally)."""
 DEFAULT_OUT = "results/gpu_check/report.json"
 EXIT_OK, EXIT_MISMATCH, EXIT_CANNOT_RUN, EXIT_TIMEOUT = 0, 1, 2, 3
 _RAY_TEMP_DIRS: list[str] = []
@@ -79,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
-    ap.add_argument("--backends", default="local,ray", help="comma-separated: local, ray")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated: " + ", ".join(BACKENDS))
     ap.add_argument("--max-new-tokens", type=int, default=96, help="tokens per prompt, EOS ignored (default 96)")
     ap.add_argument("--prompts", type=int, default=3,
                     help="prompts per run, cycling chat, code, GSM8K (default 3, at most 9)")
@@ -154,8 +159,13 @@ def build_prompts(tokenizer, n: int) -> list[dict]:
 
 
 def engine_kwargs(backend: str, dtype: str, args) -> dict:
+    backend, _, variant = backend.partition("-")
     kw = {"draft": DRAFT, "target": TARGET, "backend": backend, "dtype": dtype, "gamma": args.gamma,
           "device": args.device, "queue_timeout_s": args.timeout_s, "num_threads": args.num_threads}
+    if variant in ("turn", "once"):
+        kw["schedule"] = variant
+    if variant == "colocated":
+        kw["colocate"] = True
     if backend == "ray":
         import ray
 
@@ -184,7 +194,7 @@ def run_pair(backend: str, dtype: str, prompts: list[dict], args) -> dict:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     counters = ("accepted_tokens", "verified_tokens", "drafted_tokens", "target_forwards", "draft_failures",
                 "fallback_rounds")
-    per = {m: {"tokens": [], "wall_s": [], **dict.fromkeys(counters, 0)} for m in METHODS}
+    per = {m: {"tokens": [], "wall_s": [], "rounds": {}, **dict.fromkeys(counters, 0)} for m in METHODS}
     sync_on = args.device if backend == "local" else "cpu"  # Ray's results arrive after the GPU work ended
     t_load = time.perf_counter()
     with PearlEngine(**engine_kwargs(backend, dtype, args)) as engine:
@@ -201,6 +211,8 @@ def run_pair(backend: str, dtype: str, prompts: list[dict], args) -> dict:
                 rec = per[method]
                 rec["wall_s"].append(time.perf_counter() - t0)
                 rec["tokens"].append(list(out.token_ids))
+                for t in out.stats.round_timings:
+                    rec["rounds"].setdefault(t.schedule, []).append(t.round_s)
                 for name in counters:
                     rec[name] += getattr(out.stats, name)
     results = {}
@@ -213,6 +225,9 @@ def run_pair(backend: str, dtype: str, prompts: list[dict], args) -> dict:
             "tok_s_per_prompt": [round(len(t) / w, 2) if w > 0 else 0.0 for t, w in zip(rec["tokens"], rec["wall_s"])],
             "acceptance": round(rec["accepted_tokens"] / rec["verified_tokens"], 4) if rec["verified_tokens"] else None,
             "tokens_per_target_forward": round(n / rec["target_forwards"], 3) if rec["target_forwards"] else None,
+            # per schedule (plain / turn / once): how many rounds, and the median round's cost
+            "rounds": {s: len(v) for s, v in rec["rounds"].items()},
+            "round_ms": {s: round(1e3 * sorted(v)[len(v) // 2], 3) for s, v in rec["rounds"].items()},
             **{name: rec[name] for name in counters},
         }
     return {"load_s": round(load_s, 2), "methods": results}
@@ -336,19 +351,22 @@ def flat_results(runs: dict) -> list[dict]:
                 ar = run["methods"]["ar"]["tok_s"]
                 rows.append({"backend": backend, "dtype": dtype, "method": method, "tokens": r["tokens"],
                              "new_tokens": r["new_tokens"], "tok_s": r["tok_s"], "acceptance": r["acceptance"],
-                             "drafted_tokens": r["drafted_tokens"],
+                             "drafted_tokens": r["drafted_tokens"], "round_ms": r.get("round_ms", {}),
+                             "rounds": r.get("rounds", {}),
                              "speedup_vs_ar": round(r["tok_s"] / ar, 3) if ar else None})
     return rows
 
 
 def print_table(rows: list[dict], errors: list[dict]) -> None:
-    print(f"{'backend':8} {'dtype':9} {'method':6} {'tok/s':>9} {'vs AR':>6} {'accept':>7}")
+    print(f"{'backend':13} {'dtype':9} {'method':6} {'tok/s':>9} {'vs AR':>6} {'accept':>7}  "
+          f"rounds per schedule: count @ median ms")
     for r in rows:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.3f}"
         spd = "-" if r["speedup_vs_ar"] is None else f"{r['speedup_vs_ar']:.2f}x"
-        print(f"{r['backend']:8} {r['dtype']:9} {r['method']:6} {r['tok_s']:9.1f} {spd:>6} {acc:>7}")
+        sched = ", ".join(f"{s} {n} @ {r['round_ms'][s]:.2f}" for s, n in sorted(r["rounds"].items()))
+        print(f"{r['backend']:13} {r['dtype']:9} {r['method']:6} {r['tok_s']:9.1f} {spd:>6} {acc:>7}  {sched}")
     for e in errors:
-        print(f"{e['backend']:8} {e['dtype']:9} FAILED: {e['error']}")
+        print(f"{e['backend']:13} {e['dtype']:9} FAILED: {e['error']}")
 
 
 class Report:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from collections.abc import Generator
 from typing import Protocol
@@ -19,9 +20,10 @@ from typing import Protocol
 import torch
 
 from .config import EngineConfig, Request
-from .core.batch import BatchedLM, BatchLoop, PerSlotLM, run_batch
+from .core.batch import BatchedLM, BatchLoop, PerSlotLM, ThreadedDraftPhase, run_batch, torch_threads
 from .core.metrics import GenerationStats
 from .core.policy import CostModel, SpeculationPolicy, measure_forward_costs, policy_widths
+from .errors import InvalidParameterError
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +68,99 @@ def as_batched(model) -> "BatchedLM":
     return PerSlotLM(lambda: copy.deepcopy(model))
 
 
-def local_cost_model(target_model, draft_model, max_num_seqs: int, max_gamma: int, context: int = 128) -> CostModel:
+def split_threads(whole: int) -> tuple[int, int] | None:
+    """(target, draft) torch threads when the sides run at the same time on ``whole`` CPU threads: the draft,
+    several times cheaper per step, gets a quarter (at least one); None below 2 threads (nothing to split)."""
+    if whole < 2:
+        return None
+    draft = max(1, whole // 4)
+    return whole - draft, draft
+
+
+def _busy(lm, stop: threading.Event, width: int, context: int, token: int = 5) -> None:
+    """Run ``width``-token forwards of one row on ``context`` cached positions until ``stop``: the other
+    side's load while a side is measured at the same time."""
+    vocab = max(1, int(getattr(lm, "vocab_size", 0) or 1))
+    lm.forward({0: ([(token + i % 7) % vocab for i in range(context)], 1)})
+    try:
+        while not stop.is_set():
+            lm.forward({0: ([token % vocab] * width, 1)})
+            lm.crop(0, context)
+    finally:
+        lm.release(0)
+
+
+def _in_thread(fn):
+    """Start ``fn()`` on a new thread; a future of its result."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+
+    def body():
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - raised by the waiter
+            future.set_exception(exc)
+
+    threading.Thread(target=body, name="pearl-measure", daemon=True).start()
+    return future
+
+
+def _while_busy(measure, background):
+    """``measure()`` while ``background(stop)`` runs on a thread of its own."""
+    stop = threading.Event()
+    future = _in_thread(lambda: background(stop))
+    try:
+        return measure()
+    finally:
+        stop.set()
+        future.result(timeout=600)
+
+
+def local_cost_model(target_model, draft_model, max_num_seqs: int, max_gamma: int, context: int = 128,
+                     concurrent: ThreadedDraftPhase | None = None, target_split_threads: int | None = None
+                     ) -> CostModel:
     """Measure the pair for the policy on fresh slot caches over the same weights (a few seconds; the live
-    caches keep their slots)."""
-    t = measure_forward_costs(as_batched(target_model), max_num_seqs, policy_widths(max_gamma), context)
+    caches keep their slots): each side with the whole device (the sides in turn), and with ``concurrent``
+    (the draft's own thread or stream) each side again while the other runs beside it, the target on
+    ``target_split_threads``: what a round costs when they share the device at once, contention included."""
+    widths = policy_widths(max_gamma)
+    t = measure_forward_costs(as_batched(target_model), max_num_seqs, widths, context)
     d = measure_forward_costs(as_batched(draft_model), max_num_seqs, (), context)
-    return CostModel(t, d, parallel=False)
+    if concurrent is None:
+        return CostModel(t, d, parallel=False)
+
+    def target_at_once():
+        with torch_threads(target_split_threads):
+            return measure_forward_costs(as_batched(target_model), max_num_seqs, widths, context)
+
+    def target_load(stop):
+        with torch_threads(target_split_threads):
+            _busy(as_batched(target_model), stop, max(widths), context)
+
+    t_split = _while_busy(target_at_once, lambda stop: concurrent.run(_busy, as_batched(draft_model), stop, 1, context))
+    d_split = _while_busy(lambda: concurrent.run(measure_forward_costs, as_batched(draft_model), max_num_seqs, (),
+                                                 context), target_load)
+    return CostModel(t, d, parallel=False, split=CostModel(t_split, d_split, parallel=True))
+
+
+def concurrent_draft(side, device: torch.device, schedule: str, threads: int
+                     ) -> tuple[ThreadedDraftPhase | None, int | None]:
+    """For one process holding both models: the draft's own thread (CPU: with a share of the ``threads``
+    cores; CUDA: with a stream of its own) for rounds that run the sides at once, and the target's thread
+    count meanwhile (None: leave it). (None, None) where every round runs in turn: ``schedule="turn"``, or
+    a CPU with one thread (``schedule="once"`` is then an error)."""
+    if schedule == "turn":
+        return None, None
+    if device.type == "cuda":
+        return ThreadedDraftPhase(side, None, stream=torch.cuda.Stream(device=device)), None
+    split = split_threads(threads)
+    if split is None:
+        if schedule == "once":
+            raise InvalidParameterError(f"schedule='once' runs the sides at the same time: it needs CUDA or at "
+                                        f"least 2 CPU threads (num_threads), this engine has {threads}")
+        return None, None
+    return ThreadedDraftPhase(side, split[1]), split[0]
 
 
 class LocalBackend:
@@ -94,20 +183,29 @@ class LocalBackend:
         self.max_context, self.vocab_size = target_model.max_context, target_model.vocab_size
         self.target_lm = as_batched(target_model)
         self.draft_lm = as_batched(draft_model) if draft_model is not None else None
+        self.loop = BatchLoop(self.target_lm, self.draft_lm, None, config.max_num_seqs, self.decode)
+        self.loop.kv_budget = config.kv_budget_tokens
+        self.concurrent = None
+        if self.draft_lm is not None:
+            device = torch.device(getattr(self.target_model, "device", None) or config.device)
+            self.concurrent, split = concurrent_draft(self.loop.draft.side, device, config.schedule,
+                                                      torch.get_num_threads())
+            self.loop.set_concurrent(self.concurrent, split)
+        self.loop.schedule = None if config.schedule == "auto" else config.schedule
         self.policy = None
         self.measured = None
         if config.adaptive and self.draft_lm is not None:
             def measure() -> CostModel:
                 return local_cost_model(self.target_model, self.draft_model, config.max_num_seqs, config.gamma,
-                                        config.measure_context)
+                                        config.measure_context, self.concurrent, self.loop.split_threads)
 
             t0 = time.perf_counter()
-            self.policy = SpeculationPolicy(measure(), max_gamma=config.gamma, remeasure=measure)
+            self.policy = SpeculationPolicy(measure(), max_gamma=config.gamma, remeasure=measure,
+                                            schedule=self.loop.schedule)
+            self.loop.policy = self.policy
             self.measured = {"policy": self.policy.describe(), "measure_s": round(time.perf_counter() - t0, 2)}
             log.info("speculation policy: costs measured in %.1f s (%s)", time.perf_counter() - t0,
                      self.policy.costs.to_dict())
-        self.loop = BatchLoop(self.target_lm, self.draft_lm, self.policy, config.max_num_seqs, self.decode)
-        self.loop.kv_budget = config.kv_budget_tokens
 
     def stream(self, request: Request, hold_s: float = 0.0):
         key = self.loop.add(request)  # in-process: every round's tokens at once, whatever ``hold_s``
@@ -140,5 +238,8 @@ class LocalBackend:
             raise
 
     def shutdown(self) -> None:
+        if self.concurrent is not None:
+            self.concurrent.close()
+        self.concurrent = None
         self.draft_model = self.target_model = None
         self.loop = self.target_lm = self.draft_lm = None

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 
-from .config import CPU_KERNELS, MAX_GAMMA, METHODS, TRANSPORTS, SamplingParams
+from .config import CPU_KERNELS, MAX_GAMMA, METHODS, SCHEDULES, TRANSPORTS, SamplingParams
 from .errors import InvalidParameterError, PearlError, PromptError
 from .modeling.presets import preset_names
 
@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--transport", choices=TRANSPORTS,
                    help="ray backend only: how the target leader reaches the draft (default gloo)")
     g.add_argument("--num-threads", type=int, help="torch threads per model (local) or per worker (ray)")
+    g.add_argument("--schedule", default="auto", choices=SCHEDULES,
+                   help="one process holding both models (local, or ray with --colocate): the sides in turn, "
+                        "at once (PEARL), or the policy's choice per round (auto, default)")
+    g.add_argument("--colocate", action="store_true",
+                   help="ray backend only: both models in the target leader's worker, one bundle, no link")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
@@ -71,6 +76,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--gamma", type=int, default=0, help="draft window (0 = auto, measured at start-up)")
     s.add_argument("--transport", choices=TRANSPORTS)
     s.add_argument("--num-threads", type=int, help="torch threads per worker")
+    s.add_argument("--schedule", choices=SCHEDULES, help="with --colocate: turn, once or auto (default)")
+    s.add_argument("--colocate", action="store_true",
+                   help="both models in the target leader's worker (one bundle with the pair's CPUs, no link)")
     s.add_argument("--device")
     s.add_argument("--dtype")
     s.add_argument("--cpu-kernels", choices=CPU_KERNELS, help="CPU linear layers (default onednn)")
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         draft, target = "default-draft", "default-target"  # the embedded pair, as `serve` does
     try:
         extra = {"transport": args.transport} if args.transport else {}
+        if args.colocate:
+            extra["colocate"] = True
         if args.preset:
             extra["preset"] = args.preset
         if args.tensor_parallel_size != 1:
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         with PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
                          backend=args.backend, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
                          cpu_kernels=args.cpu_kernels, pre_verify=not args.no_pre_verify,
-                         post_verify=not args.no_post_verify, **extra) as engine:
+                         post_verify=not args.no_post_verify, schedule=args.schedule, **extra) as engine:
             prompts = [chat_prompt(engine.tokenizer, p) for p in args.prompt] if args.chat else args.prompt
             outs = engine.generate(prompts, params)
     except PearlError as exc:

@@ -31,6 +31,8 @@ TENSOR_LANES = ("auto", "gloo", "nccl")
 """What carries the draft's probability rows on the gloo link: "auto" = NCCL when draft and leader sit on
 different GPUs, else gloo (everything else always goes over gloo)."""
 PLACEMENTS = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
+SCHEDULES = ("auto", "turn", "once")
+"""How draft and target share one device in a drafting round (``EngineConfig.schedule``)."""
 CPU_KERNELS = ("onednn", "eager")
 """How CPU linear layers run (``modeling.kernels``)."""
 DEFAULT_GAMMA = 4
@@ -152,6 +154,14 @@ class EngineConfig:
     post_verify: bool = True
     draft_greedy: bool = False
     """When sampling, draft by argmax (q one-hot, ids only on the wire). Still lossless."""
+    schedule: str = "auto"
+    """Where one process holds both models (the local backend): how the sides share the device in a drafting
+    round. "turn": the draft's window, then the target's verification, each with the whole device (adaptive
+    PEARL requests then run vanilla SD rounds); "once": PEARL with the sides at the same time (on CPU two
+    threads with the cores split between them, on CUDA two streams); "auto": with the adaptive policy, its
+    choice each round between those two and plain decoding (from their measured costs), else "once" for a
+    fixed-window PEARL request. "once" and "auto" need a device that can be split: CUDA, or at least 2 CPU
+    threads (``num_threads``); otherwise every round is in turn."""
     backend: str = "local"
     device: str = "cpu"
     dtype: str = "float32"
@@ -170,6 +180,10 @@ class EngineConfig:
     """Requests that may wait behind the running one; past it a call raises ``QueueFullError``."""
     queue_timeout_s: float = 600.0
     # Ray backend
+    colocate: bool = False
+    """Ray: one worker, the target leader, holds both models in one placement bundle with the pair's
+    resources (their CPUs, or one GPU); no draft actor and no link. Its rounds then pick a schedule as the
+    local backend's (``schedule``). Needs a target of one rank."""
     transport: str = "gloo"
     placement: str = "STRICT_PACK"
     draft_num_cpus: float = 1.0
@@ -207,12 +221,16 @@ class EngineConfig:
             raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.transport not in TRANSPORTS:
             raise InvalidParameterError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.schedule not in SCHEDULES:
+            raise InvalidParameterError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.cpu_kernels not in CPU_KERNELS:
             raise InvalidParameterError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
         if self.tensor_lane not in TENSOR_LANES:
             raise InvalidParameterError(f"tensor_lane must be one of {TENSOR_LANES}, got {self.tensor_lane!r}")
         if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
             raise InvalidParameterError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if self.colocate and self.tensor_parallel_size > 1:
+            raise InvalidParameterError("colocate=True holds both models in one worker: it needs tensor_parallel_size 1")
         if self.tensor_parallel_size > 1 and self.backend != "ray":
             raise InvalidParameterError("tensor_parallel_size > 1 needs backend='ray' (one actor per target rank)")
         if self.placement not in PLACEMENTS:

@@ -30,7 +30,7 @@ from .errors import CacheBudgetError, EngineClosedError, InvalidParameterError, 
 log = logging.getLogger(__name__)
 RAY_ONLY = ("transport", "placement", "draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus",
             "round_timeout_s", "start_timeout_s", "placement_timeout_s", "measure_context", "ray_address",
-            "load_sharded", "kernel_inject", "tensor_lane")
+            "load_sharded", "kernel_inject", "tensor_lane", "colocate")
 
 
 @dataclass

@@ -147,3 +147,18 @@ class FlakyLM(TabularLM):
         if os.path.exists(state["marker"]):
             raise RuntimeError(f"model refuses to load: {state['marker']} exists")
         self.__dict__.update(state)
+
+
+class BrokenLM(TabularLM):
+    """A tabular LM whose forwards raise from the ``after``-th call on (each copy counts its own): a draft
+    that breaks in the middle of a request."""
+
+    def __init__(self, base: TabularLM, after: int):
+        super().__init__(base.vocab_size, table=base.table, max_context=base.max_context)
+        self.after, self.calls = after, 0
+
+    def forward(self, token_ids, num_logits):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError(f"draft forward {self.calls} failed (broken after {self.after})")
+        return super().forward(token_ids, num_logits)

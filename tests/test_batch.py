@@ -667,3 +667,89 @@ def test_tensor_parallel_leader_carries_the_batched_forward_in_one_op(tiny_pair,
     assert Path(f"{out}.rank0").read_text() == "led" and Path(f"{out}.rank1").read_text() == "stopped"
     worst, n_got, n_want = out.read_text().split()
     assert float(worst) < 1e-5 and n_got == n_want
+
+
+# -- schedules: plain, SD in turn, PEARL at once -------------------------------------------------------------
+class _SchedulePolicy(_ScriptedPolicy):
+    """(schedule, window) pairs from a fixed script, one per round: forced switches mid-request."""
+
+    def decide(self, views):
+        schedule, w = self.windows[len(self.chosen) % len(self.windows)]
+        self.chosen.append((schedule, w))
+        self.views.append(views)
+        return schedule, w
+
+
+SWITCHES = [("once", 3), ("turn", 2), ("plain", 0), ("once", 4), ("once", 1), ("turn", 3), ("turn", 1),
+            ("plain", 0), ("once", 2)]
+
+
+def test_policy_picks_the_schedule_from_its_costs():
+    """In turn each side has the whole device; at once each has its share (the ``split`` costs). Where the
+    sides slow each other down (split target 2x) turn wins; where the split costs are close to the whole
+    ones, once wins; a forced schedule holds whatever the costs; each schedule keeps its own scales."""
+    whole = _costs(0.004)
+    good = [SeqView("pearl", accepted=80, verified=100)]
+    contended = CostModel(whole.target, whole.draft, split=CostModel(whole.target.scaled(2.0),
+                                                                       whole.draft.scaled(2.0), parallel=True))
+    schedule, w = SpeculationPolicy(contended, max_gamma=8).decide(good)
+    assert (schedule, w > 0) == ("turn", True)
+    cheap = CostModel(whole.target, whole.draft, split=CostModel(whole.target.scaled(1.05),
+                                                                   whole.draft.scaled(1.05), parallel=True))
+    pol = SpeculationPolicy(cheap, max_gamma=8)
+    schedule, w = pol.decide(good)
+    assert (schedule, w > 0) == ("once", True) and pol.describe()["schedules"] == ["turn", "once"]
+    forced = SpeculationPolicy(contended, max_gamma=8, schedule="once")
+    assert forced.decide(good)[0] == "once"
+    assert SpeculationPolicy(cheap, max_gamma=8).decide([SeqView("pearl", accepted=2, verified=100)]) == ("plain", 0)
+    with pytest.raises(ValueError):
+        SpeculationPolicy(whole, schedule="once")  # no split costs: it cannot run the sides at once
+    for _ in range(40):  # rounds at once run 1.5x slower than measured: only that schedule's scales move
+        pol.observe(rows=1, width=5, target_s=1.5 * cheap.split.target(5), draft_rows=1, draft_steps=4,
+                    draft_s=4 * cheap.split.draft(1), schedule="once")
+    assert abs(pol.scales["once"][0] - 1.5) < 0.01 and pol.scales["turn"] == [1.0, 1.0]
+    assert pol.decide(good)[0] == "turn"
+
+
+def test_forced_schedule_switches_mid_request_stay_lossless(tiny_pair):
+    """A request may change schedule every round (plain, SD in turn, PEARL at once on the draft's thread):
+    greedy tokens still equal target-only decoding's, for single requests and a batch of 8 through 3 slots,
+    and each round's schedule is counted in the request's stats."""
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], max_num_seqs=3, num_threads=2)
+    assert eng.backend.concurrent is not None and eng.backend.loop.split_threads == 1
+    params = SamplingParams(max_new_tokens=21, ignore_eos=True)
+    want = [eng.generate([p], params, method="ar")[0].token_ids for p in PROMPTS]
+    eng.backend.loop.policy = policy = _SchedulePolicy(SWITCHES)
+    outs = eng.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == want
+    stats = [o.stats for o in outs]
+    assert all(s.plain_rounds + s.turn_rounds + s.once_rounds == s.rounds for s in stats)
+    assert sum(s.turn_rounds for s in stats) and sum(s.once_rounds for s in stats)
+    assert all(s.draft_failures == 0 for s in stats)
+    assert {sch for sch, _ in policy.chosen} == {"plain", "turn", "once"}
+    # one request alone, switching each round, decides the same
+    eng.backend.loop.policy = _SchedulePolicy(SWITCHES[3:] + SWITCHES[:3])
+    assert eng.generate([PROMPTS[2]], params)[0].token_ids == want[2]
+
+
+def test_schedule_option_builds_what_it_names(tiny_pair):
+    """"turn" never starts the draft's thread; "once" forces every drafting round at once; "auto" measures
+    the sides at once too (split costs) and a one-thread engine cannot split, so "once" is refused there."""
+    from pearl_ray.errors import InvalidParameterError
+
+    turn = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], schedule="turn")
+    assert turn.backend.concurrent is None and turn.measured["policy"]["schedules"] == ["turn"]
+    auto = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], num_threads=2)
+    assert auto.measured["policy"]["schedules"] == ["turn", "once"]
+    assert auto.measured["policy"]["costs"]["split"]["parallel"] is True
+    once = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], schedule="once", num_threads=2)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    want = once.generate([PROMPTS[0]], params, method="ar")[0].token_ids
+    fixed = once.generate([PROMPTS[0]], params, gamma=3)[0]
+    assert fixed.token_ids == want and fixed.stats.turn_rounds == 0 and fixed.stats.once_rounds > 0
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(InvalidParameterError):
+            PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], schedule="once", num_threads=1)
+    finally:
+        torch.set_num_threads(threads)  # the engine set this process's count

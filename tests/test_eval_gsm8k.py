@@ -196,7 +196,7 @@ def report_record(qid: int, method: str, **over) -> dict:
     """One results.jsonl line as the job writes it, for 16 greedy tokens decoded in 16 plain rounds."""
     record = {"qid": qid, "method": method, "pair": "s/0", "temperature": 0.0, "token_ids": list(range(16)),
               "correct_strict": False, "correct_flexible": False, "finish_reason": "length", "new_tokens": 16,
-              "wall_s": 2.0, "rounds": 16, "plain_rounds": 16, "pre_rounds": 16 if method != "ar" else 0,
+              "wall_s": 2.0, "rounds": 16, "plain_rounds": 16, "turn_rounds": 0, "once_rounds": 0, "pre_rounds": 16 if method != "ar" else 0,
               "post_rounds": 0, "draft_idle_s": 1.0, "target_idle_s": 0.1, "target_forwards": 16,
               "accepted_tokens": 0, "verified_tokens": 0, "drafted_tokens": 0, "runs": 0, "fallback_rounds": 0,
               "draft_failures": 0, "acceptance_rate": None, "mean_accepted_len": None}
@@ -213,7 +213,7 @@ def test_report_says_when_a_method_never_drafted(tmp_path):
 
     from pearl_ray.evals import gsm8k_report
 
-    sd = dict(rounds=8, plain_rounds=2, pre_rounds=8, drafted_tokens=24, verified_tokens=20, accepted_tokens=15,
+    sd = dict(rounds=8, plain_rounds=2, turn_rounds=6, pre_rounds=8, drafted_tokens=24, verified_tokens=20, accepted_tokens=15,
               runs=5, target_forwards=8, acceptance_rate=0.75, mean_accepted_len=3.0)
     records = [r for q in (0, 1) for r in (report_record(q, "ar"), report_record(q, "sd", **sd),
                                            report_record(q, "pearl"))]
@@ -227,6 +227,7 @@ def test_report_says_when_a_method_never_drafted(tmp_path):
     assert rows["pearl"]["MAL"] == "-"
     assert (rows["sd"]["acceptance"], rows["sd"]["MAL"]) == ("0.750", "3.00")  # 30 of 40 accepted in 10 runs
     assert rows["ar"]["acceptance"] == "-"
+    assert rows["sd"]["rounds plain/turn/once"] == "25%/75%/0%" and rows["pearl"]["rounds plain/turn/once"] == "100%/0%/0%"
     csv = pd.read_csv(tmp_path / "summary.csv").set_index("method")
     assert math.isnan(csv.loc["pearl", "acceptance_rate"]) and math.isnan(csv.loc["pearl", "mean_accepted_len"])
     assert csv.loc["pearl", "drafted_tokens"] == 0 and csv.loc["pearl", "total_rounds"] == 32
@@ -296,7 +297,9 @@ def test_job_end_to_end_and_resume(tiny_pair_long, tmp_path):
     records = check_outputs(out, 3)
     r = next(r for r in records if r["method"] == "pearl")
     assert r["rounds"] == r["pre_rounds"] + r["post_rounds"] == len(r["round_timings"]) and r["gamma"] == 3
-    assert r["plain_rounds"] == sum(t["window"] == 0 for t in r["round_timings"]) < r["rounds"]  # it drafted
+    by_schedule = {s: sum(t["schedule"] == s for t in r["round_timings"]) for s in ("plain", "turn", "once")}
+    assert by_schedule == {s: r[f"{s}_rounds"] for s in by_schedule} and sum(by_schedule.values()) == r["rounds"]
+    assert r["once_rounds"] > 0  # separate actors: the sides work at the same time
     config = json.loads((out / "config.json").read_text())
     first_s, second_s = config["sessions"]
     assert (first_s["records_before"], first_s["records_written"]) == (0, 6)

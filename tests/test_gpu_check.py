@@ -40,12 +40,21 @@ def check_report(report: dict, backends: list[str], new_tokens: int = 16) -> Non
 
 
 def test_cpu_local_check_writes_a_passing_report(gpu_check, tmp_path, capsys):
+    """Every local schedule gives the target's tokens; each run counts its rounds per schedule and their cost:
+    forced in turn, PEARL never runs at once; forced at once, every drafting PEARL round does."""
     out = tmp_path / "report.json"
-    rc = gpu_check.main([*SMALL, "--backends", "local", "--timeout-s", "300", "--out", str(out)])
+    backends = ["local", "local-turn", "local-once"]
+    args = [*SMALL[:-1], "2", "--backends", ",".join(backends), "--timeout-s", "300", "--out", str(out)]
+    rc = gpu_check.main(args)  # two threads: the sides can run at once
     assert rc == 0
-    check_report(json.loads(out.read_text()), ["local"])
+    report = json.loads(out.read_text())
+    check_report(report, backends)
+    rows = {(r["backend"], r["method"]): r for r in report["results"]}
+    assert "once" not in rows[("local-turn", "pearl")]["rounds"] and rows[("local-turn", "pearl")]["rounds"]["turn"]
+    assert "turn" not in rows[("local-once", "pearl")]["rounds"] and rows[("local-once", "pearl")]["rounds"]["once"]
+    assert all(ms > 0 for r in rows.values() for ms in r["round_ms"].values())
     printed = capsys.readouterr().out
-    assert "OK: report in" in printed and "pearl" in printed
+    assert "OK: report in" in printed and "once" in printed
 
 
 @pytest.mark.slow
@@ -53,11 +62,11 @@ def test_cpu_local_check_writes_a_passing_report(gpu_check, tmp_path, capsys):
 def test_cpu_ray_check_in_a_subprocess(tmp_path):
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own private Ray
-    proc = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--backends", "ray", "--timeout-s", "240",
+    proc = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--backends", "ray,ray-colocated", "--timeout-s", "240",
                            "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], report.get("problems"))
-    check_report(report, ["ray"])
+    check_report(report, ["ray", "ray-colocated"])
     assert report["ray"]
 
 

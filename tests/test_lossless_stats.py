@@ -5,7 +5,8 @@ Tabular toy LMs (vocabulary 6, logits depend on the last two tokens) let us enum
 length-3 continuations (216 cells). Each configuration draws N continuations through the full engine (so
 PRE/POST switches, crops and the stop rule are all exercised) and runs a chi-square goodness-of-fit test,
 merging cells with expected count < 5. Each test fails at p < 1e-4: a false-alarm rate of 1e-4 per
-configuration, about 1.5e-3 for the whole file; seeds are fixed so a run is reproducible.
+configuration, about 1.7e-3 for the whole file (two more for forced schedule switches); seeds are fixed so a
+run is reproducible.
 """
 
 import pytest
@@ -110,3 +111,23 @@ def test_the_check_has_power_against_a_lossy_decoder():
     exact = target.continuation_probs(PROMPT, LENGTH, temperature=1.0)
     assert all(c in exact for c in counts)
     assert chi_square_p(counts, exact, N) < ALPHA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("warp", [T1, FILTERED], ids=["t1", "topk-topp"])
+def test_distribution_holds_across_forced_schedule_switches(warp):
+    """Adaptive PEARL requests whose rounds switch between plain decoding, SD in turn and PEARL at once (the
+    draft on its own thread) by a fixed script, so most requests change schedule mid-way: the joint law of
+    the continuation is still the target's (the same chi-square test, false-alarm rate 1e-4)."""
+    from test_batch import SWITCHES, _SchedulePolicy
+
+    target = TabularLM(6, seed=0, sharpness=1.2)
+    draft = TabularLM(6, seed=5, sharpness=1.2)
+    engine = PearlEngine(draft_model=draft, target_model=target, num_threads=2, max_num_seqs=5)
+    assert engine.backend.concurrent is not None
+    engine.backend.loop.policy = policy = _SchedulePolicy(SWITCHES)
+    params = SamplingParams(max_new_tokens=LENGTH, ignore_eos=True, seed=11, **warp)
+    counts = sample_continuations(engine, params, N)
+    assert {s for s, _ in policy.chosen} == {"plain", "turn", "once"}
+    pvalue = chi_square_p(counts, target.continuation_probs(PROMPT, LENGTH, **warp), N)
+    assert pvalue > ALPHA, f"{warp}: chi-square p = {pvalue:.2e} < {ALPHA} over {N} samples"

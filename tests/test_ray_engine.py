@@ -258,3 +258,47 @@ def test_joins_the_cluster_named_by_ray_address(tiny_pair):
         assert doc == {"gcs": f"127.0.0.1:{port}", "n": 4, "nodes": 1}
     finally:
         stop_process(head, 30)
+
+
+# -- a colocated pair: both models in the target leader ----------------------------------------------------
+def test_a_colocated_pair_is_one_actor_in_one_bundle(tiny_pair):
+    """colocate=True: one placement bundle with the pair's CPUs, no draft actor, the leader holding both
+    models on the pair's threads; the policy measures both schedules there, and every method decodes the
+    target's greedy tokens, with each round's schedule counted."""
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    ref = PearlEngine(target=tiny_pair["target"], method="ar")
+    want = [o.token_ids for o in ref.generate(PROMPTS, params)]
+    with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], backend="ray", colocate=True) as eng:
+        assert [b for b in eng.backend.pg.bundle_specs] == [{"CPU": 2.0}]
+        status = ray.get(eng.backend.coordinator.status.remote(), timeout=30)
+        assert status["handles"]["draft"] is None and status["draft_ready"]
+        assert eng.backend.info["draft"] is None
+        assert eng.backend.info["target"]["colocated_draft"] and eng.backend.info["target"]["threads"] == 2
+        assert eng.measured["policy"]["schedules"] == ["turn", "once"]
+        assert [o.token_ids for o in eng.generate(PROMPTS, params)] == want
+        for method, gamma in (("pearl", 3), ("sd", 2), ("ar", None)):
+            outs = eng.generate(PROMPTS, params, method=method, gamma=gamma)
+            assert [o.token_ids for o in outs] == want, method
+            s = outs[0].stats
+            assert s.plain_rounds + s.turn_rounds + s.once_rounds == s.rounds
+            if method == "pearl":  # a fixed window: PEARL's schedule, the draft on its own thread
+                assert s.once_rounds > 0 and s.draft_forwards > 0
+            if method == "sd":
+                assert s.turn_rounds > 0 and s.once_rounds == 0
+
+
+@pytest.mark.parametrize("schedule", ["once", "turn"])
+def test_a_colocated_draft_that_raises_mid_round_turns_its_requests_target_only(schedule):
+    """The draft in the leader breaks after a few forwards: the requests it drafted for finish on the target
+    alone with the target's tokens, and the worker is not restarted."""
+    from pearl_ray.testing import BrokenLM
+
+    target, draft = toy_pair()
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    want = [o.token_ids for o in PearlEngine(target_model=target, method="ar").generate(PROMPTS, params)]
+    with PearlEngine(draft_model=BrokenLM(draft, after=6), target_model=target, gamma=3, backend="ray",
+                     colocate=True, schedule=schedule, num_threads=2) as eng:
+        outs = eng.generate(PROMPTS, params)
+        assert [o.token_ids for o in outs] == want
+        assert any(o.stats.draft_failures for o in outs) and any(o.stats.fallback_rounds for o in outs)
+        assert ray.get(eng.backend.coordinator.status.remote(), timeout=30)["restarts"] == {"draft": 0, "target": 0}

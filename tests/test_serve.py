@@ -231,6 +231,9 @@ def test_openai_client_streamed_and_not_match_target_greedy(server):
     for method in ("sd", "ar"):
         out = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "method": method}})
         assert out.choices[0].text == want and out.model_extra["pearl"]["method"] == method
+        counts = {k: out.model_extra["pearl"][f"{k}_rounds"] for k in ("plain", "turn", "once")}
+        assert sum(counts.values()) == out.model_extra["pearl"]["rounds"], counts
+        assert (counts["plain"] == out.model_extra["pearl"]["rounds"]) == (method == "ar"), counts
 
     messages = [{"role": "user", "content": "w5 w6 w7"}]
     tok = ref.tokenizer
@@ -559,7 +562,7 @@ def test_metrics_reach_the_export_endpoint(cluster, server):
             "ray_pearl_spec_decode_acceptance_rate_count", "ray_pearl_spec_decode_mean_accepted_length_count",
             "ray_pearl_time_to_first_token_seconds_count", "ray_pearl_time_per_output_token_seconds_count",
             "ray_pearl_e2e_request_latency_seconds_count", "ray_pearl_num_requests_running",
-            "ray_pearl_num_requests_waiting", "ray_pearl_request_success_total"]
+            "ray_pearl_num_requests_waiting", "ray_pearl_request_success_total", "ray_pearl_rounds_total"]
     samples = []
 
     def exported() -> bool:
@@ -581,6 +584,9 @@ def test_metrics_reach_the_export_endpoint(cluster, server):
     ttft = m("ray_pearl_time_to_first_token_seconds_sum") / m("ray_pearl_time_to_first_token_seconds_count")
     e2e = m("ray_pearl_e2e_request_latency_seconds_sum") / m("ray_pearl_e2e_request_latency_seconds_count")
     assert 0 < ttft <= e2e < 60
+    # the faults app's pair drafts in separate actors: its rounds are PEARL's (at once) or plain
+    assert m("ray_pearl_rounds_total", model="toy", schedule="once") > 0
+    assert m("ray_pearl_rounds_total", model="toy", schedule="turn") == 0
 
 
 def test_the_serve_config_files_parse_and_build():

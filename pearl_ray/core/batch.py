@@ -361,12 +361,34 @@ class ThreadedDraftPhase:
     def submit(self, reqs):
         self._future = self.pool.submit(self._draft, reqs)
 
+    def run(self, fn: Callable, *args):
+        """``fn(*args)`` on the draft's thread (and stream), waited for: e.g. measuring the draft there."""
+        def body():
+            if self.stream is None:
+                return fn(*args)
+            with torch.cuda.stream(self.stream):
+                out = fn(*args)
+            self.stream.synchronize()
+            return out
+
+        return self.pool.submit(body).result(timeout=self.timeout_s)
+
     def collect(self):
         future, self._future = self._future, None
         return future.result(timeout=self.timeout_s)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
+
+
+def round_schedule(plan: RoundPlan, schedule: str) -> str:
+    """How this request's round used the device: "plain" with nothing drafted or pending (the target
+    alone), "turn" when only one side worked for it (SD's draft-only and verify-only rounds), else the
+    batch round's ``schedule`` (both sides, one after the other or at once)."""
+    drafts, verifies = plan.draft.num_steps > 0, plan.target.num_rows > 0
+    if not drafts and plan.mode.value == "pre":
+        return "plain"
+    return schedule if (drafts and verifies) else "turn"
 
 
 @dataclass
@@ -558,6 +580,8 @@ class BatchLoop:
         for seq in self.active:
             seq.drafts = False
         self.draft = draft
+        if self.concurrent is not None and getattr(draft, "side", None) is not self.concurrent.side:
+            self.concurrent = None  # it drafted on the old side: rounds with the new one run in turn
 
     # -- one round ---------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -577,7 +601,10 @@ class BatchLoop:
         # ``RequestFailed``; only the shared forwards' errors escape this method and end the batch.
         failed: dict[_Seq, BaseException] = {}
         window = None
-        schedule = self.schedule or ("once" if self.concurrent is not None else "turn")
+        # without a policy: the forced schedule, else at once wherever the draft can work meanwhile (its own
+        # thread here, or another worker), in turn where it drafts in this thread
+        in_turn = self.concurrent is None and isinstance(self.draft, LocalDraftPhase)
+        schedule = self.schedule or ("turn" if in_turn else "once")
         if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in self.active):
             schedule, window = self.policy.decide([s.view() for s in self.active])
         # in turn, adaptive PEARL requests run vanilla SD rounds (when this loop could also run them at once)
@@ -739,7 +766,7 @@ class BatchLoop:
             draft_started_at=chunk.started_at if chunk.busy_s else 0.0,
             target_started_at=target_out.started_at if target_out and target_out.busy_s else 0.0,
             batch_size=batch, window=plan.draft.num_steps,
-            schedule=schedule if (plan.draft.num_steps > 0 or plan.mode.value == "post") else "plain")
+            schedule=round_schedule(plan, schedule))
         seq.stats.observe_round(outcome.num_drafted, outcome.num_candidates, outcome.num_accepted,
                                 outcome.recovered_token_id >= 0, outcome.bonus_token_id >= 0,
                                 outcome.candidate_positions, timing)

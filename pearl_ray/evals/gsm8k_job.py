@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import CPU_KERNELS, MAX_GAMMA, METHODS, PLACEMENTS, SEED_LIMIT, TRANSPORTS, context_room
+from ..config import CPU_KERNELS, MAX_GAMMA, METHODS, PLACEMENTS, SCHEDULES, SEED_LIMIT, TRANSPORTS, context_room
 from .dispatch import PairPool, WorkItem
 from .gsm8k import DATA_DIR, STOP_STRINGS, answer_text, build_prompt, chat_prompt, gold_answer, score
 from ..modeling.presets import EMBEDDED_PRESET, engine_overrides, fill_unset, get_preset, preset_names
@@ -72,6 +72,8 @@ class JobSettings:
     num_pairs: int
     placement: str
     transport: str
+    colocate: bool
+    schedule: str
     draft_num_cpus: float
     target_num_cpus: float
     draft_num_gpus: float
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--placement", default="STRICT_PACK", choices=PLACEMENTS,
       help="placement group strategy of each pair (STRICT_SPREAD: draft and target on different nodes)")
     a("--transport", default="gloo", choices=TRANSPORTS)
+    a("--colocate", action="store_true",
+      help="both models in the target leader's worker (one bundle with the pair's CPUs, no draft actor or link)")
+    a("--schedule", default="auto", choices=SCHEDULES,
+      help="with --colocate: drafting rounds in turn, at once (PEARL), or the policy's choice (default: %(default)s)")
     a("--draft-num-cpus", type=float, default=1.0)
     a("--target-num-cpus", type=float, default=1.0)
     a("--draft-num-gpus", type=float, default=0.0)
@@ -352,7 +358,7 @@ def make_record(q: Question, method: str, out, engine, pair_id: str, settings: J
         "acceptance_rate": _round(s.acceptance_rate, 4) if s.verified_tokens else None,
         "mean_accepted_len": _round(s.mean_accepted_len, 4) if s.runs else None,
         "tokens_per_target_forward": _round(s.tokens_per_target_forward, 4),
-        "rounds": s.rounds, "plain_rounds": sum(t.window == 0 for t in timings),  # no draft window asked
+        "rounds": s.rounds, "plain_rounds": s.plain_rounds, "turn_rounds": s.turn_rounds, "once_rounds": s.once_rounds,
         "pre_rounds": sum(t.mode == "pre" for t in timings),
         "post_rounds": sum(t.mode == "post" for t in timings),
         "draft_busy_s": _round(s.draft_busy_s), "target_busy_s": _round(s.target_busy_s),
@@ -368,7 +374,7 @@ def make_record(q: Question, method: str, out, engine, pair_id: str, settings: J
                            "draft_t": rel(t.draft_started_at), "draft_busy_s": _round(t.draft_busy_s),
                            "target_t": rel(t.target_started_at), "target_busy_s": _round(t.target_busy_s),
                            "num_candidates": t.num_candidates, "num_accepted": t.num_accepted,
-                           "window": t.window} for t in timings],
+                           "window": t.window, "schedule": t.schedule} for t in timings],
     }
 
 
@@ -404,7 +410,8 @@ def engine_options(settings: JobSettings) -> dict:
     needs_draft = any(m != "ar" for m in settings.methods)
     return dict(draft=settings.draft if needs_draft else None, target=settings.target,
                 method="pearl" if needs_draft else "ar", gamma=settings.gamma or None, backend="ray",
-                transport=settings.transport, placement=settings.placement, draft_num_cpus=settings.draft_num_cpus,
+                transport=settings.transport, colocate=settings.colocate, schedule=settings.schedule,
+                placement=settings.placement, draft_num_cpus=settings.draft_num_cpus,
                 target_num_cpus=settings.target_num_cpus, draft_num_gpus=settings.draft_num_gpus,
                 target_num_gpus=settings.target_num_gpus, num_threads=settings.num_threads, device=settings.device,
                 dtype=settings.dtype, tensor_parallel_size=settings.tensor_parallel_size,

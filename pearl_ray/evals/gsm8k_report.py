@@ -80,7 +80,7 @@ COLUMNS = (["method", "questions", "accuracy_strict", "accuracy_flexible", "new_
            + [f"speedup_vs_{b}{k}" for b in ("ar", "sd") for k in SPREAD]
            + ["acceptance_rate", "mean_accepted_len", "tokens_per_target_forward", "rounds", "pre_rounds",
               "post_rounds", "draft_idle_s", "target_idle_s", "draft_failures", "pairs", "drafted_tokens",
-              "total_rounds", "plain_rounds", "fallback_rounds"])
+              "total_rounds", "plain_rounds", "turn_rounds", "once_rounds", "fallback_rounds"])
 
 
 def _total(g: pd.DataFrame, column: str) -> float:
@@ -110,6 +110,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                    draft_idle_s=g["draft_idle_s"].mean(), target_idle_s=g["target_idle_s"].mean(),
                    draft_failures=int(g["draft_failures"].sum()), pairs=g["pair"].nunique(), drafted_tokens=drafted,
                    total_rounds=int(g["rounds"].sum()), plain_rounds=_total(g, "plain_rounds"),
+                   turn_rounds=_total(g, "turn_rounds"), once_rounds=_total(g, "once_rounds"),
                    fallback_rounds=_total(g, "fallback_rounds"))
         rows.append(row)
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
@@ -131,6 +132,16 @@ def never_drafted(r: dict) -> str | None:
     if plain is not None and plain < rounds:  # some rounds asked for a window and got no token
         return f"never drafted (the policy chose plain decoding in {plain} of {rounds} rounds)"
     return f"never drafted (the policy chose plain decoding in {rounds} rounds)"
+
+
+def schedule_shares(r: dict) -> str:
+    """The share of a method's rounds per schedule (plain decoding, SD in turn, PEARL at once) in percent,
+    or "-" for runs that did not count them."""
+    counts = [_count(r.get(f"{s}_rounds")) for s in ("plain", "turn", "once")]
+    total = _count(r.get("total_rounds"))
+    if None in counts or not total:
+        return "-"
+    return "/".join(f"{100 * c / total:.0f}%" for c in counts)
 
 
 def markdown_table(summary: pd.DataFrame) -> str:
@@ -156,6 +167,7 @@ def markdown_table(summary: pd.DataFrame) -> str:
         "acceptance": never_drafted(r) or num(r["acceptance_rate"], "{:.3f}"), "MAL": num(r["mean_accepted_len"]),
         "tokens/target fwd": num(r["tokens_per_target_forward"]), "rounds": num(r["rounds"], "{:.1f}"),
         "PRE/POST rounds": f"{r['pre_rounds']:.1f}/{r['post_rounds']:.1f}" if drafting(r) else "-",
+        "rounds plain/turn/once": schedule_shares(r),
         "idle s draft/target": (f"{r['draft_idle_s']:.2f}/{r['target_idle_s']:.2f}" if drafting(r)
                                 else f"-/{r['target_idle_s']:.2f}"),
     } for r in summary.to_dict("records")])

@@ -145,6 +145,7 @@ class RayBackend:
             draft_factory = HFModelFactory(pair.draft_path, c.device, c.dtype, target_vocab_size=vocab,
                                            cpu_kernels=c.cpu_kernels)
         draft_res, target_res = (c.draft_num_cpus, c.draft_num_gpus), (c.target_num_cpus, c.target_num_gpus)
+        colocated = c.colocate and draft_factory is not None
         self.owns_pg = placement_group is None
         self.pgs = []
         if not self.owns_pg:  # each side takes what its bundle holds
@@ -161,7 +162,13 @@ class RayBackend:
         else:
             from ..config import bundle
 
-            if tp == 1 or c.placement == "STRICT_PACK":
+            if colocated:  # one bundle: the pair's CPUs, or the GPU both sides share
+                pair_res = (draft_res[0] + target_res[0], max(draft_res[1], target_res[1]))
+                pg = ray_placement_group([bundle(*pair_res)], strategy=c.placement)
+                self.pgs.append(pg)
+                wait_for_placement(pg, [bundle(*pair_res)], c.placement, c.placement_timeout_s)
+                draft_at, target_at = (pg, 0), (pg, [0])
+            elif tp == 1 or c.placement == "STRICT_PACK":
                 bundles = [bundle(*draft_res)] + [bundle(*target_res)] * tp
                 pg = ray_placement_group(bundles, strategy=c.placement)
                 self.pgs.append(pg)
@@ -194,8 +201,16 @@ class RayBackend:
             self.spec[side] = None if factory is None else {
                 "factory": factory, "pg": pg, "bundle": ranks[0], "ranks": ranks, "num_cpus": cpu, "num_gpus": gpu,
                 "threads": threads}
+        if colocated:
+            # the leader holds the draft too: the pair's threads (the bundle's CPUs), no draft actor, no link
+            pair_cpus = draft_res[0] + target_res[0]
+            self.spec["target"].update(draft_factory=draft_factory, schedule=c.schedule,
+                                       threads=c.num_threads or max(1, int(pair_cpus)),
+                                       num_cpus=pair_cpus if self.owns_pg else target_res[0])
+            self.spec["draft"] = None
+            self.spec["colocated"] = True
         target, draft = self.spec["target"], self.spec["draft"]
-        if c.prefill_threads is not None:
+        if c.prefill_threads is not None and not colocated:
             target["prefill_threads"] = c.prefill_threads
         elif c.device == "cpu" and draft is not None and tp == 1:
             target["prefill_threads"] = target["threads"] + draft["threads"]
@@ -210,7 +225,7 @@ class RayBackend:
         self.max_context = self.info["target"]["max_context"]
         self.vocab_size = self.info["target"]["vocab_size"]
         self.measured = None
-        if c.gamma is None and draft_factory is not None:
+        if c.gamma is None and draft_factory is not None:  # (colocated: the leader times its own draft)
             self.measured = ray.get(self.coordinator.measure.remote(c.measure_context), timeout=c.start_timeout_s)
             m = self.measured
             log.info("auto gamma = %d: target %.1f ms, draft %.1f ms per one-token forward (ratio %.1f)",

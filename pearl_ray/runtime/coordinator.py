@@ -70,7 +70,7 @@ class Coordinator:
         cls = cls or (DraftWorker if side == "draft" else TargetLeader)
         strategy = PlacementGroupSchedulingStrategy(s.get("pg", self.spec["pg"]), placement_group_bundle_index=(
             s["bundle"] if bundle is None else bundle))
-        extra = (s.get("prefill_threads") or 0,) if cls is TargetLeader else ()
+        extra = (s.get("prefill_threads") or 0, s.get("draft_factory"), s.get("schedule", "auto")) if cls is TargetLeader else ()
         # the leader holds one thread per request in flight (its stream), besides the loop's own
         concurrency = 16 + self.spec.get("max_num_seqs", 8) + self.spec.get("max_queued", 64) if cls is TargetLeader else 4
         return cls.options(scheduling_strategy=strategy, max_concurrency=concurrency, num_cpus=s["num_cpus"],
@@ -117,20 +117,23 @@ class Coordinator:
         """Time one-token draft forwards and 1- and k-token target forwards on the actual placement."""
         t1 = ray.get(self.target.time_forward.remote(context_len, 1, reps, warmup), timeout=600)
         tk = ray.get(self.target.time_forward.remote(context_len, k, max(5, reps // 3), 2), timeout=600)
-        td = ray.get(self.draft.time_forward.remote(context_len, 1, reps, warmup), timeout=600)
+        if self.spec.get("colocated"):  # the leader holds the draft
+            td = ray.get(self.target.time_forward.remote(context_len, 1, reps, warmup, "draft"), timeout=600)
+        else:
+            td = ray.get(self.draft.time_forward.remote(context_len, 1, reps, warmup), timeout=600)
         return {"t_draft_s": td, "t_target_s": t1, f"t_target_{k}_s": tk, "cost_ratio": t1 / td,
                 "auto_gamma": choose_gamma(td, t1), "context_len": context_len}
 
     def prepare_policy(self, max_gamma: int, context_len: int = 128) -> dict | None:
         """Have the target leader measure the pair for the adaptive speculation policy."""
         with self.lifecycle:
-            if not self._draft_ready():
+            if not self._draft_ready() and not self.spec.get("colocated"):
                 return None
             return ray.get(self.target.prepare_policy.remote(self.draft, self.spec.get("max_num_seqs", 8), max_gamma,
                                                              context_len), timeout=self.spec["start_timeout_s"])
 
     def status(self) -> dict:
-        return {"draft_ready": self._draft_ready(), "draft_error": self.draft_error, "restarts": dict(self.restarts),
+        return {"draft_ready": bool(self.spec.get("colocated")) or self._draft_ready(), "draft_error": self.draft_error, "restarts": dict(self.restarts),
                 "handles": {"draft": self.draft, "target": self.target, "target_ranks": [self.target] + self.shards}}
 
     # -- draft lifecycle ---------------------------------------------------------------------------------
@@ -164,6 +167,8 @@ class Coordinator:
 
     def _connect(self) -> bool:
         """Make sure the leader reaches the current draft over the transport; False if it cannot now."""
+        if self.spec.get("colocated"):
+            return True  # the leader holds the draft
         if not self._draft_ready():
             return False
         if (self.linked is not None and self.linked[:2] == (self.draft, self.target)

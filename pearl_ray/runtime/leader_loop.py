@@ -80,7 +80,9 @@ class RequestStream:
 
 
 class LeaderLoop:
-    def __init__(self, target_lm, decode, max_num_seqs: int, lock=None, policy=None, alone_threads=None):
+    def __init__(self, target_lm, decode, max_num_seqs: int, lock=None, policy=None, alone_threads=None,
+                 threads: int | None = None):
+        self.threads = threads  # torch threads of the loop's forwards (None: this process's count)
         self.loop = BatchLoop(target_lm, None, policy, max_num_seqs, decode)
         self.loop.alone_threads = alone_threads
         self.lock = lock or threading.Lock()
@@ -125,7 +127,7 @@ class LeaderLoop:
                 old.close()  # between rounds: nothing of it is in flight (a gloo phase stops its link)
 
     def _run(self) -> None:
-        adopt_thread_count()  # the only long-lived thread of this process that runs forwards (core.batch.on_fresh_thread)
+        adopt_thread_count(self.threads)  # the only long-lived thread of this process that runs forwards (core.batch.on_fresh_thread)
         while True:
             try:
                 self._take(self.inbox.get(timeout=None if self.loop.idle else 0.0))

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..core.batch import adopt_thread_count, borrowed_threads, on_fresh_thread
+from ..core.batch import BatchedDraftSide, LocalDraftPhase, adopt_thread_count, borrowed_threads, on_fresh_thread
 from ..core.loop import start_draft
 from ..core.messages import DraftRequest, DraftStart
 from ..core.sides import DraftSide, TargetSide, time_forward
-from ..backends import decoder
+# (module-level imports: a method of an actor class that Ray pickles by value and that also names ``torch``
+# must not import ``backends`` itself, or cloudpickle takes the name for ``torch.backends`` and fails on it)
+from ..backends import as_batched, concurrent_draft, decoder, local_cost_model
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,10 @@ def _param_bytes(model) -> int | None:
 
 class _WorkerBase:
     def __init__(self, model_factory, num_threads: int):
-        torch.set_num_threads(max(1, int(num_threads)))
+        # torch's count is per thread: each thread that runs forwards adopts ``self.threads`` (Ray's task
+        # threads start from the worker's OMP_NUM_THREADS, whatever this one set)
+        self.threads = max(1, int(num_threads))
+        torch.set_num_threads(self.threads)
         # Loading and measuring run on short-lived threads, the rounds on one long-lived one (the leader's
         # loop, the draft's link loop): see ``core.batch.on_fresh_thread`` for why this matters on CPU.
         self.model, self.tokenizer = on_fresh_thread(model_factory, name="pearl-load")
@@ -83,8 +88,9 @@ class _WorkerBase:
         return {"vocab_size": self.model.vocab_size, "max_context": self.model.max_context, "pid": os.getpid(),
                 "device": str(getattr(getattr(self.model, "runner", self.model), "device", "cpu")),
                 "param_bytes": _param_bytes(self.model),
+                "colocated_draft": getattr(self, "draft_model", None) is not None,
                 "node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
-                "threads": torch.get_num_threads(), "prefill_threads": getattr(self.model, "prefill_threads", None),
+                "threads": self.threads, "prefill_threads": getattr(self.model, "prefill_threads", None),
                 "placement_group": pg.id.hex() if pg else None}
 
     def time_forward(self, context_len: int = 128, num_tokens: int = 1, reps: int = 30, warmup: int = 5) -> float:
@@ -152,7 +158,7 @@ class DraftWorker(_WorkerBase):
 
         link = GlooLink(host, port, 1, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s,
                         lane=lane)
-        adopt_thread_count()  # this thread runs the draft's forwards from now on
+        adopt_thread_count(self.threads)  # this thread runs the draft's forwards from now on
         return serve_rounds(link, draft_frame_handler(self), reply_timeout_s, idle_timeout_s)
 
 
@@ -161,15 +167,27 @@ class TargetLeader(_WorkerBase):
     """Leader of the target group: runs each request's loop and decides (the draft is reached over the
     transport the coordinator set up: a gloo link, or the draft's actor handle)."""
 
-    def __init__(self, model_factory, num_threads: int = 1, prefill_threads: int = 0):
+    def __init__(self, model_factory, num_threads: int = 1, prefill_threads: int = 0, draft_factory=None,
+                 schedule: str = "auto"):
+        """``draft_factory``: a colocated pair, the draft in this worker too (no draft actor): its rounds run
+        in turn or at once on the draft's own thread (``schedule``, as the local backend)."""
         super().__init__(model_factory, num_threads)
+        self.draft_model, self.concurrent, self.split_threads = None, None, None
+        self.phase = None  # how the batched rounds reach the draft (``attach_draft``; colocated: in this process)
+        if draft_factory is not None:
+            self.draft_model = on_fresh_thread(lambda: draft_factory()[0], name="pearl-load")
+            side = BatchedDraftSide(as_batched(self.draft_model))
+            self.phase = LocalDraftPhase(side)
+            device = torch.device(getattr(self.model, "device", None) or "cpu")
+            self.concurrent, self.split_threads = concurrent_draft(side, device, schedule, self.threads)
+            prefill_threads = 0  # the target has the pair's threads already
+        self.schedule = schedule
         borrowed = borrowed_threads(prefill_threads, torch.get_num_threads())
         if borrowed and getattr(self.model, "device", None) == torch.device("cpu"):
             self.model.prefill_threads = borrowed  # HFCausalLM: prompt passes borrow the draft's cores
         self.side = TargetSide(self.model)
         self.link = None  # the newest gloo link to the draft (held by ``phase`` once attached)
         self.draft_handle = None
-        self.phase = None  # how the batched rounds reach the draft (``attach_draft``)
         self.batch = None  # the continuous loop (leader_loop.LeaderLoop), started by the first request
         self.policy = None  # the adaptive speculation policy (prepare_policy), if measured
         self.batch_lock = threading.Lock()
@@ -262,8 +280,11 @@ class TargetLeader(_WorkerBase):
             if self.batch is None:
                 self.round_timeout_s = round_timeout_s
                 self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock,
-                                        self.policy, getattr(self.model, "prefill_threads", None))
+                                        self.policy, getattr(self.model, "prefill_threads", None), self.threads)
                 self.batch.set_draft(self.phase)
+                if self.draft_model is not None:  # before any request: the loop thread reads these in rounds
+                    self.batch.loop.set_concurrent(self.concurrent, self.split_threads)
+                    self.batch.loop.schedule = None if self.schedule == "auto" else self.schedule
             self.batch.loop.kv_budget = kv_budget  # the engine's setting (the same for every request)
         stream = self.batch.open(request)
         try:
@@ -286,6 +307,8 @@ class TargetLeader(_WorkerBase):
         from ..core.policy import CostModel, SpeculationPolicy, measure_forward_costs, policy_widths
         from ..modeling.tp import TPLeaderModel
 
+        if self.draft_model is not None:
+            return self._prepare_colocated_policy(max_num_seqs, max_gamma, context)
         if draft_handle is None or isinstance(self.model, TPLeaderModel):
             return None
         alone = getattr(self.model, "prefill_threads", None)
@@ -306,6 +329,33 @@ class TargetLeader(_WorkerBase):
         if self.batch is not None:
             self.batch.loop.policy = self.policy
         return self.policy.describe()
+
+    def _prepare_colocated_policy(self, max_num_seqs: int, max_gamma: int, context: int) -> dict:
+        """Both models here: each side's costs with the worker's threads (in turn) and, where the device can
+        be split, while the other works beside it (at once), as the local backend measures them."""
+        from ..core.policy import SpeculationPolicy
+
+        def measure():
+            return on_fresh_thread(local_cost_model, self.model, self.draft_model, max_num_seqs, max_gamma, context,
+                                   self.concurrent, self.split_threads, name="pearl-measure")
+
+        forced = None if self.schedule == "auto" or self.concurrent is None else self.schedule
+        with self.lock:
+            adopt_thread_count(self.threads)  # (``on_fresh_thread`` carries this thread's count over)
+            self.policy = SpeculationPolicy(measure(), max_gamma=max_gamma, remeasure=measure, schedule=forced)
+        if self.batch is not None:
+            self.batch.loop.policy = self.policy
+        return self.policy.describe()
+
+    def time_forward(self, context_len: int = 128, num_tokens: int = 1, reps: int = 30, warmup: int = 5,
+                     side: str = "target") -> float:
+        """A one-request forward's time; ``side="draft"``: the colocated draft's."""
+        if side == "target":
+            return super().time_forward(context_len, num_tokens, reps, warmup)
+        vocab = max(2, min(self.draft_model.vocab_size, 1000))
+        context = [(7 * i) % vocab for i in range(context_len)]
+        with self.lock:
+            return on_fresh_thread(time_forward, self.draft_model, context, num_tokens, reps, warmup)
 
     def loop_status(self) -> dict:
         """Requests running and waiting in the continuous loop, and rounds run so far."""
@@ -347,7 +397,7 @@ class TargetShard(_WorkerBase):
     def follow(self) -> str:
         from ..modeling.tp import follow, rank_group
 
-        adopt_thread_count()  # this call's thread runs every broadcast forward of this rank
+        adopt_thread_count(self.threads)  # this call's thread runs every broadcast forward of this rank
         return follow(self.model, rank_group(self.factory))
 
     def time_forward(self, *args, **kwargs) -> float:

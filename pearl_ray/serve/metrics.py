@@ -76,6 +76,9 @@ class ServerMetrics:
         self.window = Histogram("pearl_spec_decode_window_per_round",
                                 "Draft window asked for per round (the speculation policy's choice; 0: none)",
                                 WINDOW_BUCKETS, m)
+        self.rounds = Counter("pearl_rounds", "Decoding rounds by schedule: plain (the target alone), turn (the "
+                              "draft's window then the target's forward), once (both at the same time, PEARL)",
+                              m + ("schedule",))
         self.model = model
 
     def queue(self, ongoing: int, max_num_seqs: int = 1) -> None:
@@ -103,6 +106,10 @@ class ServerMetrics:
         for t in stats.round_timings:
             self.batch_size.observe(t.batch_size, {"model": self.model})
             self.window.observe(t.window, tags)
+        for schedule in ("plain", "turn", "once"):
+            n = getattr(stats, f"{schedule}_rounds")
+            if n:
+                self.rounds.inc(n, {**tags, "schedule": schedule})
 
     def fail(self, error: str) -> None:
         self.failed.inc(1, {"model": self.model, "error": error})

@@ -24,7 +24,7 @@ FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 """Engine finish reasons -> OpenAI's."""
 PEARL_STATS = ("method", "gamma", "acceptance_rate", "mean_accepted_len", "tokens_per_target_forward", "rounds",
                "verified_tokens", "accepted_tokens", "drafted_tokens", "draft_failures", "target_forwards",
-               "new_tokens", "wall_s", "tokens_per_s")
+               "new_tokens", "wall_s", "tokens_per_s", "plain_rounds", "turn_rounds", "once_rounds")
 """The ``GenerationStats`` fields sent in each response's ``pearl`` extension field."""
 MAX_STOP = 16
 MAX_BODY_BYTES = 8 * 2**20

@@ -62,7 +62,7 @@ class PearlServer:
                      if pg is not None else {})
         self.engine = PearlEngine(
             c.draft, c.target, method=c.method, gamma=c.gamma, backend="ray", transport=c.transport,
-            num_threads=c.num_threads, device=c.device, dtype=c.dtype, cpu_kernels=c.cpu_kernels,
+            colocate=c.colocate, schedule=c.schedule, num_threads=c.num_threads, device=c.device, dtype=c.dtype, cpu_kernels=c.cpu_kernels,
             max_queued=c.max_ongoing_requests,
             max_num_seqs=min(c.max_num_seqs, c.max_ongoing_requests), kv_budget_tokens=c.kv_budget_tokens,
             draft_num_cpus=c.draft_num_cpus, target_num_cpus=c.target_num_cpus, draft_num_gpus=c.draft_num_gpus,
@@ -77,7 +77,8 @@ class PearlServer:
     def describe(self) -> dict:
         e = self.engine
         return {"draft": e.config.draft, "target": e.config.target, "method": e.method, "gamma": e.gamma,
-                "max_context": e.max_context, "transport": e.config.transport}
+                "max_context": e.max_context, "transport": e.config.transport,
+                "colocated": e.config.colocate}
 
     async def generate(self, payload: dict):
         """Stream one request; see the module docstring for the items."""
