@@ -185,7 +185,8 @@ def schedule_families(tokenizer, per_family: int) -> dict[str, list[str]]:
     data = json.loads(HELDOUT.read_text())["families"]
     out = {name: [user_turn(tokenizer, p) for p in items] for name, items in data.items()}
     out["gsm8k_fewshot"] = [build_prompt(q["question"]) for q in load_split("test")[:per_family]]
-    return {name: [items[i % len(items)] for i in range(per_family)] for name, items in out.items()}
+    order = ["gsm8k_fewshot", "code", *sorted(set(out) - {"gsm8k_fewshot", "code"})]  # the goals' families first
+    return {name: [out[name][i % len(out[name])] for i in range(per_family)] for name in order}
 
 
 def run_schedules(args) -> None:
@@ -200,6 +201,8 @@ def run_schedules(args) -> None:
     try:
         for label in labels:
             options, _, _ = SCHEDULE_CONFIGS[label]
+            if options["backend"] == "ray":  # both Ray pairs stay up, idle but for their own cells
+                options = {**options, "ray_init": {"num_cpus": 4 * (os.cpu_count() or 2)}}
             engines[label] = PearlEngine(draft=args.draft, target=args.target, max_num_seqs=max(sizes),
                                          max_queued=max(sizes), **options)
         tokenizer = next(iter(engines.values())).tokenizer

@@ -90,6 +90,13 @@ def _busy(lm, stop: threading.Event, width: int, context: int, token: int = 5) -
         lm.release(0)
 
 
+def _on_stream(stream):
+    """``torch.cuda.stream(stream)``, or nothing for None (CPU)."""
+    import contextlib
+
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
 def _in_thread(fn):
     """Start ``fn()`` on a new thread; a future of its result."""
     from concurrent.futures import Future
@@ -130,12 +137,14 @@ def local_cost_model(target_model, draft_model, max_num_seqs: int, max_gamma: in
     if concurrent is None:
         return CostModel(t, d, parallel=False)
 
+    stream = concurrent.target_stream  # CUDA: the target's own stream in rounds at once, as there
+
     def target_at_once():
-        with torch_threads(target_split_threads):
+        with torch_threads(target_split_threads), _on_stream(stream):
             return measure_forward_costs(as_batched(target_model), max_num_seqs, widths, context)
 
     def target_load(stop):
-        with torch_threads(target_split_threads):
+        with torch_threads(target_split_threads), _on_stream(stream):
             _busy(as_batched(target_model), stop, max(widths), context)
 
     t_split = _while_busy(target_at_once, lambda stop: concurrent.run(_busy, as_batched(draft_model), stop, 1, context))

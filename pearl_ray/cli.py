@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one process holding both models (local, or ray with --colocate): the sides in turn, "
                         "at once (PEARL), or the policy's choice per round (auto, default)")
     g.add_argument("--colocate", action="store_true",
-                   help="ray backend only: both models in the target leader's worker, one bundle, no link")
+                   help="ray backend: both models in the target leader's worker, one bundle, no draft actor or link")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
@@ -77,8 +77,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--transport", choices=TRANSPORTS)
     s.add_argument("--num-threads", type=int, help="torch threads per worker")
     s.add_argument("--schedule", choices=SCHEDULES, help="with --colocate: turn, once or auto (default)")
-    s.add_argument("--colocate", action="store_true",
-                   help="both models in the target leader's worker (one bundle with the pair's CPUs, no link)")
+    s.add_argument("--colocate", action="store_true", default=None,
+                   help="both models in the target leader's worker: one bundle with the pair's CPUs, no draft actor "
+                        "or link")
     s.add_argument("--device")
     s.add_argument("--dtype")
     s.add_argument("--cpu-kernels", choices=CPU_KERNELS, help="CPU linear layers (default onednn)")

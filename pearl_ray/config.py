@@ -183,7 +183,7 @@ class EngineConfig:
     colocate: bool = False
     """Ray: one worker, the target leader, holds both models in one placement bundle with the pair's
     resources (their CPUs, or one GPU); no draft actor and no link. Its rounds then pick a schedule as the
-    local backend's (``schedule``). Needs a target of one rank."""
+    local backend's (``schedule``). Needs a target of one rank on one node."""
     transport: str = "gloo"
     placement: str = "STRICT_PACK"
     draft_num_cpus: float = 1.0
@@ -229,8 +229,9 @@ class EngineConfig:
             raise InvalidParameterError(f"tensor_lane must be one of {TENSOR_LANES}, got {self.tensor_lane!r}")
         if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
             raise InvalidParameterError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
-        if self.colocate and self.tensor_parallel_size > 1:
-            raise InvalidParameterError("colocate=True holds both models in one worker: it needs tensor_parallel_size 1")
+        if self.colocate and (self.tensor_parallel_size > 1 or self.placement in ("STRICT_SPREAD", "SPREAD")):
+            raise InvalidParameterError("colocate=True holds both models in one worker: it needs tensor_parallel_size 1 "
+                                        "and a packed placement")
         if self.tensor_parallel_size > 1 and self.backend != "ray":
             raise InvalidParameterError("tensor_parallel_size > 1 needs backend='ray' (one actor per target rank)")
         if self.placement not in PLACEMENTS:

@@ -549,6 +549,14 @@ def test_policy_rescales_and_remeasures_on_drift():
     for _ in range(30):  # a busy machine: every forward 3x slower
         pol.observe(rows=1, width=1, target_s=3 * pol.costs.target(1))
     assert calls and pol.remeasures == len(calls)
+    # a drift that re-measuring does not fix (the forwards stay 3x what is measured): the k-th measurement
+    # waits for 5 x 2^k off rounds (each stalls the batch), so the gaps between them double
+    at = []
+    pol = SpeculationPolicy(_costs(0.002), remeasure=lambda: at.append(n) or _costs(0.002), drift_rounds=5)
+    for n in range(200):
+        pol.observe(rows=1, width=1, target_s=3 * pol.costs.target(1))
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    assert len(at) == 5 and all(b > 1.6 * a for a, b in zip(gaps, gaps[1:])), at  # 7, 20, 43, 86, 169
 
 
 def test_policy_scales_rounds_without_drafting_by_their_own_costs():
@@ -687,7 +695,7 @@ SWITCHES = [("once", 3), ("turn", 2), ("plain", 0), ("once", 4), ("once", 1), ("
 def test_policy_picks_the_schedule_from_its_costs():
     """In turn each side has the whole device; at once each has its share (the ``split`` costs). Where the
     sides slow each other down (split target 2x) turn wins; where the split costs are close to the whole
-    ones, once wins; a forced schedule holds whatever the costs; each schedule keeps its own scales."""
+    ones, once wins; a forced schedule holds for drafting rounds; each schedule keeps its own scales."""
     whole = _costs(0.004)
     good = [SeqView("pearl", accepted=80, verified=100)]
     contended = CostModel(whole.target, whole.draft, split=CostModel(whole.target.scaled(2.0),
@@ -699,8 +707,12 @@ def test_policy_picks_the_schedule_from_its_costs():
     pol = SpeculationPolicy(cheap, max_gamma=8)
     schedule, w = pol.decide(good)
     assert (schedule, w > 0) == ("once", True) and pol.describe()["schedules"] == ["turn", "once"]
-    forced = SpeculationPolicy(contended, max_gamma=8, schedule="once")
-    assert forced.decide(good)[0] == "once"
+    slower = CostModel(whole.target, whole.draft, split=CostModel(whole.target.scaled(1.5), whole.draft.scaled(1.5),
+                                                                    parallel=True))
+    assert SpeculationPolicy(slower, max_gamma=8).decide(good)[0] == "turn"
+    assert SpeculationPolicy(slower, max_gamma=8, schedule="once").decide(good)[0] == "once"  # forced
+    # forced or not, a schedule that loses to plain decoding is not taken: the target decodes alone
+    assert SpeculationPolicy(contended, max_gamma=8, schedule="once").decide(good) == ("plain", 0)
     assert SpeculationPolicy(cheap, max_gamma=8).decide([SeqView("pearl", accepted=2, verified=100)]) == ("plain", 0)
     with pytest.raises(ValueError):
         SpeculationPolicy(whole, schedule="once")  # no split costs: it cannot run the sides at once
@@ -709,6 +721,23 @@ def test_policy_picks_the_schedule_from_its_costs():
                     draft_s=4 * cheap.split.draft(1), schedule="once")
     assert abs(pol.scales["once"][0] - 1.5) < 0.01 and pol.scales["turn"] == [1.0, 1.0]
     assert pol.decide(good)[0] == "turn"
+
+
+def test_plain_rounds_are_priced_and_scaled_with_the_whole_device():
+    """Where drafting rounds may run at once (split costs), a plain round still has the whole device: it is
+    predicted and rescaled on the whole-device costs, never the split ones. Pricing it at the split target's
+    (here 2x) cost made plain decoding look slow, and rounds at their real speed drifted the scale until the
+    policy re-measured in the middle of requests (a 7x slower call on the default pair)."""
+    whole = _costs(0.004)
+    costs = CostModel(whole.target, whole.draft, split=CostModel(whole.target.scaled(2.0), whole.draft.scaled(2.0),
+                                                                   parallel=True))
+    calls = []
+    pol = SpeculationPolicy(costs, max_gamma=8, drift_rounds=5, remeasure=lambda: calls.append(1) or costs)
+    seqs = [SeqView("pearl", accepted=50, verified=100)]
+    assert abs(pol.rate(seqs, 0) - 1 / whole.target(1)) < 1e-9
+    for _ in range(40):  # plain rounds at the whole device's measured speed
+        pol.observe(rows=1, width=1, target_s=whole.target(1))
+    assert not calls and abs(pol.scale_alone - 1.0) < 1e-9 and pol.scales["once"] == [1.0, 1.0]
 
 
 def test_forced_schedule_switches_mid_request_stay_lossless(tiny_pair):

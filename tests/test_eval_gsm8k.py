@@ -300,6 +300,8 @@ def test_job_end_to_end_and_resume(tiny_pair_long, tmp_path):
     by_schedule = {s: sum(t["schedule"] == s for t in r["round_timings"]) for s in ("plain", "turn", "once")}
     assert by_schedule == {s: r[f"{s}_rounds"] for s in by_schedule} and sum(by_schedule.values()) == r["rounds"]
     assert r["once_rounds"] > 0  # separate actors: the sides work at the same time
+    pair = json.loads((out / "config.json").read_text())["sessions"][0]["pairs"][0]
+    assert not pair["colocated"] and pair["draft_node"] == pair["target_node"]  # STRICT_PACK
     config = json.loads((out / "config.json").read_text())
     first_s, second_s = config["sessions"]
     assert (first_s["records_before"], first_s["records_written"]) == (0, 6)

@@ -100,8 +100,9 @@ def server(cluster, tiny_models, tiny_tokenizer_dir):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # a colocated pair (both models in the leader); ``faults`` keeps two actors, whose kills its tests exercise
     tiny = ServeConfig(draft=tiny_models["draft"], target=tiny_models["target"], model_name="tiny", gamma=3,
-                       num_threads=1, max_ongoing_requests=2, max_queued_requests=2, retry_after_s=1)
+                       num_threads=1, max_ongoing_requests=2, max_queued_requests=2, retry_after_s=1, colocate=True)
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))  # no chat template
     faults = ServeConfig(model_name="toy", gamma=2, num_threads=1, engine_options={"round_timeout_s": 5.0})
@@ -233,6 +234,7 @@ def test_openai_client_streamed_and_not_match_target_greedy(server):
         assert out.choices[0].text == want and out.model_extra["pearl"]["method"] == method
         counts = {k: out.model_extra["pearl"][f"{k}_rounds"] for k in ("plain", "turn", "once")}
         assert sum(counts.values()) == out.model_extra["pearl"]["rounds"], counts
+        assert counts["once"] == 0  # colocated on one thread: the sides cannot run at once
         assert (counts["plain"] == out.model_extra["pearl"]["rounds"]) == (method == "ar"), counts
 
     messages = [{"role": "user", "content": "w5 w6 w7"}]

@@ -337,6 +337,9 @@ class ThreadedDraftPhase:
         from concurrent.futures import ThreadPoolExecutor
 
         self.side, self.timeout_s, self.stream = side, timeout_s, stream
+        # the target's stream for the same rounds (``BatchLoop._target_stream``): both sides off the legacy
+        # default stream, which would serialise them
+        self.target_stream = torch.cuda.Stream(device=stream.device) if stream is not None else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pearl-draft")
         self.pool.submit(adopt_thread_count, threads).result(timeout=timeout_s)
         self._future = None
@@ -353,6 +356,7 @@ class ThreadedDraftPhase:
     def _draft(self, reqs):
         if self.stream is None:
             return self.side.draft(reqs)
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # a turn round's work before it
         with torch.cuda.stream(self.stream):
             chunks = self.side.draft(reqs)
         self.stream.synchronize()  # its tokens are on the host already; its probability rows must be ready too
@@ -366,6 +370,7 @@ class ThreadedDraftPhase:
         def body():
             if self.stream is None:
                 return fn(*args)
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
             with torch.cuda.stream(self.stream):
                 out = fn(*args)
             self.stream.synchronize()
@@ -626,7 +631,7 @@ class BatchLoop:
             schedule = "plain"
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
         threads = self.split_threads if (drafting and at_once) else (None if drafting else self.alone_threads)
-        with torch_threads(threads):
+        with torch_threads(threads), self._target_stream(drafting and at_once):
             outs, width = self._target_phase(seqs, plans, failed)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
@@ -656,6 +661,19 @@ class BatchLoop:
         return Event(seq.key, [], True, error=RequestFailed(
             f"this request failed in the decoding loop and was ended; the others went on: "
             f"{type(exc).__name__}: {str(exc)[:300]}"))
+
+    @contextlib.contextmanager
+    def _target_stream(self, at_once: bool):
+        """On CUDA, a round at once runs the target's forward on a stream of its own too: kernels on the
+        legacy default stream would wait for the draft's stream and serialise the sides."""
+        stream = getattr(self.concurrent, "target_stream", None) if at_once else None
+        if stream is None:
+            yield
+            return
+        stream.wait_stream(torch.cuda.current_stream(stream.device))  # what the round queued before it
+        with torch.cuda.stream(stream):
+            yield
+        stream.synchronize()  # the round's host-side decisions read its outputs; the next round reuses its buffers
 
     def _draft_phase(self, seqs: list[_Seq], plans: dict, phase: "DraftPhase") -> Callable[[], tuple[dict, int, int]]:
         """Send every drafting request's round to the draft (it may work meanwhile, e.g. in another actor)

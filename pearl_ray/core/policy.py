@@ -40,7 +40,9 @@ the batch's requests have left to decode could not repay the probe (``_probe_pay
 Each probe, run or skipped, that leaves the choice at 0 doubles that period, up to ``probe_backoff`` times
 ``probe_every``, and a chosen window resets it. Measured round times are compared with the prediction:
 their ratio rescales the costs online, and when it stays off by more than ``drift`` for ``drift_rounds``
-rounds (a busy machine) the costs are measured again (``remeasure``). Rounds without drafting keep their own
+rounds (a busy machine) the costs are measured again (``remeasure``; the k-th time after ``drift_rounds`` x 2^k
+off rounds: a measurement stalls the batch for seconds, and one that cannot fix the drift must not repeat
+every few seconds). Rounds without drafting keep their own
 scale when ``target_alone`` is given (on CPU they borrow the draft's threads, and their speed says little
 about a drafting round's: with one scale for both, fast plain rounds made drafting look cheap).
 
@@ -154,7 +156,7 @@ whole device; the sides at the same time (PEARL)."""
 
 class SpeculationPolicy:
     def __init__(self, costs: CostModel, max_gamma: int = 8, prior: float = 0.5, prior_weight: float = 8.0,
-                 probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 50,
+                 probe_every: int = 16, drift: float = 1.5, drift_rounds: int = 400,
                  remeasure: Callable[[], CostModel] | None = None, margin: float = 1.05, probe_backoff: int = 4,
                  confidence: float = 1.0, probe_optimism: float = 2.0, schedule: str | None = None):
         """``schedule``: force every drafting round to "turn" or "once" (it must be one the costs describe);
@@ -199,6 +201,15 @@ class SpeculationPolicy:
         return min(max(a, 0.01), 0.98)
 
     @property
+    def plain_costs(self) -> ForwardCosts | None:
+        """The target's forwards in rounds without drafting, where they differ from a drafting round's: on the
+        draft's threads too (``target_alone``), or with the whole device when drafting rounds may run at once
+        (``split``); None: the drafting rounds' own."""
+        if self.costs.target_alone is not None:
+            return self.costs.target_alone
+        return self.costs.target if self.costs.split is not None else None
+
+    @property
     def scale_target(self) -> float:
         return self.scales[self._sched(None)][0]
 
@@ -238,7 +249,7 @@ class SpeculationPolicy:
         width = max(windows)
         drafting = sum(1 for w in windows if w > 0)
         d = self.draft_s(drafting, width, sch)
-        alone = self.costs.target_alone
+        alone = self.plain_costs
         t_plain = self.scale_alone * alone(b) if (alone is not None and width == 0) else self.target_s(b, sch)
         total = 0.0
         for s, w in zip(seqs, windows):
@@ -357,8 +368,8 @@ class SpeculationPolicy:
         seen, off = False, False
         if rows and width and target_s > 0:
             # a round with no drafting ran on the draft's threads too: its own costs, its own scale
-            alone = draft_rows == 0 and self.costs.target_alone is not None
-            predicted = (self.costs.target_alone if alone else costs.target)(rows * width)
+            alone = draft_rows == 0 and self.plain_costs is not None
+            predicted = (self.plain_costs if alone else costs.target)(rows * width)
             ratio = min(2.0, max(0.5, target_s / predicted))  # one outlier moves it little
             if alone:
                 self.scale_alone = 0.8 * self.scale_alone + 0.2 * ratio
@@ -375,7 +386,10 @@ class SpeculationPolicy:
         if not seen:
             return
         self._off_rounds = self._off_rounds + 1 if off else 0
-        if self._off_rounds >= self.drift_rounds and self.remeasure_fn is not None:
+        # each re-measurement stalls every request for seconds, and one that leaves the drift in place (costs
+        # measured on short contexts, served on long ones) would repeat every ``drift_rounds``: the wait
+        # for the next doubles each time
+        if self._off_rounds >= self.drift_rounds * 2 ** self.remeasures and self.remeasure_fn is not None:
             self.costs = self.remeasure_fn()
             self.scale_alone = 1.0
             self.scales = {k: [1.0, 1.0] for k in self.scales}

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="placement group strategy of each pair (STRICT_SPREAD: draft and target on different nodes)")
     a("--transport", default="gloo", choices=TRANSPORTS)
     a("--colocate", action="store_true",
-      help="both models in the target leader's worker (one bundle with the pair's CPUs, no draft actor or link)")
+      help="both models in the target leader's worker: one bundle with the pair's CPUs, no draft actor or link")
     a("--schedule", default="auto", choices=SCHEDULES,
       help="with --colocate: drafting rounds in turn, at once (PEARL), or the policy's choice (default: %(default)s)")
     a("--draft-num-cpus", type=float, default=1.0)
@@ -452,9 +452,12 @@ def run_pairs(settings: JobSettings, questions: list[Question], results: Results
                 engine.generate([questions[0].prompt], SamplingParams(max_new_tokens=4, ignore_eos=True), method=m)
             info = engine.backend.info
             config.add_pair({"pair": f"{session_id}/{index}", "gamma": engine.gamma, "measured": engine.measured,
-                             "draft_node": (info.get("draft") or {}).get("node_id"),
+                             "draft_node": (info.get("draft") or info["target"]).get("node_id"),  # colocated: one
+                             "colocated": bool(engine.config.colocate),
                              "target_node": info["target"]["node_id"], "engine": engine.config.to_dict()})
-            log.info("pair %d ready: gamma %d, target on node %s", index, engine.gamma, info["target"]["node_id"][:12])
+            log.info("pair %d ready: gamma %d, target on node %s, %s", index, engine.gamma,
+                     info["target"]["node_id"][:12],
+                     "colocated (both models in one worker)" if engine.config.colocate else "draft and target actors")
         except BaseException:
             engine.shutdown()
             raise
