@@ -85,7 +85,8 @@ def adopt_thread_count(n: int | None = None) -> None:
     torch.set_num_threads(int(n or torch.get_num_threads()))
 
 
-def on_fresh_thread(fn: Callable, *args, timeout_s: float | None = None, name: str = "pearl-compute"):
+def on_fresh_thread(fn: Callable, *args, timeout_s: float | None = None, name: str = "pearl-compute",
+                    threads: int | None = None):
     """Run ``fn(*args)`` on a new thread that ends with it; return its result or raise its error
     (``TimeoutError`` past ``timeout_s``; the thread is left to finish).
 
@@ -95,8 +96,9 @@ def on_fresh_thread(fn: Callable, *args, timeout_s: float | None = None, name: s
     wake-up. A worker whose model passes run on one long-lived thread (the target leader's loop) but whose
     setup or cost measurement ran multi-threaded on another (an actor's task thread) decoded ~1.5x slower
     at batch 8 on 2 cores. One-off work (loading, measuring) runs here instead: its pool goes with the
-    thread, and the loop's thread stays the only one with a pool. The caller's thread count is carried over."""
-    threads = torch.get_num_threads()
+    thread, and the loop's thread stays the only one with a pool. The caller's thread count is carried over
+    (or ``threads``)."""
+    threads = threads or torch.get_num_threads()
     box: dict = {}
 
     def body() -> None:

@@ -80,6 +80,10 @@ class _WorkerBase:
         # Loading and measuring run on short-lived threads, the rounds on one long-lived one (the leader's
         # loop, the draft's link loop): see ``core.batch.on_fresh_thread`` for why this matters on CPU.
         self.model, self.tokenizer = on_fresh_thread(model_factory, name="pearl-load")
+        # This thread lives as long as the actor and runs no forwards. With GNU OpenMP a thread that ever ran a
+        # parallel region keeps a team, and once the teams outnumber the cores every team's workers sleep
+        # between regions: a colocated leader (2 threads) whose set-up ran here decoded at 1 thread's speed
+        torch.set_num_threads(1)
         # Round work arrives by actor calls and from the link loop's thread: one at a time.
         self.lock = threading.Lock()
 
@@ -97,7 +101,7 @@ class _WorkerBase:
         vocab = max(2, min(self.model.vocab_size, 1000))
         context = [(7 * i) % vocab for i in range(context_len)]
         with self.lock:
-            return on_fresh_thread(time_forward, self.model, context, num_tokens, reps, warmup)
+            return on_fresh_thread(time_forward, self.model, context, num_tokens, reps, warmup, threads=self.threads)
 
     def ping(self) -> bool:
         return True
@@ -175,14 +179,14 @@ class TargetLeader(_WorkerBase):
         self.draft_model, self.concurrent, self.split_threads = None, None, None
         self.phase = None  # how the batched rounds reach the draft (``attach_draft``; colocated: in this process)
         if draft_factory is not None:
-            self.draft_model = on_fresh_thread(lambda: draft_factory()[0], name="pearl-load")
+            self.draft_model = on_fresh_thread(lambda: draft_factory()[0], name="pearl-load", threads=self.threads)
             side = BatchedDraftSide(as_batched(self.draft_model))
             self.phase = LocalDraftPhase(side)
             device = torch.device(getattr(self.model, "device", None) or "cpu")
             self.concurrent, self.split_threads = concurrent_draft(side, device, schedule, self.threads)
             prefill_threads = 0  # the target has the pair's threads already
         self.schedule = schedule
-        borrowed = borrowed_threads(prefill_threads, torch.get_num_threads())
+        borrowed = borrowed_threads(prefill_threads, self.threads)
         if borrowed and getattr(self.model, "device", None) == torch.device("cpu"):
             self.model.prefill_threads = borrowed  # HFCausalLM: prompt passes borrow the draft's cores
         self.side = TargetSide(self.model)
@@ -337,11 +341,10 @@ class TargetLeader(_WorkerBase):
 
         def measure():
             return on_fresh_thread(local_cost_model, self.model, self.draft_model, max_num_seqs, max_gamma, context,
-                                   self.concurrent, self.split_threads, name="pearl-measure")
+                                   self.concurrent, self.split_threads, name="pearl-measure", threads=self.threads)
 
         forced = None if self.schedule == "auto" or self.concurrent is None else self.schedule
         with self.lock:
-            adopt_thread_count(self.threads)  # (``on_fresh_thread`` carries this thread's count over)
             self.policy = SpeculationPolicy(measure(), max_gamma=max_gamma, remeasure=measure, schedule=forced)
         if self.batch is not None:
             self.batch.loop.policy = self.policy
@@ -355,7 +358,7 @@ class TargetLeader(_WorkerBase):
         vocab = max(2, min(self.draft_model.vocab_size, 1000))
         context = [(7 * i) % vocab for i in range(context_len)]
         with self.lock:
-            return on_fresh_thread(time_forward, self.draft_model, context, num_tokens, reps, warmup)
+            return on_fresh_thread(time_forward, self.draft_model, context, num_tokens, reps, warmup, threads=self.threads)
 
     def loop_status(self) -> dict:
         """Requests running and waiting in the continuous loop, and rounds run so far."""
