@@ -97,31 +97,18 @@ def _on_stream(stream):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
-def _in_thread(fn):
-    """Start ``fn()`` on a new thread; a future of its result."""
-    from concurrent.futures import Future
-
-    future: Future = Future()
-
-    def body():
-        try:
-            future.set_result(fn())
-        except BaseException as exc:  # noqa: BLE001 - raised by the waiter
-            future.set_exception(exc)
-
-    threading.Thread(target=body, name="pearl-measure", daemon=True).start()
-    return future
-
-
 def _while_busy(measure, background):
-    """``measure()`` while ``background(stop)`` runs on a thread of its own."""
+    """``measure()`` while ``background(stop)`` runs on a thread of its own (which ends with it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     stop = threading.Event()
-    future = _in_thread(lambda: background(stop))
-    try:
-        return measure()
-    finally:
-        stop.set()
-        future.result(timeout=600)
+    with ThreadPoolExecutor(1, thread_name_prefix="pearl-measure") as pool:
+        future = pool.submit(background, stop)
+        try:
+            return measure()
+        finally:
+            stop.set()
+            future.result(timeout=600)
 
 
 def local_cost_model(target_model, draft_model, max_num_seqs: int, max_gamma: int, context: int = 128,

@@ -355,30 +355,23 @@ class ThreadedDraftPhase:
     def forwards(self, slot):
         return self.side.forwards(slot)
 
-    def _draft(self, reqs):
+    def _on_stream(self, fn: Callable, *args):
+        """``fn(*args)`` on the draft's stream (CUDA), after the work queued before it, and finished: its
+        tokens are on the host already, its probability rows must be ready too."""
         if self.stream is None:
-            return self.side.draft(reqs)
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # a turn round's work before it
+            return fn(*args)
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
-            chunks = self.side.draft(reqs)
-        self.stream.synchronize()  # its tokens are on the host already; its probability rows must be ready too
-        return chunks
+            out = fn(*args)
+        self.stream.synchronize()
+        return out
 
     def submit(self, reqs):
-        self._future = self.pool.submit(self._draft, reqs)
+        self._future = self.pool.submit(self._on_stream, self.side.draft, reqs)
 
     def run(self, fn: Callable, *args):
         """``fn(*args)`` on the draft's thread (and stream), waited for: e.g. measuring the draft there."""
-        def body():
-            if self.stream is None:
-                return fn(*args)
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-            with torch.cuda.stream(self.stream):
-                out = fn(*args)
-            self.stream.synchronize()
-            return out
-
-        return self.pool.submit(body).result(timeout=self.timeout_s)
+        return self.pool.submit(self._on_stream, fn, *args).result(timeout=self.timeout_s)
 
     def collect(self):
         future, self._future = self._future, None
