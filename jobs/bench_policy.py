@@ -170,7 +170,7 @@ SCHEDULE_CONFIGS = {
     "pearl-once@4": (dict(backend="local", schedule="once"), "pearl", 4),
     "default": (dict(backend="local"), "pearl", None),
     "ray-colocated": (dict(backend="ray", colocate=True), "pearl", None),
-    "ray-separate": (dict(backend="ray"), "pearl", None),
+    "ray-separate": (dict(backend="ray", colocate=False), "pearl", None),
 }
 
 
@@ -189,30 +189,96 @@ def schedule_families(tokenizer, per_family: int) -> dict[str, list[str]]:
     return {name: [out[name][i % len(out[name])] for i in range(per_family)] for name in order}
 
 
+def _engine_process(label: str, draft: str, target: str, max_batch: int, conn) -> None:
+    """One configuration's engine in a process of its own: GNU OpenMP slows every team of a process once its
+    threads outnumber the cores, so engines sharing the benchmark's process would run slower than a user's
+    lone engine. Answers ``("cell", args)`` with ``run_cell``'s result until ``("stop",)``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from pearl_ray import PearlEngine
+    from pearl_ray.modeling.hf import quiet_loading
+
+    quiet_loading()
+    options, _, _ = SCHEDULE_CONFIGS[label]
+    try:
+        engine = PearlEngine(draft=draft, target=target, max_num_seqs=max_batch, max_queued=max_batch, **options)
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which stops the run
+        conn.send(("error", repr(exc)))
+        return
+    conn.send(("ready", None))
+    try:
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                return
+            try:
+                conn.send(("ok", run_cell(engine, *msg[1])))
+            except Exception as exc:  # noqa: BLE001 - reported by the parent
+                conn.send(("error", repr(exc)))
+    finally:
+        engine.shutdown()
+
+
+class EngineProcess:
+    """The parent's handle on one ``_engine_process``; every wait is bounded."""
+
+    def __init__(self, label: str, args, max_batch: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.label, self.timeout_s = label, args.cell_timeout_s
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_process, args=(label, args.draft, args.target, max_batch, child),
+                                daemon=True, name=f"bench-{label}")
+        self.proc.start()
+        self._answer(900.0)
+
+    def _answer(self, timeout_s: float):
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"{self.label}: no answer within {timeout_s} s")
+        kind, value = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"{self.label}: {value}")
+        return value
+
+    def cell(self, prompts, method, batch, max_new_tokens, gamma) -> dict:
+        self.conn.send(("cell", (prompts, method, batch, max_new_tokens, self.timeout_s, gamma)))
+        return self._answer(self.timeout_s + 60)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("stop",))
+            except OSError:
+                pass
+            self.proc.join(timeout=120)
+        if self.proc.is_alive():
+            self.proc.kill()  # our own child, by handle
+            self.proc.join(timeout=30)
+
+
 def run_schedules(args) -> None:
     """Every configuration of ``SCHEDULE_CONFIGS`` on each family at each batch size, in ABBA order per cell
-    (so drift hits all alike), on the callers' clock, greedy, EOS stop. Prints a table of tokens/s and the
+    (so drift hits all alike), on the callers' clock, greedy, EOS stop. Each configuration's engine lives in a
+    process of its own (``EngineProcess``), the others idle while it runs. Prints a table of tokens/s and the
     ratio to target-only, and the share of rounds per schedule under the default policy."""
-    from pearl_ray import PearlEngine, SamplingParams
+    from pearl_ray.modeling.resolve import inspect_pair
 
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     labels = [x for x in args.configs.split(",") if x] if args.configs else list(SCHEDULE_CONFIGS)
-    engines = {}
+    unknown = sorted(set(labels) - set(SCHEDULE_CONFIGS))
+    if unknown:
+        raise SystemExit(f"error: unknown configurations {unknown}; known: {list(SCHEDULE_CONFIGS)}")
+    families = schedule_families(inspect_pair(args.target, args.draft).tokenizer, args.prompts)
+    if args.families:
+        families = {k: v for k, v in families.items() if k in args.families.split(",")}
+    engines: dict[str, EngineProcess] = {}
     try:
         for label in labels:
-            options, _, _ = SCHEDULE_CONFIGS[label]
-            if options["backend"] == "ray":  # both Ray pairs stay up, idle but for their own cells
-                options = {**options, "ray_init": {"num_cpus": 4 * (os.cpu_count() or 2)}}
-            engines[label] = PearlEngine(draft=args.draft, target=args.target, max_num_seqs=max(sizes),
-                                         max_queued=max(sizes), **options)
-        tokenizer = next(iter(engines.values())).tokenizer
-        families = schedule_families(tokenizer, args.prompts)
-        if args.families:
-            families = {k: v for k, v in families.items() if k in args.families.split(",")}
-        for label, eng in engines.items():  # warm-up
+            engines[label] = EngineProcess(label, args, max(sizes))
+        warm = families[next(iter(families))][:1]
+        for label, eng in engines.items():
             _, method, gamma = SCHEDULE_CONFIGS[label]
-            eng.generate(families[next(iter(families))][:1], SamplingParams(max_new_tokens=8), method=method,
-                         gamma=gamma)
+            eng.cell(warm, method, 1, 8, gamma)
         print("| family | batch | " + " | ".join(labels) + " | default's rounds plain/turn/once |")
         print("|---|---:|" + "---:|" * len(labels) + "---|")
         for family, prompts in families.items():
@@ -221,8 +287,8 @@ def run_schedules(args) -> None:
                 shares = [0, 0, 0]
                 for label in labels + labels[::-1]:
                     _, method, gamma = SCHEDULE_CONFIGS[label]
-                    r = run_cell(engines[label], prompts[:max(batch, args.prompts_per_cell)], method, batch,
-                                 args.max_new_tokens, args.cell_timeout_s, gamma)
+                    r = engines[label].cell(prompts[:max(batch, args.prompts_per_cell)], method, batch,
+                                            args.max_new_tokens, gamma)
                     got.setdefault(label, []).append(r["tok_s"])
                     if label == "default":
                         shares = [a + b for a, b in zip(shares, r["schedules"])]
@@ -234,7 +300,7 @@ def run_schedules(args) -> None:
                       + "/".join(f"{100 * s / total:.0f}%" for s in shares) + " |", flush=True)
     finally:
         for eng in engines.values():
-            eng.shutdown()
+            eng.close()
 
 
 if __name__ == "__main__":

@@ -164,8 +164,8 @@ def engine_kwargs(backend: str, dtype: str, args) -> dict:
           "device": args.device, "queue_timeout_s": args.timeout_s, "num_threads": args.num_threads}
     if variant in ("turn", "once"):
         kw["schedule"] = variant
-    if variant == "colocated":
-        kw["colocate"] = True
+    if backend == "ray":
+        kw["colocate"] = variant == "colocated"  # plain "ray": two actors, even where both share the device
     if backend == "ray":
         import ray
 

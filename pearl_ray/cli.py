@@ -36,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray backend only: how the target leader reaches the draft (default gloo)")
     g.add_argument("--num-threads", type=int, help="torch threads per model (local) or per worker (ray)")
     g.add_argument("--schedule", default="auto", choices=SCHEDULES,
-                   help="one process holding both models (local, or ray with --colocate): the sides in turn, "
+                   help="one process holding both models (local, or a colocated ray pair): the sides in turn, "
                         "at once (PEARL), or the policy's choice per round (auto, default)")
-    g.add_argument("--colocate", action="store_true",
-                   help="ray backend: both models in the target leader's worker, one bundle, no draft actor or link")
+    g.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
+                   help="ray backend: both models in the target leader's worker, one bundle, no draft actor or link "
+                        "(default: yes for a CPU pair with one target rank; --no-colocate keeps two actors)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
@@ -76,10 +77,11 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--gamma", type=int, default=0, help="draft window (0 = auto, measured at start-up)")
     s.add_argument("--transport", choices=TRANSPORTS)
     s.add_argument("--num-threads", type=int, help="torch threads per worker")
-    s.add_argument("--schedule", choices=SCHEDULES, help="with --colocate: turn, once or auto (default)")
-    s.add_argument("--colocate", action="store_true", default=None,
+    s.add_argument("--schedule", choices=SCHEDULES, help="a colocated pair's drafting rounds: turn, once or auto "
+                                                         "(default)")
+    s.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
                    help="both models in the target leader's worker: one bundle with the pair's CPUs, no draft actor "
-                        "or link")
+                        "or link (default: yes for a CPU pair with one target rank; --no-colocate keeps two actors)")
     s.add_argument("--device")
     s.add_argument("--dtype")
     s.add_argument("--cpu-kernels", choices=CPU_KERNELS, help="CPU linear layers (default onednn)")
@@ -266,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         draft, target = "default-draft", "default-target"  # the embedded pair, as `serve` does
     try:
         extra = {"transport": args.transport} if args.transport else {}
-        if args.colocate:
-            extra["colocate"] = True
+        if args.colocate is not None:
+            extra["colocate"] = args.colocate
         if args.preset:
             extra["preset"] = args.preset
         if args.tensor_parallel_size != 1:

@@ -180,10 +180,13 @@ class EngineConfig:
     """Requests that may wait behind the running one; past it a call raises ``QueueFullError``."""
     queue_timeout_s: float = 600.0
     # Ray backend
-    colocate: bool = False
+    colocate: bool | None = None
     """Ray: one worker, the target leader, holds both models in one placement bundle with the pair's
     resources (their CPUs, or one GPU); no draft actor and no link. Its rounds then pick a schedule as the
-    local backend's (``schedule``). Needs a target of one rank on one node."""
+    local backend's (``schedule``). With a tensor-parallel target (explicit ``colocate=True`` only) the draft
+    sits beside rank 0, in its bundle, and rounds keep fixed windows. None (default): colocated when
+    both sides would share one device anyway, i.e. a CPU pair (no GPUs asked for) with one target rank and
+    a packed placement; False keeps two actors joined by the link (separate GPUs or nodes)."""
     transport: str = "gloo"
     placement: str = "STRICT_PACK"
     draft_num_cpus: float = 1.0
@@ -229,9 +232,11 @@ class EngineConfig:
             raise InvalidParameterError(f"tensor_lane must be one of {TENSOR_LANES}, got {self.tensor_lane!r}")
         if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
             raise InvalidParameterError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
-        if self.colocate and (self.tensor_parallel_size > 1 or self.placement in ("STRICT_SPREAD", "SPREAD")):
-            raise InvalidParameterError("colocate=True holds both models in one worker: it needs tensor_parallel_size 1 "
-                                        "and a packed placement")
+        if self.colocate is None:
+            object.__setattr__(self, "colocate", self.shares_one_device())
+        if self.colocate and self.placement in ("STRICT_SPREAD", "SPREAD"):
+            raise InvalidParameterError("colocate=True holds both models in one worker (with a tensor-parallel target: "
+                                        "its rank 0): it needs a packed placement")
         if self.tensor_parallel_size > 1 and self.backend != "ray":
             raise InvalidParameterError("tensor_parallel_size > 1 needs backend='ray' (one actor per target rank)")
         if self.placement not in PLACEMENTS:
@@ -254,6 +259,12 @@ class EngineConfig:
         for name in ("draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus"):
             if not getattr(self, name) >= 0:
                 raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def shares_one_device(self) -> bool:
+        """Whether a Ray pair's two sides would share one device: CPU sides (no GPU asked for), one target rank,
+        packed on one node. Such a pair is colocated unless ``colocate=False``."""
+        return (self.backend == "ray" and self.device == "cpu" and self.tensor_parallel_size == 1
+                and self.placement in ("STRICT_PACK", "PACK") and not self.draft_num_gpus and not self.target_num_gpus)
 
     def round_options(self, method: str, gamma: int, greedy: bool, adaptive: bool = False) -> RoundOptions:
         """The loop's options for one request: vanilla SD is the loop with both PEARL ablations off, and

@@ -472,6 +472,67 @@ def test_policy_window_follows_the_costs():
     assert cheap.choose([SeqView("ar")] * 4) == 0
 
 
+class _ContextTimedLM:
+    """A BatchedLM stand-in whose forward takes 2 ms plus 2 us per new token per cached position of the
+    longest row (attention over a padded slot cache), so its costs are known."""
+
+    max_context, vocab_size = 4096, 32
+
+    def __init__(self):
+        self.lens = {}
+
+    def forward(self, feeds):
+        import time
+
+        for slot, (toks, _) in feeds.items():
+            self.lens[slot] = self.lens.get(slot, 0) + len(toks)
+        n = sum(len(toks) for toks, _ in feeds.values())
+        if n < 64:  # not a prompt pass
+            time.sleep(0.002 + 2e-6 * n * max(self.lens.values()))
+        return {}
+
+    def crop(self, slot, length):
+        self.lens[slot] = length
+
+    def release(self, slot):
+        self.lens.pop(slot, None)
+
+
+def test_forward_costs_grow_with_the_context_they_attend_over():
+    """measure_forward_costs times the widest forward again on a long context and keeps the extra seconds per
+    token per cached position; the costs then price a forward at any context, and survive to_dict."""
+    from pearl_ray.core.policy import measure_forward_costs
+
+    costs = measure_forward_costs(_ContextTimedLM(), 4, (5,), context=128, reps=3, warmup=0)
+    assert costs.context == 128 and 1.2e-6 < costs.per_context < 3.2e-6
+    assert costs(20, 1024) > 2 * costs(20) and costs(20, 128) == costs(20)
+    assert costs(20, 16) >= 0.5 * costs(20)  # a short context saves attention work, never the whole forward
+    again = CostModel.from_dict(CostModel(costs).to_dict()).target
+    assert (again.context, again.per_context) == (costs.context, costs.per_context)
+    assert again(20, 1024) == pytest.approx(costs(20, 1024), rel=1e-3)
+
+
+def test_the_policy_prices_wide_rounds_at_the_batchs_context():
+    """Attention over long contexts makes a wide verify forward cost more than at the measured context: a batch
+    of 8 that drafts on short contexts decodes plainly on long ones, where the same acceptance no longer pays
+    for the padded forward."""
+    tokens = (1, 2, 4, 8, 16, 32, 64, 128)
+    per_context = 2e-6  # seconds per new token per cached position past the measured 128
+    costs = CostModel(ForwardCosts(tokens, tuple(0.030 + 0.0005 * n for n in tokens), 128, per_context),
+                      ForwardCosts(tokens, tuple(0.003 + 0.0001 * n for n in tokens), 128, 0.2 * per_context))
+    pol = SpeculationPolicy(costs, max_gamma=4)
+
+    def batch(context):
+        return [SeqView("sd", accepted=600, verified=1000, context=context)] * 8
+
+    assert pol.choose(batch(150)) > 0
+    assert pol.choose(batch(1500)) == 0
+    # the same costs without the context term cannot tell the two apart
+    flat = SpeculationPolicy(CostModel(ForwardCosts(tokens, costs.target.seconds),
+                                       ForwardCosts(tokens, costs.draft.seconds)), max_gamma=4)
+    assert flat.choose(batch(1500)) == flat.choose(batch(150)) > 0
+
+
 def test_policy_drafts_on_evidence_not_on_a_lucky_start():
     """The window is chosen at the acceptance's lower bound: 7 of 10 accepted (a lucky start) keeps plain
     decoding where 70 of 100 drafts, and with confidence=0 (the estimate alone) both draft."""

@@ -72,7 +72,7 @@ def test_concurrent_requests_on_one_ray_engine_are_batched_and_lossless(tiny_pai
     want = [local.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids
             for p, _, n in CONCURRENT]
     with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
-                     max_num_seqs=8, transport=transport, result_interval_s=30.0) as eng:
+                     max_num_seqs=8, transport=transport, result_interval_s=30.0, colocate=False) as eng:
         def one(i):
             p, method, n = CONCURRENT[i]
             chunks = list(eng.stream(p, SamplingParams(max_new_tokens=n, ignore_eos=True), method=method))
@@ -135,7 +135,7 @@ def test_a_killed_draft_or_target_with_four_requests_running(tiny_pair):
     params = SamplingParams(max_new_tokens=60, ignore_eos=True)
     want = [o.token_ids for o in local.generate(prompts, params)]
     with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
-                     max_num_seqs=4, round_timeout_s=10) as eng:
+                     max_num_seqs=4, round_timeout_s=10, colocate=False) as eng:
         eng.generate([[1, 2]], SamplingParams(max_new_tokens=4))  # warm: the draft is connected
         handles = eng.backend.status()["handles"]
 

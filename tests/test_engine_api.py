@@ -173,3 +173,19 @@ def test_the_loop_matches_the_reference_decoders(temperature):
         sd = generate_sd(draft, target, prompt, 3, stop, seed, temperature)[0]
         got = {m: eng.generate([[0]] * i + [prompt], params, method=m)[i].token_ids for m in ("ar", "sd")}
         assert got == {"ar": ar, "sd": sd}
+
+
+def test_ray_pairs_that_share_a_device_are_colocated_by_default():
+    """colocate=None: one worker for a CPU pair with one target rank, packed; two actors where the sides have
+    devices of their own (GPUs asked for), several target ranks, or a spread placement; explicit values win."""
+    from pearl_ray.config import EngineConfig
+
+    assert EngineConfig(backend="ray").colocate is True
+    assert EngineConfig(backend="ray", placement="PACK").colocate is True
+    assert EngineConfig(backend="ray", colocate=False).colocate is False
+    for options in (dict(placement="STRICT_SPREAD"), dict(placement="SPREAD"), dict(tensor_parallel_size=2),
+                    dict(target_num_gpus=1, device="cuda"), dict(draft_num_gpus=0.5)):
+        assert EngineConfig(backend="ray", **options).colocate is False, options
+    assert EngineConfig().colocate is False  # local: one process anyway, no Ray workers
+    with pytest.raises(InvalidParameterError):
+        EngineConfig(backend="ray", colocate=True, tensor_parallel_size=2)

@@ -285,11 +285,11 @@ def test_job_end_to_end_and_resume(tiny_pair_long, tmp_path):
     out = tmp_path / "run"
     start_local_ray(num_cpus=2, num_gpus=0)
     try:
-        assert main(job_args(tiny_pair_long, out, "--limit", "2")) == 0
+        assert main(job_args(tiny_pair_long, out, "--limit", "2", "--no-colocate")) == 0
         first = (out / "results.jsonl").read_bytes()
         with open(out / "results.jsonl", "ab") as f:
             f.write(b'{"qid": 2, "method": "ar", "new_tok')  # an interrupted write
-        assert main(job_args(tiny_pair_long, out, "--limit", "3")) == 0  # resume: only question 2 runs
+        assert main(job_args(tiny_pair_long, out, "--limit", "3", "--no-colocate")) == 0  # resume: only question 2 runs
     finally:
         ray.shutdown()
     data = (out / "results.jsonl").read_bytes()
@@ -346,6 +346,7 @@ def test_two_pairs_on_two_nodes_answer_each_question_once(tiny_pair_long, tmp_pa
     pairs = json.loads((out / "config.json").read_text())["sessions"][0]["pairs"]
     assert len(pairs) == 2 and {p["target_node"] for p in pairs} == two_node_cluster  # one pair per node
     assert all(p["draft_node"] == p["target_node"] for p in pairs)  # STRICT_PACK
+    assert all(p["colocated"] for p in pairs)  # a CPU pair: one worker by default
 
 
 def dashboard_up(address: str) -> bool:

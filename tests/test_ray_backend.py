@@ -32,7 +32,7 @@ def engines():
 @pytest.mark.parametrize("transport", ["actor", "gloo"])
 def test_transport_invariance(engines, transport):
     target, draft = toy_pair()
-    eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", transport=transport)
+    eng = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", colocate=False, transport=transport)
     engines.append(eng)
     local = PearlEngine(draft_model=draft, target_model=target, gamma=3)
     for params in (SamplingParams(max_new_tokens=17, ignore_eos=True),
@@ -57,7 +57,7 @@ def test_transport_invariance(engines, transport):
 def test_draft_and_target_are_busy_at_the_same_time(engines, transport):
     target, draft = toy_pair()
     slow_t, slow_d = SlowLM(target, 0.03), SlowLM(draft, 0.01)
-    eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", transport=transport)
+    eng = PearlEngine(draft_model=slow_d, target_model=slow_t, gamma=3, backend="ray", colocate=False, transport=transport)
     engines.append(eng)
     info = eng.backend.info
     assert info["draft"]["pid"] != info["target"]["pid"]
@@ -72,7 +72,7 @@ def test_draft_and_target_are_busy_at_the_same_time(engines, transport):
 def test_draft_killed_mid_request_finishes_on_target_alone(engines, transport):
     target, draft = toy_pair()
     slow_d = SlowLM(draft, 0.005)
-    eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", transport=transport,
+    eng = PearlEngine(draft_model=slow_d, target_model=target, gamma=2, backend="ray", colocate=False, transport=transport,
                       round_timeout_s=10)
     engines.append(eng)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
@@ -101,7 +101,7 @@ def test_draft_killed_mid_request_finishes_on_target_alone(engines, transport):
 def test_draft_timeout_falls_back_and_stays_lossless(engines, transport):
     target, draft = toy_pair()
     stalls = SlowLM(draft, 5.0, after=6)  # fine for 6 forwards, then each forward takes 5 s
-    eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", transport=transport,
+    eng = PearlEngine(draft_model=stalls, target_model=target, gamma=3, backend="ray", colocate=False, transport=transport,
                       round_timeout_s=1.0)
     engines.append(eng)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
@@ -115,7 +115,7 @@ def test_draft_timeout_falls_back_and_stays_lossless(engines, transport):
 @pytest.mark.parametrize("transport", ["actor", "gloo"])
 def test_dead_target_raises_a_typed_error_promptly(engines, transport):
     target, draft = toy_pair()
-    eng = PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray",
+    eng = PearlEngine(draft_model=draft, target_model=SlowLM(target, 0.01), gamma=2, backend="ray", colocate=False,
                       transport=transport, round_timeout_s=5)
     engines.append(eng)
     handle = eng.backend.status()["handles"]["target"]
@@ -135,7 +135,7 @@ def test_auto_gamma_from_measured_forwards(engines):
     assert choose_gamma(0.5, 0.05) == 1
     target, draft = toy_pair()
     eng = PearlEngine(draft_model=SlowLM(draft, 0.004), target_model=SlowLM(target, 0.02), gamma=None,
-                      backend="ray", transport="actor")
+                      backend="ray", transport="actor", colocate=False)
     engines.append(eng)
     m = eng.measured
     assert m["t_target_s"] > m["t_draft_s"] > 0
@@ -163,7 +163,7 @@ def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tok
     root = tmp_path_factory.mktemp("mid")
     target = save_tiny_llama(root / "t", seed=0, hidden_size=512, num_layers=8, tokenizer_dir=tiny_tokenizer_dir)
     draft = save_tiny_llama(root / "d", seed=1, hidden_size=256, num_layers=2, tokenizer_dir=tiny_tokenizer_dir)
-    eng = PearlEngine(draft=str(draft), target=str(target), gamma=3, backend="ray", transport="gloo")
+    eng = PearlEngine(draft=str(draft), target=str(target), gamma=3, backend="ray", transport="gloo", colocate=False)
     engines.append(eng)
     out = eng.generate([[1] + list(range(10, 70))], SamplingParams(max_new_tokens=40, ignore_eos=True))[0]
     assert out.stats.draft_forwards > 0 and out.stats.draft_failures == 0

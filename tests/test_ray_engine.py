@@ -72,7 +72,7 @@ def test_the_target_borrows_the_drafts_threads_for_prompt_passes(tiny_pair):
     want = PearlEngine(target=tiny_pair["target"], method="ar").generate([prompt], params)[0].token_ids
     for prefill_threads, expect in ((None, 2), (0, None)):
         with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
-                         num_threads=1, prefill_threads=prefill_threads) as eng:
+                         num_threads=1, prefill_threads=prefill_threads, colocate=False) as eng:
             assert eng.backend.info["target"]["threads"] == 1
             assert eng.backend.info["target"]["prefill_threads"] == expect
             assert eng.generate([prompt], params)[0].token_ids == want
@@ -108,7 +108,7 @@ def test_joins_the_running_ray_and_uses_a_handed_in_placement_group():
     ray.get(pg.ready(), timeout=30)
     try:
         with PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", placement_group=pg,
-                         bundle_indices=(1, 2)) as eng:
+                         bundle_indices=(1, 2), colocate=False) as eng:
             assert ray.get_runtime_context().gcs_address == gcs  # no second cluster
             info = eng.backend.info
             assert info["draft"]["placement_group"] == info["target"]["placement_group"] == pg.id.hex()
@@ -127,7 +127,7 @@ def test_any_seed_works_on_every_transport():
     want = [[o.token_ids for o in local.generate(PROMPTS, params)] for params in every]
     for transport, lane in (("gloo", "auto"), ("gloo", "gloo"), ("actor", "auto")):
         with PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", transport=transport,
-                         tensor_lane=lane) as eng:
+                         tensor_lane=lane, colocate=False) as eng:
             for params, expected in zip(every, want):
                 outs = eng.generate(PROMPTS, params)
                 assert [o.token_ids for o in outs] == expected and all(o.stats.draft_failures == 0 for o in outs)
@@ -190,7 +190,8 @@ def test_a_draft_that_cannot_start_raises_draft_unavailable(tmp_path):
     target, draft = toy_pair()
     marker = tmp_path / "broken"
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
-    with PearlEngine(draft_model=FlakyLM(draft, str(marker)), target_model=target, gamma=2, backend="ray") as eng:
+    with PearlEngine(draft_model=FlakyLM(draft, str(marker)), target_model=target, gamma=2, backend="ray",
+                     colocate=False) as eng:
         assert eng.generate([[1, 2]], params)[0].stats.draft_forwards > 0
         marker.write_text("from now on the draft fails to load")
         ray.kill(eng.backend.status()["handles"]["draft"])

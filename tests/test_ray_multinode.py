@@ -51,7 +51,7 @@ def test_strict_spread_places_draft_and_target_on_different_nodes(cluster, trans
     if transport != "actor":
         return
     packed = PearlEngine(draft_model=draft, target_model=target, gamma=3, backend="ray", placement="STRICT_PACK",
-                         draft_num_cpus=0.5, target_num_cpus=0.5, transport="gloo")
+                         draft_num_cpus=0.5, target_num_cpus=0.5, transport="gloo", colocate=False)
     try:
         info = packed.backend.info
         assert info["draft"]["node_id"] == info["target"]["node_id"]

@@ -105,7 +105,8 @@ def server(cluster, tiny_models, tiny_tokenizer_dir):
                        num_threads=1, max_ongoing_requests=2, max_queued_requests=2, retry_after_s=1, colocate=True)
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
     tok = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))  # no chat template
-    faults = ServeConfig(model_name="toy", gamma=2, num_threads=1, engine_options={"round_timeout_s": 5.0})
+    faults = ServeConfig(model_name="toy", gamma=2, num_threads=1, engine_options={"round_timeout_s": 5.0},
+                         colocate=False)
     models = {"target_model": SlowLM(target, 0.01), "draft_model": SlowLM(draft, 0.002), "tokenizer": tok,
               "eos_token_ids": ()}
     serve.run_many([serve.RunTarget(make_app(tiny), name="tiny", route_prefix="/"),

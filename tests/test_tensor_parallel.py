@@ -111,3 +111,23 @@ def test_tensor_parallel_needs_the_ray_backend(tiny_pair):
         PearlEngine(str(draft), str(target), tensor_parallel_size=2)
     with pytest.raises(InvalidParameterError, match="tensor_parallel_size"):
         PearlEngine(str(draft), str(target), backend="ray", tensor_parallel_size=0)
+
+
+def test_a_draft_beside_rank_0_of_a_tensor_parallel_target(tiny_pair, reference):
+    """colocate=True with a TP target: no draft actor; rank 0's worker holds the draft, in one bundle with the
+    pair's CPUs, the other rank keeps its own; greedy output equals the unsharded target's (the sides at once,
+    rank 0 and the draft splitting the worker's two threads)."""
+    target, draft = tiny_pair["target"], tiny_pair["draft"]
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    want = [o.token_ids for o in reference.generate(PROMPTS, params, method="ar")]
+    with PearlEngine(str(draft), str(target), backend="ray", gamma=3, tensor_parallel_size=2, colocate=True,
+                     schedule="once", num_threads=2, draft_num_cpus=0.1, target_num_cpus=0.1) as eng:
+        status = eng.backend.status()
+        assert status["handles"]["draft"] is None and len(status["handles"]["target_ranks"]) == 2
+        info = eng.backend.info["target"]
+        assert info["colocated_draft"] and len(info["ranks"]) == 2
+        pg = ray.util.placement_group_table(eng.backend.pg)
+        assert [b.get("CPU") for b in pg["bundles"].values()] == [0.2, 0.1]
+        outs = eng.generate(PROMPTS, params, method="pearl")
+        assert [o.token_ids for o in outs] == want
+        assert all(o.stats.draft_forwards > 0 for o in outs) and sum(o.stats.once_rounds for o in outs) > 0

@@ -449,7 +449,8 @@ class _Seq:
         return SeqView(self.request.method if self.draft_ok else "ar", self.stats.accepted_tokens,
                        self.stats.verified_tokens, self.opts.adaptive, self.opts.gamma,
                        behind=max(0, len(st.committed) - self.draft_seen),
-                       remaining=max(0, self.request.params.max_new_tokens - (len(st.committed) - st.prompt_len)))
+                       remaining=max(0, self.request.params.max_new_tokens - (len(st.committed) - st.prompt_len)),
+                       context=len(st.committed))
 
 
 class BatchLoop:
@@ -616,6 +617,7 @@ class BatchLoop:
             except Exception as exc:  # noqa: BLE001 - this request's alone
                 failed[s] = exc
         seqs = [s for s in self.active if s not in failed]
+        context = max((len(s.state.committed) for s in seqs), default=0)  # the forwards' longest row, before
         at_once = schedule == "once" and self.concurrent is not None
         phase = self.concurrent if at_once else self.draft
         wall0, t0 = time.time(), time.perf_counter()
@@ -634,7 +636,7 @@ class BatchLoop:
         if self.policy is not None:
             draft_s = max((c.busy_s for c in chunks.values()), default=0.0)
             self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s,
-                                schedule if schedule != "plain" else None)
+                                schedule if schedule != "plain" else None, context)
         self.rounds += 1
         events = refused
         for seq in seqs:

@@ -62,16 +62,28 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ForwardCosts:
     """Seconds per forward against the padded tokens it carries: piecewise linear between measured points,
-    linear past the last two."""
+    linear past the last two. The points were measured on ``context`` cached positions per row; a forward
+    on a longer context also pays ``per_context`` seconds per new token per extra position (attention reads
+    every cached position of its row, and the slot cache pads each row to the longest)."""
 
     tokens: tuple[int, ...]
     seconds: tuple[float, ...]
+    context: int = 0
+    per_context: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.tokens or len(self.tokens) != len(self.seconds) or list(self.tokens) != sorted(set(self.tokens)):
             raise ValueError(f"cost points must be increasing token counts with one time each: {self}")
 
-    def __call__(self, n: float) -> float:
+    def __call__(self, n: float, context: int | None = None) -> float:
+        """A forward over ``n`` padded tokens on ``context`` cached positions per row (None: the measured one)."""
+        base = self._base(n)
+        if context is None or not self.per_context:
+            return base
+        # shorter contexts save attention work too, but never more than half of the measured forward
+        return max(0.5 * base, base + self.per_context * max(n, 1) * (context - self.context))
+
+    def _base(self, n: float) -> float:
         xs, ys = self.tokens, self.seconds
         if len(xs) == 1:
             return ys[0] * max(n, 1) / xs[0] if n > xs[0] else ys[0]
@@ -82,10 +94,12 @@ class ForwardCosts:
         return max(ys[0], y0 + (y1 - y0) * (n - x0) / (x1 - x0))
 
     def scaled(self, factor: float) -> "ForwardCosts":
-        return ForwardCosts(self.tokens, tuple(s * factor for s in self.seconds))
+        return ForwardCosts(self.tokens, tuple(s * factor for s in self.seconds), self.context,
+                            self.per_context * factor)
 
     def to_dict(self) -> dict:
-        return {"tokens": list(self.tokens), "seconds": [round(s, 6) for s in self.seconds]}
+        return {"tokens": list(self.tokens), "seconds": [round(s, 6) for s in self.seconds],
+                "context": self.context, "per_context": self.per_context}
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,8 @@ class CostModel:
     def from_dict(cls, d: dict) -> "CostModel":
         """The inverse of ``to_dict`` (e.g. the ``costs`` of a policy's ``describe()``)."""
         def fc(x):
-            return ForwardCosts(tuple(x["tokens"]), tuple(x["seconds"])) if x else None
+            return ForwardCosts(tuple(x["tokens"]), tuple(x["seconds"]), int(x.get("context", 0)),
+                                float(x.get("per_context", 0.0))) if x else None
         return cls(fc(d["target"]), fc(d.get("draft")), bool(d.get("parallel")), fc(d.get("target_alone")),
                    cls.from_dict(d["split"]) if d.get("split") else None)
 
@@ -137,6 +152,7 @@ class SeqView:
     fixed_gamma: int = 0
     behind: int = 0  # tokens the draft lacks before its first step (it last drafted this many tokens ago)
     remaining: int | None = None  # new tokens the request may still produce (None: unknown, unbounded)
+    context: int | None = None  # positions the request holds (prompt and output so far; None: unknown)
 
 
 def expected_run(a: float, n: int) -> float:
@@ -147,6 +163,12 @@ def expected_run(a: float, n: int) -> float:
     if a >= 1.0:
         return float(n)
     return (1.0 - a ** n) / (1.0 - a)
+
+
+def batch_context(seqs: Sequence[SeqView]) -> int | None:
+    """The context a batch's forwards attend over: its longest row's (None where no row says)."""
+    known = [s.context for s in seqs if s.context is not None]
+    return max(known) if known else None
 
 
 SCHEDULES = ("plain", "turn", "once")
@@ -223,16 +245,16 @@ class SpeculationPolicy:
             return schedule
         return self.forced or self.costs.schedules()[-1]
 
-    def target_s(self, tokens: float, schedule: str | None = None) -> float:
+    def target_s(self, tokens: float, schedule: str | None = None, context: int | None = None) -> float:
         sch = self._sched(schedule)
-        return self.scales[sch][0] * self.costs.of(sch).target(tokens)
+        return self.scales[sch][0] * self.costs.of(sch).target(tokens, context)
 
-    def draft_s(self, rows: int, steps: int, schedule: str | None = None) -> float:
+    def draft_s(self, rows: int, steps: int, schedule: str | None = None, context: int | None = None) -> float:
         sch = self._sched(schedule)
         draft = self.costs.of(sch).draft
         if steps <= 0 or rows <= 0 or draft is None:
             return 0.0
-        return steps * self.scales[sch][1] * draft(rows)
+        return steps * self.scales[sch][1] * draft(rows, context)
 
     def _join(self, d: float, t: float, schedule: str | None = None) -> float:
         return max(d, t) if self.costs.of(self._sched(schedule)).parallel else d + t
@@ -245,27 +267,30 @@ class SpeculationPolicy:
             return 0.0
         sch = self._sched(schedule)
         b = len(seqs)
+        ctx = batch_context(seqs)
         windows = [self._window(s, g) for s in seqs]
         width = max(windows)
         drafting = sum(1 for w in windows if w > 0)
-        d = self.draft_s(drafting, width, sch)
+        d = self.draft_s(drafting, width, sch, ctx)
         alone = self.plain_costs
-        t_plain = self.scale_alone * alone(b) if (alone is not None and width == 0) else self.target_s(b, sch)
+        t_plain = (self.scale_alone * alone(b, ctx) if (alone is not None and width == 0)
+                   else self.target_s(b, sch, ctx))
         total = 0.0
         for s, w in zip(seqs, windows):
             if w == 0:
-                total += 1.0 / (t_plain if width == 0 else self._join(d, self.target_s(b * (width + 1), sch), sch))
+                total += 1.0 / (t_plain if width == 0 else
+                                self._join(d, self.target_s(b * (width + 1), sch, ctx), sch))
                 continue
             a = self.acceptance(s, z)
             if s.method == "sd" or (sch == "turn" and s.adaptive and self.costs.split is not None):
-                total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1), sch))
+                total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1), sch, ctx))
             elif w == 1:  # PEARL with a one-token window never has a window pending: one token per round
-                total += 1.0 / self._join(d, self.target_s(b, sch), sch)
+                total += 1.0 / self._join(d, self.target_s(b, sch, ctx), sch)
             else:
                 # alone, a PRE round's forward is one token; in a batch the rows are in mixed phases and every
                 # forward is padded to the widest row, so each round pays for the POST width
-                c_post = self._join(d, self.target_s(b * w, sch), sch)
-                c_pre = self._join(d, self.target_s(b, sch), sch) if b == 1 else c_post
+                c_post = self._join(d, self.target_s(b * w, sch, ctx), sch)
+                c_pre = self._join(d, self.target_s(b, sch, ctx), sch) if b == 1 else c_post
                 stay = a ** w
                 post_per_pre = a / max(1.0 - stay, 1e-9)
                 tokens = 1.0 + post_per_pre * expected_run(a, w)
@@ -345,9 +370,10 @@ class SpeculationPolicy:
         left = sum(s.remaining for s in seqs if s.method != "ar")
         saved = (1.0 - plain / hope) * left / plain
         behind = sum(s.behind for s in seqs if s.method != "ar")
-        catch_up = self.draft_s(behind, 1, "turn") if behind and self.costs.draft else 0.0
+        ctx = batch_context(seqs)
+        catch_up = self.draft_s(behind, 1, "turn", ctx) if behind and self.costs.draft else 0.0
         rows = len(seqs)
-        wide = self.target_s(rows * (g + 1)) - rows / plain
+        wide = self.target_s(rows * (g + 1), None, ctx) - rows / plain
         return saved > catch_up + max(0.0, wide)
 
     # -- feedback ----------------------------------------------------------------------------------------
@@ -358,9 +384,10 @@ class SpeculationPolicy:
         self._pair_ver = decay * self._pair_ver + verified
 
     def observe(self, rows: int, width: int, target_s: float, draft_rows: int = 0, draft_steps: int = 0,
-                draft_s: float = 0.0, schedule: str | None = None) -> None:
-        """A round's measured times against the prediction: rescale (the scales of the round's ``schedule``;
-        None: the last one chosen), and re-measure on a sustained drift."""
+                draft_s: float = 0.0, schedule: str | None = None, context: int | None = None) -> None:
+        """A round's measured times against the prediction at the batch's ``context`` (its longest row): rescale
+        (the scales of the round's ``schedule``; None: the last one chosen), and re-measure on a sustained
+        drift."""
         if width > self.max_gamma + 1:  # a prompt pass rode in this forward: not a decoding round's cost
             return
         sch = self._sched(schedule if schedule is not None else self.schedule)
@@ -369,7 +396,7 @@ class SpeculationPolicy:
         if rows and width and target_s > 0:
             # a round with no drafting ran on the draft's threads too: its own costs, its own scale
             alone = draft_rows == 0 and self.plain_costs is not None
-            predicted = (self.plain_costs if alone else costs.target)(rows * width)
+            predicted = (self.plain_costs if alone else costs.target)(rows * width, context)
             ratio = min(2.0, max(0.5, target_s / predicted))  # one outlier moves it little
             if alone:
                 self.scale_alone = 0.8 * self.scale_alone + 0.2 * ratio
@@ -380,7 +407,7 @@ class SpeculationPolicy:
             seen, off = True, not (1 / self.drift <= scale <= self.drift)
         if (draft_rows and draft_steps and draft_s > 0 and costs.draft is not None
                 and not self._probing):  # a probe's steps also catch up on skipped tokens: not a step's cost
-            ratio = min(2.0, max(0.5, draft_s / (draft_steps * costs.draft(draft_rows))))
+            ratio = min(2.0, max(0.5, draft_s / (draft_steps * costs.draft(draft_rows, context))))
             scales[1] = 0.8 * scales[1] + 0.2 * ratio
             seen, off = True, off or not (1 / self.drift <= scales[1] <= self.drift)
         if not seen:
@@ -447,10 +474,12 @@ def _median_time(fn: Callable[[], None], reps: int, warmup: int) -> float:
 
 
 def measure_forward_costs(lm, max_rows: int, widths: Sequence[int], context: int = 128, reps: int = 3,
-                          warmup: int = 1, token: int = 5) -> ForwardCosts:
+                          warmup: int = 1, token: int = 5, long_context: int | None = None) -> ForwardCosts:
     """Time ``lm`` (an empty ``BatchedLM``: it is cleared after) over ``rows x width`` new tokens on
     ``context`` cached positions per row: rows 1, 2, 4, ... up to ``max_rows`` at width 1, and each
-    width at 1 and ``max_rows`` rows. Returns seconds against padded tokens."""
+    width at 1 and ``max_rows`` rows. Returns seconds against padded tokens, and what each extra cached
+    position adds per token: the widest forward timed again on ``long_context`` positions per row (default
+    4 x ``context``, within the model's context; 0: not measured)."""
     rows_list = sorted({min(max_rows, 2 ** i) for i in range(0, max(1, math.ceil(math.log2(max_rows))) + 1)},
                        reverse=True)
     context = max(1, min(context, lm.max_context - max(widths, default=1) - 2))
@@ -485,4 +514,28 @@ def measure_forward_costs(lm, max_rows: int, widths: Sequence[int], context: int
     for x in xs:  # a forward over more tokens never costs less (noise aside)
         best = max(best, statistics.mean(points[x]))
         ys.append(best)
-    return ForwardCosts(tuple(xs), tuple(ys))
+    costs = ForwardCosts(tuple(xs), tuple(ys), context)
+    width = max(widths, default=1)
+    if long_context is None:
+        long_context = 4 * context
+    long_context = min(long_context, lm.max_context - width - 2)
+    if long_context < 2 * context:  # too close to tell attention's share from noise
+        return costs
+    long_ctx = [(token + i % 7) % vocab for i in range(long_context)]
+    feeds = {s: ([token] * width, 1) for s in range(max_rows)}
+    try:
+        for slot in range(max_rows):
+            lm.forward({slot: (list(long_ctx), 1)})
+
+        def run_long() -> None:
+            lm.forward(feeds)
+            for s in range(max_rows):
+                lm.crop(s, long_context)
+
+        t_long = _median_time(run_long, reps, warmup)
+    finally:
+        for slot in range(max_rows):
+            lm.release(slot)
+    n = max_rows * width
+    per = max(0.0, (t_long - costs(n)) / (n * (long_context - context)))
+    return ForwardCosts(costs.tokens, costs.seconds, context, per)

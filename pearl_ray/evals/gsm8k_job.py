@@ -72,7 +72,7 @@ class JobSettings:
     num_pairs: int
     placement: str
     transport: str
-    colocate: bool
+    colocate: bool | None
     schedule: str
     draft_num_cpus: float
     target_num_cpus: float
@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--placement", default="STRICT_PACK", choices=PLACEMENTS,
       help="placement group strategy of each pair (STRICT_SPREAD: draft and target on different nodes)")
     a("--transport", default="gloo", choices=TRANSPORTS)
-    a("--colocate", action="store_true",
-      help="both models in the target leader's worker: one bundle with the pair's CPUs, no draft actor or link")
+    a("--colocate", action=argparse.BooleanOptionalAction, default=None,
+      help="both models in the target leader's worker: one bundle with the pair's CPUs, no draft actor or link "
+           "(default: yes for a CPU pair with one target rank; --no-colocate keeps two actors)")
     a("--schedule", default="auto", choices=SCHEDULES,
-      help="with --colocate: drafting rounds in turn, at once (PEARL), or the policy's choice (default: %(default)s)")
+      help="a colocated pair's drafting rounds: in turn, at once (PEARL), or the policy's choice (default: %(default)s)")
     a("--draft-num-cpus", type=float, default=1.0)
     a("--target-num-cpus", type=float, default=1.0)
     a("--draft-num-gpus", type=float, default=0.0)

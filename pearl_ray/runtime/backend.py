@@ -162,12 +162,13 @@ class RayBackend:
         else:
             from ..config import bundle
 
-            if colocated:  # one bundle: the pair's CPUs, or the GPU both sides share
+            if colocated:  # one bundle: the pair's CPUs, or the GPU both sides share (TP: rank 0's, then the others)
                 pair_res = (draft_res[0] + target_res[0], max(draft_res[1], target_res[1]))
-                pg = ray_placement_group([bundle(*pair_res)], strategy=c.placement)
+                bundles = [bundle(*pair_res)] + [bundle(*target_res)] * (tp - 1)
+                pg = ray_placement_group(bundles, strategy=c.placement)
                 self.pgs.append(pg)
-                wait_for_placement(pg, [bundle(*pair_res)], c.placement, c.placement_timeout_s)
-                draft_at, target_at = (pg, 0), (pg, [0])
+                wait_for_placement(pg, bundles, c.placement, c.placement_timeout_s)
+                draft_at, target_at = (pg, 0), (pg, list(range(tp)))
             elif tp == 1 or c.placement == "STRICT_PACK":
                 bundles = [bundle(*draft_res)] + [bundle(*target_res)] * tp
                 pg = ray_placement_group(bundles, strategy=c.placement)
@@ -204,6 +205,8 @@ class RayBackend:
         if colocated:
             # the leader holds the draft too: the pair's threads (the bundle's CPUs), no draft actor, no link
             pair_cpus = draft_res[0] + target_res[0]
+            target = self.spec["target"]
+            target.update(shard_threads=target["threads"], shard_num_cpus=target["num_cpus"])  # TP ranks 1..
             self.spec["target"].update(draft_factory=draft_factory, schedule=c.schedule,
                                        threads=c.num_threads or max(1, int(pair_cpus)),
                                        num_cpus=pair_cpus if self.owns_pg else target_res[0])

@@ -73,8 +73,12 @@ class Coordinator:
         extra = (s.get("prefill_threads") or 0, s.get("draft_factory"), s.get("schedule", "auto")) if cls is TargetLeader else ()
         # the leader holds one thread per request in flight (its stream), besides the loop's own
         concurrency = 16 + self.spec.get("max_num_seqs", 8) + self.spec.get("max_queued", 64) if cls is TargetLeader else 4
-        return cls.options(scheduling_strategy=strategy, max_concurrency=concurrency, num_cpus=s["num_cpus"],
-                           num_gpus=s["num_gpus"]).remote(factory or s["factory"], s["threads"], *extra)
+        # a colocated TP leader holds the draft's share too; the other ranks keep the target's own
+        shard = cls is not TargetLeader and side == "target"
+        num_cpus = s.get("shard_num_cpus", s["num_cpus"]) if shard else s["num_cpus"]
+        threads = s.get("shard_threads", s["threads"]) if shard else s["threads"]
+        return cls.options(scheduling_strategy=strategy, max_concurrency=concurrency, num_cpus=num_cpus,
+                           num_gpus=s["num_gpus"]).remote(factory or s["factory"], threads, *extra)
 
     def _make_target(self):
         """The target group: the leader alone, or rank 0 plus ``TargetShard`` followers that rendezvous on this

@@ -334,10 +334,14 @@ class TargetLeader(_WorkerBase):
             self.batch.loop.policy = self.policy
         return self.policy.describe()
 
-    def _prepare_colocated_policy(self, max_num_seqs: int, max_gamma: int, context: int) -> dict:
+    def _prepare_colocated_policy(self, max_num_seqs: int, max_gamma: int, context: int) -> dict | None:
         """Both models here: each side's costs with the worker's threads (in turn) and, where the device can
         be split, while the other works beside it (at once), as the local backend measures them."""
         from ..core.policy import SpeculationPolicy
+        from ..modeling.tp import TPLeaderModel
+
+        if isinstance(self.model, TPLeaderModel):  # as for a TP group's own draft actor: fixed windows
+            return None
 
         def measure():
             return on_fresh_thread(local_cost_model, self.model, self.draft_model, max_num_seqs, max_gamma, context,

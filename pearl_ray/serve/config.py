@@ -35,9 +35,10 @@ class ServeConfig(BaseModel):
     gamma: int | None = Field(None, ge=1, le=MAX_GAMMA)
     """Draft window; None measures the pair at start-up and picks it (auto gamma)."""
     transport: Transport = "gloo"
-    colocate: bool = False
+    colocate: bool | None = None
     """Both models in the target leader's worker (its bundle; the draft's bundle's CPUs become its threads):
-    no draft actor and no link; rounds pick plain decoding, SD in turn or PEARL at once (``schedule``)."""
+    no draft actor and no link; rounds pick plain decoding, SD in turn or PEARL at once (``schedule``).
+    None (default): colocated for a CPU pair with one target rank (``EngineConfig.colocate``)."""
     schedule: Literal["auto", "turn", "once"] = "auto"
     """With ``colocate``: how the sides share the device in drafting rounds (``EngineConfig.schedule``)."""
     num_threads: int | None = Field(None, ge=1)
