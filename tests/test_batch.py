@@ -13,6 +13,7 @@
 """
 
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -843,3 +844,43 @@ def test_schedule_option_builds_what_it_names(tiny_pair):
             PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], schedule="once", num_threads=1)
     finally:
         torch.set_num_threads(threads)  # the engine set this process's count
+
+
+def test_a_round_at_once_that_times_out_never_races_the_next_ones(tiny_pair):
+    """The draft's thread outlives a round's wait (a stall): its requests go on target-only and stay lossless,
+    and nothing else touches the shared draft side (slot releases, new requests' starts, rounds in turn) until
+    that thread is done; then new requests draft again."""
+    import threading
+
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], schedule="once", num_threads=2)
+    phase = eng.backend.concurrent
+    phase.timeout_s = 0.3
+    side, inside, lock = phase.side, {"now": 0, "most": 0, "stalls": 1}, threading.Lock()
+
+    def watched(fn):
+        def call(*args, **kwargs):
+            with lock:
+                inside["now"] += 1
+                inside["most"] = max(inside["most"], inside["now"])
+                stall = fn.__name__ == "draft" and inside["stalls"] > 0
+                inside["stalls"] -= stall
+            try:
+                if stall:
+                    time.sleep(1.5)
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    inside["now"] -= 1
+        return call
+
+    for name in ("draft", "start", "release"):
+        setattr(side, name, watched(getattr(side, name)))
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    want = [o.token_ids for o in eng.generate(PROMPTS[:3], params, method="ar")]
+    outs = eng.generate(PROMPTS[:3], params, gamma=3)
+    assert [o.token_ids for o in outs] == want and all(o.stats.draft_failures for o in outs)
+    time.sleep(1.5)  # the stalled round ends
+    again = eng.generate(PROMPTS[:3], params, gamma=3)
+    assert [o.token_ids for o in again] == want
+    assert all(o.stats.draft_failures == 0 and o.stats.once_rounds > 0 for o in again)
+    assert inside["most"] == 1

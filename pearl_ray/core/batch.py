@@ -345,6 +345,7 @@ class ThreadedDraftPhase:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="pearl-draft")
         self.pool.submit(adopt_thread_count, threads).result(timeout=timeout_s)
         self._future = None
+        self.stuck = None  # a round that outlived ``collect``'s wait, maybe still drafting on the shared side
 
     def start(self, slot, start):
         self.side.start(slot, start)
@@ -374,8 +375,21 @@ class ThreadedDraftPhase:
         return self.pool.submit(self._on_stream, fn, *args).result(timeout=self.timeout_s)
 
     def collect(self):
+        from concurrent.futures import TimeoutError as FutureTimeout
+
         future, self._future = self._future, None
-        return future.result(timeout=self.timeout_s)
+        try:
+            return future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self.stuck = future
+            raise
+
+    def busy(self) -> bool:
+        """Whether a round that timed out still runs on the draft's thread: until it ends nothing else may
+        touch the shared side (the in-turn phase and slot releases run on the caller's thread)."""
+        if self.stuck is not None and self.stuck.done():
+            self.stuck = None
+        return self.stuck is not None
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -468,6 +482,7 @@ class BatchLoop:
             draft = LocalDraftPhase(BatchedDraftSide(draft))
         self.target, self.draft, self.policy = target, draft, policy
         self.concurrent: ThreadedDraftPhase | None = None
+        self._deferred_releases: set[int] = set()  # draft slots to free once a timed-out round ends
         """The draft on its own thread, for rounds whose sides run at once (``set_concurrent``); None: every
         drafting round runs ``draft`` (in turn here, or remote)."""
         self.split_threads: int | None = None
@@ -535,7 +550,7 @@ class BatchLoop:
                    PearlState(committed=list(request.prompt_ids), prompt_len=len(request.prompt_ids)),
                    None if opts.greedy else make_generator(request.seed, 0), stats, target)
         if opts.use_draft:
-            if self.draft is None:
+            if self.draft is None or self._draft_busy():
                 stats.draft_failures += 1
             else:
                 try:
@@ -551,10 +566,7 @@ class BatchLoop:
         self.target.release(seq.slot)
         if seq.drafts and self.draft is not None:
             seq.drafts = False
-            try:
-                self.draft.release(seq.slot)
-            except Exception:  # noqa: BLE001 - a broken draft: nothing of this request is lost
-                pass
+            self._release_draft(seq.slot)
         if self.policy is not None and seq.stats.verified_tokens:
             self.policy.finished(seq.stats.accepted_tokens, seq.stats.verified_tokens)
 
@@ -564,11 +576,26 @@ class BatchLoop:
             if seq.drafts:
                 seq.drafts = False
                 seq.stats.draft_failures += 1
-                try:
-                    self.draft.release(seq.slot)
-                except Exception:  # noqa: BLE001 - the draft is already broken; the request goes on without it
-                    pass
+                self._release_draft(seq.slot)
         self.draft_failures += 1
+
+    def _draft_busy(self) -> bool:
+        """A timed-out round at once still runs on the draft's thread (``ThreadedDraftPhase.busy``)."""
+        return self.concurrent is not None and self.concurrent.busy()
+
+    def _release_draft(self, slot: int) -> None:
+        """Free ``slot`` on the draft, or later, once no timed-out round still runs there."""
+        self._deferred_releases.add(slot)
+        if not self._draft_busy():
+            self._flush_draft_releases()
+
+    def _flush_draft_releases(self) -> None:
+        for slot in sorted(self._deferred_releases):
+            try:
+                self.draft.release(slot)
+            except Exception:  # noqa: BLE001 - a broken draft: nothing of this request is lost
+                pass
+        self._deferred_releases.clear()
 
     def set_concurrent(self, phase: ThreadedDraftPhase | None, split_threads: int | None) -> None:
         """Let rounds run the draft at the same time as the target: ``phase`` must draft on the same side as
@@ -581,6 +608,7 @@ class BatchLoop:
         for seq in self.active:
             seq.drafts = False
         self.draft = draft
+        self._deferred_releases.clear()  # the old draft's
         if self.concurrent is not None and getattr(draft, "side", None) is not self.concurrent.side:
             self.concurrent = None  # it drafted on the old side: rounds with the new one run in turn
 
@@ -684,6 +712,9 @@ class BatchLoop:
             if s.drafts and s not in drafting:
                 s.draft_stale = True
         if not drafting:
+            return (lambda: (chunks, 0, 0))
+        if self._draft_busy():  # the shared side is not ours to use yet: these requests go on target-only
+            self._draft_down(drafting)
             return (lambda: (chunks, 0, 0))
         reqs = {}
         for s in drafting:
