@@ -41,8 +41,13 @@ bench-throughput: $(STAMP)
 bench-endpoint: $(STAMP)
 	$(PY) jobs/bench_throughput.py --endpoint $(BENCH_ARGS)
 
+# the pair's measurement suite (training/measure_pair.py); results under results/measure/
 measure: $(STAMP)
-	$(PY) jobs/measure_pair.py
+	$(PY) -m training.measure_pair $(MEASURE_ARGS)
+
+# the default draft's distillation on one GPU (training/distill_gpu.sh; DEVICE=cpu works, but takes hours)
+distill: $(STAMP)
+	PY=$(abspath $(PY)) OUT=$(or $(OUT),results/distill) bash training/distill_gpu.sh
 
 clean-venv:
 	rm -rf .venv

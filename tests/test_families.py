@@ -1,4 +1,4 @@
-"""Prompt families (jobs/families.py) and the gen-broad phase of jobs/distill_draft.py, on tiny models."""
+"""Prompt families (training/families.py) and the gen-broad phase of training/distill_draft.py, on tiny models."""
 
 import gzip
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.families import FAMILIES, build_family, humaneval_prompts
+from training.families import FAMILIES, build_family, humaneval_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
@@ -60,10 +60,10 @@ def test_family_sizes(chat_tokenizer):
 
 
 def _gen_broad(target: Path, out_dir: Path) -> str:
-    cmd = [sys.executable, str(REPO / "jobs" / "distill_draft.py"), "--phase", "gen-broad", "--target", str(target),
+    cmd = [sys.executable, "-m", "training.distill_draft", "--phase", "gen-broad", "--target", str(target),
            "--families", "chat,text", "--limit", "4", "--batch", "2", "--gen-tokens", "6", "--out-dir", str(out_dir)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -125,7 +125,7 @@ def test_code_doctest_prompts():
     import ast
     import inspect
 
-    from jobs.doctest_tasks import DOCTEST_TASKS, VARIANTS, doctest_examples
+    from training.doctest_tasks import DOCTEST_TASKS, VARIANTS, doctest_examples
 
     tasks = {t.name: t for t in DOCTEST_TASKS}
     assert len(tasks) == len(DOCTEST_TASKS) >= 150

@@ -140,8 +140,8 @@ def test_gsm8k_report_without_arguments_prints_its_usage(tmp_path):
 
 
 def test_measurement_jobs_write_under_ignored_folders():
-    for script in ("measure_pair.py", "bench_latency.py", "bench_throughput.py"):
-        text = (REPO / "jobs" / script).read_text()
+    for script in ("training/measure_pair.py", "jobs/bench_latency.py", "jobs/bench_throughput.py"):
+        text = (REPO / script).read_text()
         assert 'default=f"results/' in text or 'ROOT / "results"' in text, script
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/measure/x/measure.md"], cwd=REPO)
     assert ignored.returncode == 0
