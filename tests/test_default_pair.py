@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -42,16 +43,37 @@ def test_pearl_on_default_pair_equals_target_greedy(default_engine):
     assert sum(rates) / len(rates) > 0.1, rates  # a random draft of this vocabulary would accept ~0
 
 
-def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
+def run_distill(capsys, argv: list[str]) -> SimpleNamespace:
+    """``training.distill_draft.main(argv)`` in this process, with what the command line would give: exit
+    status, stdout and stderr. Torch's thread count and global RNG are restored afterwards."""
+    from training.distill_draft import main
+
+    threads, status = torch.get_num_threads(), 0
+    with torch.random.fork_rng(devices=[]):
+        try:
+            main(argv)
+        except SystemExit as exc:
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        finally:
+            torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
+
+
+def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair, capsys):
+    """Every phase on a tiny pair. The first phase runs as the command (``python -m training.distill_draft``);
+    the rest call its ``main`` in this process, which saves a torch import and start-up per phase."""
     work, out = tmp_path / "work", tmp_path / "draft"
-    base = [sys.executable, "-m", "training.distill_draft", "--target", tiny_pair["target"],
-            "--work", str(work), "--out", str(out), "--layers", "0,1", "--vocab", "40", "--batch", "2",
-            "--val-questions", "2", "--log-every", "1", "--ckpt-every", "2"]
+    base = ["--target", tiny_pair["target"], "--work", str(work), "--out", str(out), "--layers", "0,1",
+            "--vocab", "40", "--batch", "2", "--val-questions", "2", "--log-every", "1", "--ckpt-every", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    run = lambda *extra: subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env,  # noqa: E731
-                                        cwd=ROOT)
-    res = run("--phase", "gen", "--num-questions", "6", "--gen-tokens", "6", "--no-chat")
+    res = subprocess.run([sys.executable, "-m", "training.distill_draft", *base, "--phase", "gen",
+                          "--num-questions", "6", "--gen-tokens", "6", "--no-chat"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
+    run = lambda *extra: run_distill(capsys, base + list(extra))  # noqa: E731
     assert len((work / "teacher.jsonl").read_text().splitlines()) == 6
     res = run("--phase", "train", "--steps", "2")
     assert res.returncode == 0, res.stderr[-2000:]
