@@ -1,4 +1,5 @@
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -26,3 +27,31 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir):
     target = save_tiny_llama(root / "target", seed=0, num_layers=2, tokenizer_dir=tiny_tokenizer_dir)
     draft = save_tiny_llama(root / "draft", seed=1, num_layers=1, tokenizer_dir=tiny_tokenizer_dir)
     return {"target": str(target), "draft": str(draft)}
+
+
+@pytest.fixture
+def run_distill(capsys):
+    """``run_distill(argv)``: ``training.distill_draft.main(argv)`` in the test process, returning what the
+    command line would give (``returncode``, ``stdout``, ``stderr``). It saves a torch import and start-up
+    per phase; torch's thread count and global RNG are restored afterwards."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from training.distill_draft import main
+
+    def run(argv: list[str]) -> SimpleNamespace:
+        threads, status = torch.get_num_threads(), 0
+        with torch.random.fork_rng(devices=[]):
+            try:
+                main(argv)
+            except SystemExit as exc:
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+                status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            finally:
+                torch.set_num_threads(threads)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
+
+    return run

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,26 +42,7 @@ def test_pearl_on_default_pair_equals_target_greedy(default_engine):
     assert sum(rates) / len(rates) > 0.1, rates  # a random draft of this vocabulary would accept ~0
 
 
-def run_distill(capsys, argv: list[str]) -> SimpleNamespace:
-    """``training.distill_draft.main(argv)`` in this process, with what the command line would give: exit
-    status, stdout and stderr. Torch's thread count and global RNG are restored afterwards."""
-    from training.distill_draft import main
-
-    threads, status = torch.get_num_threads(), 0
-    with torch.random.fork_rng(devices=[]):
-        try:
-            main(argv)
-        except SystemExit as exc:
-            if isinstance(exc.code, str):
-                print(exc.code, file=sys.stderr)
-            status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-        finally:
-            torch.set_num_threads(threads)
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
-
-
-def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair, capsys):
+def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair, run_distill):
     """Every phase on a tiny pair. The first phase runs as the command (``python -m training.distill_draft``);
     the rest call its ``main`` in this process, which saves a torch import and start-up per phase."""
     work, out = tmp_path / "work", tmp_path / "draft"
@@ -73,7 +53,7 @@ def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair, c
                           "--num-questions", "6", "--gen-tokens", "6", "--no-chat"],
                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    run = lambda *extra: run_distill(capsys, base + list(extra))  # noqa: E731
+    run = lambda *extra: run_distill(base + list(extra))  # noqa: E731
     assert len((work / "teacher.jsonl").read_text().splitlines()) == 6
     res = run("--phase", "train", "--steps", "2")
     assert res.returncode == 0, res.stderr[-2000:]
