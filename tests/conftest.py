@@ -30,21 +30,19 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir):
 
 
 @pytest.fixture
-def run_distill(capsys):
-    """``run_distill(argv)``: ``training.distill_draft.main(argv)`` in the test process, returning what the
-    command line would give (``returncode``, ``stdout``, ``stderr``). It saves a torch import and start-up
-    per phase; torch's thread count and global RNG are restored afterwards."""
+def run_main(capsys):
+    """``run_main(main, argv)``: a command's ``main(argv)`` in the test process, returning what the command line
+    would give (``returncode``, ``stdout``, ``stderr``). It saves a torch import and start-up per run; torch's
+    thread count and global RNG are restored afterwards."""
     from types import SimpleNamespace
 
     import torch
 
-    from training.distill_draft import main
-
-    def run(argv: list[str]) -> SimpleNamespace:
+    def run(main, argv: list[str]) -> SimpleNamespace:
         threads, status = torch.get_num_threads(), 0
         with torch.random.fork_rng(devices=[]):
             try:
-                main(argv)
+                status = main(argv) or 0
             except SystemExit as exc:
                 if isinstance(exc.code, str):
                     print(exc.code, file=sys.stderr)
@@ -55,3 +53,11 @@ def run_distill(capsys):
         return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
 
     return run
+
+
+@pytest.fixture
+def run_distill(run_main):
+    """``run_distill(argv)``: ``python -m training.distill_draft ARGV``, run in the test process."""
+    from training.distill_draft import main
+
+    return lambda argv: run_main(main, argv)
