@@ -1,14 +1,10 @@
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: jobs/ (distillation material)
 
 import pytest  # noqa: E402
 
@@ -31,3 +27,37 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir):
     target = save_tiny_llama(root / "target", seed=0, num_layers=2, tokenizer_dir=tiny_tokenizer_dir)
     draft = save_tiny_llama(root / "draft", seed=1, num_layers=1, tokenizer_dir=tiny_tokenizer_dir)
     return {"target": str(target), "draft": str(draft)}
+
+
+@pytest.fixture
+def run_main(capsys):
+    """``run_main(main, argv)``: a command's ``main(argv)`` in the test process, returning what the command line
+    would give (``returncode``, ``stdout``, ``stderr``). It saves a torch import and start-up per run; torch's
+    thread count and global RNG are restored afterwards."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def run(main, argv: list[str]) -> SimpleNamespace:
+        threads, status = torch.get_num_threads(), 0
+        with torch.random.fork_rng(devices=[]):
+            try:
+                status = main(argv) or 0
+            except SystemExit as exc:
+                if isinstance(exc.code, str):
+                    print(exc.code, file=sys.stderr)
+                status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            finally:
+                torch.set_num_threads(threads)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
+
+    return run
+
+
+@pytest.fixture
+def run_distill(run_main):
+    """``run_distill(argv)``: ``python -m training.distill_draft ARGV``, run in the test process."""
+    from training.distill_draft import main
+
+    return lambda argv: run_main(main, argv)

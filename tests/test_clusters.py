@@ -3,22 +3,27 @@
 - Ray cluster launcher configs (``clusters/*.yaml``): Ray's own JSON schema and checks, the way ``ray up``
   runs them before it contacts a cloud (``prepare_config`` fills in the provider's defaults, then
   ``validate_config`` checks against ``ray/autoscaler/ray-schema.json`` of the installed ray), plus what this
-  project needs (a GPU worker type, the repo mounted and installed on every node).
+  project needs (a GPU worker type, the repo mounted and installed on every node, torch pinned first).
 - KubeRay manifests (``RayCluster``, ``RayJob``, ``RayService`` anywhere under ``clusters/``): the fields
-  KubeRay needs, GPU requests, the embedded Serve config and the job's entrypoint.
-- Every script, module, ``import_path``, command-line flag and ``clusters/`` path that these files and
-  ``clusters/README.md`` name exists in the repo. Found by parsing (AST), without importing pearl_ray.
+  KubeRay requires, GPU requests, the embedded Serve config and the job's entrypoint.
+- Serve configs: Ray Serve's schema; each ``import_path`` imports, and the app's args are a valid ServeConfig.
+- Every command the files name (``python <script>``, ``python -m <module> [subcommand]``) runs ``--help``
+  successfully here, and its parser knows every flag the file passes it; every ``clusters/`` path and
+  every repo file named on a node exists.
 
 Each checker returns a list of problems; a negative test per checker feeds it a broken copy.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
+import importlib
 import importlib.metadata
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,12 +35,6 @@ RAY_VERSION = importlib.metadata.version("ray")
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
 # Where the launcher configs and the image put the repo on the nodes.
 REPO_MOUNTS = ("~/pearl-ray", "/home/ray/pearl-ray")
-
-# Names that the lead is adding to the job and to ServeConfig right now (issue 12). Until they land, a config
-# that uses them is an expected failure (xfail), not an error; once they exist these tests pass. Remove them
-# from these sets when they have landed, so that the checks become strict again.
-PENDING_FLAGS: set[str] = set()
-PENDING_SERVE_FIELDS: set[str] = set()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,92 +63,12 @@ def rel(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the repo's modules, scripts and flags, by AST
-
-
-def module_file(module: str) -> Path | None:
-    """``a.b`` -> ``a/b.py`` or ``a/b/__init__.py`` in the repo (None if neither exists)."""
-    base = REPO.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def parse(path: Path) -> ast.Module:
-    return ast.parse(path.read_text(), filename=str(path))
-
-
-def defines(module: str, attr: str, depth: int = 3) -> bool:
-    """Whether ``module`` (a repo module) defines or re-exports ``attr``, following relative and
-    ``pearl_ray`` imports ``depth`` hops."""
-    path = module_file(module)
-    if path is None:
-        return False
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in parse(path).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == attr:
-            return True
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == attr for t in node.targets):
-            return True
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == attr:
-            return True
-        if isinstance(node, ast.ImportFrom):
-            for alias in node.names:
-                if (alias.asname or alias.name) != attr:
-                    continue
-                if node.level:
-                    source = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
-                    source = f"{source}.{node.module}" if node.module else source
-                else:
-                    source = node.module or ""
-                if not source.startswith("pearl_ray"):
-                    return True  # imported from elsewhere: defined as far as this check goes
-                return depth > 0 and (defines(source, alias.name, depth - 1)
-                                      or module_file(f"{source}.{alias.name}") is not None)
-    return False
-
-
-def imported_repo_modules(path: Path) -> list[Path]:
-    """The file itself and the repo modules it imports (one hop), e.g. a job script and its pearl_ray module."""
-    files = [path]
-    for node in ast.walk(parse(path)):
-        names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
-                 else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-        for name in names:
-            if name.startswith("pearl_ray") and (found := module_file(name)) is not None:
-                files.append(found)
-    return files
-
-
-@functools.lru_cache(maxsize=None)
-def script_flags(script: str) -> frozenset[str]:
-    """Every ``--flag`` that the script (or a repo module it imports) passes as the first argument of a call:
-    ``add_argument("--x", ...)`` and its aliases."""
-    flags = set()
-    for path in imported_repo_modules(REPO / script):
-        for node in ast.walk(parse(path)):
-            if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-                    and isinstance(node.args[0].value, str) and node.args[0].value.startswith("--")):
-                flags.add(node.args[0].value)
-    return frozenset(flags)
-
-
-@functools.lru_cache(maxsize=None)
-def serve_config_fields() -> frozenset[str]:
-    """The fields of ``pearl_ray.serve.config.ServeConfig`` (its annotated class attributes)."""
-    (cls,) = [n for n in parse(REPO / "pearl_ray/serve/config.py").body
-              if isinstance(n, ast.ClassDef) and n.name == "ServeConfig"]
-    return frozenset(n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# what a text names: scripts with their flags, modules, import paths, files
+# what a text names: commands with their flags, import paths, files
 
 
 PY_SCRIPT = re.compile(r"\bpython3?\s+((?:~/pearl-ray/|/home/ray/pearl-ray/)?[\w./-]+\.py)\b([^\n]*)")
-PY_MODULE = re.compile(r"\bpython3?\s+-m\s+([\w.]+)")
+# `python -m module`, with a subcommand when a bare word follows (`python -m pearl_ray serve`)
+PY_MODULE = re.compile(r"\bpython3?\s+-m\s+([\w.]+)(?:\s+([a-z][a-z_-]*)(?=\s|$))?([^\n]*)")
 IMPORT_PATH = re.compile(r"\bimport_path:\s*['\"]?([\w.]+:\w+)")
 CLUSTER_PATH = re.compile(r"(?<![\w/.-])(clusters/[\w./-]*[\w])")
 MOUNTED_PATH = re.compile(r"(?:~/pearl-ray|/home/ray/pearl-ray)/([\w./-]*[\w])")
@@ -163,23 +82,55 @@ def repo_path(name: str) -> str:
     return name
 
 
-def reference_problems(text: str, where: str) -> tuple[list[str], list[str]]:
-    """(problems, pending) for everything ``text`` names; ``pending`` are names in PENDING_*."""
-    problems, pending = [], []
+@functools.lru_cache(maxsize=None)
+def run_help(command: tuple[str, ...]) -> tuple[int, str]:
+    """(exit status, output) of ``python COMMAND --help`` run in the repo, as a node runs it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    res = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=env)
+    return res.returncode, res.stdout + res.stderr
+
+
+def named_commands(text: str) -> list[tuple[tuple[str, ...], list[str]]]:
+    """Each ``python <script>`` / ``python -m <module> [subcommand]`` in ``text``: (the command, the flags
+    passed to it on its line, up to a `` -- `` or a comment)."""
     text = text.replace("\\\n", " ")  # shell line continuations: one command per line
+    found = []
     for script, rest in PY_SCRIPT.findall(text):
-        path = repo_path(script)
-        if not (REPO / path).is_file():
-            problems.append(f"{where}: `python {script}`: no such file in the repo")
-            continue
-        for flag in FLAG.findall(rest.split(" -- ")[0].split(" #")[0]):
-            if flag not in script_flags(path):
-                (pending if flag in PENDING_FLAGS else problems).append(
-                    f"{where}: `python {path}` has no option {flag}")
-    for module in PY_MODULE.findall(text):
-        path = module_file(module)
-        if path is None or (path.name == "__init__.py" and not (path.parent / "__main__.py").is_file()):
-            problems.append(f"{where}: `python -m {module}`: no such runnable module in the repo")
+        found.append(((repo_path(script),), FLAG.findall(rest.split(" -- ")[0].split(" #")[0])))
+    for module, sub, rest in PY_MODULE.findall(text):
+        command = ("-m", module, sub) if sub else ("-m", module)
+        found.append((command, FLAG.findall(rest.split(" -- ")[0].split(" #")[0])))
+    return found
+
+
+def help_options(output: str) -> set[str]:
+    """The options an argparse ``--help`` lists: the option column of its option lines (a flag that only
+    appears in another option's description does not count)."""
+    options = set()
+    for line in output.splitlines():
+        if re.match(r" {1,6}-", line):
+            options.update(FLAG.findall(re.split(r"\s{2,}", line.strip())[0]))
+    return options
+
+
+def command_problems(command: tuple[str, ...], flags: list[str], where: str) -> list[str]:
+    """A command must run ``--help`` successfully, and its parser must know every flag passed to it."""
+    shown = " ".join(("python", *command))
+    if command[0] != "-m" and not (REPO / command[0]).is_file():
+        return [f"{where}: `{shown}`: no such file in the repo"]
+    status, output = run_help(command)
+    if status != 0:
+        return [f"{where}: `{shown} --help` exits {status}: {output.strip().splitlines()[-1:]}"]
+    known = help_options(output)
+    return [f"{where}: `{shown}` has no option {flag}" for flag in flags if flag not in known]
+
+
+def reference_problems(text: str, where: str) -> list[str]:
+    """Problems with everything ``text`` names: commands, import paths, clusters/ files, repo files on nodes."""
+    problems = []
+    for command, flags in named_commands(text):
+        problems += command_problems(command, flags, where)
     for target in IMPORT_PATH.findall(text):
         problems += import_path_problems(target, where)
     for name in CLUSTER_PATH.findall(text):
@@ -188,14 +139,17 @@ def reference_problems(text: str, where: str) -> tuple[list[str], list[str]]:
     for name in MOUNTED_PATH.findall(text):
         if not (REPO / name).exists():
             problems.append(f"{where}: names the repo's {name}, which does not exist")
-    return problems, pending
+    return problems
 
 
 def import_path_problems(target: str, where: str) -> list[str]:
+    """``module:attr`` must import (as Serve imports it) and name something."""
     module, _, attr = target.partition(":")
-    if module_file(module) is None:
-        return [f"{where}: import_path {target}: module {module} not in the repo"]
-    if not defines(module, attr):
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as exc:
+        return [f"{where}: import_path {target}: {module} does not import: {exc}"]
+    if not hasattr(imported, attr):
         return [f"{where}: import_path {target}: {module} defines no {attr}"]
     return []
 
@@ -327,11 +281,15 @@ def gpu_problems(container: dict, where: str) -> tuple[list[str], bool]:
     return [], True
 
 
-def serve_config_problems(config, where: str) -> tuple[list[str], list[str]]:
-    """(problems, pending) of a Serve config (a ``serve deploy`` file or a RayService's serveConfigV2)."""
+def serve_config_problems(config, where: str) -> list[str]:
+    """Problems of a Serve config (a ``serve deploy`` file or a RayService's serveConfigV2)."""
+    from pydantic import ValidationError
+
+    from pearl_ray.serve.config import ServeConfig
+
     if not isinstance(config, dict) or not config.get("applications"):
-        return [f"{where}: a Serve config needs `applications`"], []
-    problems, pending = [], []
+        return [f"{where}: a Serve config needs `applications`"]
+    problems = []
     for app in config["applications"]:
         target = app.get("import_path")
         if not target:
@@ -339,26 +297,26 @@ def serve_config_problems(config, where: str) -> tuple[list[str], list[str]]:
             continue
         problems += import_path_problems(target, where)
         if target.startswith("pearl_ray.serve:"):
-            for key in app.get("args") or {}:
-                if key not in serve_config_fields():
-                    (pending if key in PENDING_SERVE_FIELDS else problems).append(
-                        f"{where}: args.{key} is not a ServeConfig field")
-    return problems, pending
+            try:
+                ServeConfig.model_validate(app.get("args") or {})
+            except ValidationError as exc:
+                problems.append(f"{where}: args are not a valid ServeConfig: {exc}")
+    return problems
 
 
 def kuberay_problems(doc: dict, where: str = "manifest") -> tuple[list[str], list[str]]:
-    """(problems, pending) of a RayCluster / RayJob / RayService."""
-    problems, pending = [], []
+    """Problems of a RayCluster / RayJob / RayService."""
+    problems = []
     if doc.get("apiVersion") != "ray.io/v1":
         problems.append(f"{where}: apiVersion must be ray.io/v1, got {doc.get('apiVersion')!r}")
     if doc.get("kind") not in KUBERAY_KINDS:
-        return problems + [f"{where}: kind must be one of {KUBERAY_KINDS}, got {doc.get('kind')!r}"], pending
+        return problems + [f"{where}: kind must be one of {KUBERAY_KINDS}, got {doc.get('kind')!r}"]
     name = (doc.get("metadata") or {}).get("name")
     if not (isinstance(name, str) and re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,46}[a-z0-9])?", name)):
         problems.append(f"{where}: metadata.name {name!r} must be a short DNS-1123 label")
     spec = cluster_spec(doc)
     if not isinstance(spec, dict):
-        return problems + [f"{where}: no Ray cluster spec (spec / rayClusterConfig / rayClusterSpec)"], pending
+        return problems + [f"{where}: no Ray cluster spec (spec / rayClusterConfig / rayClusterSpec)"]
     if str(spec.get("rayVersion")) != RAY_VERSION:
         problems.append(f"{where}: rayVersion {spec.get('rayVersion')!r} != the repo's ray {RAY_VERSION}")
     head = spec.get("headGroupSpec")
@@ -403,8 +361,7 @@ def kuberay_problems(doc: dict, where: str = "manifest") -> tuple[list[str], lis
             except yaml.YAMLError as exc:
                 problems.append(f"{where}: serveConfigV2 is not YAML: {exc}")
             else:
-                p, q = serve_config_problems(serve_config, f"{where}: serveConfigV2")
-                problems, pending = problems + p, pending + q
+                problems += serve_config_problems(serve_config, f"{where}: serveConfigV2")
                 host = ((serve_config or {}).get("http_options") or {}).get("host")
                 if host != "0.0.0.0":
                     problems.append(f"{where}: serveConfigV2 http_options.host must be 0.0.0.0 for KubeRay")
@@ -418,17 +375,14 @@ def kuberay_problems(doc: dict, where: str = "manifest") -> tuple[list[str], lis
                                 f"no &&, ;, | or substitutions")
             if not PY_SCRIPT.search(entrypoint) and not PY_MODULE.search(entrypoint):
                 problems.append(f"{where}: the entrypoint runs no `python <script>` or `python -m <module>`")
-            p, q = reference_problems(entrypoint, f"{where}: entrypoint")
-            problems, pending = problems + p, pending + q
+            problems += reference_problems(entrypoint, f"{where}: entrypoint")
         if "shutdownAfterJobFinishes" not in top:
             problems.append(f"{where}: set shutdownAfterJobFinishes (GPU clusters should not outlive the job)")
-    return problems, pending
+    return problems
 
 
-def report(problems: list[str], pending: list[str]) -> None:
+def report(problems: list[str]) -> None:
     assert not problems, "\n".join(problems)
-    if pending:
-        pytest.xfail("waiting for options being added (PENDING_*): " + "; ".join(pending))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -448,7 +402,7 @@ def test_the_expected_files_exist():
 @pytest.mark.parametrize("path", launcher_files(), ids=lambda p: p.name)
 def test_launcher_config_passes_rays_validation(path):
     config = yaml.safe_load(path.read_text())
-    report(launcher_problems(config), [])
+    report(launcher_problems(config))
     workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
     assert any(t["resources"].get("GPU") == 8 for t in workers)  # one 8x H100 node type
 
@@ -458,7 +412,7 @@ def test_launcher_config_passes_rays_validation(path):
                          ids=lambda v: rel(v) if isinstance(v, Path) else str(v))
 def test_kuberay_manifest(path, index):
     doc = load_docs(path)[index]
-    report(*kuberay_problems(doc, f"{rel(path)}[{index}]"))
+    report(kuberay_problems(doc, f"{rel(path)}[{index}]"))
 
 
 def serve_files() -> list[Path]:
@@ -468,7 +422,7 @@ def serve_files() -> list[Path]:
 
 @pytest.mark.parametrize("path", serve_files(), ids=rel)
 def test_serve_config_files(path):
-    report(*serve_config_problems(yaml.safe_load(path.read_text()), rel(path)))
+    report(serve_config_problems(yaml.safe_load(path.read_text()), rel(path)))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic deprecations inside ray.serve
@@ -519,26 +473,15 @@ def test_versions_match_the_repo():
 
 
 @pytest.mark.parametrize("path", sorted(p for p in CLUSTERS.rglob("*") if p.is_file()), ids=rel)
-def test_everything_named_exists(path):
-    """Scripts (with their flags), modules, import paths, clusters/ files and repo files on the nodes."""
+def test_everything_named_exists_and_runs(path):
+    """The commands a file names run `--help` and take the flags the file gives them; paths named exist."""
     text = path.read_text()
-    problems, pending = reference_problems(text, rel(path))
-    if path.suffix == ".yaml":  # folded YAML strings (entrypoints, commands) hold whole commands
+    problems = reference_problems(text, rel(path))
+    if path.suffix == ".yaml":  # folded YAML strings and command lists hold whole commands
         for doc in load_docs(path):
             for s in strings(doc):
-                p, q = reference_problems(s, rel(path))
-                problems, pending = problems + p, pending + q
-    report(sorted(set(problems)), sorted(set(pending)))
-
-
-def test_the_readme_covers_each_way_to_run():
-    text = (CLUSTERS / "README.md").read_text()
-    for needed in ("ray up clusters/aws-p5.yaml", "ray down clusters/aws-p5.yaml", "ray job submit",
-                   "python jobs/eval_gsm8k.py --preset llama-3.1-8b-70b", "serve deploy",
-                   "helm install kuberay-operator", "kubectl apply -f clusters/kuberay/raycluster.yaml",
-                   "kubectl apply -f clusters/kuberay/rayjob.yaml", "kubectl apply -f clusters/kuberay/rayservice.yaml",
-                   "kubectl port-forward", "/v1/chat/completions", "kubectl delete -f"):
-        assert needed in text, needed
+                problems += reference_problems(s, rel(path))
+    report(sorted(set(problems)))
 
 
 def secret_problems(text: str, where: str) -> list[str]:
@@ -695,7 +638,7 @@ def worker_container(doc: dict) -> dict:
 def test_kuberay_checker_rejects_broken_rayjobs(rayjob, breakage, expected):
     broken = copy.deepcopy(rayjob)
     breakage(broken)
-    problems, _ = kuberay_problems(broken)
+    problems = kuberay_problems(broken)
     assert any(expected in p for p in problems), problems
 
 
@@ -710,23 +653,23 @@ def set_serve_config(doc: dict, edit) -> None:
     (lambda d: d["spec"].update(serveConfigV2="applications: [unclosed"), "not YAML"),
     (lambda d: set_serve_config(d, lambda c: c.update(applications=[])), "needs `applications`"),
     (lambda d: set_serve_config(d, lambda c: c["applications"][0].update(import_path="pearl_ray.nope:build_app")),
-     "module pearl_ray.nope not in the repo"),
+     "pearl_ray.nope does not import"),
     (lambda d: set_serve_config(d, lambda c: c["applications"][0].update(import_path="pearl_ray.serve:no_app")),
      "defines no no_app"),
     (lambda d: set_serve_config(d, lambda c: c["applications"][0]["args"].update(draf_num_cpus=1)),
-     "args.draf_num_cpus is not a ServeConfig field"),
+     "not a valid ServeConfig"),
     (lambda d: set_serve_config(d, lambda c: c["http_options"].update(host="127.0.0.1")), "0.0.0.0"),
     (lambda d: d["spec"].pop("rayClusterConfig"), "no Ray cluster spec"),
 ])
 def test_kuberay_checker_rejects_broken_rayservices(rayservice, breakage, expected):
     broken = copy.deepcopy(rayservice)
     breakage(broken)
-    problems, _ = kuberay_problems(broken)
+    problems = kuberay_problems(broken)
     assert any(expected in p for p in problems), problems
 
 
 def test_kuberay_checker_rejects_other_kinds():
-    problems, _ = kuberay_problems({"apiVersion": "ray.io/v1", "kind": "RayClusterr", "metadata": {"name": "x"}})
+    problems = kuberay_problems({"apiVersion": "ray.io/v1", "kind": "RayClusterr", "metadata": {"name": "x"}})
     assert any("kind must be one of" in p for p in problems)
 
 
@@ -734,14 +677,16 @@ def test_kuberay_checker_rejects_other_kinds():
     ("python jobs/no_such_job.py --limit 1", "no such file"),
     ("ray job submit -- python jobs/eval_gsm8k.py --limit 3 --lmit 3", "no option --lmit"),
     ("python jobs/eval_gsm8k.py \\\n    --no-such-flag 3", "no option --no-such-flag"),
-    ("python -m pearl_ray.no_such_module", "no such runnable module"),
-    ("python -m pearl_ray.serve", "no such runnable module"),  # a package without __main__.py
+    ("python -m pearl_ray serve --port 8000 --max-num-seq 4", "no option --max-num-seq"),
+    ("python -m pearl_ray.no_such_module", "--help` exits 1"),
+    ("python -m pearl_ray.serve", "--help` exits 1"),  # a package without __main__.py
     ("import_path: pearl_ray.serve:build_ap", "defines no build_ap"),
+    ("import_path: pearl_ray.nope:build_app", "does not import"),
     ("kubectl apply -f clusters/kuberay/no-such.yaml", "clusters/kuberay/no-such.yaml"),
     ("pip install -r ~/pearl-ray/requirement.txt", "requirement.txt"),
 ])
 def test_reference_checker_rejects_missing_names(text, expected):
-    problems, _ = reference_problems(text, "text")
+    problems = reference_problems(text, "text")
     assert any(expected in p for p in problems), problems
 
 
@@ -749,10 +694,7 @@ def test_reference_checker_accepts_real_names():
     text = ("python jobs/eval_gsm8k.py --limit 3 --out /tmp/x -- ignored\npython -m pearl_ray serve --port 8000\n"
             "python -m pearl_ray.evals.gsm8k_report results/x\nimport_path: pearl_ray.serve:build_app\n"
             "see clusters/README.md and ~/pearl-ray/requirements.txt\n")
-    assert reference_problems(text, "text") == ([], [])
-    assert defines("pearl_ray.serve", "ServeConfig") and not defines("pearl_ray.serve", "nothing_here")
-    assert {"--limit", "--out", "--draft-num-gpus"} <= script_flags("jobs/eval_gsm8k.py")
-    assert {"draft", "target", "draft_num_gpus"} <= serve_config_fields()
+    assert reference_problems(text, "text") == []
 
 
 if __name__ == "__main__":

@@ -42,15 +42,18 @@ def test_pearl_on_default_pair_equals_target_greedy(default_engine):
     assert sum(rates) / len(rates) > 0.1, rates  # a random draft of this vocabulary would accept ~0
 
 
-def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
+def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair, run_distill):
+    """Every phase on a tiny pair. The first phase runs as the command (``python -m training.distill_draft``);
+    the rest call its ``main`` in this process, which saves a torch import and start-up per phase."""
     work, out = tmp_path / "work", tmp_path / "draft"
-    base = [sys.executable, str(ROOT / "jobs" / "distill_draft.py"), "--target", tiny_pair["target"],
-            "--work", str(work), "--out", str(out), "--layers", "0,1", "--vocab", "40", "--batch", "2",
-            "--val-questions", "2", "--log-every", "1", "--ckpt-every", "2"]
+    base = ["--target", tiny_pair["target"], "--work", str(work), "--out", str(out), "--layers", "0,1",
+            "--vocab", "40", "--batch", "2", "--val-questions", "2", "--log-every", "1", "--ckpt-every", "2"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    run = lambda *extra: subprocess.run(base + list(extra), capture_output=True, text=True, timeout=300, env=env)  # noqa: E731
-    res = run("--phase", "gen", "--num-questions", "6", "--gen-tokens", "6", "--no-chat")
+    res = subprocess.run([sys.executable, "-m", "training.distill_draft", *base, "--phase", "gen",
+                          "--num-questions", "6", "--gen-tokens", "6", "--no-chat"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
+    run = lambda *extra: run_distill(base + list(extra))  # noqa: E731
     assert len((work / "teacher.jsonl").read_text().splitlines()) == 6
     res = run("--phase", "train", "--steps", "2")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -115,8 +118,7 @@ def test_distillation_script_runs_on_a_tiny_configuration(tmp_path, tiny_pair):
 
 
 def test_records_written_during_training_join_their_family():
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from distill_draft import join_new_records
+    from training.distill_draft import join_new_records
 
     rec = lambda idx, fam: {"idx": idx, "group": fam}  # noqa: E731
     groups = [[rec(1, "chat")], [rec(2, "text")]]
@@ -128,11 +130,10 @@ def test_records_written_during_training_join_their_family():
 
 
 def test_family_weighting_of_training_batches():
-    sys.path.insert(0, str(ROOT / "jobs"))
     import random
     from collections import Counter
 
-    from distill_draft import pick_group
+    from training.distill_draft import pick_group
 
     groups = [[{"group": "big"}] * 400, [{"group": "small"}] * 25]
     assert [pick_group(groups, s, "equal", random.Random(s))[0]["group"] for s in range(4)] == ["big", "small"] * 2
@@ -146,8 +147,7 @@ def test_family_weighting_of_training_batches():
 def test_logit_distillation_loss_matches_a_slow_reference(tiny_pair, kd_prompt):
     """The batched loss (shared prefix cached once, left padding, LM head on selected rows, the target read
     online) equals the same loss computed record by record on whole unpadded sequences."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from distill_draft import batch_loss, build_draft, load_target
+    from training.distill_draft import batch_loss, build_draft, load_target
 
     target, tok, _ = load_target(tiny_pair["target"])
     vocab = sorted(set(range(0, len(tok), 3)) | {7, 11})  # a reduced vocabulary; some labels fall outside

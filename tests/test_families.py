@@ -1,17 +1,13 @@
-"""Prompt families (jobs/families.py) and the gen-broad phase of jobs/distill_draft.py, on tiny models."""
+"""Prompt families (training/families.py) and the gen-broad phase of training/distill_draft.py, on tiny models."""
 
 import gzip
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from jobs.families import FAMILIES, build_family, humaneval_prompts
+from training.families import FAMILIES, build_family, humaneval_prompts
 
-REPO = Path(__file__).resolve().parent.parent
 CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<s>{% endif %}")
 
@@ -59,11 +55,9 @@ def test_family_sizes(chat_tokenizer):
     assert isinstance(humaneval_prompts(), list)
 
 
-def _gen_broad(target: Path, out_dir: Path) -> str:
-    cmd = [sys.executable, str(REPO / "jobs" / "distill_draft.py"), "--phase", "gen-broad", "--target", str(target),
-           "--families", "chat,text", "--limit", "4", "--batch", "2", "--gen-tokens", "6", "--out-dir", str(out_dir)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+def _gen_broad(run_distill, target: Path, out_dir: Path) -> str:
+    res = run_distill(["--phase", "gen-broad", "--target", str(target), "--families", "chat,text", "--limit", "4",
+                       "--batch", "2", "--gen-tokens", "6", "--out-dir", str(out_dir)])
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
 
@@ -76,8 +70,8 @@ def _records(out_dir: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow  # two job subprocesses (about a minute on 2 cores)
-def test_gen_broad_smoke_and_resume(tmp_path, chat_tokenizer_dir):
+@pytest.mark.slow  # two gen-broad runs (the command itself runs in test_default_pair.py)
+def test_gen_broad_smoke_and_resume(tmp_path, chat_tokenizer_dir, run_distill):
     from transformers import AutoTokenizer
 
     from pearl_ray.testing import save_tiny_llama
@@ -85,7 +79,7 @@ def test_gen_broad_smoke_and_resume(tmp_path, chat_tokenizer_dir):
     target = save_tiny_llama(tmp_path / "target", seed=0, num_layers=2)
     AutoTokenizer.from_pretrained(str(chat_tokenizer_dir)).save_pretrained(target)
     out = tmp_path / "teacher"
-    _gen_broad(target, out)
+    _gen_broad(run_distill, target, out)
     rows = _records(out)
     assert len(rows) == 4 and {r["family"] for r in rows} == {"chat", "text"}
     for r in rows:
@@ -94,7 +88,7 @@ def test_gen_broad_smoke_and_resume(tmp_path, chat_tokenizer_dir):
     cfg = json.loads((out / "gen_config.json").read_text())
     assert sum(cfg["counts"].values()) == 4
     before = {p.name: p.read_bytes() for p in out.glob("*.jsonl.gz")}
-    _gen_broad(target, out)  # resume: everything in the plan is done
+    _gen_broad(run_distill, target, out)  # resume: everything in the plan is done
     assert {p.name: p.read_bytes() for p in out.glob("*.jsonl.gz")} == before
     assert len(json.loads((out / "gen_config.json").read_text())["runs"]) == 2
 
@@ -125,7 +119,7 @@ def test_code_doctest_prompts():
     import ast
     import inspect
 
-    from jobs.doctest_tasks import DOCTEST_TASKS, VARIANTS, doctest_examples
+    from training.doctest_tasks import DOCTEST_TASKS, VARIANTS, doctest_examples
 
     tasks = {t.name: t for t in DOCTEST_TASKS}
     assert len(tasks) == len(DOCTEST_TASKS) >= 150

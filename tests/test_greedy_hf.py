@@ -82,7 +82,7 @@ def test_streamed_tokens_equal_output(tiny_pair):
 
 def test_teacher_forced_acceptance_equals_greedy_sd(tiny_pair, ar_reference):
     """One draft pass over the target's output gives vanilla SD's greedy acceptance counts
-    (jobs/compare_drafts.py relies on it)."""
+    (training/compare_drafts.py relies on it)."""
     from pearl_ray.core.metrics import GenerationStats, greedy_sd_acceptance
     from pearl_ray.modeling.hf import load_model
 

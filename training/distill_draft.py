@@ -7,7 +7,7 @@ Phases (``--phase``):
          or chat template, alternating) and record the target's own greedy continuation (``--gen-tokens``,
          EOS ignored, as the fixed-length protocol). Batched decoding over a shared, cached few-shot prefix.
          Appends to ``<work>/teacher.jsonl``; rerunning resumes where it stopped.
-  gen-broad  Broad teacher data. Train-split prompts of every family in ``jobs/families.py``
+  gen-broad  Broad teacher data. Train-split prompts of every family in ``training/families.py``
          (GSM8K few-shot and chat, general chat requests, stdlib code completion and code requests, prose,
          HumanEval-style doctest prompts on original tasks),
          interleaved by weighted round-robin so any prefix of the run is balanced, each with the target's
@@ -48,17 +48,14 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pearl_ray.evals.gsm8k import build_prompt, load_split  # noqa: E402
-from pearl_ray.modeling.hf import VocabMap  # noqa: E402
+from pearl_ray.evals.gsm8k import build_prompt, load_split
+from pearl_ray.modeling.hf import VocabMap
 
 
 def log(msg: str) -> None:
@@ -162,7 +159,7 @@ def phase_gen(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# gen-broad: the target's greedy continuations on prompts of many families (jobs/families.py).
+# gen-broad: the target's greedy continuations on prompts of many families (training/families.py).
 BROAD_WEIGHTS = {"gsm8k_chat": 25, "chat": 25, "code_completion": 15, "code_chat": 15, "text": 10,
                  "gsm8k_fewshot": 10, "code_doctest": 15}
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent.parent / "data" / "distill" / "teacher"
@@ -321,7 +318,7 @@ def read_shard(path: Path) -> list[dict]:
 
 
 def broad_items(tok, families: list[str], split: str, seed: int) -> dict[str, list[dict]]:
-    from jobs.families import build_family
+    from training.families import build_family
 
     return {f: build_family(f, tok, split, seed) for f in families}
 
@@ -362,7 +359,7 @@ def phase_gen_broad(args) -> None:
             fam["s_per_record"] = round(fam["seconds"] / max(1, fam["records"]), 3)
         cfg = {"target": args.target, "target_path": path, "seed": args.seed, "gen_tokens": gen_tokens,
                "max_prompt_tokens": args.max_prompt_tokens, "stop_ids": stops, "weights": BROAD_WEIGHTS,
-               "record": {"family": "prompt family (jobs/families.py)", "key": "item key in its family",
+               "record": {"family": "prompt family (training/families.py)", "key": "item key in its family",
                           "prompt_ids": "target token ids of the prompt (add_special_tokens=True)",
                           "continuation_ids": "greedy target tokens, the stop token included when finish='eos'",
                           "finish": "'eos' (a stop id) or 'length' (gen_tokens reached)"},

@@ -2,9 +2,9 @@
 # The default draft's distillation on one GPU, end to end in one time-boxed run: teacher data for the train
 # prompts not yet in data/distill/teacher (fp32 target, batched greedy decoding), then a draft trained from
 # the target's layers with logit-level distillation (bf16 autocast; the cosine schedule ends on the clock),
-# then the fp16 export. Everything is `jobs/distill_draft.py`; this file only chains the phases.
+# then the fp16 export. Everything is `training/distill_draft.py`; this file only chains the phases.
 #
-#   PEARL_RAY_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf OUT=/tmp/draft-out bash jobs/distill_gpu.sh
+#   PEARL_RAY_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf OUT=/tmp/draft-out bash training/distill_gpu.sh
 #
 # Knobs (environment): DEVICE (cuda), GEN_MINUTES (2.5), GEN_BATCH (256), GEN_FAMILIES, TRAIN_MINUTES (4),
 # TRAIN_BATCH (32), LR (4e-4), KD (0.5), LAYERS (0,10,20,29), VOCAB (32768), WORK (~/.cache/pearl_ray/distill-gpu).
@@ -33,7 +33,7 @@ sleep 1
 
 if [ "$GEN_MINUTES" != "0" ]; then
   # per-batch lines go to the log only; a failed generation stops the script (set -e) before training
-  $PY jobs/distill_draft.py --phase gen-broad --device "$DEVICE" --batch "$GEN_BATCH" --families "$GEN_FAMILIES" \
+  $PY -m training.distill_draft --phase gen-broad --device "$DEVICE" --batch "$GEN_BATCH" --families "$GEN_FAMILIES" \
       --max-minutes "$GEN_MINUTES" > "$OUT/gen.log" 2>&1 || { tail -n 20 "$OUT/gen.log"; exit 1; }
   tail -n 3 "$OUT/gen.log"
 fi
@@ -42,9 +42,9 @@ find "$SHARDS" -newer "$stamp" -name '*.jsonl.gz' -printf '%f\n' | sort > "$WORK
 tar -cf "$OUT/new_shards.tar" -C "$SHARDS" gen_config.json $(cat "$WORK/new_shards.txt")
 echo "[distill_gpu] $(wc -l < "$WORK/new_shards.txt") shards written or extended"
 
-$PY jobs/distill_draft.py --phase train --device "$DEVICE" --data broad --work "$WORK" --layers "$LAYERS" \
+$PY -m training.distill_draft --phase train --device "$DEVICE" --data broad --work "$WORK" --layers "$LAYERS" \
     --vocab "$VOCAB" --steps 100000 --time-schedule --max-minutes "$TRAIN_MINUTES" --batch "$TRAIN_BATCH" \
     --lr "$LR" --warmup 100 --ckpt-every 1000 --log-every 100 --val-questions 60 --bf16 --group-weighting sqrt \
     --kd-weight "$KD" 2>&1 | tee "$OUT/train.log"
-$PY jobs/distill_draft.py --phase export --data broad --work "$WORK" --layers "$LAYERS" --out "$OUT/draft" \
+$PY -m training.distill_draft --phase export --data broad --work "$WORK" --layers "$LAYERS" --out "$OUT/draft" \
     2>&1 | tee "$OUT/export.log"

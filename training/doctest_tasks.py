@@ -1,4 +1,4 @@
-"""Original HumanEval-style tasks for the ``code_doctest`` prompt family (``jobs/families.py``). Pure Python.
+"""Original HumanEval-style tasks for the ``code_doctest`` prompt family (``training/families.py``). Pure Python.
 
 Each ``DoctestTask`` is a small programming task written for this project (not taken from HumanEval, which
 stays the held-out code evaluation): a typed signature, a 1-3 sentence description, a reference

@@ -9,7 +9,7 @@ one forward of the draft over prompt + target output yields the acceptance SD wo
 forwards). The target's outputs (EOS protocol) are computed once and cached (``--cache``), so scoring another
 draft costs one forward per prompt. ``make measure`` stays the reference (both protocols, c, tokens/s).
 
-  python jobs/compare_drafts.py models/default-draft ~/ckpt-export --num-prompts 8
+  python -m training.compare_drafts models/default-draft ~/ckpt-export --num-prompts 8
 """
 
 from __future__ import annotations
@@ -18,14 +18,11 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from measure_pair import FAMILIES, family_prompts, params_for  # noqa: E402
+from training.measure_pair import FAMILIES, family_prompts, params_for  # noqa: E402
 
 
 def target_outputs(target: str, families: list[str], n: int, max_new_tokens: int, cache: Path) -> tuple[dict, int]:

