@@ -4,7 +4,8 @@ One private Ray head for the module (``ray start --head --block`` on free ports,
 metrics export port), ended by its process handle. The CLI test runs first, on the embedded default pair,
 and stops its own Serve. Then two applications share one Serve instance:
 - ``tiny`` at ``/``: tiny random Llama models loaded from disk (a tokenizer with a chat template);
-- ``faults`` at ``/faults``: slow tabular models injected, for disconnects and killed workers.
+- ``faults`` at ``/faults``: slow tabular models injected, for disconnects and killed workers;
+- ``keyed`` at ``/keyed``: tabular models behind API keys (one in its config, two in the head's environment).
 Clients: the official ``openai`` package and ``requests``.
 """
 
@@ -44,7 +45,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no 30 s drain at the end
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # no 30 s drain at the end
+               PEARL_TEST_API_KEYS=" sk-env1 , sk-env2 ")  # the ``keyed`` app's ingress reads these
     env.pop("RAY_ADDRESS", None)
     port, metrics, tmp = free_port(), free_port(), tempfile.mkdtemp(prefix="rs", dir="/tmp")
     head = subprocess.Popen(  # 8 logical CPUs: two apps' pairs (1 + 1 CPU each) and the CLI's fit at once
@@ -108,20 +110,24 @@ def server(cluster, tiny_models, tiny_tokenizer_dir):
     faults = ServeConfig(model_name="toy", gamma=2, num_threads=1, engine_options={"round_timeout_s": 5.0})
     models = {"target_model": SlowLM(target, 0.01), "draft_model": SlowLM(draft, 0.002), "tokenizer": tok,
               "eos_token_ids": ()}
+    keyed = ServeConfig(model_name="toy", gamma=2, num_threads=1, colocate=True, api_keys=["sk-one"],
+                        api_key_env="PEARL_TEST_API_KEYS")
+    keyed_models = {"target_model": target, "draft_model": draft, "tokenizer": tok, "eos_token_ids": ()}
     serve.run_many([serve.RunTarget(make_app(tiny), name="tiny", route_prefix="/"),
-                    serve.RunTarget(make_app(faults, models), name="faults", route_prefix="/faults")],
+                    serve.RunTarget(make_app(faults, models), name="faults", route_prefix="/faults"),
+                    serve.RunTarget(make_app(keyed, keyed_models), name="keyed", route_prefix="/keyed")],
                    wait_for_applications_running=False)
 
     def running():
         apps = serve.status().applications
-        states = {name: apps[name].status.value if name in apps else "-" for name in ("tiny", "faults")}
+        states = {name: apps[name].status.value if name in apps else "-" for name in ("tiny", "faults", "keyed")}
         assert "DEPLOY_FAILED" not in states.values(), {n: apps[n].message for n in apps}
         return set(states.values()) == {"RUNNING"}
 
     assert wait_for(running, timeout_s=300, interval_s=1.0)
     base = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(base=base, tiny=tiny_models, toy_target=target, toy_tokenizer=tok)
-    for name in ("tiny", "faults"):
+    for name in ("tiny", "faults", "keyed"):
         serve.delete(name)
 
 
@@ -305,6 +311,43 @@ BAD = [  # (route, raw body, status, param, code)
     ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "w1"}]}', 400, "messages",
      "invalid_value"),
 ]
+
+
+def test_api_keys_guard_every_v1_route_and_leave_health_open(server):
+    """No key, a wrong key and the right ones (from the config and from the ingress's environment), through the
+    ``openai`` client and plain HTTP; ``/health`` answers without a key."""
+    base = server.base + "/keyed"
+    body = {"model": "toy", "prompt": [4, 5], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    routes = [("get", "/v1/models", None), ("post", "/v1/completions", body),
+              ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]})]
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-one"},
+                    {"Authorization": "Bearer sk-one-and-more"}, {"Authorization": "Basic sk-one"}):
+        for method, route, payload in routes:
+            r = requests.request(method, base + route, json=payload, headers=headers, timeout=30)
+            assert r.status_code == 401, (headers, route, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key", err
+            assert r.headers.get("WWW-Authenticate") == "Bearer"
+    assert requests.get(base + "/health", timeout=30).json()["status"] == "ok"  # open
+
+    wrong = openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.completions.create(model="toy", prompt=[4, 5], max_tokens=3)
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    want = toy_reference(server, 3)
+    for key in ("sk-one", "sk-env1", "sk-env2"):
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["toy"]
+        out = client.completions.create(model="toy", prompt=[4, 5], max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        streamed = client.completions.create(model="toy", prompt=[4, 5], max_tokens=3, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in streamed) == want
+        with pytest.raises(openai.BadRequestError):  # past the key check: this tokenizer has no chat template
+            client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "w1"}])
 
 
 def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(server):

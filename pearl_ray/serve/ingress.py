@@ -23,8 +23,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from .binding import bind_replica_server_to_node_ip
 from .config import ServeConfig
 from .metrics import IngressMetrics
-from .protocol import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, ResponseBuilder, parse_request,
-                       sse, too_large)
+from .protocol import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, ResponseBuilder, check_api_key,
+                       parse_request, sse, too_large)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ray.serve")  # Serve's logger: the replica's log file (and console, where Serve's is)
@@ -84,6 +84,9 @@ class OpenAIIngress:
         self.metrics = IngressMetrics(self.model)
         self.created = int(time.time())
         self.app_name = serve.get_replica_context().app_name
+        self.api_keys = self.config.effective_api_keys()  # read once: this replica's environment and config
+        if not self.api_keys:
+            log.info("no API key configured: /v1/* answers anyone who reaches it")
 
     @app.get("/health")
     async def health(self):
@@ -97,8 +100,17 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model, "deployment": state},
                             200 if ok else 503)
 
+    def _authorize(self, request: Request) -> None:
+        """Every ``/v1/*`` route: ``ApiError(401)`` unless the request carries one of the keys (if any)."""
+        check_api_key(request.headers.get("authorization"), self.api_keys)
+
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            self._answered("/v1/models", exc.status, time.monotonic())
+            return JSONResponse(exc.body(), exc.status, headers=exc.headers())
         c = self.config
         card = {"id": self.model, "object": "model", "created": self.created, "owned_by": "pearl-ray",
                 "pearl": {"draft": c.draft, "target": c.target, "method": c.method, "gamma": c.gamma}}
@@ -126,6 +138,7 @@ class OpenAIIngress:
     async def _answer_checked(self, request: Request, kind: str, route: str, t0: float):
         stream = first = None
         try:
+            self._authorize(request)  # before the body is read
             req = parse_request(await _read_body(request), ChatRequest if kind == "chat" else CompletionRequest)
             if req.model is not None and req.model != self.model:
                 raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.model}'",

@@ -9,6 +9,7 @@ clients expect, and ``null`` means "not given"; known fields of the wrong type a
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import secrets
@@ -54,7 +55,7 @@ that sends one at its "off" value (``"logprobs": false``, ``"tools": []``, ...) 
 class ApiError(Exception):
     """An error answered as ``{"error": {...}}`` with an HTTP status (and ``Retry-After`` if set)."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
              429: "rate_limit_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -71,6 +72,8 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict:
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
         return {} if self.retry_after_s is None else {"Retry-After": str(max(0, math.ceil(self.retry_after_s)))}
 
     def to_dict(self) -> dict:
@@ -234,6 +237,27 @@ def _same(value, off) -> bool:
     """``value == off`` with JSON's types: ``false`` is not ``0`` and ``0`` is not ``false``."""
     return type(value) is type(off) and value == off or (
         isinstance(off, float) and isinstance(value, int) and not isinstance(value, bool) and value == off)
+
+
+def check_api_key(authorization: str | None, keys: tuple[str, ...]) -> None:
+    """Raise ``ApiError(401, code="invalid_api_key")`` unless ``authorization`` is ``Bearer <one of keys>``.
+    No keys: everything passes. The comparison takes the same time wherever a wrong key differs, and every
+    key is compared (no early exit that would tell which position or which key matched).
+
+    Example: ``check_api_key("Bearer sk-1", ("sk-1",))`` returns; ``check_api_key(None, ("sk-1",))`` raises.
+    """
+    if not keys:
+        return
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", None,
+                       "invalid_api_key")
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given_bytes, key.encode("utf-8"))
+    if not matched:
+        raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key")
 
 
 def too_large(size: int) -> ApiError:
