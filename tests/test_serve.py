@@ -265,6 +265,73 @@ def test_openai_client_streamed_and_not_match_target_greedy(server):
     assert requests.get(server.base + "/health", timeout=30).json()["status"] == "ok"
 
 
+def target_logprobs(target_dir: str, prompt_ids: list[int], output_ids: list[int]):
+    """The reference: log_softmax of a plain transformers forward of the target over prompt + output."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + output_ids])).logits[0]
+    n = len(prompt_ids)
+    return torch.log_softmax(logits[n - 1: n - 1 + len(output_ids)].float(), dim=-1)
+
+
+def test_logprobs_through_the_client_equal_the_targets_own_forward(server):
+    """Completions (``logprobs: 3``) and chat (``logprobs: true, top_logprobs: 2``), streamed and not, under
+    every method: each token's log-probability and its alternatives within 1e-4 of the target's forward."""
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+    ref = PearlEngine(target=server.tiny["target"], method="ar")
+    tok, params = ref.tokenizer, SamplingParams(max_new_tokens=10, ignore_eos=True)
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    chat_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+    cases = {"completion": ref.encode("w1 w2 w3"), "chat": chat_ids}
+    want = {}
+    for kind, ids in cases.items():
+        out = ref.generate([ids], params)[0].token_ids
+        want[kind] = (out, [tok.decode([t]) for t in out], target_logprobs(server.tiny["target"], ids, out))
+
+    def close(a: float, b) -> bool:
+        return abs(a - float(b)) < 1e-4
+
+    for method in ("pearl", "sd", "ar"):
+        extra = {"ignore_eos": True, "method": method}
+        kw = dict(model="tiny", prompt="w1 w2 w3", max_tokens=10, temperature=0, logprobs=3, extra_body=extra)
+        full = client.completions.create(**kw).choices[0].logprobs
+        streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)
+                    if c.choices and c.choices[0].logprobs]
+        out_ids, tokens, rows = want["completion"]
+        for lp in (full, SimpleNamespace(**{k: sum((getattr(c, k) for c in streamed), []) for k in (
+                "tokens", "token_logprobs", "top_logprobs", "text_offset")})):
+            assert lp.tokens == tokens, (method, lp.tokens, tokens)
+            assert lp.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            for i, tid in enumerate(out_ids):
+                assert close(lp.token_logprobs[i], rows[i, tid]), (method, i, lp.token_logprobs[i], rows[i, tid])
+                values, top = rows[i].topk(3)
+                expect = {tok.decode([t]): float(v) for t, v in zip(top.tolist(), values)}
+                expect[tokens[i]] = float(rows[i, tid])  # the chosen token is always listed
+                assert lp.top_logprobs[i].keys() == expect.keys(), (method, i, lp.top_logprobs[i], expect)
+                assert all(close(lp.top_logprobs[i][t], v) for t, v in expect.items())
+
+        ckw = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2,
+                   extra_body=extra)
+        full = client.chat.completions.create(**ckw).choices[0].logprobs.content
+        streamed = [e for c in client.chat.completions.create(**ckw, stream=True)
+                    if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        out_ids, tokens, rows = want["chat"]
+        for content in (full, streamed):
+            assert [e.token for e in content] == tokens, (method, [e.token for e in content], tokens)
+            for i, e in enumerate(content):
+                tid = out_ids[i]
+                assert close(e.logprob, rows[i, tid]) and e.bytes == list(e.token.encode()), (method, i, e)
+                values, top = rows[i].topk(2)
+                assert [t.token for t in e.top_logprobs] == [tok.decode([t]) for t in top.tolist()]
+                assert all(close(t.logprob, v) for t, v in zip(e.top_logprobs, values))
+    plain = client.completions.create(model="tiny", prompt="w1", max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked: not sent
+
+
 BAD = [  # (route, raw body, status, param, code)
     ("/v1/completions", b'{"prompt": "w1", "max_tokens": 4', 400, None, "invalid_json"),
     ("/v1/completions", b'{"prompt": "w1 \xff\xfe w2"}', 400, None, "invalid_encoding"),
@@ -299,11 +366,14 @@ BAD = [  # (route, raw body, status, param, code)
     ("/v1/completions", b'{"prompt": "w1", "x": "' + b"a" * (9 * 2**20) + b'"}', 400, None, "body_too_large"),
     ("/v1/completions", b'{"prompt": "w1", "stop": ""}', 400, "stop", "invalid_value"),
     ("/v1/completions", b'{"prompt": "w1", "stop": ["w2", ""]}', 400, "stop", "invalid_value"),
-    ("/v1/completions", b'{"prompt": "w1", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
+    ("/v1/completions", b'{"prompt": "w1", "logprobs": 6}', 400, "logprobs", "invalid_value"),
+    ("/v1/completions", b'{"prompt": "w1", "logprobs": true}', 400, "logprobs", "invalid_type"),
     ("/v1/completions", b'{"prompt": "w1", "echo": true}', 400, "echo", "unsupported_parameter"),
     ("/v1/completions", b'{"prompt": "w1", "logit_bias": {"5": 10}}', 400, "logit_bias", "unsupported_parameter"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "logprobs": true}', 400,
-     "logprobs", "unsupported_parameter"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}', 400,
+     "top_logprobs", "invalid_value"),  # without logprobs: true
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "logprobs": true, '
+     b'"top_logprobs": 6}', 400, "top_logprobs", "invalid_value"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "tools": [{"type": "function"}]}',
      400, "tools", "unsupported_parameter"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "response_format": '

@@ -158,7 +158,7 @@ class OpenAIIngress:
             if first is None:  # failed, or the client left while the request waited: free its slot
                 _cancel(stream)
         ttft = time.monotonic() - t0
-        builder = ResponseBuilder(kind, self.model)
+        builder = ResponseBuilder(kind, self.model, req.top_logprobs_count is not None)
         if req.stream:
             return StreamingResponse(self._events(stream, first, builder, req.include_usage, route, t0, ttft),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -186,11 +186,12 @@ class OpenAIIngress:
         return item
 
     async def _collect(self, stream, item: dict, builder: ResponseBuilder, route: str, t0: float, ttft: float):
-        texts = [item["text"]]
+        texts, logprobs = [item["text"]], list(item.get("logprobs") or [])
         try:
             while "finish_reason" not in item:
                 item = await self._next(stream, self.config.chunk_timeout_s)
                 texts.append(item["text"])
+                logprobs.extend(item.get("logprobs") or [])
         except ApiError as exc:
             self._answered(route, exc.status, t0)
             return JSONResponse(exc.body(), exc.status, headers=exc.headers())
@@ -199,7 +200,8 @@ class OpenAIIngress:
                 _cancel(stream)
         self._answered(route, 200, t0, item)
         self._timings(route, t0, ttft, item)
-        return JSONResponse(builder.full("".join(texts), item["finish_reason"], item["usage"], item["pearl"]))
+        return JSONResponse(builder.full("".join(texts), item["finish_reason"], item["usage"], item["pearl"],
+                                         logprobs))
 
     async def _events(self, stream, item: dict, builder: ResponseBuilder, include_usage: bool, route: str,
                       t0: float, ttft: float):
@@ -209,7 +211,7 @@ class OpenAIIngress:
         try:
             while True:
                 if "finish_reason" in item:
-                    chunk = builder.chunk(item["text"], item["finish_reason"], first)
+                    chunk = builder.chunk(item["text"], item["finish_reason"], first, item.get("logprobs"))
                     chunk["pearl"] = item["pearl"]
                     if include_usage:
                         chunk["usage"] = None
@@ -218,7 +220,7 @@ class OpenAIIngress:
                         yield sse(builder.usage_chunk(item["usage"]))
                     finished = True
                     break
-                chunk = builder.chunk(item["text"], None, first)
+                chunk = builder.chunk(item["text"], None, first, item.get("logprobs"))
                 if include_usage:
                     chunk["usage"] = None
                 yield sse(chunk)
