@@ -103,12 +103,12 @@ class ServeConfig(BaseModel):
     @classmethod
     def _fill_from_preset(cls, data):
         if isinstance(data, dict) and data.get("preset"):
-            from ..modeling.presets import fill_unset, get_preset
+            from ..modeling.presets import batching_overrides, fill_unset, get_preset
 
             p = get_preset(data["preset"])  # an unknown name fails validation, listing the known ones
             values = {"draft": p.draft, "target": p.target, "tensor_parallel_size": p.tensor_parallel_size,
                       "dtype": p.dtype, "device": p.device, "gamma": p.gamma, "draft_num_gpus": p.draft_num_gpus,
-                      "target_num_gpus": p.target_num_gpus}
+                      "target_num_gpus": p.target_num_gpus, **batching_overrides(p)}
             return fill_unset(dict(data), values, lambda k, v: v is None)
         return data
 

@@ -181,6 +181,12 @@ class CompletionRequest(_Common):
     def top_logprobs_count(self) -> int | None:
         return self.logprobs
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_off(cls, value):
+        """``"logprobs": false`` (sent by clients that mirror chat's field) means not asked."""
+        return None if value is False else value
+
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, prompt):
