@@ -13,7 +13,7 @@ from .errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError
                      ModelNotFoundError, PearlError, PromptError, QueueFullError, ResourcesUnavailable,
                      TargetUnavailable, TokenizerMismatchError)
 
-__all__ = ["PearlEngine", "SamplingParams", "EngineConfig", "GenerationOutput", "StreamChunk", "GenerationStats",
+__all__ = ["PearlEngine", "SamplingParams", "EngineConfig", "GenerationOutput", "StreamChunk", "GenerationStats", "TokenLogprob",
            "RoundTiming", "PearlError", "InvalidParameterError", "PromptError", "ModelNotFoundError",
            "TokenizerMismatchError", "DraftUnavailable", "TargetUnavailable", "CoordinatorUnavailable",
            "ResourcesUnavailable", "QueueFullError", "EngineClosedError"]

@@ -21,6 +21,7 @@ import torch
 
 from .config import EngineConfig, Request
 from .core.batch import BatchedLM, BatchLoop, PerSlotLM, ThreadedDraftPhase, run_batch, torch_threads
+from .core.logprobs import TokenIds
 from .core.metrics import GenerationStats
 from .core.policy import CostModel, SpeculationPolicy, measure_forward_costs, policy_widths
 from .errors import InvalidParameterError
@@ -211,7 +212,7 @@ class LocalBackend:
                     if ev.key is not key:
                         continue
                     if ev.token_ids:
-                        yield list(ev.token_ids)
+                        yield TokenIds(ev.token_ids, ev.logprobs)
                     if ev.finished:
                         if ev.error is not None:
                             raise ev.error

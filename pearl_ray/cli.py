@@ -73,6 +73,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--model-name", help="the model id clients send (default: the target's name)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                   help="a key clients must send as 'Authorization: Bearer KEY' on /v1/* (repeatable; "
+                        "also read from $PEARL_RAY_API_KEY, comma-separated); /health stays open")
     s.add_argument("--method", choices=METHODS, help="default method (default pearl)")
     s.add_argument("--gamma", type=int, default=0, help="draft window (0 = auto, measured at start-up)")
     s.add_argument("--transport", choices=TRANSPORTS)
@@ -185,9 +188,12 @@ def serve_config(args):
     from pydantic import ValidationError
 
     from .serve import ServeConfig
+    from .serve.config import env_api_keys
 
     check_serve_args(args)
     fields = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
+    # the keys from this shell's environment travel in the config: a joined cluster's ingress has another one
+    fields["api_keys"] = [*(args.api_keys or []), *env_api_keys()]
     try:
         return ServeConfig(**{**fields, "gamma": args.gamma or None})  # gamma None: the preset's, or auto
     except ValidationError as exc:

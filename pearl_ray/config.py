@@ -41,6 +41,8 @@ POLICY_MAX_GAMMA = 8
 """The largest window the adaptive speculation policy tries (``gamma=None`` on the local backend)."""
 DEFAULT_MAX_NUM_SEQS = 8
 SEED_LIMIT = 2**63
+MAX_LOGPROBS = 20
+"""Most alternatives per token ``SamplingParams.logprobs`` may ask for (the endpoint allows 5, as OpenAI)."""
 """Seeds lie in [0, 2**63): they travel as int64 and seed torch generators."""
 
 
@@ -77,6 +79,10 @@ class SamplingParams:
     """Stop strings: generation ends at the first committed token whose text completes one; the text is cut before it."""
     ignore_eos: bool = False
     """Fixed-length protocol (the paper's): do not stop at EOS."""
+    logprobs: int | None = None
+    """Return each generated token's log-probability under the target and the ``logprobs`` most likely
+    alternatives (0..``MAX_LOGPROBS``): the target's raw distribution (log-softmax of its logits, before
+    temperature, top-k and top-p), as vLLM reports them. None: not computed (no cost)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,6 +109,9 @@ class SamplingParams:
             raise InvalidParameterError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidParameterError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidParameterError(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS}, got "
+                                        f"{self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .config import (DEFAULT_GAMMA, POLICY_MAX_GAMMA, EngineConfig, Request, SamplingParams, check_gamma,
                      check_method, context_room, request_seed)
+from .core.logprobs import TokenLogprob
 from .core.metrics import GenerationStats
 from .modeling.chat import check_text
 from .core.stopping import cut_at_stop
@@ -40,6 +41,8 @@ class GenerationOutput:
     text: str | None
     finish_reason: str  # one of core.stopping.FINISH_REASONS
     stats: GenerationStats = field(repr=False, default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
+    """One per generated id where ``SamplingParams.logprobs`` asked for them (``core.logprobs``)."""
 
 
 @dataclass
@@ -51,6 +54,8 @@ class StreamChunk:
     text: str | None
     finish_reason: str | None = None
     stats: GenerationStats | None = field(default=None, repr=False)
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
+    """One per id in ``token_ids`` where the request asked for log-probabilities, else None."""
 
 
 class TextDeltas:
@@ -348,7 +353,7 @@ class PearlEngine:
                     new = deltas.push(delta) if deltas is not None else None
                     if new is not None:
                         sent += new
-                    yield StreamChunk(list(delta), new)
+                    yield StreamChunk(list(delta), new, logprobs=getattr(delta, "logprobs", None))
             finally:
                 gen.close()
             final = self._text(ids, request)  # one full decode per request: the reference text
@@ -419,13 +424,16 @@ class PearlEngine:
             return self._generate_batch(batch, requests, on_tokens)
         def one(i: int, request: Request) -> GenerationOutput:
             ids: list[int] = []
+            logprobs = [] if request.params.logprobs is not None else None
             for chunk in self._run(request, result_only=on_tokens is None):  # nobody watches the rounds
                 if on_tokens is not None and chunk.token_ids:
                     on_tokens(i, chunk.token_ids)
                 ids.extend(chunk.token_ids)
+                if logprobs is not None and chunk.logprobs:
+                    logprobs.extend(chunk.logprobs)
             stats = chunk.stats  # the last chunk's
             return GenerationOutput(list(request.prompt_ids), ids, self._text(ids, request), stats.finish_reason,
-                                    stats)
+                                    stats, logprobs)
 
         if len(requests) == 1:
             return [one(0, requests[0])]
@@ -451,8 +459,8 @@ class PearlEngine:
 
         with self._turn():
             results = batch(requests, seen)
-        return [GenerationOutput(list(r.prompt_ids), ids, self._text(ids, r), stats.finish_reason, stats)
-                for r, (ids, stats) in zip(requests, results)]
+        return [GenerationOutput(list(r.prompt_ids), list(ids), self._text(ids, r), stats.finish_reason, stats,
+                                 getattr(ids, "logprobs", None)) for r, (ids, stats) in zip(requests, results)]
 
     def shutdown(self) -> None:
         """Release the workers and the placement group; later calls raise ``EngineClosedError``."""

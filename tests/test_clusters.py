@@ -491,8 +491,8 @@ def secret_problems(text: str, where: str) -> list[str]:
         problems.append(f"{where}: holds what looks like a Hugging Face token")
     for doc in (yaml.safe_load_all(text) if where.endswith(".yaml") else []):
         for env in env_entries(doc):
-            if env.get("name") == "HF_TOKEN" and "value" in env:
-                problems.append(f"{where}: HF_TOKEN as a literal value; take it from a secret (valueFrom)")
+            if env.get("name") in ("HF_TOKEN", "PEARL_RAY_API_KEY") and "value" in env:
+                problems.append(f"{where}: {env['name']} as a literal value; take it from a secret (valueFrom)")
     return problems
 
 

@@ -114,7 +114,7 @@ def test_model_dir_layouts(empty_env, monkeypatch):
     over = engine_overrides(preset)
     assert over == {"draft": str(draft), "target": str(target), "tensor_parallel_size": 4, "dtype": "bfloat16",
                     "device": "cuda", "gamma": preset.gamma, "draft_num_gpus": 1.0, "target_num_gpus": 1.0,
-                    "backend": "ray"}
+                    "backend": "ray", "max_num_seqs": 64, "kv_budget_tokens": 431104}
 
 
 def test_hub_cache_layout_is_found(empty_env, monkeypatch):

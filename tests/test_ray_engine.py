@@ -64,6 +64,29 @@ def test_stream_threads_and_tasks_on_one_engine():
         assert got == {k: want[k] for k in got}
 
 
+def test_logprobs_cross_the_ray_path_and_equal_the_targets_forward(tiny_pair):
+    """Greedy, every method, generate and stream: each committed token's log-probability and top-2 equal a plain
+    transformers forward of the target over prompt + output (1e-4, fp32), after the leader's loop, its stream
+    and the Ray hop."""
+    from test_logprobs import assert_matches, reference_logprobs
+
+    prompts = [[1, 5, 9, 20], [3, 7]]
+    params = SamplingParams(max_new_tokens=14, ignore_eos=True, logprobs=2)
+    with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
+                     num_threads=1) as eng:
+        for method in ("pearl", "sd", "ar"):
+            outs = eng.generate(prompts, params, method=method)
+            for prompt, out in zip(prompts, outs):
+                assert_matches(reference_logprobs(tiny_pair["target"], prompt, out.token_ids), out.token_ids,
+                               out.logprobs, 2)
+            chunks = list(eng.stream(prompts[0], params, method=method, result_only=True))
+            streamed = [e for c in chunks for e in (c.logprobs or [])]
+            assert [e.token_id for e in streamed] == outs[0].token_ids
+            assert_matches(reference_logprobs(tiny_pair["target"], prompts[0], outs[0].token_ids),
+                           outs[0].token_ids, streamed, 2)
+        assert eng.generate(prompts[:1], SamplingParams(max_new_tokens=4))[0].logprobs is None
+
+
 def test_the_target_borrows_the_drafts_threads_for_prompt_passes(tiny_pair):
     """On CPU the target leader reads prompts with the pair's threads (its own + the draft's) unless told not to;
     outputs stay the target's."""

@@ -4,7 +4,8 @@ One private Ray head for the module (``ray start --head --block`` on free ports,
 metrics export port), ended by its process handle. The CLI test runs first, on the embedded default pair,
 and stops its own Serve. Then two applications share one Serve instance:
 - ``tiny`` at ``/``: tiny random Llama models loaded from disk (a tokenizer with a chat template);
-- ``faults`` at ``/faults``: slow tabular models injected, for disconnects and killed workers.
+- ``faults`` at ``/faults``: slow tabular models injected, for disconnects and killed workers;
+- ``keyed`` at ``/keyed``: tabular models behind API keys (one in its config, two in the head's environment).
 Clients: the official ``openai`` package and ``requests``.
 """
 
@@ -44,7 +45,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # no 30 s drain at the end
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # no 30 s drain at the end
+               PEARL_TEST_API_KEYS=" sk-env1 , sk-env2 ")  # the ``keyed`` app's ingress reads these
     env.pop("RAY_ADDRESS", None)
     port, metrics, tmp = free_port(), free_port(), tempfile.mkdtemp(prefix="rs", dir="/tmp")
     head = subprocess.Popen(  # 8 logical CPUs: two apps' pairs (1 + 1 CPU each) and the CLI's fit at once
@@ -109,20 +111,24 @@ def server(cluster, tiny_models, tiny_tokenizer_dir):
                          colocate=False)
     models = {"target_model": SlowLM(target, 0.01), "draft_model": SlowLM(draft, 0.002), "tokenizer": tok,
               "eos_token_ids": ()}
+    keyed = ServeConfig(model_name="toy", gamma=2, num_threads=1, colocate=True, api_keys=["sk-one"],
+                        api_key_env="PEARL_TEST_API_KEYS")
+    keyed_models = {"target_model": target, "draft_model": draft, "tokenizer": tok, "eos_token_ids": ()}
     serve.run_many([serve.RunTarget(make_app(tiny), name="tiny", route_prefix="/"),
-                    serve.RunTarget(make_app(faults, models), name="faults", route_prefix="/faults")],
+                    serve.RunTarget(make_app(faults, models), name="faults", route_prefix="/faults"),
+                    serve.RunTarget(make_app(keyed, keyed_models), name="keyed", route_prefix="/keyed")],
                    wait_for_applications_running=False)
 
     def running():
         apps = serve.status().applications
-        states = {name: apps[name].status.value if name in apps else "-" for name in ("tiny", "faults")}
+        states = {name: apps[name].status.value if name in apps else "-" for name in ("tiny", "faults", "keyed")}
         assert "DEPLOY_FAILED" not in states.values(), {n: apps[n].message for n in apps}
         return set(states.values()) == {"RUNNING"}
 
     assert wait_for(running, timeout_s=300, interval_s=1.0)
     base = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(base=base, tiny=tiny_models, toy_target=target, toy_tokenizer=tok)
-    for name in ("tiny", "faults"):
+    for name in ("tiny", "faults", "keyed"):
         serve.delete(name)
 
 
@@ -260,6 +266,73 @@ def test_openai_client_streamed_and_not_match_target_greedy(server):
     assert requests.get(server.base + "/health", timeout=30).json()["status"] == "ok"
 
 
+def target_logprobs(target_dir: str, prompt_ids: list[int], output_ids: list[int]):
+    """The reference: log_softmax of a plain transformers forward of the target over prompt + output."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + output_ids])).logits[0]
+    n = len(prompt_ids)
+    return torch.log_softmax(logits[n - 1: n - 1 + len(output_ids)].float(), dim=-1)
+
+
+def test_logprobs_through_the_client_equal_the_targets_own_forward(server):
+    """Completions (``logprobs: 3``) and chat (``logprobs: true, top_logprobs: 2``), streamed and not, under
+    every method: each token's log-probability and its alternatives within 1e-4 of the target's forward."""
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+    ref = PearlEngine(target=server.tiny["target"], method="ar")
+    tok, params = ref.tokenizer, SamplingParams(max_new_tokens=10, ignore_eos=True)
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    chat_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+    cases = {"completion": ref.encode("w1 w2 w3"), "chat": chat_ids}
+    want = {}
+    for kind, ids in cases.items():
+        out = ref.generate([ids], params)[0].token_ids
+        want[kind] = (out, [tok.decode([t]) for t in out], target_logprobs(server.tiny["target"], ids, out))
+
+    def close(a: float, b) -> bool:
+        return abs(a - float(b)) < 1e-4
+
+    for method in ("pearl", "sd", "ar"):
+        extra = {"ignore_eos": True, "method": method}
+        kw = dict(model="tiny", prompt="w1 w2 w3", max_tokens=10, temperature=0, logprobs=3, extra_body=extra)
+        full = client.completions.create(**kw).choices[0].logprobs
+        streamed = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True)
+                    if c.choices and c.choices[0].logprobs]
+        out_ids, tokens, rows = want["completion"]
+        for lp in (full, SimpleNamespace(**{k: sum((getattr(c, k) for c in streamed), []) for k in (
+                "tokens", "token_logprobs", "top_logprobs", "text_offset")})):
+            assert lp.tokens == tokens, (method, lp.tokens, tokens)
+            assert lp.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+            for i, tid in enumerate(out_ids):
+                assert close(lp.token_logprobs[i], rows[i, tid]), (method, i, lp.token_logprobs[i], rows[i, tid])
+                values, top = rows[i].topk(3)
+                expect = {tok.decode([t]): float(v) for t, v in zip(top.tolist(), values)}
+                expect[tokens[i]] = float(rows[i, tid])  # the chosen token is always listed
+                assert lp.top_logprobs[i].keys() == expect.keys(), (method, i, lp.top_logprobs[i], expect)
+                assert all(close(lp.top_logprobs[i][t], v) for t, v in expect.items())
+
+        ckw = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2,
+                   extra_body=extra)
+        full = client.chat.completions.create(**ckw).choices[0].logprobs.content
+        streamed = [e for c in client.chat.completions.create(**ckw, stream=True)
+                    if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+        out_ids, tokens, rows = want["chat"]
+        for content in (full, streamed):
+            assert [e.token for e in content] == tokens, (method, [e.token for e in content], tokens)
+            for i, e in enumerate(content):
+                tid = out_ids[i]
+                assert close(e.logprob, rows[i, tid]) and e.bytes == list(e.token.encode()), (method, i, e)
+                values, top = rows[i].topk(2)
+                assert [t.token for t in e.top_logprobs] == [tok.decode([t]) for t in top.tolist()]
+                assert all(close(t.logprob, v) for t, v in zip(e.top_logprobs, values))
+    plain = client.completions.create(model="tiny", prompt="w1", max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked: not sent
+
+
 BAD = [  # (route, raw body, status, param, code)
     ("/v1/completions", b'{"prompt": "w1", "max_tokens": 4', 400, None, "invalid_json"),
     ("/v1/completions", b'{"prompt": "w1 \xff\xfe w2"}', 400, None, "invalid_encoding"),
@@ -294,11 +367,14 @@ BAD = [  # (route, raw body, status, param, code)
     ("/v1/completions", b'{"prompt": "w1", "x": "' + b"a" * (9 * 2**20) + b'"}', 400, None, "body_too_large"),
     ("/v1/completions", b'{"prompt": "w1", "stop": ""}', 400, "stop", "invalid_value"),
     ("/v1/completions", b'{"prompt": "w1", "stop": ["w2", ""]}', 400, "stop", "invalid_value"),
-    ("/v1/completions", b'{"prompt": "w1", "logprobs": 2}', 400, "logprobs", "unsupported_parameter"),
+    ("/v1/completions", b'{"prompt": "w1", "logprobs": 6}', 400, "logprobs", "invalid_value"),
+    ("/v1/completions", b'{"prompt": "w1", "logprobs": true}', 400, "logprobs", "invalid_type"),
     ("/v1/completions", b'{"prompt": "w1", "echo": true}', 400, "echo", "unsupported_parameter"),
     ("/v1/completions", b'{"prompt": "w1", "logit_bias": {"5": 10}}', 400, "logit_bias", "unsupported_parameter"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "logprobs": true}', 400,
-     "logprobs", "unsupported_parameter"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}', 400,
+     "top_logprobs", "invalid_value"),  # without logprobs: true
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "logprobs": true, '
+     b'"top_logprobs": 6}', 400, "top_logprobs", "invalid_value"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "tools": [{"type": "function"}]}',
      400, "tools", "unsupported_parameter"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "w1"}], "response_format": '
@@ -306,6 +382,43 @@ BAD = [  # (route, raw body, status, param, code)
     ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "w1"}]}', 400, "messages",
      "invalid_value"),
 ]
+
+
+def test_api_keys_guard_every_v1_route_and_leave_health_open(server):
+    """No key, a wrong key and the right ones (from the config and from the ingress's environment), through the
+    ``openai`` client and plain HTTP; ``/health`` answers without a key."""
+    base = server.base + "/keyed"
+    body = {"model": "toy", "prompt": [4, 5], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    routes = [("get", "/v1/models", None), ("post", "/v1/completions", body),
+              ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]})]
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": "sk-one"},
+                    {"Authorization": "Bearer sk-one-and-more"}, {"Authorization": "Basic sk-one"}):
+        for method, route, payload in routes:
+            r = requests.request(method, base + route, json=payload, headers=headers, timeout=30)
+            assert r.status_code == 401, (headers, route, r.status_code, r.text)
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key", err
+            assert r.headers.get("WWW-Authenticate") == "Bearer"
+    assert requests.get(base + "/health", timeout=30).json()["status"] == "ok"  # open
+
+    wrong = openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.completions.create(model="toy", prompt=[4, 5], max_tokens=3)
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    want = toy_reference(server, 3)
+    for key in ("sk-one", "sk-env1", "sk-env2"):
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["toy"]
+        out = client.completions.create(model="toy", prompt=[4, 5], max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        streamed = client.completions.create(model="toy", prompt=[4, 5], max_tokens=3, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in streamed) == want
+        with pytest.raises(openai.BadRequestError):  # past the key check: this tokenizer has no chat template
+            client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "w1"}])
 
 
 def test_unknown_routes_and_methods_answer_in_the_openai_error_shape(server):

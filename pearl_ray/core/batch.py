@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .logprobs import TokenIds, logprob_rows, token_logprobs
 from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput
 from .metrics import GenerationStats, RoundTiming
 from .policy import SeqView, SpeculationPolicy
@@ -407,7 +408,9 @@ def round_schedule(plan: RoundPlan, schedule: str) -> str:
 
 @dataclass
 class Event:
-    """What one round did for one request: newly visible tokens, and on the last event the result."""
+    """What one round did for one request: newly visible tokens, and on the last event the result.
+    ``logprobs``: the new tokens' ``TokenLogprob`` where the request asked for them (and ``output_ids`` is
+    then a ``TokenIds`` that carries them all)."""
 
     key: object
     token_ids: list[int]
@@ -415,6 +418,7 @@ class Event:
     output_ids: list[int] | None = None
     stats: GenerationStats | None = None
     error: BaseException | None = None
+    logprobs: list | None = None
 
 
 @dataclass(eq=False)
@@ -435,6 +439,8 @@ class _Seq:
     target_forwards: int = 0
     draft_forwards: int = 0
     cancelled: bool = False
+    logprobs: list | None = None  # one TokenLogprob per committed output token, where the request asked
+    round_rows: torch.Tensor | None = None  # [rows, vocab] this round's target log-probabilities (same requests)
 
     @property
     def opts(self) -> RoundOptions:
@@ -549,6 +555,8 @@ class BatchLoop:
         seq = _Seq(key, request, StopRule.for_request(request, self.decode), slot,
                    PearlState(committed=list(request.prompt_ids), prompt_len=len(request.prompt_ids)),
                    None if opts.greedy else make_generator(request.seed, 0), stats, target)
+        if request.params.logprobs is not None:
+            seq.logprobs = []
         if opts.use_draft:
             if self.draft is None or self._draft_busy():
                 stats.draft_failures += 1
@@ -784,6 +792,8 @@ class BatchLoop:
             s.target_forwards += 1
             req, p = plans[s].target, s.request.params
             rows = logits[s.slot]
+            if s.logprobs is not None:  # only requests that asked: the raw distribution of each verified row
+                s.round_rows = logprob_rows(rows)
             if p.temperature == 0.0:
                 out = TargetOutput(req.round_id, req.start_pos, target_argmax_ids=rows.argmax(-1).tolist())
             else:
@@ -799,6 +809,12 @@ class BatchLoop:
     def _decide(self, seq: _Seq, plan: RoundPlan, chunk: DraftChunk, target_out: TargetOutput | None,
                 wall0: float, t0: float, t1: float, t2: float, batch: int, schedule: str = "") -> Event:
         outcome = pearl_step(seq.state, plan, chunk, target_out, seq.coins, seq.opts)  # reads greedy/draft_greedy only
+        if seq.logprobs is not None:
+            # the i-th appended token was scored by the target's row i (``core.logprobs``)
+            appended = outcome.update.appended_token_ids
+            if appended:
+                seq.logprobs.extend(token_logprobs(seq.round_rows, appended, seq.request.params.logprobs))
+            seq.round_rows = None
         state = seq.state
         output = state.committed[state.prompt_len:]
         decision = seq.stop.check(output, len(outcome.update.appended_token_ids))
@@ -820,14 +836,17 @@ class BatchLoop:
             seq.stats.fallback_rounds += 1
         visible = min(len(output), decision.keep)
         new = output[seq.emitted:visible] if visible > seq.emitted else []
+        new_logprobs = None if seq.logprobs is None else seq.logprobs[seq.emitted:visible]
         seq.emitted = max(seq.emitted, visible)
         if not decision.finished:
-            return Event(seq.key, new)
+            return Event(seq.key, new, logprobs=new_logprobs)
         output = output[: decision.keep]
+        if seq.logprobs is not None:
+            output = TokenIds(output, seq.logprobs[: decision.keep])
         seq.stats.draft_forwards, seq.stats.target_forwards = seq.draft_forwards, seq.target_forwards
         seq.stats.finish(len(output), time.perf_counter() - seq.t_start, decision.reason)
         self._leave(seq)
-        return Event(seq.key, new, True, output, seq.stats)
+        return Event(seq.key, new, True, output, seq.stats, logprobs=new_logprobs)
 
     # -- drivers -----------------------------------------------------------------------------------------
     def fail_all(self, error: BaseException) -> list[Event]:

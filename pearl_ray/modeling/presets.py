@@ -57,6 +57,12 @@ class PairPreset:
     target_num_heads: int
     target_num_kv_heads: int
     """Attention heads of the target: the tensor-parallel size must divide both."""
+    target_num_layers: int
+    target_head_dim: int
+    draft_num_layers: int
+    draft_num_kv_heads: int
+    draft_head_dim: int
+    """The rest of the attention's shape (each model's config.json): the KV cache's bytes per position."""
     description: str
     notes: str = ""
     dtype: str = "bfloat16"
@@ -92,6 +98,18 @@ class PairPreset:
         w = self.weights_gib_per_gpu
         return round(w["draft"] + w["target"], 1) if self.shares_gpu else max(w.values())
 
+    def batch_plan(self, gpu_memory_gib: float | None = None):
+        """``max_num_seqs`` and ``kv_budget_tokens`` from the memory the weights leave on each GPU
+        (``gpu_batching.plan_batching``; an H100 80 GB unless ``gpu_memory_gib`` is given)."""
+        from .gpu_batching import H100_GIB, ModelShape, plan_batching
+
+        draft = ModelShape(self.draft_params_b, self.draft_num_layers, self.draft_num_kv_heads, self.draft_head_dim)
+        target = ModelShape(self.target_params_b, self.target_num_layers, self.target_num_kv_heads,
+                            self.target_head_dim)
+        return plan_batching(draft, target, tensor_parallel_size=self.tensor_parallel_size,
+                             value_bytes=BYTES_PER_PARAM.get(self.dtype, 2), shares_gpu=self.shares_gpu,
+                             gpu_memory_gib=gpu_memory_gib or H100_GIB)
+
     def summary(self) -> str:
         """One line for listings: name, pair, GPUs, memory, description."""
         w, n = self.weights_gib_per_gpu, self.gpus_needed
@@ -111,6 +129,7 @@ PRESETS: dict[str, PairPreset] = {p.name: p for p in (
         # for the 70B at TP 4 plus its all-reduces, so the step ratio stays around 5.
         gamma=5,
         draft_params_b=8.03, target_params_b=70.6, target_num_heads=64, target_num_kv_heads=8,
+        target_num_layers=80, target_head_dim=128, draft_num_layers=32, draft_num_kv_heads=8, draft_head_dim=128,
         description="The paper's Llama 3.1 pair: 8B draft on one GPU, 70B target over four (5 GPUs).",
         notes=_LLAMA3_TOKENIZER),
     PairPreset(
@@ -121,6 +140,7 @@ PRESETS: dict[str, PairPreset] = {p.name: p for p in (
         # layers still pay fixed per-kernel costs, so its step is not 14x shorter: a ratio near 8.
         gamma=8,
         draft_params_b=1.24, target_params_b=70.6, target_num_heads=64, target_num_kv_heads=8,
+        target_num_layers=80, target_head_dim=128, draft_num_layers=16, draft_num_kv_heads=8, draft_head_dim=64,
         description="A fast 1B draft for the Llama-3.1-70B target at TP 4 (5 GPUs); lower acceptance than 8B.",
         notes=_LLAMA3_TOKENIZER),
     PairPreset(
@@ -130,6 +150,7 @@ PRESETS: dict[str, PairPreset] = {p.name: p for p in (
         # Same size ratio as the paper's 7B/70B pairs: gamma 5.
         gamma=5,
         draft_params_b=7.62, target_params_b=72.7, target_num_heads=64, target_num_kv_heads=8,
+        target_num_layers=80, target_head_dim=128, draft_num_layers=28, draft_num_kv_heads=4, draft_head_dim=128,
         description="Qwen2.5 7B draft on one GPU, 72B target over four (5 GPUs).",
         notes="Qwen2.5 7B and 72B share one tokenizer; both configs have vocab_size 152064."),
     PairPreset(
@@ -140,6 +161,7 @@ PRESETS: dict[str, PairPreset] = {p.name: p for p in (
         # against ~12.6 GiB for the 7B, a step ratio near 3.
         gamma=3,
         draft_params_b=6.74, target_params_b=33.7, target_num_heads=64, target_num_kv_heads=8,
+        target_num_layers=48, target_head_dim=128, draft_num_layers=32, draft_num_kv_heads=32, draft_head_dim=128,
         description="The paper's code pair: CodeLlama 7B draft on one GPU, 34B target over two (3 GPUs).",
         notes="One SentencePiece tokenizer family; the 7B was trained for infilling and may carry extra "
               "infilling ids past the 34B's 32000 (not checked here), so the pair check decides at load."),
@@ -150,6 +172,7 @@ PRESETS: dict[str, PairPreset] = {p.name: p for p in (
         # One GPU for both: the 8B step costs a few 1B steps (32 vs 16 layers, 15 vs 2.3 GiB), a ratio near 3.
         gamma=3,
         draft_params_b=1.24, target_params_b=8.03, target_num_heads=32, target_num_kv_heads=8,
+        target_num_layers=32, target_head_dim=128, draft_num_layers=16, draft_num_kv_heads=8, draft_head_dim=64,
         draft_num_gpus=0.5, target_num_gpus=0.5,
         description="A small pair for one GPU (>= 24 GiB): 1B draft and 8B target share it, half each.",
         notes=_LLAMA3_TOKENIZER),
@@ -289,4 +312,11 @@ def engine_overrides(preset: PairPreset) -> dict:
     draft_dir, target_dir = resolve_preset_models(preset)
     return {"draft": draft_dir, "target": target_dir, "tensor_parallel_size": preset.tensor_parallel_size,
             "dtype": preset.dtype, "device": preset.device, "gamma": preset.gamma,
-            "draft_num_gpus": preset.draft_num_gpus, "target_num_gpus": preset.target_num_gpus, "backend": "ray"}
+            "draft_num_gpus": preset.draft_num_gpus, "target_num_gpus": preset.target_num_gpus, "backend": "ray",
+            **batching_overrides(preset)}
+
+
+def batching_overrides(preset: PairPreset) -> dict:
+    """``max_num_seqs`` and ``kv_budget_tokens`` derived from the GPU memory the weights leave (H100 80 GB)."""
+    plan = preset.batch_plan()
+    return {"max_num_seqs": plan.max_num_seqs, "kv_budget_tokens": plan.kv_budget_tokens}

@@ -19,6 +19,7 @@ import threading
 import time
 
 from ..core.batch import BatchLoop, Event, adopt_thread_count
+from ..core.logprobs import TokenIds
 from ..errors import PearlError, TargetUnavailable
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class RequestStream:
     def __init__(self):
         self.cv = threading.Condition()
         self.pending: list[int] = []
+        self.pending_logprobs: list | None = None  # with ``pending``, where the request asked for log-probabilities
         self.final: dict | None = None
         self.error: BaseException | None = None
         self.sent_at: float | None = None  # when the last tokens went out (None: nothing yet)
@@ -41,6 +43,8 @@ class RequestStream:
     def push(self, event: Event) -> None:
         with self.cv:
             self.pending.extend(event.token_ids)
+            if event.logprobs is not None:
+                self.pending_logprobs = (self.pending_logprobs or []) + list(event.logprobs)
             if event.finished:
                 if event.error is not None:
                     self.error = event.error
@@ -71,7 +75,8 @@ class RequestStream:
                 while not self.done and time.monotonic() < until:
                     self.cv.wait(until - time.monotonic())
             if self.pending:
-                ids, self.pending = self.pending, []
+                ids, self.pending = TokenIds(self.pending, self.pending_logprobs), []
+                self.pending_logprobs = None
                 self.sent_at = time.monotonic()
                 return ids
             if self.error is not None:

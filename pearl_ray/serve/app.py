@@ -79,6 +79,9 @@ def run_blocking(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
 
     from ..runtime.backend import connect_ray
 
+    if not config.effective_api_keys() and not _loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach port %d can use the model (and its "
+                    "compute); pass --api-key KEY or set $%s", host, port, config.api_key_env or "PEARL_RAY_API_KEY")
     # the replicas' logs (access lines, worker restarts) come to this console
     how = connect_ray(log_to_driver=True, **({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}))
     if how != "started" and metrics_export_port:
@@ -121,6 +124,17 @@ class _OwnServeFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Connecting to existing Serve app" not in record.getMessage()
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 def _answers(url: str, timeout_s: float) -> bool:

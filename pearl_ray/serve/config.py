@@ -14,6 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import MAX_GAMMA, Method, Transport
 
+API_KEY_ENV = "PEARL_RAY_API_KEY"
+
+
+def env_api_keys(name: str = API_KEY_ENV, environ=None) -> list[str]:
+    """The keys in environment variable ``name``: one, or several separated by commas (blanks dropped)."""
+    import os
+
+    value = (os.environ if environ is None else environ).get(name, "")
+    return [k.strip() for k in value.split(",") if k.strip()]
+
 
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,6 +83,15 @@ class ServeConfig(BaseModel):
     retry_after_s: float = Field(1.0, ge=0)
     ingress_num_replicas: int = Field(1, ge=1)
     ingress_max_ongoing_requests: int = Field(256, ge=1)
+    # -- access ------------------------------------------------------------------------------------------
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    """Keys clients must send as ``Authorization: Bearer <key>`` on every ``/v1/*`` route (any one of them
+    is enough); ``/health`` stays open. Empty, and ``api_key_env`` unset in the ingress's environment: no
+    check."""
+    api_key_env: str | None = API_KEY_ENV
+    """An environment variable the ingress replica reads at start-up: one key, or several separated by
+    commas, added to ``api_keys``. A Serve config file or a KubeRay secret sets it, so no key is written
+    in the config itself."""
     # -- requests ------------------------------------------------------------------------------------------
     default_max_tokens: int = Field(256, ge=1)
     """``max_tokens`` when a request gives none (fewer if the context has less room)."""
@@ -85,12 +104,12 @@ class ServeConfig(BaseModel):
     @classmethod
     def _fill_from_preset(cls, data):
         if isinstance(data, dict) and data.get("preset"):
-            from ..modeling.presets import fill_unset, get_preset
+            from ..modeling.presets import batching_overrides, fill_unset, get_preset
 
             p = get_preset(data["preset"])  # an unknown name fails validation, listing the known ones
             values = {"draft": p.draft, "target": p.target, "tensor_parallel_size": p.tensor_parallel_size,
                       "dtype": p.dtype, "device": p.device, "gamma": p.gamma, "draft_num_gpus": p.draft_num_gpus,
-                      "target_num_gpus": p.target_num_gpus}
+                      "target_num_gpus": p.target_num_gpus, **batching_overrides(p)}
             return fill_unset(dict(data), values, lambda k, v: v is None)
         return data
 
@@ -98,6 +117,8 @@ class ServeConfig(BaseModel):
     def _check(self) -> "ServeConfig":
         if self.max_ongoing_requests is None:
             object.__setattr__(self, "max_ongoing_requests", self.max_num_seqs + 4)
+        if any(not key.strip() or key != key.strip() for key in self.api_keys):
+            raise ValueError("an API key must not be empty or begin or end with whitespace")
         if self.draft is None and self.method != "ar":
             raise ValueError(f"method {self.method!r} needs a draft; set draft or method='ar'")
         return self
@@ -105,6 +126,11 @@ class ServeConfig(BaseModel):
     @property
     def served_name(self) -> str:
         return self.model_name or Path(self.target).name
+
+    def effective_api_keys(self, environ=None) -> tuple[str, ...]:
+        """``api_keys`` plus the keys in ``api_key_env`` (read from ``environ``, default ``os.environ``)."""
+        from_env = env_api_keys(self.api_key_env, environ) if self.api_key_env else []
+        return tuple(dict.fromkeys([*self.api_keys, *from_env]))
 
     def bundles(self) -> list[dict]:
         """Serve's ``placement_group_bundles``: the replica (bundle 0), then the draft and one per target rank.

@@ -23,8 +23,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from .binding import bind_replica_server_to_node_ip
 from .config import ServeConfig
 from .metrics import IngressMetrics
-from .protocol import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, ResponseBuilder, parse_request,
-                       sse, too_large)
+from .protocol import (MAX_BODY_BYTES, ApiError, ChatRequest, CompletionRequest, ResponseBuilder, check_api_key,
+                       parse_request, sse, too_large)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("ray.serve")  # Serve's logger: the replica's log file (and console, where Serve's is)
@@ -84,6 +84,9 @@ class OpenAIIngress:
         self.metrics = IngressMetrics(self.model)
         self.created = int(time.time())
         self.app_name = serve.get_replica_context().app_name
+        self.api_keys = self.config.effective_api_keys()  # read once: this replica's environment and config
+        if not self.api_keys:
+            log.info("no API key configured: /v1/* answers anyone who reaches it")
 
     @app.get("/health")
     async def health(self):
@@ -97,8 +100,17 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model, "deployment": state},
                             200 if ok else 503)
 
+    def _authorize(self, request: Request) -> None:
+        """Every ``/v1/*`` route: ``ApiError(401)`` unless the request carries one of the keys (if any)."""
+        check_api_key(request.headers.get("authorization"), self.api_keys)
+
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            self._answered("/v1/models", exc.status, time.monotonic())
+            return JSONResponse(exc.body(), exc.status, headers=exc.headers())
         c = self.config
         card = {"id": self.model, "object": "model", "created": self.created, "owned_by": "pearl-ray",
                 "pearl": {"draft": c.draft, "target": c.target, "method": c.method, "gamma": c.gamma}}
@@ -126,6 +138,7 @@ class OpenAIIngress:
     async def _answer_checked(self, request: Request, kind: str, route: str, t0: float):
         stream = first = None
         try:
+            self._authorize(request)  # before the body is read
             req = parse_request(await _read_body(request), ChatRequest if kind == "chat" else CompletionRequest)
             if req.model is not None and req.model != self.model:
                 raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.model}'",
@@ -145,7 +158,7 @@ class OpenAIIngress:
             if first is None:  # failed, or the client left while the request waited: free its slot
                 _cancel(stream)
         ttft = time.monotonic() - t0
-        builder = ResponseBuilder(kind, self.model)
+        builder = ResponseBuilder(kind, self.model, req.top_logprobs_count is not None)
         if req.stream:
             return StreamingResponse(self._events(stream, first, builder, req.include_usage, route, t0, ttft),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -173,11 +186,12 @@ class OpenAIIngress:
         return item
 
     async def _collect(self, stream, item: dict, builder: ResponseBuilder, route: str, t0: float, ttft: float):
-        texts = [item["text"]]
+        texts, logprobs = [item["text"]], list(item.get("logprobs") or [])
         try:
             while "finish_reason" not in item:
                 item = await self._next(stream, self.config.chunk_timeout_s)
                 texts.append(item["text"])
+                logprobs.extend(item.get("logprobs") or [])
         except ApiError as exc:
             self._answered(route, exc.status, t0)
             return JSONResponse(exc.body(), exc.status, headers=exc.headers())
@@ -186,7 +200,8 @@ class OpenAIIngress:
                 _cancel(stream)
         self._answered(route, 200, t0, item)
         self._timings(route, t0, ttft, item)
-        return JSONResponse(builder.full("".join(texts), item["finish_reason"], item["usage"], item["pearl"]))
+        return JSONResponse(builder.full("".join(texts), item["finish_reason"], item["usage"], item["pearl"],
+                                         logprobs))
 
     async def _events(self, stream, item: dict, builder: ResponseBuilder, include_usage: bool, route: str,
                       t0: float, ttft: float):
@@ -196,7 +211,7 @@ class OpenAIIngress:
         try:
             while True:
                 if "finish_reason" in item:
-                    chunk = builder.chunk(item["text"], item["finish_reason"], first)
+                    chunk = builder.chunk(item["text"], item["finish_reason"], first, item.get("logprobs"))
                     chunk["pearl"] = item["pearl"]
                     if include_usage:
                         chunk["usage"] = None
@@ -205,7 +220,7 @@ class OpenAIIngress:
                         yield sse(builder.usage_chunk(item["usage"]))
                     finished = True
                     break
-                chunk = builder.chunk(item["text"], None, first)
+                chunk = builder.chunk(item["text"], None, first, item.get("logprobs"))
                 if include_usage:
                     chunk["usage"] = None
                 yield sse(chunk)

@@ -9,6 +9,7 @@ clients expect, and ``null`` means "not given"; known fields of the wrong type a
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import secrets
@@ -29,13 +30,15 @@ PEARL_STATS = ("method", "gamma", "acceptance_rate", "mean_accepted_len", "token
 MAX_STOP = 16
 MAX_BODY_BYTES = 8 * 2**20
 """Largest request body read (a prompt of a full context is far smaller); past it: 400 ``body_too_large``."""
+MAX_LOGPROBS = 5
+"""Most alternatives per token a request may ask for (``logprobs`` / ``top_logprobs``), as OpenAI allows."""
+LOGPROB_FLOOR = -9999.0
+"""Log-probabilities below this (``-inf`` for a masked token) are sent as this: JSON has no infinity."""
 MAX_JSON_DEPTH = 32
 """Deepest nesting of JSON arrays and objects accepted in a body (a valid request needs 4)."""
 UNSUPPORTED = {
     # field: (the values that mean "not used", what to say). Any other value is refused with a 400, never ignored.
-    "logprobs": ((False,), "logprobs are not returned"),
-    "top_logprobs": ((0,), "logprobs are not returned"),
-    "echo": ((False,), "echo is not supported"),
+    "echo": ((False,), "echo (the prompt's text and log-probabilities) is not supported"),
     "suffix": (("",), "suffix (insertion) is not supported"),
     "best_of": ((1,), "best_of > 1 is not supported"),
     "tools": (([],), "tool calls are not supported"),
@@ -54,7 +57,7 @@ that sends one at its "off" value (``"logprobs": false``, ``"tools": []``, ...) 
 class ApiError(Exception):
     """An error answered as ``{"error": {...}}`` with an HTTP status (and ``Retry-After`` if set)."""
 
-    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
              429: "rate_limit_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -71,6 +74,8 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict:
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
         return {} if self.retry_after_s is None else {"Retry-After": str(max(0, math.ceil(self.retry_after_s)))}
 
     def to_dict(self) -> dict:
@@ -153,9 +158,14 @@ class _Common(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """Alternatives per token the response carries; None: no log-probabilities asked for."""
+        return None
+
     def sampling(self) -> dict:
         """The engine's ``SamplingParams`` fields (``max_new_tokens`` None: the server picks what fits)."""
-        return {"max_new_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
+        return {"logprobs": self.top_logprobs_count,"max_new_tokens": self.max_completion_tokens or self.max_tokens, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": max(0, self.top_k),
                 "seed": secrets.randbelow(SEED_LIMIT) if self.seed is None else self.seed,
                 "stop": self.stop if self.stop is None or isinstance(self.stop, str) else tuple(self.stop),
@@ -164,6 +174,18 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: Any = None  # a string or token ids; a list holding one of those is accepted too
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Each generated token's log-probability and the ``logprobs`` most likely tokens at its position."""
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_off(cls, value):
+        """``"logprobs": false`` (sent by clients that mirror chat's field) means not asked."""
+        return None if value is False else value
 
     @field_validator("prompt")
     @classmethod
@@ -215,9 +237,17 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def check(self) -> None:
         super().check()
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs set to true", "top_logprobs", "invalid_value")
         if self.messages is None:
             raise ApiError(400, "Missing required parameter: 'messages'.", "messages", "missing_required_parameter")
         if not self.messages:
@@ -234,6 +264,27 @@ def _same(value, off) -> bool:
     """``value == off`` with JSON's types: ``false`` is not ``0`` and ``0`` is not ``false``."""
     return type(value) is type(off) and value == off or (
         isinstance(off, float) and isinstance(value, int) and not isinstance(value, bool) and value == off)
+
+
+def check_api_key(authorization: str | None, keys: tuple[str, ...]) -> None:
+    """Raise ``ApiError(401, code="invalid_api_key")`` unless ``authorization`` is ``Bearer <one of keys>``.
+    No keys: everything passes. The comparison takes the same time wherever a wrong key differs, and every
+    key is compared (no early exit that would tell which position or which key matched).
+
+    Example: ``check_api_key("Bearer sk-1", ("sk-1",))`` returns; ``check_api_key(None, ("sk-1",))`` raises.
+    """
+    if not keys:
+        return
+    scheme, _, given = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", None,
+                       "invalid_api_key")
+    given_bytes = given.strip().encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given_bytes, key.encode("utf-8"))
+    if not matched:
+        raise ApiError(401, "Incorrect API key provided.", None, "invalid_api_key")
 
 
 def too_large(size: int) -> ApiError:
@@ -298,33 +349,60 @@ def new_id(kind: str) -> str:
 
 
 class ResponseBuilder:
-    """Builds OpenAI completion / chat responses and stream chunks for one request."""
+    """Builds OpenAI completion / chat responses and stream chunks for one request.
 
-    def __init__(self, kind: str, model: str):
-        self.kind, self.model = kind, model
+    ``logprobs``: whether the request asked for log-probabilities. Each entry the model sends is
+    ``{"token", "logprob", "bytes", "top": [[token, logprob, bytes], ...]}`` (``server.logprob_entries``);
+    they become completions' ``{tokens, token_logprobs, top_logprobs, text_offset}`` or chat's ``{content:
+    [{token, logprob, bytes, top_logprobs}]}``."""
+
+    def __init__(self, kind: str, model: str, logprobs: bool = False):
+        self.kind, self.model, self.logprobs = kind, model, logprobs
         self.id, self.created = new_id(kind), int(time.time())
+        self.text_offset = 0  # completions: where the next token's text starts in the generated text
+
+    def logprobs_field(self, entries: list[dict] | None) -> dict | None:
+        """The choice's ``logprobs`` for ``entries`` (this chunk's tokens, or all of them); None if not asked."""
+        if not self.logprobs:
+            return None
+        entries = entries or []
+        if self.kind == "chat":
+            return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+                                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e["top"]]}
+                                for e in entries]}
+        offsets = []
+        for e in entries:
+            offsets.append(self.text_offset)
+            self.text_offset += len(e["token"])
+        # as OpenAI's legacy completions: the top alternatives, and the chosen token's own log-probability
+        tops = [{**{t: lp for t, lp, _ in e["top"]}, e["token"]: e["logprob"]} for e in entries]
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": tops, "text_offset": offsets}
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
+              logprobs: list[dict] | None = None) -> dict:
+        lp = self.logprobs_field(logprobs) if logprobs else None  # a chunk without tokens carries none
         if self.kind == "chat":
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice]}
 
     def usage_chunk(self, usage: dict) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {**self._head(obj), "choices": [], "usage": usage}
 
-    def full(self, text: str, finish_reason: str, usage: dict, pearl: dict) -> dict:
+    def full(self, text: str, finish_reason: str, usage: dict, pearl: dict, logprobs: list[dict] | None = None) -> dict:
+        lp = self.logprobs_field(logprobs)
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": finish_reason}
             return {**self._head("chat.completion"), "choices": [choice], "usage": usage, "pearl": pearl}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": usage, "pearl": pearl}
 
 

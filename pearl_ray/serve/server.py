@@ -24,12 +24,12 @@ from ..errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedErro
 from .binding import bind_replica_server_to_node_ip
 from .config import ServeConfig
 from .metrics import ServerMetrics
-from .protocol import FINISH_REASONS, PEARL_STATS, ApiError
+from .protocol import FINISH_REASONS, LOGPROB_FLOOR, PEARL_STATS, ApiError
 
 log = logging.getLogger("ray.serve")  # Serve's logger: the replica's log file and the console that started Serve
 RESTARTS_EVERY_S = 2.0  # how often the worker-restart counter is refreshed from the coordinator while busy
 UNAVAILABLE = (TargetUnavailable, DraftUnavailable, CoordinatorUnavailable, ResourcesUnavailable, EngineClosedError)
-PARAM_NAMES = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+PARAM_NAMES = {"logprobs": "logprobs", "max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "seed": "seed", "stop": "stop", "gamma": "gamma", "method": "method", "ignore_eos": "ignore_eos"}
 
 
@@ -117,8 +117,11 @@ class PearlServer:
             result_only = not payload.get("stream", True)
             async for chunk in engine.astream(ids, params, method=method, gamma=gamma, result_only=result_only):
                 if chunk.finish_reason is None:
-                    if chunk.text:
-                        yield {"text": chunk.text}
+                    if chunk.text or chunk.logprobs:
+                        item = {"text": chunk.text or ""}
+                        if chunk.logprobs is not None:
+                            item["logprobs"] = self.logprob_entries(chunk.logprobs)
+                        yield item
                     continue
                 stats = chunk.stats
                 self.finished += 1
@@ -153,6 +156,23 @@ class PearlServer:
         finally:
             if self.watcher is None or self.watcher.done():
                 self.watcher = asyncio.get_running_loop().create_task(self._count_restarts())
+
+    def logprob_entries(self, logprobs) -> list[dict]:
+        """``TokenLogprob``s -> plain entries with each token's text and UTF-8 bytes (``ResponseBuilder``)."""
+        tok = self.engine.tokenizer
+        cache: dict[int, tuple[str, list[int]]] = {}
+
+        def text(token_id: int) -> tuple[str, list[int]]:
+            if token_id not in cache:
+                s = tok.decode([token_id]) if tok is not None else str(token_id)
+                cache[token_id] = (s, list(s.encode("utf-8", "replace")))
+            return cache[token_id]
+
+        def floor(lp: float) -> float:
+            return max(lp, LOGPROB_FLOOR) if lp == lp else LOGPROB_FLOOR  # -inf and NaN are not JSON
+
+        return [{"token": text(e.token_id)[0], "logprob": floor(e.logprob), "bytes": text(e.token_id)[1],
+                 "top": [[text(t)[0], floor(lp), text(t)[1]] for t, lp in e.top]} for e in logprobs]
 
     def _prompt_ids(self, payload: dict) -> list[int]:
         """The request's prompt as token ids: a completion's text or ids, or the chat template's output."""
