@@ -36,7 +36,7 @@ demo: $(STAMP)
 
 # the whole suite (what CI runs, .ci/run); it starts its own private Ray instances on 127.0.0.1
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # the suite without the tests marked slow (statistical tests, model loading)
 test-fast: $(STAMP)
