@@ -187,5 +187,6 @@ def test_ray_pairs_that_share_a_device_are_colocated_by_default():
                     dict(target_num_gpus=1, device="cuda"), dict(draft_num_gpus=0.5)):
         assert EngineConfig(backend="ray", **options).colocate is False, options
     assert EngineConfig().colocate is False  # local: one process anyway, no Ray workers
+    assert EngineConfig(backend="ray", colocate=True, tensor_parallel_size=2).colocate  # the draft beside rank 0
     with pytest.raises(InvalidParameterError):
-        EngineConfig(backend="ray", colocate=True, tensor_parallel_size=2)
+        EngineConfig(backend="ray", colocate=True, placement="STRICT_SPREAD")  # one worker cannot spread
