@@ -75,10 +75,11 @@ TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3
 
 def tiny_config(family: str = "llama", vocab_size: int = 96, hidden_size: int = 32, num_layers: int = 2,
                 window: int | None = None, max_position_embeddings: int = 256, eos_token_id: int = 2,
-                layer_types: list[str] | None = None):
+                layer_types: list[str] | None = None, **overrides):
     """A tiny transformers config of ``family`` (4 query heads of 8 dims, 2 key/value heads). ``window``: the
     sliding window of Mistral / Phi-3 (all layers) or of Gemma-2/3's sliding layers (Gemma needs one);
-    ``layer_types``: Gemma's layer pattern (default: sliding and full alternating, sliding first)."""
+    ``layer_types``: Gemma's layer pattern (default: sliding and full alternating, sliding first);
+    ``overrides``: any other config field (e.g. Gemma-2's ``final_logit_softcapping``)."""
     from transformers import AutoConfig
 
     if family not in TINY_FAMILIES:
@@ -99,7 +100,7 @@ def tiny_config(family: str = "llama", vocab_size: int = 96, hidden_size: int = 
         kw["layer_types"] = layer_types or [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
     elif window is not None:
         raise ValueError(f"tiny {family} models have no sliding window")
-    return AutoConfig.for_model(family, **kw)
+    return AutoConfig.for_model(family, **{**kw, **overrides})
 
 
 def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, tokenizer_dir: str | Path | None = None,
