@@ -148,6 +148,55 @@ def test_seeded_sampling_is_valid_and_reproducible(family_pair, name):
     assert batch[0].token_ids == alone and all(len(o.token_ids) == 16 for o in batch)
 
 
+def _slow_masks(valid, pos, window):
+    """``slot_masks`` one entry at a time: each live key's logical position is counted along its row."""
+    rows, width = valid.shape
+    t = pos.shape[1]
+    out = torch.zeros(rows, 1, t, width, dtype=torch.bool)
+    for r in range(rows):
+        logical = {}
+        for c in range(width):
+            if valid[r, c]:
+                logical[c] = len(logical)
+        for j in range(t):
+            q = int(pos[r, j])
+            for c, k in logical.items():
+                out[r, 0, j, c] = k <= q and (window is None or q - k < window)
+            if not valid[r, width - t + j]:  # a padding query sees itself
+                out[r, 0, j, width - t + j] = True
+    return out
+
+
+def test_slot_masks_match_a_slow_reference():
+    """Rows laid out as ``_forward_rows`` lays them out: holes among the cached entries, new tokens left-padded
+    (a row may have none this forward), pads at the row's next position. No query row is ever empty, even
+    with a window of 1 on a row with nothing to feed (an empty row makes some attention kernels NaN)."""
+    from pearl_ray.modeling.batched import slot_masks
+
+    rng = random.Random(5)
+    for _ in range(20):
+        rows, length, t = rng.randint(1, 4), rng.randint(1, 12), rng.randint(1, 5)
+        cached = torch.zeros(rows, length, dtype=torch.bool)
+        new = torch.zeros(rows, t, dtype=torch.bool)
+        pos = torch.zeros(rows, t, dtype=torch.long)
+        for r in range(rows):
+            live = rng.sample(range(length), rng.randint(1, length))
+            cached[r, live] = True
+            fed = rng.randint(0, t)
+            new[r, t - fed:] = True
+            pos[r] = len(live)
+            pos[r, t - fed:] = torch.arange(len(live), len(live) + fed)
+        valid = torch.cat([cached, new], dim=1)
+        windows = {"full_attention": None, "w1": 1, "w3": 3}
+        got = slot_masks(valid, pos, windows)
+        additive = slot_masks(valid, pos, windows, torch.float32)
+        for kind, window in windows.items():
+            want = _slow_masks(valid, pos, window)
+            assert torch.equal(got[kind], want), (kind, valid, pos)
+            assert got[kind].any(-1).all()
+            assert torch.equal(additive[kind] == 0, want) and (additive[kind] < -1e30).eq(~want).all()
+
+
 def _config_only(path, tokenizer_dir, family, **kw):
     """A model folder holding only a config (no weights) and the word tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
