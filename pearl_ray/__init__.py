@@ -11,10 +11,10 @@ from .core.metrics import GenerationStats, RoundTiming
 from .engine import GenerationOutput, PearlEngine, StreamChunk
 from .errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError, InvalidParameterError,
                      ModelNotFoundError, PearlError, PromptError, QueueFullError, ResourcesUnavailable,
-                     TargetUnavailable, TokenizerMismatchError)
+                     TargetUnavailable, TokenizerMismatchError, UnsupportedModelError)
 
 __all__ = ["PearlEngine", "SamplingParams", "EngineConfig", "GenerationOutput", "StreamChunk", "GenerationStats", "TokenLogprob",
            "RoundTiming", "PearlError", "InvalidParameterError", "PromptError", "ModelNotFoundError",
-           "TokenizerMismatchError", "DraftUnavailable", "TargetUnavailable", "CoordinatorUnavailable",
+           "TokenizerMismatchError", "UnsupportedModelError", "DraftUnavailable", "TargetUnavailable", "CoordinatorUnavailable",
            "ResourcesUnavailable", "QueueFullError", "EngineClosedError"]
 __version__ = "0.3.0"  # keep equal to pyproject.toml (tests/test_newuser.py checks)

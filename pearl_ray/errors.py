@@ -21,6 +21,11 @@ class ModelNotFoundError(PearlError, FileNotFoundError):
     """A model path does not exist or holds no loadable model."""
 
 
+class UnsupportedModelError(PearlError, ValueError):
+    """The model loads, but its family or configuration is one the engine cannot decode with (the message names
+    the family and the reason): linear-attention or chunked layers, bidirectional attention, ..."""
+
+
 class TokenizerMismatchError(PearlError, ValueError):
     """Draft and target tokenizers differ, so draft token ids would mean other tokens to the target."""
 

@@ -1,4 +1,5 @@
-"""Toy models for tests and examples: a tabular LM over a tiny vocabulary and tiny random Llama models.
+"""Toy models for tests and examples: a tabular LM over a tiny vocabulary and tiny random transformers models
+(Llama and the other families of ``TINY_FAMILIES``).
 
 ``TabularLM`` implements ``core.sides.CausalLM`` with logits that depend on the last two tokens, so exact
 continuation distributions can be enumerated; its "cache" is the list of fed ids, so crop is exact.
@@ -68,20 +69,51 @@ class TabularLM:
         return out
 
 
-def save_tiny_llama(path: str | Path, seed: int = 0, vocab_size: int = 96, hidden_size: int = 32,
-                    num_layers: int = 2, tokenizer_dir: str | Path | None = None, max_position_embeddings: int = 256,
-                    eos_token_id: int = 2) -> Path:
-    """Build a tiny random Llama in float32 and save it (plus a tokenizer if given) for the real loader."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
+"""The families ``save_tiny_model`` builds (transformers ``model_type`` names)."""
 
+
+def tiny_config(family: str = "llama", vocab_size: int = 96, hidden_size: int = 32, num_layers: int = 2,
+                window: int | None = None, max_position_embeddings: int = 256, eos_token_id: int = 2,
+                layer_types: list[str] | None = None, **overrides):
+    """A tiny transformers config of ``family`` (4 query heads of 8 dims, 2 key/value heads). ``window``: the
+    sliding window of Mistral / Phi-3 (all layers) or of Gemma-2/3's sliding layers (Gemma needs one);
+    ``layer_types``: Gemma's layer pattern (default: sliding and full alternating, sliding first);
+    ``overrides``: any other config field (e.g. Gemma-2's ``final_logit_softcapping``)."""
+    from transformers import AutoConfig
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+              num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=max_position_embeddings, eos_token_id=eos_token_id, bos_token_id=1,
+              pad_token_id=0, tie_word_embeddings=False)
+    if family in ("qwen3", "gemma2", "gemma3_text"):
+        kw["head_dim"] = hidden_size // 4  # their default head_dim is not hidden / heads
+    if family in ("mistral", "phi3"):
+        kw["sliding_window"] = window
+    elif family in ("gemma2", "gemma3_text"):
+        if window is None:
+            raise ValueError(f"{family} has sliding layers: give it a window")
+        kw["sliding_window"] = window
+        kw["query_pre_attn_scalar"] = hidden_size // 4
+        kw["layer_types"] = layer_types or [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]
+    elif window is not None:
+        raise ValueError(f"tiny {family} models have no sliding window")
+    return AutoConfig.for_model(family, **{**kw, **overrides})
+
+
+def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, tokenizer_dir: str | Path | None = None,
+                    **config) -> Path:
+    """Build a tiny random model of ``family`` (``tiny_config``'s arguments) in float32 and save it, plus a
+    tokenizer if given, for the real loader."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(family, **config)
     torch.manual_seed(seed)  # model init only; never used inside generation
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                      num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=max_position_embeddings, eos_token_id=eos_token_id,
-                      bos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # sharpen the random logits so greedy paths are not near-ties
-        model.lm_head.weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(8.0)
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer_dir is not None:
@@ -89,6 +121,15 @@ def save_tiny_llama(path: str | Path, seed: int = 0, vocab_size: int = 96, hidde
 
         AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(path)
     return path
+
+
+def save_tiny_llama(path: str | Path, seed: int = 0, vocab_size: int = 96, hidden_size: int = 32,
+                    num_layers: int = 2, tokenizer_dir: str | Path | None = None, max_position_embeddings: int = 256,
+                    eos_token_id: int = 2) -> Path:
+    """Build a tiny random Llama in float32 and save it (plus a tokenizer if given) for the real loader."""
+    return save_tiny_model(path, "llama", seed, tokenizer_dir, vocab_size=vocab_size, hidden_size=hidden_size,
+                           num_layers=num_layers, max_position_embeddings=max_position_embeddings,
+                           eos_token_id=eos_token_id)
 
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"

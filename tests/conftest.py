@@ -61,3 +61,31 @@ def run_distill(run_main):
     from training.distill_draft import main
 
     return lambda argv: run_main(main, argv)
+
+
+FAMILY_WINDOW = 6
+"""The sliding window of the tiny windowed models: prompts and outputs in the tests run well past it."""
+FAMILY_MATRIX = {  # name -> (transformers model_type, sliding window)
+    "llama": ("llama", None), "qwen2": ("qwen2", None), "qwen3": ("qwen3", None), "mistral": ("mistral", None),
+    "mistral-window": ("mistral", FAMILY_WINDOW), "phi3": ("phi3", None), "phi3-window": ("phi3", FAMILY_WINDOW),
+    "gemma2": ("gemma2", FAMILY_WINDOW), "gemma3": ("gemma3_text", FAMILY_WINDOW)}
+
+
+@pytest.fixture(scope="session")
+def family_pair(tmp_path_factory, tiny_tokenizer_dir):
+    """``family_pair(name)`` -> {"target", "draft"}: paths of a tiny random pair of a ``FAMILY_MATRIX`` family
+    sharing the word tokenizer (target 2 layers, draft 1 with other weights), built on first use."""
+    from pearl_ray.testing import save_tiny_model
+
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+
+    def make(name):
+        if name not in built:
+            family, window = FAMILY_MATRIX[name]
+            built[name] = {role: str(save_tiny_model(root / name / role, family, seed=seed, num_layers=layers,
+                                                     window=window, tokenizer_dir=tiny_tokenizer_dir))
+                           for role, seed, layers in (("target", 0, 2), ("draft", 1, 1))}
+        return built[name]
+
+    return make

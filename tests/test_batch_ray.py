@@ -180,3 +180,16 @@ def test_the_kv_budget_reaches_the_leaders_loop(tiny_pair):
         assert max(t.batch_size for o in outs for t in o.stats.round_timings) == 2
         with pytest.raises(CacheBudgetError, match="kv_budget_tokens of 40"):
             eng.generate([prompts[0]], SamplingParams(max_new_tokens=40))
+
+
+def test_a_hybrid_sliding_window_pair_on_a_ray_engine(family_pair):
+    """Gemma-3 (sliding and full layers, window 6) loaded by the Ray workers: greedy PEARL equals the local
+    target-only run on prompts longer than the window."""
+    pair = family_pair("gemma3")
+    prompts = [[1] + list(range(20, 50)), [5, 9, 14, 3], [40, 7, 7, 61, 3, 88, 12, 30]]
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    want = [o.token_ids for o in PearlEngine(target=pair["target"], method="ar").generate(prompts, params)]
+    with PearlEngine(draft=pair["draft"], target=pair["target"], gamma=3, backend="ray", max_num_seqs=4) as eng:
+        outs = eng.generate(prompts, params)
+        assert [o.token_ids for o in outs] == want
+        assert all(o.stats.drafted_tokens > 0 and o.stats.draft_failures == 0 for o in outs)

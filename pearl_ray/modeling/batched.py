@@ -1,6 +1,7 @@
 """A KV cache with one slot per request, and one forward over many slots: ``core.batch.BatchedLM`` for
-Hugging Face causal LMs (Llama, Qwen2, Mistral families: any model that takes ``position_ids`` and a 2D
-padding mask), in float32 or bfloat16, on CPU or CUDA.
+Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Phi-3, Gemma-2/3 families: any model that takes
+``position_ids`` and a 2D padding mask, or per-layer-type 4D masks where it has sliding-window layers; see
+``modeling.families``), in float32 or bfloat16, on CPU or CUDA.
 
 Cache design (chosen for needing only standard transformers APIs):
 
@@ -14,6 +15,10 @@ Cache design (chosen for needing only standard transformers APIs):
   ``attention_mask`` is ``valid`` plus the new tokens' validity; ``position_ids`` are the slots' logical
   positions. Left padding puts every slot's last real token at column ``T - 1``, and the LM head runs only
   on the rows each slot asked for (hidden states are gathered first).
+- Sliding-window layers (Mistral v0.1, Gemma-2/3, ...): every layer keeps every position, and the windows
+  live in the masks. Transformers would slide windows over physical indices, which holes and padding put
+  out of step with the logical positions, so with such layers the masks come from ``slot_masks``: 4D,
+  one per layer type, from each row's logical positions.
 - Rollback (``crop``) only clears mask bits; ``release`` drops the slot's row (no fully masked row is
   ever fed, which would make attention NaN). New slots' prompts are prefilled apart from the decoding rows,
   those that join in the same forward together (right-padded; groups keep the padding within
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import torch
 
+from .families import check_model, full_cache, logits_transform
 from .hf import PREFILL_MIN_TOKENS, ModelRunner, _threads
 
 
@@ -42,19 +48,15 @@ class BatchedHFCausalLM(ModelRunner):
     def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None,
                  compact_ratio: float = 0.5, compact_min: int = 64, pad_id: int = 0,
                  prefill_pad_ratio: float = 1.25):
-        from transformers import DynamicCache
-
         super().__init__(model, vocab_size, draft_to_target)
-        cfg = model.config
+        self.layout = check_model(model)
         self.base = model.get_decoder()
         self.head = model.get_output_embeddings()
-        if self.base is None or self.head is None:
-            raise TypeError(f"{type(model).__name__} has no decoder/LM head split (get_decoder, get_output_embeddings)")
-        probe = DynamicCache(config=cfg)
-        kinds = {type(layer).__name__ for layer in probe.layers}
-        if kinds - {"DynamicLayer"}:
-            raise TypeError(f"batched slots need full-attention cache layers, {type(model).__name__} has {sorted(kinds)}")
-        self._cache_cls, self._config = DynamicCache, cfg
+        self._transform = logits_transform(model.config)
+        self._config = model.config
+        # sliding layers: the masks are built here (boolean for sdpa, additive in the model's dtype for eager)
+        eager = getattr(model.config, "_attn_implementation", None) == "eager"
+        self._mask_dtype = next(model.parameters()).dtype if eager else None
         self.compact_ratio, self.compact_min, self.pad_id = compact_ratio, compact_min, pad_id
         self.prefill_threads: int | None = None
         self.prefill_pad_ratio = prefill_pad_ratio
@@ -65,7 +67,7 @@ class BatchedHFCausalLM(ModelRunner):
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def clear(self) -> None:
-        self.cache = self._cache_cls(config=self._config)
+        self.cache = full_cache(self._config)
         self.rows: list[int] = []  # slot id of each row
         self.phys: dict[int, list[int]] = {}  # slot -> physical index of each logical position
         self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
@@ -119,6 +121,8 @@ class BatchedHFCausalLM(ModelRunner):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [1, n, hidden]: AutoTP's sharded LM head (LmHeadLinearAllreduce) slices a 3-d input
         logits = self.head(hidden.unsqueeze(0))[0].float()
+        if self._transform is not None:  # what the family's ForCausalLM does after its head (Gemma's soft-cap)
+            logits = self._transform(logits)
         return self.vocab.map_out(logits) if self.vocab is not None else logits
 
     # -- forwards ----------------------------------------------------------------------------------------
@@ -151,9 +155,13 @@ class BatchedHFCausalLM(ModelRunner):
         for r, s in enumerate(slots):
             ids[r, : lens[r]] = torch.tensor(feeds[s][0], dtype=torch.long)
             mask[r, : lens[r]] = True
-        cache = self._cache_cls(config=self._config)
+        cache = full_cache(self._config)
         x = self._map_ids(ids.to(self.device))
-        extra = {} if len(slots) == 1 else {"attention_mask": mask.to(self.device)}
+        if self.layout.sliding:
+            pos = torch.arange(width).expand(len(slots), width).to(self.device)
+            extra = {"attention_mask": self._attention(mask.to(self.device), pos), "position_ids": pos}
+        else:
+            extra = {} if len(slots) == 1 else {"attention_mask": mask.to(self.device)}
         threads = self.prefill_threads if sum(lens) >= PREFILL_MIN_TOKENS else None
         with torch.inference_mode(), _threads(threads):
             hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True, **extra).last_hidden_state
@@ -208,8 +216,9 @@ class BatchedHFCausalLM(ModelRunner):
             new_valid[r, width - t:] = True
         mask = torch.cat([self.valid, new_valid.to(self.device)], dim=1)
         x = self._map_ids(ids.to(self.device))
+        pos = pos.to(self.device)
         with torch.inference_mode():
-            hidden = self.base(input_ids=x, attention_mask=mask, position_ids=pos.to(self.device),
+            hidden = self.base(input_ids=x, attention_mask=self._attention(mask, pos), position_ids=pos,
                                past_key_values=self.cache, use_cache=True).last_hidden_state
             picks, spans = [], []
             for r, slot in enumerate(self.rows):
@@ -231,6 +240,17 @@ class BatchedHFCausalLM(ModelRunner):
             out[slot] = logits[at: at + k]
             at += k
         return out
+
+    def _attention(self, valid: torch.Tensor, pos: torch.Tensor):
+        """What the model gets as ``attention_mask`` for keys ``valid [rows, K]`` (the last ``T`` columns this
+        forward's own tokens) and queries at logical positions ``pos [rows, T]``. Full attention only: ``valid``
+        itself (transformers adds causality by physical index, which within a row is the logical order). With
+        sliding layers: ``slot_masks``, one 4D mask per layer type (a dict for hybrid models, as Gemma's and
+        Qwen2's decoders take it)."""
+        if not self.layout.sliding:
+            return valid
+        masks = slot_masks(valid, pos, self.layout.windows, self._mask_dtype)
+        return masks if len(masks) > 1 else next(iter(masks.values()))
 
     def _maybe_compact(self) -> None:
         length = self.physical_len
@@ -264,6 +284,42 @@ class BatchedHFCausalLM(ModelRunner):
     def cache_bytes(self) -> int:
         return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.cache.layers
                    if getattr(layer, "keys", None) is not None and layer.keys.numel())
+
+
+def slot_masks(valid: torch.Tensor, pos: torch.Tensor, windows: dict[str, int | None],
+               float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """4D attention masks ``[rows, 1, T, K]`` (True / 0.0: attend) for a forward over the slot cache, one per
+    layer type in ``windows`` (type -> window, None for full attention).
+
+    ``valid [rows, K]``: which key entries are live, the last ``T`` columns being this forward's own tokens;
+    ``pos [rows, T]``: the queries' logical positions. A row's live entries are its logical positions in
+    order, so a key's logical position is the number of live entries before it. Query ``q`` sees live key
+    ``k`` when ``0 <= q - k`` (and ``q - k < window`` on a sliding layer). A padding query (its own column not
+    live) also sees itself, so that no query row is empty: an empty row would make attention NaN there, and
+    the NaN would reach the cache through that position's keys and values. ``float_dtype``: additive masks
+    of that dtype (eager attention) instead of booleans (sdpa).
+
+    Example: one row whose cache holds logical positions 0, 1, 2 with a hole (a rolled-back entry) between
+    1 and 2, and one new token at position 3::
+
+        valid = [[1, 1, 0, 1, 1]]   pos = [[3]]   window 2   ->   [[0, 0, 0, 1, 1]]
+    """
+    rows, width = valid.shape
+    t = pos.shape[1]
+    kpos = valid.long().cumsum(1) - 1  # [rows, K]
+    behind = pos[:, :, None] - kpos[:, None, :]  # [rows, T, K]
+    seen = valid[:, None, :] & (behind >= 0)
+    own = torch.zeros_like(seen)
+    own[:, :, width - t:] = torch.diag_embed(~valid[:, width - t:])
+    out = {}
+    for kind, window in windows.items():
+        mask = (seen if window is None else seen & (behind < window)) | own
+        mask = mask[:, None]
+        if float_dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=float_dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(float_dtype).min)
+        out[kind] = mask
+    return out
 
 
 def prefill_groups(lens: dict[int, int], pad_ratio: float) -> list[list[int]]:

@@ -17,6 +17,7 @@ import torch
 from ..config import CPU_KERNELS
 from ..core.batch import torch_threads
 from ..errors import InvalidParameterError, ModelNotFoundError, TokenizerMismatchError
+from .families import check_model, full_cache
 from .kernels import pack_linears
 from .resolve import eos_token_ids, resolve_path, vocab_map
 
@@ -143,9 +144,9 @@ class HFCausalLM(ModelRunner):
         self.reset()
 
     def reset(self) -> None:
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
+        # every layer keeps every position: a sliding layer's own cache could not be cropped back past its
+        # window (transformers still applies the window through the masks it builds)
+        self.cache = full_cache(self.model.config)
 
     @property
     def cache_len(self) -> int:
@@ -193,6 +194,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32", target_vo
     except OSError as exc:  # hub id not reachable / not found
         raise ModelNotFoundError(f"could not load model {name!r}: {exc}") from exc
     model.requires_grad_(False)
+    check_model(model)  # a family the runners cannot decode with: UnsupportedModelError, naming it and why
     if cpu_kernels == "onednn":
         pack_linears(model)
     vmap = vocab_map(path)

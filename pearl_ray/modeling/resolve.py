@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelNotFoundError, TokenizerMismatchError
+from .families import attention_layout
 
 VOCAB_MAP_FILE = "pearl_vocab.json"
 """Beside a reduced-vocabulary draft's weights: which target id each of its outputs stands for."""
@@ -113,10 +114,16 @@ def inspect_pair(target: str, draft: str | None) -> PairInfo:
         tcfg = AutoConfig.from_pretrained(tpath)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not read the config of {target!r}: {exc}") from exc
+    attention_layout(tcfg)  # a family the engine cannot run is refused before any weights load
     vocab = max(len(tok), int(tcfg.vocab_size))
     dpath = None
     if draft is not None:
         dpath = resolve_path(draft)
+        try:
+            dcfg = AutoConfig.from_pretrained(dpath)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"could not read the config of {draft!r}: {exc}") from exc
+        attention_layout(dcfg)
         check_same_tokenizer(load_tokenizer(dpath, draft), tok, draft, target)
         vmap = vocab_map(dpath)
         if vmap is not None and (vmap["target_vocab_size"] != vocab or max(vmap["draft_to_target"]) >= vocab):
