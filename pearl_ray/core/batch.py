@@ -6,7 +6,9 @@ is the models' work: one round runs every drafting request's draft steps as batc
 every request's verify rows in **one** target forward (``BatchedLM``: a KV cache with one slot per
 request). Requests join at a round boundary (their prompt pass is their first forward, run on its own and
 merged into the batch's cache) and leave when they finish or are cancelled; the others carry on
-(continuous batching, not lock-step).
+(continuous batching, not lock-step). With ``max_prefill_tokens`` a round feeds at most that many prompt
+tokens: a longer prompt goes to both sides in chunks over several rounds (no logits; the draft must see
+the prompt too), and the running requests decode in each of those rounds (``_prefill_plan``).
 
 Each round's window comes from the ``SpeculationPolicy`` for requests built with ``adaptive`` options
 (0: plain decoding that round); a request with a fixed ``gamma`` keeps it. A draft failure turns the
