@@ -210,8 +210,7 @@ def main(argv=None) -> int:
     for budget in budgets:
         rows.append(run_once(engine, leader, budget, chats, long_ids, args))
         print(f"[bench_prefill] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-    print(table(rows))
-    engine.shutdown()
+    print(table(rows), flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -221,4 +220,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the leader's loop thread and the draft's thread never end on their own; tearing the interpreter down
+    # around them aborts in torch's thread pools, so leave at once (everything is written)
+    os._exit(code)
