@@ -660,8 +660,13 @@ class BatchLoop:
         schedule = self.schedule or ("turn" if in_turn else "once")
         if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in ready):
             schedule, window = self.policy.decide([s.view() for s in ready])
-        # in turn, adaptive PEARL requests run vanilla SD rounds (when this loop could also run them at once)
-        sd_rounds = schedule == "turn" and self.concurrent is not None
+        if prompt_pass and schedule == "once" and self.schedule is None and isinstance(self.draft, LocalDraftPhase):
+            # prompt tokens are most of this round's work, on both sides: at once each side would read them
+            # on its share of the cores (the target on half of 2); in turn each takes them all
+            schedule = "turn"
+        # in turn, adaptive PEARL requests run vanilla SD rounds (when this loop could also run them at once),
+        # except in a round with prompt tokens: SD commits every other round, and each would carry a chunk
+        sd_rounds = schedule == "turn" and self.concurrent is not None and not prompt_pass
         plans = {}
         for s in ready:
             try:
@@ -678,10 +683,10 @@ class BatchLoop:
         drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
         if not drafting:
             schedule = "plain"
-        draft_busy = drafting or any(s.drafts for s in prompt_chunks)
+        draft_busy = drafting or any(s.drafts for s in prompt_chunks)  # drafting, or caching a prompt chunk
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
-        threads = self.split_threads if (drafting and at_once) else (None if draft_busy else self.alone_threads)
-        with torch_threads(threads), self._target_stream(drafting and at_once):
+        threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
+        with torch_threads(threads), self._target_stream(draft_busy and at_once):
             outs, width = self._target_phase(seqs, plans, failed, prompt_chunks)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
