@@ -7,6 +7,7 @@
 - The scheduler: while a long prompt goes in, every running request commits tokens in each round that
   carries a chunk; no round feeds more prompt tokens than the budget, and the draft caches the same chunks
   in the same rounds as the target. Chunk rounds are kept out of the policy's cost feedback.
+- Over the slow reference ``PerSlotLM`` (exact tabular models) sampled requests keep their tokens too.
 - A request cancelled mid-prompt frees its staged slots; the option's checks (engine, CLI, Serve).
 """
 
@@ -189,6 +190,33 @@ def test_running_requests_advance_in_the_rounds_that_carry_chunks(tiny_pair):
     assert len(policy.observed) - observed_before == len(per_round) - len(chunk_rounds) - 1
     for key in list(range(3)) + ["long"]:
         loop.cancel(key)
+
+
+def test_the_per_slot_reference_gives_the_same_tokens_sampled_too():
+    """Over the slow reference ``BatchedLM`` (one tabular model per slot, exact logits) chunked prompts change
+    nothing, sampled requests included: a chunk draws no coin and the draft samples nothing while caching."""
+    from pearl_ray.config import EngineConfig, Request
+    from pearl_ray.core.batch import PerSlotLM
+    from pearl_ray.testing import TabularLM
+
+    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
+    cases = [(40, "pearl", 1.0), (3, "pearl", 0.0), (25, "sd", 1.0), (30, "ar", 0.8), (2, "sd", 0.0), (33, "pearl", 0.0)]
+
+    def requests():
+        out = []
+        for i, (n, method, temperature) in enumerate(cases):
+            params = SamplingParams(max_new_tokens=15, temperature=temperature, seed=70 + i, ignore_eos=True)
+            prompt = tuple(random.Random(i).randrange(6) for _ in range(n))
+            out.append(Request(prompt, params, method, EngineConfig().round_options(method, 3, params.greedy), 70 + i))
+        return out
+
+    runs = []
+    for budget in (None, 7):
+        loop = BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)),
+                         PerSlotLM(lambda: TabularLM(table=draft.table)), None, 4)
+        loop.max_prefill_tokens = budget
+        runs.append([ids for ids, _ in run_batch(loop, requests())])
+    assert runs[0] == runs[1]
 
 
 def test_a_request_cancelled_mid_prompt_frees_its_staged_slots(tiny_pair):
