@@ -182,6 +182,7 @@ class LocalBackend:
         self.draft_lm = as_batched(draft_model) if draft_model is not None else None
         self.loop = BatchLoop(self.target_lm, self.draft_lm, None, config.max_num_seqs, self.decode)
         self.loop.kv_budget = config.kv_budget_tokens
+        self.loop.max_prefill_tokens = config.max_prefill_tokens_per_round
         self.concurrent = None
         if self.draft_lm is not None:
             device = torch.device(getattr(self.target_model, "device", None) or config.device)

@@ -8,9 +8,14 @@ import json
 import math
 import sys
 
-from .config import CPU_KERNELS, MAX_GAMMA, METHODS, SCHEDULES, TRANSPORTS, SamplingParams
+from .config import CPU_KERNELS, DEFAULT_MAX_PREFILL_TOKENS, MAX_GAMMA, METHODS, SCHEDULES, TRANSPORTS, SamplingParams
 from .errors import InvalidParameterError, PearlError, PromptError
 from .modeling.presets import preset_names
+
+
+PREFILL_HELP = (f"prompt tokens one decoding round feeds; a longer prompt goes in chunks over several rounds while "
+                f"the running requests keep decoding (default {DEFAULT_MAX_PREFILL_TOKENS}; 0 = each prompt whole "
+                f"in one forward)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32")
     g.add_argument("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
                    help="CPU linear layers: oneDNN with packed weights (default) or torch's default GEMM")
+    g.add_argument("--max-prefill-tokens-per-round", type=int, default=DEFAULT_MAX_PREFILL_TOKENS,
+                   help=PREFILL_HELP)
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -92,6 +99,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-num-seqs", type=int, help="requests a replica's pair decodes at once (default 8)")
     s.add_argument("--kv-budget-tokens", type=int,
                    help="KV-cache positions a replica's pair may hold at once (default: no limit)")
+    s.add_argument("--max-prefill-tokens-per-round", type=int, help=PREFILL_HELP)
     s.add_argument("--max-ongoing-requests", type=int,
                    help="requests one replica holds at once (default max-num-seqs + 4)")
     s.add_argument("--max-queued-requests", type=int, help="requests queued for a replica; past it 503 (default 8)")
@@ -145,6 +153,7 @@ def check_generate_args(args) -> SamplingParams:
     check_not_empty(args, ("draft", "target", "device", "dtype"))
     check_gamma_option(args.gamma)
     check_at_least(args, ("num_threads", "tensor_parallel_size"), 1)
+    check_at_least(args, ("max_prefill_tokens_per_round",), 0)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
@@ -170,6 +179,7 @@ def check_serve_args(args) -> None:
         if value is not None and not 1 <= value <= 65535:
             raise InvalidParameterError(f"--{name.replace('_', '-')} must be in 1..65535, got {value}")
     check_gamma_option(args.gamma)
+    check_at_least(args, ("max_prefill_tokens_per_round",), 0)
     for name in SERVE_FLOATS:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -194,6 +204,8 @@ def serve_config(args):
     fields = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
     # the keys from this shell's environment travel in the config: a joined cluster's ingress has another one
     fields["api_keys"] = [*(args.api_keys or []), *env_api_keys()]
+    if args.max_prefill_tokens_per_round == 0:
+        fields["max_prefill_tokens_per_round"] = None  # whole prompts
     try:
         return ServeConfig(**{**fields, "gamma": args.gamma or None})  # gamma None: the preset's, or auto
     except ValidationError as exc:
@@ -283,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         with PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
                          backend=args.backend, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
                          cpu_kernels=args.cpu_kernels, pre_verify=not args.no_pre_verify,
-                         post_verify=not args.no_post_verify, schedule=args.schedule, **extra) as engine:
+                         post_verify=not args.no_post_verify, schedule=args.schedule,
+                         max_prefill_tokens_per_round=args.max_prefill_tokens_per_round or None, **extra) as engine:
             prompts = [chat_prompt(engine.tokenizer, p) for p in args.prompt] if args.chat else args.prompt
             outs = engine.generate(prompts, params)
     except PearlError as exc:

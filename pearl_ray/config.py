@@ -40,6 +40,10 @@ MAX_GAMMA = 16
 POLICY_MAX_GAMMA = 8
 """The largest window the adaptive speculation policy tries (``gamma=None`` on the local backend)."""
 DEFAULT_MAX_NUM_SEQS = 8
+DEFAULT_MAX_PREFILL_TOKENS = 256
+"""Prompt tokens per round by default (``EngineConfig.max_prefill_tokens_per_round``): on a 2-core CPU a
+256-token chunk of the default target costs a few decoding rounds, so the running streams' gaps stay
+short while a long prompt joins (docs/bench/prefill-2026-12-07.md)."""
 SEED_LIMIT = 2**63
 MAX_LOGPROBS = 20
 """Most alternatives per token ``SamplingParams.logprobs`` may ask for (the endpoint allows 5, as OpenAI)."""
@@ -159,6 +163,13 @@ class EngineConfig:
     <= the budget, a request reserving prompt + max_new_tokens + its window + 1. One that does not fit now
     waits; one that could never fit is refused up front (``CacheBudgetError``, with the numbers). Bytes per
     position: 2 x layers x kv_heads x head_dim x dtype size (the target's; the draft's is far smaller)."""
+    max_prefill_tokens_per_round: int | None = DEFAULT_MAX_PREFILL_TOKENS
+    """Prompt tokens one round of the batched loop feeds, over every request that is joining (vLLM's
+    counterpart is its chunked-prefill token budget). A longer prompt is fed in chunks over several rounds,
+    to the target and the draft alike, while the running requests' rows decode in every one of those
+    rounds; requests join in arrival order, and a prompt that fits what a round has left goes in whole.
+    Greedy output is the same as with the whole prompt in one forward. None: each request's first round
+    feeds its whole prompt at once (every running request waits for it)."""
     pre_verify: bool = True
     post_verify: bool = True
     draft_greedy: bool = False
@@ -258,6 +269,10 @@ class EngineConfig:
             raise InvalidParameterError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
         if self.kv_budget_tokens is not None and (not _is_int(self.kv_budget_tokens) or self.kv_budget_tokens < 1):
             raise InvalidParameterError(f"kv_budget_tokens must be an integer >= 1 or None, got {self.kv_budget_tokens!r}")
+        if self.max_prefill_tokens_per_round is not None and (not _is_int(self.max_prefill_tokens_per_round)
+                                                              or self.max_prefill_tokens_per_round < 1):
+            raise InvalidParameterError(f"max_prefill_tokens_per_round must be an integer >= 1, or None for whole "
+                                        f"prompts, got {self.max_prefill_tokens_per_round!r}")
         if not _is_int(self.max_queued) or self.max_queued < 0:
             raise InvalidParameterError(f"max_queued must be an integer >= 0, got {self.max_queued!r}")
         if not (isinstance(self.result_interval_s, (int, float)) and self.result_interval_s >= 0):

@@ -193,3 +193,25 @@ def test_a_hybrid_sliding_window_pair_on_a_ray_engine(family_pair):
         outs = eng.generate(prompts, params)
         assert [o.token_ids for o in outs] == want
         assert all(o.stats.drafted_tokens > 0 and o.stats.draft_failures == 0 for o in outs)
+
+
+def test_chunked_prompts_on_ray_give_the_whole_prompt_tokens(tiny_pair):
+    """The leader's loop feeds a 120-token prompt in 16-token chunks (the engine's option reaches it) beside
+    three short requests, the draft actor reading the same chunks over the gloo link: every request's
+    greedy tokens equal target-only decoding's, and the long one took 7 chunk forwards before its rounds."""
+    import random
+
+    rng = random.Random(11)
+    prompts = [[rng.randint(3, 95) for _ in range(120)], [5, 9, 14, 3], [7], [20, 21, 22]]
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ar = PearlEngine(target=tiny_pair["target"], method="ar")
+    want = [ar.generate([p], params)[0].token_ids for p in prompts]
+    with PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, backend="ray",
+                     max_num_seqs=4, max_prefill_tokens_per_round=16, colocate=False) as eng:
+        outs = eng.generate(prompts, params, method="ar")
+        assert [o.token_ids for o in outs] == want
+        long = outs[0].stats
+        assert long.target_forwards - len(long.round_timings) == 7  # AR: one target forward per round
+        outs = eng.generate(prompts, params)
+        assert [o.token_ids for o in outs] == want
+        assert all(o.stats.draft_failures == 0 and o.stats.drafted_tokens > 0 for o in outs)

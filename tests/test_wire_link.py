@@ -77,7 +77,8 @@ def test_batched_rounds_round_trip(prompt_len):
     without updates; ids past the frame's inline area go in the overflow tensor."""
     starts = {2: DraftStart(list(range(prompt_len)), 0.7, 5, 0.9, False, 12345), 0: DraftStart([9], 0.0, 0, 1.0, True, 7)}
     reqs = {2: DraftRequest(4, prompt_len, 3, None), 5: DraftRequest(9, 30, 0, SeqUpdate(8, 27, [1, 2], [3])),
-            1: DraftRequest(9, 12, 4, SeqUpdate(8, 0, list(range(10)), [2**40]))}
+            1: DraftRequest(9, 12, 4, SeqUpdate(8, 0, list(range(10)), [2**40])),
+            7: DraftRequest(0, 900, 0, None, prefill_to=512)}  # a chunk of a long prompt
     tensors = wire.encode_batch(starts, [3, 6], reqs)
     assert tensors[0].dtype == torch.int64 and tensors[-1].dtype == torch.float64
     assert wire.decode_batch(tensors[0], _feeder(tensors[1:])) == (starts, [3, 6], reqs)

@@ -6,7 +6,9 @@ is the models' work: one round runs every drafting request's draft steps as batc
 every request's verify rows in **one** target forward (``BatchedLM``: a KV cache with one slot per
 request). Requests join at a round boundary (their prompt pass is their first forward, run on its own and
 merged into the batch's cache) and leave when they finish or are cancelled; the others carry on
-(continuous batching, not lock-step).
+(continuous batching, not lock-step). With ``max_prefill_tokens`` a round feeds at most that many prompt
+tokens: a longer prompt goes to both sides in chunks over several rounds (no logits; the draft must see
+the prompt too), and the running requests decode in each of those rounds (``_prefill_plan``).
 
 Each round's window comes from the ``SpeculationPolicy`` for requests built with ``adaptive`` options
 (0: plain decoding that round); a request with a fixed ``gamma`` keeps it. A draft failure turns the
@@ -139,7 +141,8 @@ class BatchedLM(Protocol):
 
     def forward(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
         """slot -> (new token ids, number of last positions that need logits); returns slot -> fp32 logits
-        ``[num_logits, vocab]``. A slot not seen before starts from an empty cache (its prompt pass)."""
+        ``[num_logits, vocab]`` for the slots that asked for some. A slot not seen before starts from an
+        empty cache (its prompt pass); 0 logits only caches the ids (a chunk of a long prompt's pass)."""
         ...
 
     def crop(self, slot: int, length: int) -> None:
@@ -174,7 +177,8 @@ class PerSlotLM:
 
     def forward(self, feeds):
         self.forwards += 1
-        return {slot: self._model(slot).forward(list(ids), k) for slot, (ids, k) in feeds.items()}
+        out = {slot: self._model(slot).forward(list(ids), max(k, 1)) for slot, (ids, k) in feeds.items()}
+        return {slot: logits for slot, logits in out.items() if feeds[slot][1]}
 
     def crop(self, slot: int, length: int) -> None:
         if slot in self.models:
@@ -247,8 +251,25 @@ class BatchedDraftSide:
             if len(m.tokens) != req.start_pos:
                 raise RuntimeError(f"draft mirror of slot {slot} has {len(m.tokens)} tokens, round {req.round_id} "
                                    f"expects {req.start_pos}")
+        # chunks of long prompts: cached without logits, so the draft sees the prompt as the target does
+        # (at least one token stays uncached: the slot's first drafting step feeds it)
+        for slot, r in reqs.items():
+            if r.prefill_to >= len(self.mirrors[slot].tokens):
+                raise RuntimeError(f"slot {slot}: a prompt chunk up to {r.prefill_to} of "
+                                   f"{len(self.mirrors[slot].tokens)} tokens leaves nothing to draft from")
+        prefill = {slot: self.mirrors[slot].tokens[len(self.mirrors[slot].cached):r.prefill_to]
+                   for slot, r in reqs.items() if r.prefill_to > len(self.mirrors[slot].cached)}
+        if prefill:
+            self.lm.forward({slot: (ids, 0) for slot, ids in prefill.items()})
+            for slot, ids in prefill.items():
+                self.mirrors[slot].cached.extend(ids)
+                self.mirrors[slot].forwards += 1
         drafting = [slot for slot, r in reqs.items() if r.num_steps > 0]
         if not drafting:
+            if prefill:
+                busy = time.perf_counter() - t0
+                for slot in prefill:
+                    chunks[slot].busy_s, chunks[slot].started_at = busy, started
             return chunks
         feeds = {slot: self.mirrors[slot].tokens[len(self.mirrors[slot].cached):] for slot in drafting}
         ids: dict[int, list[int]] = {slot: [] for slot in drafting}
@@ -434,6 +455,7 @@ class _Seq:
     drafts: bool = False  # the draft side holds this request's slot
     draft_stale: bool = False  # the draft's mirror missed a round's update (it sat the round out)
     draft_seen: int = 0  # committed tokens when the draft last drafted for this request (its cache has them)
+    ready: bool = False  # plans decoding rounds: the rest of its prompt fits this round's prefill budget, or went in
     t_start: float = field(default_factory=time.perf_counter)
     emitted: int = 0
     target_forwards: int = 0
@@ -502,6 +524,10 @@ class BatchLoop:
         self.max_num_seqs, self.decode = max_num_seqs, decode
         self.kv_budget: int | None = None
         """KV positions the running requests may reserve together (``EngineConfig.kv_budget_tokens``)."""
+        self.max_prefill_tokens: int | None = None
+        """Prompt tokens one round may feed (``EngineConfig.max_prefill_tokens_per_round``): a longer prompt
+        goes in chunks over several rounds, beside the running requests' rows (``_prefill_plan``). None:
+        a request's first round feeds its whole prompt."""
         self.active: list[_Seq] = []
         self.waiting: deque = deque()
         self.rounds = 0
@@ -567,6 +593,28 @@ class BatchLoop:
                 except Exception:  # noqa: BLE001 - a broken draft: this request runs on the target alone
                     stats.draft_failures += 1
         return seq
+
+    def _prefill_plan(self) -> dict[_Seq, int]:
+        """Which requests decode this round (``ready``) and which feed a chunk of their prompt instead
+        (seq -> tokens). Without ``max_prefill_tokens`` every request is ready (its first round feeds its
+        whole prompt). With it, a round's prompt tokens stay within it: the requests still reading their
+        prompt, in join order, either finish it this round (their first decoding round feeds the rest)
+        when the rest fits what the round has left, or take all that is left as a chunk; later ones wait.
+        Requests already decoding never wait for a prompt: their rows run every round."""
+        chunks: dict[_Seq, int] = {}
+        left = self.max_prefill_tokens
+        for s in self.active:
+            if s.ready:
+                continue
+            if left is None:
+                s.ready = True
+                continue
+            rest = len(s.target.tokens) - len(s.target.cached)
+            if rest <= left:
+                s.ready, left = True, left - rest
+            elif left > 0:
+                chunks[s], left = left, 0  # at least one prompt token stays for the first decoding round
+        return chunks
 
     def _leave(self, seq: _Seq) -> None:
         if seq in self.active:
@@ -637,39 +685,51 @@ class BatchLoop:
         # A request whose own work raises (its plan, its rows' sampling, its stop rule) ends alone with
         # ``RequestFailed``; only the shared forwards' errors escape this method and end the batch.
         failed: dict[_Seq, BaseException] = {}
+        # requests still reading a long prompt feed a chunk of it to both sides this round instead of decoding
+        prompt_chunks = self._prefill_plan()
+        ready = [s for s in self.active if s.ready]
+        # a round that carries prompt tokens costs more than its decoding rows: the policy does not learn from it
+        prompt_pass = bool(prompt_chunks) or any(len(s.target.cached) < s.state.prompt_len for s in ready)
         window = None
         # without a policy: the forced schedule, else at once wherever the draft can work meanwhile (its own
         # thread here, or another worker), in turn where it drafts in this thread
         in_turn = self.concurrent is None and isinstance(self.draft, LocalDraftPhase)
         schedule = self.schedule or ("turn" if in_turn else "once")
-        if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in self.active):
-            schedule, window = self.policy.decide([s.view() for s in self.active])
-        # in turn, adaptive PEARL requests run vanilla SD rounds (when this loop could also run them at once)
-        sd_rounds = schedule == "turn" and self.concurrent is not None
+        if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in ready):
+            schedule, window = self.policy.decide([s.view() for s in ready])
+        if prompt_pass and schedule == "once" and self.schedule is None and isinstance(self.draft, LocalDraftPhase):
+            # prompt tokens are most of this round's work, on both sides: at once each side would read them
+            # on its share of the cores (the target on half of 2); in turn each takes them all
+            schedule = "turn"
+        # in turn, adaptive PEARL requests run vanilla SD rounds (when this loop could also run them at once),
+        # except in a round with prompt tokens: SD commits every other round, and each would carry a chunk
+        sd_rounds = schedule == "turn" and self.concurrent is not None and not prompt_pass
         plans = {}
-        for s in self.active:
+        for s in ready:
             try:
                 plans[s] = plan_round(s.state, s.round_options(window, sd_rounds))
             except Exception as exc:  # noqa: BLE001 - this request's alone
                 failed[s] = exc
-        seqs = [s for s in self.active if s not in failed]
+        seqs = [s for s in ready if s not in failed]
         context = max((len(s.state.committed) for s in seqs), default=0)  # the forwards' longest row, before
         at_once = schedule == "once" and self.concurrent is not None
         phase = self.concurrent if at_once else self.draft
         wall0, t0 = time.time(), time.perf_counter()
-        collect = self._draft_phase(seqs, plans, phase)  # the draft works on its round meanwhile, where it can
+        # the draft works on its round meanwhile, where it can
+        collect = self._draft_phase(seqs, plans, phase, prompt_chunks)
         t1 = time.perf_counter()
         drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
         if not drafting:
             schedule = "plain"
+        draft_busy = drafting or any(s.drafts for s in prompt_chunks)  # drafting, or caching a prompt chunk
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
-        threads = self.split_threads if (drafting and at_once) else (None if drafting else self.alone_threads)
-        with torch_threads(threads), self._target_stream(drafting and at_once):
-            outs, width = self._target_phase(seqs, plans, failed)
+        threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
+        with torch_threads(threads), self._target_stream(draft_busy and at_once):
+            outs, width = self._target_phase(seqs, plans, failed, prompt_chunks)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
-        if self.policy is not None:
+        if self.policy is not None and not prompt_pass:
             draft_s = max((c.busy_s for c in chunks.values()), default=0.0)
             self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s,
                                 schedule if schedule != "plain" else None, context)
@@ -708,10 +768,13 @@ class BatchLoop:
             yield
         stream.synchronize()  # the round's host-side decisions read its outputs; the next round reuses its buffers
 
-    def _draft_phase(self, seqs: list[_Seq], plans: dict, phase: "DraftPhase") -> Callable[[], tuple[dict, int, int]]:
-        """Send every drafting request's round to the draft (it may work meanwhile, e.g. in another actor)
-        and return a function that collects the chunks."""
+    def _draft_phase(self, seqs: list[_Seq], plans: dict, phase: "DraftPhase",
+                     prompt_chunks: dict[_Seq, int] | None = None) -> Callable[[], tuple[dict, int, int]]:
+        """Send every drafting request's round, and the prompt chunks of requests still reading their
+        prompt, to the draft (it may work meanwhile, e.g. in another actor) and return a function that
+        collects the chunks."""
         chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}
+        prefill = {s: len(s.target.cached) + n for s, n in (prompt_chunks or {}).items() if s.drafts}
         # Only requests that draft this round are sent: a round with no drafting at all makes no call (on Ray,
         # no actor round trip). A holder left out misses this round's mirror update; the next time it
         # drafts it carries its whole sequence instead (the draft keeps its cache where it still matches).
@@ -719,12 +782,15 @@ class BatchLoop:
         for s in seqs:
             if s.drafts and s not in drafting:
                 s.draft_stale = True
-        if not drafting:
+        if not drafting and not prefill:
             return (lambda: (chunks, 0, 0))
         if self._draft_busy():  # the shared side is not ours to use yet: these requests go on target-only
-            self._draft_down(drafting)
+            self._draft_down([*drafting, *prefill])
             return (lambda: (chunks, 0, 0))
         reqs = {}
+        for s, upto in prefill.items():  # the same tokens the target caches this round
+            reqs[s.slot] = DraftRequest(s.state.round_id, len(s.state.committed), 0, None, prefill_to=upto)
+            s.draft_seen = upto
         for s in drafting:
             s.draft_seen = len(s.state.committed)
             req = plans[s].draft
@@ -736,7 +802,7 @@ class BatchLoop:
         try:
             phase.submit(reqs)
         except Exception:  # noqa: BLE001 - a broken draft: these requests finish on the target alone
-            self._draft_down(seqs)  # one fault rule for the batch: every request goes on target-only
+            self._draft_down([*seqs, *prefill])  # one fault rule for the batch: every request goes on target-only
             return (lambda: (chunks, 0, 0))
 
         def collect():
@@ -748,7 +814,7 @@ class BatchLoop:
                         raise RuntimeError(f"stale draft chunk for slot {s.slot}")
                     chunks[s] = chunk
             except Exception:  # noqa: BLE001
-                self._draft_down(seqs)
+                self._draft_down([*seqs, *prefill])
                 return {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}, 0, 0
             for s in drafting:
                 s.draft_forwards += plans[s].draft.num_steps
@@ -757,9 +823,11 @@ class BatchLoop:
 
         return collect
 
-    def _target_phase(self, seqs: list[_Seq], plans: dict, failed: dict) -> tuple[dict, int]:
-        """The target's forward over every request's rows, then each request's decision rows. A request whose
-        own part raises goes into ``failed``; the forward's own error is the batch's and propagates."""
+    def _target_phase(self, seqs: list[_Seq], plans: dict, failed: dict,
+                      prompt_chunks: dict[_Seq, int] | None = None) -> tuple[dict, int]:
+        """The target's forward over every request's rows (and the prompt chunks, which ask for no logits),
+        then each request's decision rows. A request whose own part raises goes into ``failed``; the
+        forward's own error is the batch's and propagates. Returns the outputs and the decoding rows' width."""
         started = time.time()
         t0 = time.perf_counter()
         outs: dict[_Seq, TargetOutput | None] = {}
@@ -782,10 +850,18 @@ class BatchLoop:
                 continue
             feeds[s] = feed
         width = max((len(f) for f in feeds.values()), default=0)
-        if not feeds:
+        prompt = {s: s.target.tokens[len(s.target.cached): len(s.target.cached) + n]
+                  for s, n in (prompt_chunks or {}).items()}
+        if not feeds and not prompt:
             return outs, 0
-        logits = self.target.forward({s.slot: (feeds[s], plans[s].target.num_rows) for s in feeds})
+        batch = {s.slot: (feeds[s], plans[s].target.num_rows) for s in feeds}
+        batch.update({s.slot: (ids, 0) for s, ids in prompt.items()})
+        logits = self.target.forward(batch)
         busy = time.perf_counter() - t0
+        for s, ids in prompt.items():
+            s.target.cached.extend(ids)
+            s.target.forwards += 1
+            s.target_forwards += 1
         for s, feed in feeds.items():
             s.target.cached.extend(feed)
             s.target.forwards += 1

@@ -44,6 +44,7 @@ class DraftRequest:
     start_pos: int  # len(committed) + len(pending) once ``update`` is applied
     num_steps: int  # 0 (idle this round) or gamma
     update: SeqUpdate | None = None  # the previous round's decision, applied first
+    prefill_to: int = 0  # a chunk of a long prompt's pass: cache the sequence's first prefill_to tokens (no logits)
 
 
 @dataclass

@@ -24,6 +24,10 @@ Cache design (chosen for needing only standard transformers APIs):
   those that join in the same forward together (right-padded; groups keep the padding within
   ``prefill_pad_ratio`` of their real tokens), and their keys merged in as new rows. When masked holes pass ``compact_ratio`` of the physical length
   (and ``compact_min`` positions), the rows are gathered back to their live positions.
+- A prompt fed in chunks (a feed that asks for no logits, ``num_logits == 0``, on a slot not yet in the
+  shared cache) builds up in a *staged* cache of its own, one forward per chunk over that slot alone, so
+  a chunk never pads the decoding rows (nor they it). The slot's first feed that asks for logits runs on
+  the staged cache too and then merges it in as a new row.
 
 Memory per slot: ``2 * layers * kv_heads * head_dim * bytes`` per physical position (SmolLM2-135M in
 fp32: 2 * 30 * 3 * 64 * 4 = 46 KB per position, 11 MB for 250 positions; the 4-layer draft: 6 KB), times
@@ -39,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from .families import check_model, full_cache, logits_transform
-from .hf import PREFILL_MIN_TOKENS, ModelRunner, _threads
+from .hf import PREFILL_MIN_TOKENS, ModelRunner, _threads, crop_to
 
 
 class BatchedHFCausalLM(ModelRunner):
@@ -71,19 +75,31 @@ class BatchedHFCausalLM(ModelRunner):
         self.rows: list[int] = []  # slot id of each row
         self.phys: dict[int, list[int]] = {}  # slot -> physical index of each logical position
         self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
+        self.staged: dict[int, object] = {}  # slot -> its own DynamicCache while its prompt comes in chunks
 
     @property
     def slots(self) -> list[int]:
-        return list(self.rows)
+        return list(self.rows) + list(self.staged)
 
     @property
     def physical_len(self) -> int:
         return int(self.valid.shape[1])
 
     def cache_len(self, slot: int) -> int:
+        if slot in self.staged:
+            return int(self.staged[slot].get_seq_length())
         return len(self.phys.get(slot, ()))
 
     def crop(self, slot: int, length: int) -> None:
+        if slot in self.staged:
+            current = self.cache_len(slot)
+            if not 0 <= length <= current:
+                raise ValueError(f"cannot crop slot {slot} of {current} positions to {length}")
+            if length == 0:
+                self.release(slot)
+            else:
+                crop_to(self.staged[slot], length)
+            return
         phys = self.phys.get(slot)
         if phys is None:
             if length:
@@ -101,7 +117,7 @@ class BatchedHFCausalLM(ModelRunner):
         del phys[length:]
 
     def release(self, slot: int) -> None:
-        if slot not in self.phys:
+        if self.staged.pop(slot, None) is not None or slot not in self.phys:
             return
         row = self.rows.index(slot)
         del self.phys[slot]
@@ -128,21 +144,49 @@ class BatchedHFCausalLM(ModelRunner):
     # -- forwards ----------------------------------------------------------------------------------------
     def forward(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
         """``feeds``: slot -> (new token ids, how many of the last positions need logits). Slots not yet in
-        the cache are prefilled on their own and merged in; the others run as one padded forward. Returns
-        slot -> fp32 logits ``[num_logits, vocab]`` on the host."""
+        the cache are prefilled on their own and merged in; the others run as one padded forward. A feed
+        with 0 logits to a slot not in the shared cache is a prompt chunk: it goes to the slot's staged
+        cache (module docstring). Returns slot -> fp32 logits ``[num_logits, vocab]`` on the host, for the
+        slots that asked for logits."""
         out: dict[int, torch.Tensor] = {}
-        fresh = {s: f for s, f in feeds.items() if s not in self.phys}
-        live = {s: f for s, f in feeds.items() if s in self.phys and f[0]}
         for s, (ids, k) in feeds.items():
-            if not ids or not 1 <= k <= len(ids):
-                raise ValueError(f"slot {s}: a forward needs >= 1 token and 1..len(ids) logits, got {len(ids)}, {k}")
+            if not ids or not 0 <= k <= len(ids):
+                raise ValueError(f"slot {s}: a forward needs >= 1 token and 0..len(ids) logits, got {len(ids)}, {k}")
+        staged = {s: f for s, f in feeds.items() if s not in self.phys and (s in self.staged or f[1] == 0)}
+        fresh = {s: f for s, f in feeds.items() if s not in self.phys and s not in staged}
+        live = {s: f for s, f in feeds.items() if s in self.phys}
         if live:
             out.update(self._forward_rows(live))
+        for s, (ids, k) in staged.items():
+            out.update(self._extend_staged(s, ids, k))
         for group in prefill_groups({s: len(ids) for s, (ids, _) in fresh.items()}, self.prefill_pad_ratio):
             out.update(self._prefill({s: fresh[s] for s in group}))
         self.forwards += 1
         self._maybe_compact()
         return out
+
+    def _extend_staged(self, slot: int, token_ids: list[int], num_logits: int) -> dict[int, torch.Tensor]:
+        """One forward of ``slot`` alone on its staged cache (made on its first chunk). With ``num_logits``
+        > 0 the slot's prompt is complete: its logits come back and its cache joins the shared one."""
+        cache = self.staged.get(slot)
+        if cache is None:
+            cache = self.staged[slot] = full_cache(self._config)
+        x = self._map_ids(torch.tensor([token_ids], dtype=torch.long).to(self.device))
+        extra = {}
+        if self.layout.sliding:  # one contiguous row: the masks of ``slot_masks`` at its logical positions
+            past, n = int(cache.get_seq_length()), len(token_ids)
+            pos = torch.arange(past, past + n, device=self.device)[None]
+            valid = torch.ones((1, past + n), dtype=torch.bool, device=self.device)
+            extra = {"attention_mask": self._attention(valid, pos), "position_ids": pos}
+        threads = self.prefill_threads if len(token_ids) >= PREFILL_MIN_TOKENS else None
+        with torch.inference_mode(), _threads(threads):
+            hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True, **extra).last_hidden_state
+            logits = self._logits(hidden[0, len(token_ids) - num_logits:]) if num_logits else None
+        if logits is None:
+            return {}
+        del self.staged[slot]
+        self._merge([slot], cache, [int(cache.get_seq_length())])
+        return {slot: logits.cpu() if self.to_host else logits}
 
     def _prefill(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
         """Prompt passes of new slots as one forward: right-padded to the longest (a pad position attends to
@@ -223,12 +267,12 @@ class BatchedHFCausalLM(ModelRunner):
             picks, spans = [], []
             for r, slot in enumerate(self.rows):
                 feed = feeds.get(slot)
-                if feed is None:
+                if feed is None or not feed[1]:
                     continue
                 picks.append(hidden[r, width - feed[1]:])
                 spans.append((slot, feed[1]))
-            logits = self._logits(torch.cat(picks))
-            logits = logits.cpu() if self.to_host else logits
+            logits = self._logits(torch.cat(picks)) if picks else None
+            logits = logits.cpu() if (self.to_host and logits is not None) else logits
         self.valid = mask
         for r, slot in enumerate(self.rows):
             feed = feeds.get(slot)
@@ -282,7 +326,8 @@ class BatchedHFCausalLM(ModelRunner):
         self.compactions += 1
 
     def cache_bytes(self) -> int:
-        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.cache.layers
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2
+                   for cache in (self.cache, *self.staged.values()) for layer in cache.layers
                    if getattr(layer, "keys", None) is not None and layer.keys.numel())
 
 

@@ -310,7 +310,8 @@ class RayBackend:
         route = self._lifecycle(coord, "route", request, timeout_s=2 * c.start_timeout_s + 60)
         target, request = route["target"], route["request"]
         gen = target.submit.options(num_returns="streaming").remote(request, c.round_timeout_s, c.max_num_seqs,
-                                                                     c.kv_budget_tokens, hold_s)
+                                                                     c.kv_budget_tokens, hold_s,
+                                                                     c.max_prefill_tokens_per_round)
         ended = False
         try:
             while True:

@@ -128,13 +128,13 @@ def encode_batch(starts: dict[int, DraftStart], releases: list[int],
                  reqs: dict[int, DraftRequest]) -> list[torch.Tensor]:
     """A batched round (``DraftWorker.batch_round``'s arguments). frame: OP_BATCH, n_releases, n_starts,
     n_reqs, body length; body = releases, then per start (slot, n_prompt, top_k, draft_greedy, seed, prompt
-    ids), then per request (slot, round_id, start_pos, num_steps, has_update[, u.round_id,
+    ids), then per request (slot, round_id, start_pos, num_steps, prefill_to, has_update[, u.round_id,
     committed_len_before, n_appended, n_pending, ids]); then, with starts, fp64 [temperature, top_p] each."""
     body = [int(slot) for slot in releases]
     for slot, s in starts.items():
         body += [int(slot), len(s.prompt_ids), int(s.top_k), int(s.draft_greedy), int(s.seed), *s.prompt_ids]
     for slot, r in reqs.items():
-        body += [int(slot), r.round_id, r.start_pos, r.num_steps, int(r.update is not None)]
+        body += [int(slot), r.round_id, r.start_pos, r.num_steps, r.prefill_to, int(r.update is not None)]
         if r.update is not None:
             u = r.update
             body += [u.round_id, u.committed_len_before, len(u.appended_token_ids), len(u.pending_token_ids),
@@ -159,15 +159,15 @@ def decode_batch(frame: torch.Tensor, recv: Recv) -> tuple[dict[int, DraftStart]
         i += 5 + n
     reqs: dict[int, DraftRequest] = {}
     for _ in range(n_reqs):
-        slot, round_id, start_pos, num, has_update = body[i:i + 5]
-        i += 5
+        slot, round_id, start_pos, num, prefill_to, has_update = body[i:i + 6]
+        i += 6
         update = None
         if has_update:
             u_round, before, n_app, n_pend = body[i:i + 4]
             ids = body[i + 4:i + 4 + n_app + n_pend]
             update = SeqUpdate(u_round, before, ids[:n_app], ids[n_app:])
             i += 4 + n_app + n_pend
-        reqs[slot] = DraftRequest(round_id, start_pos, num, update)
+        reqs[slot] = DraftRequest(round_id, start_pos, num, update, prefill_to)
     if i != n_body:
         raise ValueError(f"batched round frame: body has {n_body} ints, decoded {i}")
     return starts, releases, reqs

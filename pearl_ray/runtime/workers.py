@@ -272,7 +272,7 @@ class TargetLeader(_WorkerBase):
 
     # -- requests ----------------------------------------------------------------------------------------
     def submit(self, request, round_timeout_s: float, max_num_seqs: int = 8, kv_budget: int | None = None,
-               hold_s: float = 0.0):
+               hold_s: float = 0.0, max_prefill_tokens: int | None = None):
         """Decode one request in the leader's continuous loop, beside every other request in flight. Yields
         ``list[int]`` of newly committed tokens as rounds commit them (with ``hold_s`` > 0 at most once per
         ``hold_s`` after the first: ``RequestStream.next_item``), then a final ``{"token_ids", "stats"}``
@@ -289,7 +289,8 @@ class TargetLeader(_WorkerBase):
                 if self.draft_model is not None:  # before any request: the loop thread reads these in rounds
                     self.batch.loop.set_concurrent(self.concurrent, self.split_threads)
                     self.batch.loop.schedule = None if self.schedule == "auto" else self.schedule
-            self.batch.loop.kv_budget = kv_budget  # the engine's setting (the same for every request)
+            # the engine's settings (the same for every request)
+            self.batch.loop.kv_budget, self.batch.loop.max_prefill_tokens = kv_budget, max_prefill_tokens
         stream = self.batch.open(request)
         try:
             while True:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import MAX_GAMMA, Method, Transport
+from ..config import DEFAULT_MAX_PREFILL_TOKENS, MAX_GAMMA, Method, Transport
 
 API_KEY_ENV = "PEARL_RAY_API_KEY"
 
@@ -74,6 +74,9 @@ class ServeConfig(BaseModel):
     kv_budget_tokens: int | None = Field(None, ge=1)
     """KV-cache positions the replica's pair may hold for the requests it decodes at once (the engine's
     ``kv_budget_tokens``); a request that cannot fit waits, one that never could gets a 400. None: no limit."""
+    max_prefill_tokens_per_round: int | None = Field(DEFAULT_MAX_PREFILL_TOKENS, ge=1)
+    """Prompt tokens one round of the replica's pair feeds (the engine's ``max_prefill_tokens_per_round``):
+    a longer prompt goes in chunks while the running streams keep getting tokens. None: whole prompts."""
     max_ongoing_requests: int | None = Field(None, ge=1)
     """Requests a model replica holds at once; default ``max_num_seqs`` + 4 (what its pair batches, plus a
     small queue for the next round)."""

@@ -65,6 +65,7 @@ class PearlServer:
             colocate=c.colocate, schedule=c.schedule, num_threads=c.num_threads, device=c.device, dtype=c.dtype, cpu_kernels=c.cpu_kernels,
             max_queued=c.max_ongoing_requests,
             max_num_seqs=min(c.max_num_seqs, c.max_ongoing_requests), kv_budget_tokens=c.kv_budget_tokens,
+            max_prefill_tokens_per_round=c.max_prefill_tokens_per_round,
             draft_num_cpus=c.draft_num_cpus, target_num_cpus=c.target_num_cpus, draft_num_gpus=c.draft_num_gpus,
             target_num_gpus=c.target_num_gpus, tensor_parallel_size=c.tensor_parallel_size, **placement, **c.engine_options, **(models or {}))
         self.metrics = ServerMetrics(c.served_name)
