@@ -46,7 +46,8 @@ def test_serve_listens_on_loopback_only_and_a_second_ray_starts_beside_it(tiny_p
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env.update(HF_HUB_OFFLINE="1", RAY_TMPDIR=tmp)  # what a user has: nothing set for Ray
     serve = subprocess.Popen([sys.executable, "-m", "pearl_ray", "serve", "--draft", tiny_pair["draft"], "--target",
-                              tiny_pair["target"], "--port", str(port), "--gamma", "2", "--num-threads", "1"],
+                              tiny_pair["target"], "--port", str(port), "--gamma", "2", "--num-threads", "1",
+                              "--no-colocate"],  # two actors: the draft link's sockets exist too
                              cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True).start()
