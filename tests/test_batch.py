@@ -507,7 +507,7 @@ def test_forward_costs_grow_with_the_context_they_attend_over():
     costs = measure_forward_costs(_ContextTimedLM(), 4, (5,), context=128, reps=3, warmup=0)
     assert costs.context == 128 and 1.2e-6 < costs.per_context < 3.2e-6
     assert costs(20, 1024) > 2 * costs(20) and costs(20, 128) == costs(20)
-    assert costs(20, 16) >= 0.5 * costs(20)  # a short context saves attention work, never the whole forward
+    assert costs(20, 16) == costs(20)  # no discount below the measured context
     again = CostModel.from_dict(CostModel(costs).to_dict()).target
     assert (again.context, again.per_context) == (costs.context, costs.per_context)
     assert again(20, 1024) == pytest.approx(costs(20, 1024), rel=1e-3)

@@ -78,10 +78,9 @@ class ForwardCosts:
     def __call__(self, n: float, context: int | None = None) -> float:
         """A forward over ``n`` padded tokens on ``context`` cached positions per row (None: the measured one)."""
         base = self._base(n)
-        if context is None or not self.per_context:
-            return base
-        # shorter contexts save attention work too, but never more than half of the measured forward
-        return max(0.5 * base, base + self.per_context * max(n, 1) * (context - self.context))
+        if context is None or not self.per_context or context <= self.context:
+            return base  # below the measured context the slope says little (fixed costs dominate): no discount
+        return base + self.per_context * max(n, 1) * (context - self.context)
 
     def _base(self, n: float) -> float:
         xs, ys = self.tokens, self.seconds
