@@ -88,6 +88,20 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
+def start_chat_clients(chat_client, first_seen: list, args) -> tuple[list[threading.Thread], float]:
+    """One thread per chat client; returns once every client has seen tokens and ``args.lead_s`` more have
+    passed (the streams are in steady state when the long prompt arrives), with the threads and start time."""
+    threads = [threading.Thread(target=chat_client, args=(i,), daemon=True) for i in range(args.clients)]
+    t_start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for ev in first_seen:
+        if not ev.wait(args.timeout_s):
+            raise TimeoutError("a chat client got no tokens")
+    time.sleep(args.lead_s)
+    return threads, t_start
+
+
 def run_once(engine, leader, budget: int | None, chats: list[list[int]], long_ids: list[int], args) -> dict:
     from pearl_ray import SamplingParams
 
@@ -118,14 +132,7 @@ def run_once(engine, leader, budget: int | None, chats: list[list[int]], long_id
                     leader.cancel(stream)
                     break
 
-    threads = [threading.Thread(target=chat_client, args=(i,), daemon=True) for i in range(args.clients)]
-    t_start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for ev in first_seen:
-        if not ev.wait(args.timeout_s):
-            raise TimeoutError("a chat client got no tokens")
-    time.sleep(args.lead_s)
+    threads, t_start = start_chat_clients(chat_client, first_seen, args)
     long_req = engine.make_request(long_ids, SamplingParams(max_new_tokens=args.long_new_tokens, ignore_eos=True))
     t_long = time.perf_counter()
     stream = leader.open(long_req)
@@ -224,14 +231,7 @@ def run_endpoint(budget: int | None, chats: list[str], long_text: str, n_long: i
                         break
                 k += 1
 
-        threads = [threading.Thread(target=chat_client, args=(i,), daemon=True) for i in range(args.clients)]
-        t_start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for ev in first_seen:
-            if not ev.wait(args.timeout_s):
-                raise TimeoutError("a chat client got no tokens")
-        time.sleep(args.lead_s)
+        threads, t_start = start_chat_clients(chat_client, first_seen, args)
         t_long = time.perf_counter()
         got = list(ask(long_text, args.long_new_tokens))
         t_first, t_long_done = got[0], time.perf_counter()

@@ -38,8 +38,9 @@ class TokenIds(list):
 
 
 def logprob_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Raw logits ``[rows, vocab]`` -> log-probabilities ``[rows, vocab]`` in fp32 on the CPU."""
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    """Raw logits ``[rows, vocab]`` -> log-probabilities ``[rows, vocab]`` in fp32, on the logits' device
+    (``token_logprobs`` copies only the picked and top entries to the host)."""
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def token_logprobs(rows: torch.Tensor, token_ids: list[int], n: int) -> list[TokenLogprob]:
@@ -56,7 +57,8 @@ def token_logprobs(rows: torch.Tensor, token_ids: list[int], n: int) -> list[Tok
     if not token_ids:
         return []
     k = min(n, rows.shape[1])
-    picked = rows[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist()
+    at = torch.arange(len(token_ids), device=rows.device)
+    picked = rows[at, torch.tensor(token_ids, device=rows.device)].tolist()
     if k:
         top_vals, top_ids = rows[: len(token_ids)].topk(k, dim=-1)
         tops = [tuple(zip(i, v)) for i, v in zip(top_ids.tolist(), top_vals.tolist())]
