@@ -276,7 +276,7 @@ class _ScriptedPolicy:
         self.views.append(views)
         return w
 
-    def decide(self, views):
+    def decide(self, views, prompt_tokens=0):
         w = self.choose(views)
         return ("plain" if w == 0 else "turn"), w
 
@@ -452,9 +452,9 @@ def test_policy_window_follows_the_costs():
     assert alone > crowd
     # a draft whose worth is still unknown (6 of 10: at its estimate drafting loses, at an optimistic one it
     # would win): plain decoding, with a probe every probe_every rounds, the period doubling after each probe
-    # that changes nothing, up to probe_backoff x probe_every
+    # that changes nothing, up to probe_backoff x probe_every (a PEARL request in turn runs vanilla SD rounds)
     unsure = [SeqView("pearl", accepted=6, verified=10)]
-    probe = SpeculationPolicy(_costs(0.004), max_gamma=8, probe_every=4, probe_backoff=4)
+    probe = SpeculationPolicy(_costs(0.014), max_gamma=8, probe_every=4, probe_backoff=4)
     picks = [probe.choose(unsure) for _ in range(50)]
     assert [i for i, g in enumerate(picks) if g > 0] == [3, 11, 27, 43]  # periods 4, 8, 16, 16
     assert probe.probes == 4 and probe.skipped_probes == 0
@@ -466,7 +466,7 @@ def test_policy_window_follows_the_costs():
     # a draft known to be rarely right (5 of 100): no acceptance it plausibly has pays for drafting, so the
     # probes are skipped (each still backs off), and the policy never leaves plain decoding
     bad = [SeqView("pearl", accepted=5, verified=100)]
-    skip = SpeculationPolicy(_costs(0.004), max_gamma=8, probe_every=4, probe_backoff=4)
+    skip = SpeculationPolicy(_costs(0.014), max_gamma=8, probe_every=4, probe_backoff=4)
     assert not any(skip.choose(bad) for _ in range(50))
     assert skip.probes == 0 and skip.skipped_probes == 4 and skip.last_choice["window"] == 0
     # target-only requests only: nothing to choose
@@ -538,11 +538,12 @@ def test_policy_drafts_on_evidence_not_on_a_lucky_start():
     """The window is chosen at the acceptance's lower bound: 7 of 10 accepted (a lucky start) keeps plain
     decoding where 70 of 100 drafts, and with confidence=0 (the estimate alone) both draft."""
     lucky, proven = [SeqView("pearl", accepted=7, verified=10)], [SeqView("pearl", accepted=70, verified=100)]
-    cautious = SpeculationPolicy(_costs(0.002), max_gamma=8)
-    assert cautious.choose(lucky) == 0 and cautious.choose(proven) >= 3
+    costs = _costs(0.020, per_token=0.004, parallel=True)  # PEARL at once, where a window barely pays at 0.6
+    cautious = SpeculationPolicy(costs, max_gamma=8)
+    assert cautious.choose(lucky) == 0 and cautious.choose(proven) >= 2
     assert cautious.acceptance(lucky[0], -1.0) < cautious.acceptance(proven[0], -1.0) < cautious.acceptance(proven[0])
-    naive = SpeculationPolicy(_costs(0.002), max_gamma=8, confidence=0.0)
-    assert naive.choose(lucky) >= 3 and naive.choose(proven) >= 3
+    naive = SpeculationPolicy(costs, max_gamma=8, confidence=0.0)
+    assert naive.choose(lucky) >= 2 and naive.choose(proven) >= 2
 
 
 def test_policy_probes_where_drafting_could_pay_and_skips_where_it_cannot():
@@ -743,7 +744,7 @@ def test_tensor_parallel_leader_carries_the_batched_forward_in_one_op(tiny_pair,
 class _SchedulePolicy(_ScriptedPolicy):
     """(schedule, window) pairs from a fixed script, one per round: forced switches mid-request."""
 
-    def decide(self, views):
+    def decide(self, views, prompt_tokens=0):
         schedule, w = self.windows[len(self.chosen) % len(self.windows)]
         self.chosen.append((schedule, w))
         self.views.append(views)
@@ -785,6 +786,20 @@ def test_policy_picks_the_schedule_from_its_costs():
     assert pol.decide(good)[0] == "turn"
 
 
+def test_prompt_tokens_in_a_round_are_priced_as_its_fixed_cost():
+    """A round that carries prompt chunks pays their forwards on both sides whatever its window; more tokens
+    per round amortise that, so a window that loses to plain decoding in a decoding round wins in a round
+    with 256 prompt tokens, and the predicted rates count the chunk's cost."""
+    pol = SpeculationPolicy(_costs(0.010), max_gamma=8, probe_every=0)
+    seqs = [SeqView("pearl", accepted=55, verified=100)] * 4
+    assert pol.decide(seqs) == ("plain", 0)
+    schedule, window = pol.decide(seqs, prompt_tokens=256)
+    assert schedule == "turn" and window >= 2
+    chunk = pol.prompt_s(256)
+    assert chunk > _costs(0.010).target(256) and pol.prompt_s(0) == 0.0
+    assert abs(1 / pol.rate(seqs[:1], 0, prompt=256) - (_costs(0.010).target(1) + chunk)) < 1e-9
+
+
 def test_plain_rounds_are_priced_and_scaled_with_the_whole_device():
     """Where drafting rounds may run at once (split costs), a plain round still has the whole device: it is
     predicted and rescaled on the whole-device costs, never the split ones. Pricing it at the split target's
@@ -821,6 +836,32 @@ def test_forced_schedule_switches_mid_request_stay_lossless(tiny_pair):
     # one request alone, switching each round, decides the same
     eng.backend.loop.policy = _SchedulePolicy(SWITCHES[3:] + SWITCHES[:3])
     assert eng.generate([PROMPTS[2]], params)[0].token_ids == want[2]
+
+
+def test_sd_in_turn_verifies_each_window_in_the_round_that_drafted_it(tiny_pair):
+    """With the sides in turn, vanilla SD drafts and verifies a window in one round; in rounds labelled "at
+    once" it takes two (a draft-only round, then a verify-only one). Both run here on the same thread, so the
+    only difference is the fusing: the coins are drawn in the same order and seeded sampled requests give the
+    same tokens, in about half the rounds; greedy ones equal target-only decoding."""
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], schedule="turn")
+    loop = eng.backend.loop
+    sampled = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=0.9, seed=11, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    accepted = 0
+    for params in (sampled, greedy):
+        for p in PROMPTS[:3]:
+            loop.schedule = "turn"
+            fused = eng.generate([p], params, method="sd", gamma=3)[0]
+            loop.schedule = "once"  # no draft thread in this engine: the same in-turn phase, two rounds a window
+            split = eng.generate([p], params, method="sd", gamma=3)[0]
+            assert fused.token_ids == split.token_ids
+            assert fused.stats.turn_rounds == fused.stats.rounds
+            accepted += fused.stats.accepted_tokens
+            assert fused.stats.rounds * 1.5 < split.stats.rounds
+            assert all(t.num_candidates == 3 for t in fused.stats.round_timings)  # each round verified its window
+            if params is greedy:
+                assert fused.token_ids == eng.generate([p], params, method="ar")[0].token_ids
+    assert accepted > 0
 
 
 def test_schedule_option_builds_what_it_names(tiny_pair):

@@ -135,7 +135,7 @@ class _RecordingPolicy:
     def __init__(self, window):
         self.window, self.observed = window, []
 
-    def decide(self, views):
+    def decide(self, views, prompt_tokens=0):
         return "turn", self.window
 
     def observe(self, *args):

@@ -68,3 +68,61 @@ def test_ablations_are_options_of_the_same_step():
     assert s.pending == [5]
     plan, out = run(s, [9, 9], [5, 8], no_post)  # draft idle, bonus row
     assert plan.draft.num_steps == 0 and s.committed == [1, 4, 5, 8] and out.bonus_token_id == 8
+
+
+def test_fused_round_verifies_the_window_it_drafted():
+    """Vanilla SD in one round (the sides in turn): the target's rows cover the pending tokens and the whole
+    window drafted this round, so every candidate is decided at once and nothing stays pending; the
+    two-round form (a draft-only round, then a verify-only one) commits the same tokens."""
+    from pearl_ray.core.rounds import fuse
+
+    fused = RoundOptions(gamma=3, greedy=True, pre_verify=False, post_verify=False, fused=True)
+    s = PearlState([1, 2], 2)
+    plan = plan_round(s, fused)
+    assert plan.draft.num_steps == 3 and plan.target.num_rows == 1 and not plan.fused
+    plan = fuse(plan, 3)
+    assert plan.target.num_rows == 4 and plan.fused
+    out = pearl_step(s, plan, DraftChunk(plan.round_id, 2, [5, 6, 7]), TargetOutput(plan.round_id, 2, [5, 6, 7, 8]),
+                     None, fused)
+    assert s.committed == [1, 2, 5, 6, 7, 8] and s.pending == [] and out.bonus_token_id == 8
+    assert out.num_candidates == 3 and out.candidate_positions == [0, 1, 2]
+    plan = fuse(plan_round(s, fused), 3)  # a rejection at the second candidate
+    out = pearl_step(s, plan, DraftChunk(plan.round_id, 6, [9, 10, 11]), TargetOutput(plan.round_id, 6, [9, 4, 0, 0]),
+                     None, fused)
+    assert s.committed[6:] == [9, 4] and s.pending == [] and out.recovered_token_id == 4 and out.num_accepted == 1
+    # a window left pending by a round at once is verified first, then this round's draft
+    s = PearlState([1], 1, pending=[4, 5], pending_positions=[1, 2])
+    plan = fuse(plan_round(s, fused), 2)
+    assert plan.draft.start_pos == 3 and plan.target.num_rows == 5
+    out = pearl_step(s, plan, DraftChunk(plan.round_id, 3, [6, 7]), TargetOutput(plan.round_id, 1, [4, 5, 6, 7, 3]),
+                     None, fused)
+    assert s.committed == [1, 4, 5, 6, 7, 3] and out.num_candidates == 4 and out.candidate_positions == [1, 2, 0, 1]
+    # a draft that returned nothing: the pending tokens and a bonus row
+    s = PearlState([1], 1, pending=[4], pending_positions=[1])
+    plan = fuse(plan_round(s, fused), 0)
+    out = pearl_step(s, plan, DraftChunk(plan.round_id, 2, []), TargetOutput(plan.round_id, 1, [4, 9]), None, fused)
+    assert s.committed == [1, 4, 9] and out.bonus_token_id == 9
+    # rows that do not match the window are refused
+    s = PearlState([1], 1)
+    with pytest.raises(RuntimeError, match="fused"):
+        pearl_step(s, fuse(plan_round(s, fused), 2), DraftChunk(1, 1, [4, 5, 6]), TargetOutput(1, 1, [4, 5, 6]),
+                   None, fused)
+    # the same target behaviour through two-round vanilla SD commits the same tokens
+    two = RoundOptions(gamma=3, greedy=True, pre_verify=False, post_verify=False)
+    a, b = PearlState([1, 2], 2), PearlState([1, 2], 2)
+    truth = [5, 6, 7, 8, 9, 4, 0, 0, 3, 3, 3, 3, 3]
+
+    def target_rows(state, n):  # the target's argmax at each position: a fixed continuation
+        start = len(state.committed) - 2
+        return [truth[start + i] if start + i < len(truth) else 3 for i in range(n)]
+
+    for draft in ([5, 6, 7], [9, 10, 11], [0, 3, 3]):
+        plan = fuse(plan_round(a, fused), len(draft))
+        pearl_step(a, plan, DraftChunk(plan.round_id, len(a.committed), draft),
+                   TargetOutput(plan.round_id, len(a.committed), target_rows(a, len(draft) + 1)), None, fused)
+        run(b, draft, [], two)
+        plan = plan_round(b, two)
+        assert plan.draft.num_steps == 0
+        pearl_step(b, plan, DraftChunk(plan.round_id, plan.draft.start_pos, []),
+                   TargetOutput(plan.round_id, len(b.committed), target_rows(b, len(draft) + 1)), None, two)
+        assert a.committed == b.committed and a.pending == b.pending == []

@@ -36,7 +36,7 @@ from .logprobs import TokenIds, logprob_rows, token_logprobs
 from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput
 from .metrics import GenerationStats, RoundTiming
 from .policy import SeqView, SpeculationPolicy
-from .rounds import PearlState, RoundOptions, RoundPlan, pearl_step, plan_round
+from .rounds import PearlState, RoundOptions, RoundPlan, fuse, pearl_step, plan_round
 from .sampling import make_generator, sample, warp_probs
 from .loop import draft_start, overlap_s
 from .sides import CausalLM, SeqMirror
@@ -472,18 +472,21 @@ class _Seq:
     def draft_ok(self) -> bool:
         return self.drafts
 
-    def round_options(self, window: int | None, sd_rounds: bool = False) -> RoundOptions:
+    def round_options(self, window: int | None, in_turn: bool = False) -> RoundOptions:
         """This round's options: ``window`` is the policy's choice (None: no policy, the request's own cap);
-        ``sd_rounds``: an adaptive request runs vanilla SD rounds (the sides take turns this round)."""
+        ``in_turn``: the sides take turns this round, so vanilla SD requests (and adaptive PEARL ones, which
+        run vanilla SD in turn) verify their window in the round that drafted it (``RoundOptions.fused``)."""
         o = self.opts
         if window is None:
             window = o.gamma
         if not o.use_draft or not self.draft_ok or (o.adaptive and window == 0):
             return replace(o, use_draft=False, pre_verify=True)
         if o.adaptive:
-            if sd_rounds:
-                return replace(o, gamma=min(window, o.gamma), pre_verify=False, post_verify=False)
-            return replace(o, gamma=min(window, o.gamma))
+            o = replace(o, gamma=min(window, o.gamma))
+            if in_turn:
+                o = replace(o, pre_verify=False, post_verify=False)
+        if in_turn and not o.pre_verify and not o.post_verify:
+            o = replace(o, fused=True)
         return o
 
     def view(self) -> SeqView:
@@ -696,18 +699,22 @@ class BatchLoop:
         in_turn = self.concurrent is None and isinstance(self.draft, LocalDraftPhase)
         schedule = self.schedule or ("turn" if in_turn else "once")
         if self.policy is not None and any(s.opts.adaptive and s.draft_ok for s in ready):
-            schedule, window = self.policy.decide([s.view() for s in ready])
+            prompt_tokens = sum(prompt_chunks.values()) + sum(
+                len(s.target.tokens) - len(s.target.cached) for s in ready if len(s.target.cached) < s.state.prompt_len)
+            schedule, window = self.policy.decide([s.view() for s in ready], prompt_tokens)
         if prompt_pass and schedule == "once" and self.schedule is None and isinstance(self.draft, LocalDraftPhase):
             # prompt tokens are most of this round's work, on both sides: at once each side would read them
             # on its share of the cores (the target on half of 2); in turn each takes them all
             schedule = "turn"
-        # in turn, adaptive PEARL requests run vanilla SD rounds (when this loop could also run them at once),
-        # except in a round with prompt tokens: SD commits every other round, and each would carry a chunk
-        sd_rounds = schedule == "turn" and self.concurrent is not None and not prompt_pass
-        plans = {}
+        # in turn, vanilla SD requests (adaptive PEARL ones included) draft and verify a window in one round
+        in_turn = schedule == "turn"
+        plans, fused = {}, set()
         for s in ready:
             try:
-                plans[s] = plan_round(s.state, s.round_options(window, sd_rounds))
+                opts = s.round_options(window, in_turn)
+                plans[s] = plan_round(s.state, opts)
+                if opts.fused:
+                    fused.add(s)
             except Exception as exc:  # noqa: BLE001 - this request's alone
                 failed[s] = exc
         seqs = [s for s in ready if s not in failed]
@@ -717,6 +724,13 @@ class BatchLoop:
         wall0, t0 = time.time(), time.perf_counter()
         # the draft works on its round meanwhile, where it can
         collect = self._draft_phase(seqs, plans, phase, prompt_chunks)
+        windows = {}
+        if fused:  # the draft's turn ends before the target's forward, which carries the windows it returned
+            drafted = collect()
+            collect = (lambda: drafted)
+            for s in fused:
+                windows[s] = drafted[0][s].draft_token_ids
+                plans[s] = fuse(plans[s], len(windows[s]))
         t1 = time.perf_counter()
         drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
         if not drafting:
@@ -725,7 +739,7 @@ class BatchLoop:
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
         threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
         with torch_threads(threads), self._target_stream(draft_busy and at_once):
-            outs, width = self._target_phase(seqs, plans, failed, prompt_chunks)
+            outs, width = self._target_phase(seqs, plans, failed, prompt_chunks, windows)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
@@ -824,10 +838,12 @@ class BatchLoop:
         return collect
 
     def _target_phase(self, seqs: list[_Seq], plans: dict, failed: dict,
-                      prompt_chunks: dict[_Seq, int] | None = None) -> tuple[dict, int]:
+                      prompt_chunks: dict[_Seq, int] | None = None,
+                      windows: dict[_Seq, list[int]] | None = None) -> tuple[dict, int]:
         """The target's forward over every request's rows (and the prompt chunks, which ask for no logits),
-        then each request's decision rows. A request whose own part raises goes into ``failed``; the
-        forward's own error is the batch's and propagates. Returns the outputs and the decoding rows' width."""
+        then each request's decision rows. ``windows``: the tokens a fused round drafted for a request, fed
+        after its pending ones. A request whose own part raises goes into ``failed``; the forward's own error
+        is the batch's and propagates. Returns the outputs and the decoding rows' width."""
         started = time.time()
         t0 = time.perf_counter()
         outs: dict[_Seq, TargetOutput | None] = {}
@@ -840,8 +856,9 @@ class BatchLoop:
                 if req.num_rows == 0:
                     outs[s] = TargetOutput(req.round_id, req.start_pos, busy_s=0.0, started_at=started)
                     continue
-                feed = m.tokens[len(m.cached):]
-                if len(m.tokens) - req.num_rows + 1 != req.start_pos or len(feed) < req.num_rows:
+                window = (windows or {}).get(s, [])
+                feed = m.tokens[len(m.cached):] + list(window)  # the cache keeps the window's accepted prefix
+                if len(m.tokens) + len(window) - req.num_rows + 1 != req.start_pos or len(feed) < req.num_rows:
                     raise RuntimeError(f"target mirror out of step in round {req.round_id}: {len(m.tokens)} "
                                        f"tokens, {len(m.cached)} cached, {req.num_rows} rows from position "
                                        f"{req.start_pos}")

@@ -20,8 +20,9 @@ predicts the batch's committed tokens per second and takes the best:
   (``prior_weight`` pseudo-candidates), so a new request starts from what the pair has shown so far.
 
 Schedules. Where one process holds both models (``split`` costs given), each round also picks how the sides
-share the device: ``"turn"``, the draft's window then the target's verification, each with every core (PEARL
-requests then run vanilla SD rounds: in turn, PEARL's pre-verify rounds would cost a window for one token);
+share the device: ``"turn"``, the draft's window then the target's verification of it in the same round, each
+with every core (PEARL requests then run vanilla SD rounds: in turn, PEARL's pre-verify rounds would cost a
+window for one token);
 or ``"once"``, PEARL with the sides at the same time, each on its share (the ``split`` costs, measured apart).
 ``"plain"`` is a round with no drafting. Without ``split`` the schedule is fixed by ``parallel``: "once" for
 a pair in two workers, "turn" for one process that cannot split. Each schedule keeps its own online scales.
@@ -45,6 +46,9 @@ off rounds: a measurement stalls the batch for seconds, and one that cannot fix 
 every few seconds). Rounds without drafting keep their own
 scale when ``target_alone`` is given (on CPU they borrow the draft's threads, and their speed says little
 about a drafting round's: with one scale for both, fast plain rounds made drafting look cheap).
+
+A round that carries prompt tokens (chunks of joining requests) pays their forwards on both sides whatever its
+window: ``decide``'s ``prompt_tokens`` adds that fixed cost to every option's round (``prompt_s``).
 
 Pure arithmetic over injected numbers: no models, no Ray (``measure_costs`` takes any ``BatchedLM``).
 """
@@ -258,38 +262,52 @@ class SpeculationPolicy:
     def _join(self, d: float, t: float, schedule: str | None = None) -> float:
         return max(d, t) if self.costs.of(self._sched(schedule)).parallel else d + t
 
-    def rate(self, seqs: Sequence[SeqView], g: int, z: float = 0.0, schedule: str | None = None) -> float:
+    def prompt_s(self, tokens: int, schedule: str | None = None, context: int | None = None) -> float:
+        """What ``tokens`` prompt tokens riding in a round add to it, whatever its window: a forward of their
+        own on the target and one on the draft (which caches every prompt of the requests it holds)."""
+        if tokens <= 0:
+            return 0.0
+        sch = self._sched(schedule)
+        draft = self.costs.of(sch).draft
+        d = self.scales[sch][1] * draft(tokens, context) if draft is not None else 0.0
+        return self.target_s(tokens, sch, context) + d
+
+    def rate(self, seqs: Sequence[SeqView], g: int, z: float = 0.0, schedule: str | None = None,
+             prompt: int = 0) -> float:
         """Predicted committed tokens per second of the batch if every adaptive request drafts ``g`` under
         ``schedule`` (None: the costs' own), with each acceptance moved ``z`` standard errors (``acceptance``).
-        In turn, an adaptive PEARL request runs vanilla SD rounds."""
+        In turn, an adaptive PEARL request runs vanilla SD rounds, a window per round. ``prompt``: prompt
+        tokens that ride in the round (chunks of joining requests), a fixed cost that every window pays
+        alike, so more tokens per round amortise it."""
         if not seqs:
             return 0.0
         sch = self._sched(schedule)
         b = len(seqs)
         ctx = batch_context(seqs)
+        extra = self.prompt_s(prompt, sch, ctx)
         windows = [self._window(s, g) for s in seqs]
         width = max(windows)
         drafting = sum(1 for w in windows if w > 0)
         d = self.draft_s(drafting, width, sch, ctx)
         alone = self.plain_costs
         t_plain = (self.scale_alone * alone(b, ctx) if (alone is not None and width == 0)
-                   else self.target_s(b, sch, ctx))
+                   else self.target_s(b, sch, ctx)) + extra
         total = 0.0
         for s, w in zip(seqs, windows):
             if w == 0:
                 total += 1.0 / (t_plain if width == 0 else
-                                self._join(d, self.target_s(b * (width + 1), sch, ctx), sch))
+                                self._join(d, self.target_s(b * (width + 1), sch, ctx), sch) + extra)
                 continue
             a = self.acceptance(s, z)
-            if s.method == "sd" or (sch == "turn" and s.adaptive and self.costs.split is not None):
-                total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1), sch, ctx))
+            if s.method == "sd" or (sch == "turn" and s.adaptive):
+                total += expected_run(a, w + 1) / (d + self.target_s(b * (w + 1), sch, ctx) + extra)
             elif w == 1:  # PEARL with a one-token window never has a window pending: one token per round
-                total += 1.0 / self._join(d, self.target_s(b, sch, ctx), sch)
+                total += 1.0 / (self._join(d, self.target_s(b, sch, ctx), sch) + extra)
             else:
                 # alone, a PRE round's forward is one token; in a batch the rows are in mixed phases and every
                 # forward is padded to the widest row, so each round pays for the POST width
-                c_post = self._join(d, self.target_s(b * w, sch, ctx), sch)
-                c_pre = self._join(d, self.target_s(b, sch, ctx), sch) if b == 1 else c_post
+                c_post = self._join(d, self.target_s(b * w, sch, ctx), sch) + extra
+                c_pre = self._join(d, self.target_s(b, sch, ctx), sch) + extra if b == 1 else c_post
                 stay = a ** w
                 post_per_pre = a / max(1.0 - stay, 1e-9)
                 tokens = 1.0 + post_per_pre * expected_run(a, w)
@@ -306,30 +324,32 @@ class SpeculationPolicy:
         """The window for the next round (0: plain decoding); ``schedule`` says how the sides run it."""
         return self.decide(seqs)[1]
 
-    def decide(self, seqs: Sequence[SeqView]) -> tuple[str, int]:
-        """(schedule, window) for the next round: "plain" with 0, or "turn"/"once" with a window > 0."""
-        window = self._choose(seqs)
+    def decide(self, seqs: Sequence[SeqView], prompt_tokens: int = 0) -> tuple[str, int]:
+        """(schedule, window) for the next round: "plain" with 0, or "turn"/"once" with a window > 0.
+        ``prompt_tokens``: prompt tokens that ride in the round (``rate``'s ``prompt``)."""
+        window = self._choose(seqs, prompt_tokens)
         if window == 0:
             self.schedule = "plain"
         elif self.forced or len(self.costs.schedules()) == 1:
             self.schedule = self._sched(None)
         else:
-            rates = {sch: self.rate(seqs, window, -self.confidence, sch) for sch in self.costs.schedules()}
+            rates = {sch: self.rate(seqs, window, -self.confidence, sch, prompt_tokens)
+                     for sch in self.costs.schedules()}
             self.schedule = max(rates, key=lambda sch: (rates[sch], sch == "turn"))
         self.last_choice["schedule"] = self.schedule
         return self.schedule, window
 
-    def _best_rate(self, seqs: Sequence[SeqView], g: int, z: float) -> float:
+    def _best_rate(self, seqs: Sequence[SeqView], g: int, z: float, prompt: int = 0) -> float:
         """The rate of window ``g`` under the schedule that gives it most (the forced one, if any)."""
         if g == 0 or self.forced:
-            return self.rate(seqs, g, z)
-        return max(self.rate(seqs, g, z, sch) for sch in self.costs.schedules())
+            return self.rate(seqs, g, z, prompt=prompt)
+        return max(self.rate(seqs, g, z, sch, prompt) for sch in self.costs.schedules())
 
-    def _choose(self, seqs: Sequence[SeqView]) -> int:
+    def _choose(self, seqs: Sequence[SeqView], prompt: int = 0) -> int:
         if not any(s.method != "ar" and s.adaptive for s in seqs) or self.max_gamma == 0:
             self.last_choice = {"window": 0}
             return 0
-        rates = {g: self._best_rate(seqs, g, -self.confidence) for g in range(self.max_gamma + 1)}
+        rates = {g: self._best_rate(seqs, g, -self.confidence, prompt) for g in range(self.max_gamma + 1)}
         best = max(rates, key=lambda g: (rates[g], -g))
         if best > 0 and rates[best] < self.margin * rates[0]:
             best = 0  # drafting must win clearly: the model's errors should cost speculation, not plain decoding
@@ -339,7 +359,7 @@ class SpeculationPolicy:
         if best == 0:
             self._zero_streak += 1
             if self.probe_every and self._zero_streak >= self._probe_gap:
-                hopes = {g: self._best_rate(seqs, g, self.probe_optimism) for g in range(1, self.max_gamma + 1)}
+                hopes = {g: self._best_rate(seqs, g, self.probe_optimism, prompt) for g in range(1, self.max_gamma + 1)}
                 hopeful = max(hopes, key=lambda g: (hopes[g], -g))
                 if hopes[hopeful] >= self.margin * rates[0] and self._probe_pays(seqs, hopeful, hopes[hopeful],
                                                                                  rates[0]):

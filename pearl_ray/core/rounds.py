@@ -13,14 +13,18 @@ Ablations are options of the same loop (``RoundOptions``):
 - ``pre_verify=False``: in PRE rounds the target sits out and the whole window becomes pending;
 - ``post_verify=False``: in POST rounds the draft sits out; the target verifies the pending tokens and,
   if all pass, takes a bonus token from its extra row (as vanilla SD).
-With both off the schedule is exactly vanilla speculative decoding. A round whose draft produced nothing
-(draft failure or timeout) is verified the same way: pending tokens, then a bonus row (docs/pearl-algorithm.md §7.6).
+With both off the schedule is exactly vanilla speculative decoding, a window every two rounds. Where the sides
+take turns in one round (the draft's window, then the target's forward), ``fused=True`` runs vanilla SD in one
+round instead: the target's forward also carries the window drafted this round (``fuse``), so every candidate
+is verified in the round that drafted it and nothing stays pending. The coins are drawn in the same order as
+in the two-round form, so both give the same tokens. A round whose draft produced nothing (draft failure or
+timeout) is verified the same way: pending tokens, then a bonus row (docs/pearl-algorithm.md §7.6).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,6 +46,7 @@ class RoundOptions:
     post_verify: bool = True
     use_draft: bool = True  # False: target-only rounds (AR through this loop; fallback after a draft failure)
     adaptive: bool = False  # the batched loop's speculation policy picks each round's window (gamma: its cap)
+    fused: bool = False  # in turn: the target verifies this round's window too (vanilla SD in one round)
 
 
 @dataclass
@@ -66,14 +71,17 @@ class RoundPlan:
     draft: DraftRequest
     target: TargetRequest
     verify_first_draft: bool  # whether d[0] of this round is a candidate
+    fused: bool = False  # every token drafted this round is a candidate (``fuse`` sized the target's rows)
 
 
 def plan_round(state: PearlState, opts: RoundOptions) -> RoundPlan:
-    """Build both workers' requests for the next round from the state alone."""
+    """Build both workers' requests for the next round from the state alone. A fused round's target rows
+    cover the pending tokens only until ``fuse`` adds the window the draft returned."""
     mode = state.mode
     round_id = state.round_id + 1
-    num_steps = 0 if (not opts.use_draft or (mode is VerifyMode.POST and not opts.post_verify)) else opts.gamma
-    target_sits_out = mode is VerifyMode.PRE and not opts.pre_verify and num_steps > 0
+    post_idle = mode is VerifyMode.POST and not opts.post_verify and not opts.fused
+    num_steps = 0 if (not opts.use_draft or post_idle) else opts.gamma
+    target_sits_out = mode is VerifyMode.PRE and not opts.pre_verify and num_steps > 0 and not opts.fused
     num_rows = 0 if target_sits_out else len(state.pending) + 1
     seq_len = len(state.committed) + len(state.pending)
     return RoundPlan(
@@ -83,6 +91,13 @@ def plan_round(state: PearlState, opts: RoundOptions) -> RoundPlan:
         target=TargetRequest(round_id, len(state.committed), num_rows, state.last_update),
         verify_first_draft=num_rows > 0 and num_steps > 0,
     )
+
+
+def fuse(plan: RoundPlan, num_drafted: int) -> RoundPlan:
+    """A fused round's plan once its draft returned ``num_drafted`` tokens: the target's forward carries them
+    after the pending ones and gives a row per candidate plus the bonus row."""
+    return replace(plan, target=replace(plan.target, num_rows=plan.target.num_rows + num_drafted),
+                   verify_first_draft=num_drafted > 0, fused=True)
 
 
 def pearl_step(
@@ -109,13 +124,18 @@ def pearl_step(
         if target_out.num_rows != num_rows:
             raise RuntimeError(f"target returned {target_out.num_rows} rows, expected {num_rows}")
     drafted = chunk.draft_token_ids
-    # 2. Candidates: the pending window, then d[0] unless the target sits out or the draft produced nothing.
+    # 2. Candidates: the pending window, then d[0] unless the target sits out or the draft produced nothing
+    # (a fused round: the whole window drafted this round).
     take_first = bool(drafted) and plan.verify_first_draft
-    candidates = list(state.pending) + ([drafted[0]] if take_first else [])
-    positions = list(state.pending_positions) + ([0] if take_first else [])
+    take = (len(drafted) if plan.fused else 1) if take_first else 0
+    if plan.fused and num_rows != len(state.pending) + len(drafted) + 1:
+        raise RuntimeError(f"fused round {plan.round_id} planned {num_rows} rows for {len(state.pending)} pending "
+                           f"and {len(drafted)} drafted tokens")
+    candidates = list(state.pending) + list(drafted[:take])
+    positions = list(state.pending_positions) + list(range(take))
     cand_q = None
     if not opts.greedy and not opts.draft_greedy:
-        parts = [t for t in (state.pending_q, chunk.draft_probs[:1] if take_first else None) if t is not None]
+        parts = [t for t in (state.pending_q, chunk.draft_probs[:take] if take else None) if t is not None]
         cand_q = torch.cat(parts) if parts else None
     # 3. Verify: one coin per candidate in order; a bonus row exists only when the target has a row to spare.
     allow_bonus = num_rows > len(candidates)
@@ -137,7 +157,7 @@ def pearl_step(
         new_pending, new_q, new_pos = [], None, []
     else:
         appended = candidates
-        skip = 1 if take_first else 0
+        skip = take
         new_pending = list(drafted[skip:])
         new_pos = list(range(skip, len(drafted)))
         new_q = chunk.draft_probs[skip:] if chunk.draft_probs is not None and new_pending else None
