@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .rounds import RoundOptions
 
-if TYPE_CHECKING:
-    from ..config import SamplingParams
+
+class Params(Protocol):
+    """What the core reads of a request's sampling parameters; ``config.SamplingParams`` (validated, with
+    the defaults) is the one the engine builds."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...] | None
+    ignore_eos: bool
+    logprobs: int | None
 
 
 @dataclass(frozen=True)
@@ -18,7 +28,7 @@ class Request:
     """One generation: everything the loop needs, and nothing that refers back to the engine."""
 
     prompt_ids: tuple[int, ...]
-    params: SamplingParams
+    params: Params
     method: str
     rounds: RoundOptions
     seed: int
