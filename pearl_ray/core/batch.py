@@ -33,9 +33,10 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from .logprobs import TokenIds, logprob_rows, token_logprobs
-from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput, draft_start
+from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput
 from .metrics import GenerationStats, RoundTiming, overlap_s
 from .policy import SeqView, SpeculationPolicy
+from .request import draft_start
 from .rounds import PearlState, RoundOptions, RoundPlan, pearl_step, plan_round
 from .sampling import make_generator, sample, warp_probs
 from .sides import CausalLM, SeqMirror

@@ -9,12 +9,9 @@ state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
-
-if TYPE_CHECKING:
-    from .request import Request
 
 
 class DraftStart(NamedTuple):
@@ -26,13 +23,6 @@ class DraftStart(NamedTuple):
     top_p: float
     draft_greedy: bool
     seed: int
-
-
-def draft_start(request: "Request") -> DraftStart:
-    """The ``DraftStart`` of a request (the draft seeds its sampling generator from ``request.seed``)."""
-    p = request.params
-    return DraftStart(list(request.prompt_ids), p.temperature, p.top_k, p.top_p, request.rounds.draft_greedy,
-                      request.seed)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
+from .messages import DraftStart
 from .rounds import RoundOptions
 
 
@@ -42,3 +43,10 @@ class Request:
     def target_only(self) -> "Request":
         """The same request run on the target alone (the draft is down): still lossless."""
         return dataclasses.replace(self, rounds=dataclasses.replace(self.rounds, use_draft=False, pre_verify=True))
+
+
+def draft_start(request: Request) -> DraftStart:
+    """The ``DraftStart`` of a request (the draft seeds its sampling generator from ``request.seed``)."""
+    p = request.params
+    return DraftStart(list(request.prompt_ids), p.temperature, p.top_k, p.top_p, request.rounds.draft_greedy,
+                      request.seed)
