@@ -2,8 +2,9 @@
 
 Public surface: ``PearlEngine`` (``generate``, ``stream``, ``astream``), ``SamplingParams``,
 ``EngineConfig``, ``GenerationOutput``, ``StreamChunk``, ``GenerationStats`` and the typed errors.
-Layers: ``core`` (pure torch), ``modeling`` (transformers runners, model resolution), ``runtime`` (Ray),
-``backends`` (local and the protocol), ``evals``. See README.md for usage.
+Layers, lowest first (none imports a later one): ``platform`` (host threads), ``core`` (pure torch: the batched
+loop), ``modeling`` (transformers runners, model resolution), ``pair`` (a pair's models as the loop uses
+them), ``runtime`` (Ray), ``backends`` (local and the protocol), ``serve``, ``evals``. See README.md for usage.
 """
 
 from .config import EngineConfig, SamplingParams

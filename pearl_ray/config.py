@@ -38,7 +38,7 @@ CPU_KERNELS = ("onednn", "eager")
 DEFAULT_GAMMA = 4
 MAX_GAMMA = 16
 POLICY_MAX_GAMMA = 8
-"""The largest window the adaptive speculation policy tries (``gamma=None`` on the local backend)."""
+"""The largest window the adaptive speculation policy tries on the local backend (on Ray: the measured auto gamma)."""
 DEFAULT_MAX_NUM_SEQS = 8
 DEFAULT_MAX_PREFILL_TOKENS = 256
 """Prompt tokens per round by default (``EngineConfig.max_prefill_tokens_per_round``): on a 2-core CPU a
@@ -147,12 +147,13 @@ class EngineConfig:
     method: str = "pearl"
     """Default method of the engine's requests: "pearl", "sd" (vanilla speculative decoding) or "ar"."""
     gamma: int | None = DEFAULT_GAMMA
-    """Draft window; None = auto: locally the adaptive speculation policy (``core.policy``: each round's
-    window from measured forward costs and running acceptance, up to ``POLICY_MAX_GAMMA``); on Ray the
-    measured cost ratio. ``PearlEngine``'s default is None."""
+    """Draft window; None = auto: the adaptive speculation policy (``core.policy``: each round's window from
+    measured forward costs and running acceptance), up to ``POLICY_MAX_GAMMA`` locally and up to the
+    measured cost ratio on Ray (a tensor-parallel target keeps that ratio as a fixed window).
+    ``PearlEngine``'s default is None."""
     adaptive: bool = False
-    """Set when the engine resolves ``gamma=None`` on the local backend: requests follow the policy, and
-    ``gamma`` holds its largest window. Requests with an explicit ``gamma=`` keep a fixed window."""
+    """Set when the engine resolves ``gamma=None``: requests follow the policy, and ``gamma`` holds its
+    largest window. Requests with an explicit ``gamma=`` keep a fixed window."""
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     """Requests one pair decodes at once: locally a call's prompts (further ones join as slots free up); on
     Ray the calls in flight, which the target leader's continuous loop batches (``runtime.leader_loop``)."""

@@ -2,9 +2,11 @@
 PEARL, vanilla SD or target-only decoding, behind one API whatever the backend.
 
 One request path: ``stream``/``astream``/``generate`` build a ``config.Request`` (validated once: prompt,
-sampling parameters, method, gamma, lengths), wait their turn in the engine's bounded queue (requests to
-one pair run one at a time, in arrival order), and hand the request whole to the backend, which yields
-the committed tokens round by round. The engine turns those into ``StreamChunk`` deltas (ids and text).
+sampling parameters, method, gamma, lengths), wait their turn in the engine's bounded queue (in arrival
+order: locally one call at a time, whose prompts the batched loop decodes together; on Ray up to
+``max_num_seqs`` calls, which the target leader's loop batches), and hand the requests whole to the
+backend, which yields the committed tokens round by round. The engine turns those into ``StreamChunk``
+deltas (ids and text).
 """
 
 from __future__ import annotations
@@ -159,13 +161,14 @@ class PearlEngine:
         draft, target: local model dirs, preset names (``default-draft`` / ``default-target``) or hub ids.
             ``draft`` may be None when only ``method="ar"`` is used.
         method: default method: "pearl" | "sd" | "ar" (per call: ``method=``).
-        gamma: draft window in [1, 16], fixed; None (default): locally the adaptive speculation policy
-            picks each round's window (0 = plain decoding) from measured costs and running acceptance; on
-            Ray it is picked once from the measured cost ratio.
+        gamma: draft window in [1, 16], fixed; None (default): the adaptive speculation policy picks each
+            round's window (0 = plain decoding) from measured costs and running acceptance, up to
+            ``POLICY_MAX_GAMMA`` locally and up to the measured cost ratio on Ray (a tensor-parallel target
+            keeps that ratio as a fixed window).
         backend: "local" or "ray". device: "cpu" | "cuda" | "cuda:N". dtype: "float32" | "bfloat16" | "float16".
         pre_verify, post_verify: PEARL ablation switches. draft_greedy: argmax draft when sampling.
         num_threads: torch threads (local: this process; Ray: each worker).
-        max_queued: requests that may wait behind the running one before ``QueueFullError``.
+        max_queued: calls that may wait behind the running ones before ``QueueFullError``.
         draft_model, target_model, tokenizer, eos_token_ids: inject ready ``core.sides.CausalLM`` objects
             instead of loading (tests, custom runners).
         placement_group, bundle_indices: Ray only: run the draft and the target in these bundles of a

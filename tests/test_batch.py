@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pearl_ray import PearlEngine, SamplingParams
-from pearl_ray.backends import as_batched
+from pearl_ray.pair import as_batched
 from pearl_ray.config import EngineConfig, Request
 from pearl_ray.core.batch import BatchLoop, PerSlotLM, run_batch
 from pearl_ray.core.policy import CostModel, ForwardCosts, SeqView, SpeculationPolicy, breakeven_acceptance

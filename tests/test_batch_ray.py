@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from pearl_ray import PearlEngine, SamplingParams
-from pearl_ray.backends import as_batched
+from pearl_ray.pair import as_batched
 from pearl_ray.core.batch import BatchLoop, run_batch
 from pearl_ray.runtime.transports import RemoteDraftPhase
 from pearl_ray.runtime.workers import DraftWorker, HFModelFactory

@@ -1,4 +1,4 @@
-"""``core.batch.on_fresh_thread`` / ``adopt_thread_count``: one-off model work runs on a thread that ends
+"""``platform.on_fresh_thread`` / ``adopt_thread_count``: one-off model work runs on a thread that ends
 with it (so a worker's only long-lived OpenMP pool is its loop thread's), with the caller's thread count."""
 
 import threading
@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from pearl_ray.core.batch import adopt_thread_count, borrowed_threads, on_fresh_thread, torch_threads, usable_cpus
+from pearl_ray.platform import adopt_thread_count, borrowed_threads, on_fresh_thread, torch_threads, usable_cpus
 
 
 def test_runs_on_a_new_thread_that_ends_and_returns_the_result():

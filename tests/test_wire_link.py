@@ -1,6 +1,7 @@
-"""The draft's round messages as tensors (``runtime.wire``) and the target leader's gloo link to the draft
-(``runtime.link``, ``runtime.transports``), without Ray: both ends of the link run in this process, the
-draft loop on a thread."""
+"""The draft's batched round messages as tensors (``runtime.wire``) and the target leader's gloo link to the
+draft (``runtime.link``, ``transports.GlooDraftPhase``), without Ray: both ends of the link run in this
+process, the draft's loop on a thread. The reference is the in-process batched loop (``core.batch``) over
+the per-slot models (``PerSlotLM``)."""
 
 import threading
 import time
@@ -10,14 +11,11 @@ import torch
 
 from pearl_ray.runtime import wire
 from pearl_ray.runtime.link import GlooLink, draft_frame_handler, serve_rounds
-from pearl_ray.runtime.transports import GlooDraftChannel, GlooDraftPhase
+from pearl_ray.runtime.transports import GlooDraftPhase
 from pearl_ray.core.batch import BatchedDraftSide, BatchLoop, PerSlotLM, run_batch
 from pearl_ray.config import EngineConfig, Request, SamplingParams
-from pearl_ray.core.loop import LocalChannel, iter_request, start_draft
 from pearl_ray.core.messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate
-from pearl_ray.core.stopping import StopRule
 from pearl_ray.testing import SlowLM, TabularLM
-from pearl_ray.core.sides import DraftSide, TargetSide
 
 
 def _no_more(shape, dtype):
@@ -35,42 +33,6 @@ def _feeder(tensors):
     return recv
 
 
-@pytest.mark.parametrize("n_ids", [0, 3, wire.INLINE_IDS, wire.INLINE_IDS + 57])
-def test_requests_round_trip(n_ids):
-    ids = list(range(1000, 1000 + n_ids))
-    for req in (DraftRequest(7, 120, 5, SeqUpdate(6, 100, ids[: n_ids // 2], ids[n_ids // 2:])),
-                DraftRequest(7, 101, 0, SeqUpdate(6, 100, ids[:1], ids[1:])),
-                DraftRequest(1, 9, 0, None)):
-        tensors = wire.encode_request(req)
-        assert all(t.dtype == torch.int64 for t in tensors)  # ids never ride in a float tensor
-        assert wire.decode_request(tensors[0], _feeder(tensors[1:])) == req
-
-
-def test_replies_round_trip():
-    g = torch.Generator().manual_seed(0)
-    q = torch.softmax(torch.randn(4, 300, generator=g), -1)
-    replies = [DraftChunk(3, 50, [5, 6, 7, 2**40], q, 0.0123, 1.7e9 + 0.25),
-               DraftChunk(3, 50, [], None, 0.0, 0.0),
-               DraftChunk(3, 47, list(range(wire.INLINE_IDS + 9)), None, 0.05, 1.7e9)]
-    for msg in replies:
-        tensors = wire.encode_reply(msg)
-        got = wire.decode_reply(tensors[0], _feeder(tensors[1:]))
-        assert got.draft_token_ids == msg.draft_token_ids and (got.round_id, got.start_pos) == (3, msg.start_pos)
-        if msg.draft_probs is None:
-            assert got.draft_probs is None
-        else:
-            assert torch.equal(got.draft_probs, msg.draft_probs)  # bit-exact fp32
-        assert abs(got.busy_s - msg.busy_s) < 1e-8 and abs(got.started_at - msg.started_at) < 1e-5
-
-
-def test_start_round_trip():
-    prompt = list(range(300))
-    tensors = wire.encode_start(DraftStart(prompt, 0.7, 5, 0.9, True, 12345))
-    assert wire.decode_start(tensors[0], _feeder(tensors[1:])) == (prompt, 0.7, 5, 0.9, True, 12345)
-    with pytest.raises(ValueError):
-        wire.decode_request(wire.stop_frame(), _no_more)
-
-
 @pytest.mark.parametrize("prompt_len", [3, wire.INLINE_IDS + 40])
 def test_batched_rounds_round_trip(prompt_len):
     """Every slot's work in one message: starts (with their float settings), releases, requests with and
@@ -85,6 +47,8 @@ def test_batched_rounds_round_trip(prompt_len):
     tensors = wire.encode_batch({}, [], {4: DraftRequest(1, 2, 3, None)})
     assert len(tensors) == 1  # a plain round is a single 1 KiB frame
     assert wire.decode_batch(tensors[0], _no_more) == ({}, [], {4: DraftRequest(1, 2, 3, None)})
+    with pytest.raises(ValueError, match="not a batched round"):
+        wire.decode_batch(wire.stop_frame(), _no_more)
 
 
 def test_batched_replies_round_trip():
@@ -107,39 +71,23 @@ def test_batched_replies_round_trip():
         wire.decode_batch_reply(wire.encode_batch({}, [], {})[0], _no_more)
 
 
-def run_request(channel, request, stop):
-    """``iter_request`` drained: (output ids, stats)."""
-    it = iter_request(channel, request, stop)
-    while True:
-        try:
-            next(it)
-        except StopIteration as done:
-            return done.value
-
-
 class _DraftEnd:
-    """The draft worker's side of the link, as ``runtime.workers.DraftWorker`` runs it, on a thread."""
+    """The draft worker's end of the link, as ``runtime.workers.DraftWorker.serve_link`` runs it, on a thread.
+    ``fail_after``: rounds answered before ``batch_round`` raises ``failure`` (None: never)."""
 
-    def __init__(self, model, port, name, lane=None):
-        self.side = DraftSide(model)
+    def __init__(self, model, port, name, lane=None, fail_after=None, failure=None):
         self.batched = BatchedDraftSide(PerSlotLM(lambda: TabularLM(table=model.table)))
         self.batch_calls = 0
+        self.fail_after, self.failure = fail_after, failure
         self.link = GlooLink("127.0.0.1", port, 1, 2, name, timeout_s=60, connect_timeout_s=20, lane=lane)
         self.result = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def start(self, start):
-        start_draft(self.side, start)
-
-    def draft(self, req):
-        return self.side.draft(req)
-
-    def forwards(self):
-        return self.side.mirror.forwards
-
     def batch_round(self, starts, releases, reqs):  # as DraftWorker.batch_round
         self.batch_calls += 1
+        if self.fail_after is not None and self.batch_calls > self.fail_after:
+            raise self.failure
         for slot in releases:
             self.batched.release(slot)
         for slot, start in starts.items():
@@ -150,56 +98,11 @@ class _DraftEnd:
         self.result = serve_rounds(self.link, draft_frame_handler(self), reply_timeout_s=10, idle_timeout_s=30)
 
 
-def _request(prompt, gamma, temperature, seed, max_new_tokens):
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, ignore_eos=True)
-    req = Request(tuple(prompt), params, "pearl", EngineConfig().round_options("pearl", gamma, params.greedy), seed)
-    return req, StopRule.for_request(req, None)
-
-
-def _linked(draft_model, name, lane=None):
+def _linked(draft_model, name, lane=None, **end_options):
     leader = GlooLink("127.0.0.1", 0, 0, 2, name, timeout_s=60, connect_timeout_s=20, lane=lane)
-    end = _DraftEnd(draft_model, leader.port, name, lane)
+    end = _DraftEnd(draft_model, leader.port, name, lane, **end_options)
     leader.connect()
     return leader, end
-
-
-@pytest.mark.parametrize("temperature,lane", [(0.0, None), (1.0, None), (1.0, "gloo")])
-def test_link_channel_matches_local_and_survives_requests(temperature, lane):
-    """``lane="gloo"``: the probability rows take a second group (the CPU twin of the NCCL lane)."""
-    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
-    leader, end = _linked(draft, f"t-link-{lane}", lane)
-    try:
-        for prompt, seed in (([1, 2], 3), ([4, 5, 1], 4)):  # two requests over one link
-            req, stop = _request(prompt, 3, temperature, seed, 25)
-            want, want_stats = run_request(LocalChannel(draft, target), req, stop)
-            ch = GlooDraftChannel(TargetSide(target), leader, round_timeout_s=10)
-            got, stats = run_request(ch, req, stop)
-            ch.close()
-            assert got == want and ch.draft_ok
-            assert (leader.lane is not None) == (lane is not None)
-            assert stats.draft_forwards == want_stats.draft_forwards > 0
-            assert stats.rounds == want_stats.rounds
-    finally:
-        leader.send([wire.stop_frame()], 1, 5)
-        end.thread.join(10)
-        leader.close()
-    assert end.result == "stopped"
-
-
-def test_link_draft_timeout_finishes_on_target_alone():
-    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
-    stalls = SlowLM(draft, 3.0, after=5)  # fine for 5 forwards, then 3 s per forward
-    leader, end = _linked(stalls, "t-stall")
-    req, stop = _request([1, 2], 2, 0.0, 0, 20)
-    want, _ = run_request(LocalChannel(draft, target), req, stop)
-    ch = GlooDraftChannel(TargetSide(target), leader, round_timeout_s=0.5)
-    t0 = time.monotonic()
-    got, stats = run_request(ch, req, stop)
-    ch.close()
-    assert got == want and not ch.draft_ok and stats.draft_failures == 1 and stats.fallback_rounds > 0
-    assert time.monotonic() - t0 < 5
-    end.thread.join(15)  # its reply fails on the closed link and the loop ends
-    assert end.result is not None and end.result.startswith("link closed")
 
 
 def test_choose_lane():
@@ -235,39 +138,75 @@ def _batch_requests():
 @pytest.mark.parametrize("lane", [None, "gloo"])
 def test_batched_rounds_over_the_link_match_the_local_loop(lane):
     """Six requests (greedy and seeded sampled, pearl / sd / ar), at most 4 at once, so slots are started and
-    released mid-batch: the same tokens as the in-process batched loop, every round's drafting one message."""
+    released mid-batch: the same tokens, rounds and draft forwards as the in-process batched loop, every
+    round's drafting one message. Two batches over one link: the link serves request after request.
+    ``lane="gloo"``: the probability rows take a second group (the CPU twin of the NCCL lane)."""
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
-    want = run_batch(BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)),
-                               PerSlotLM(lambda: TabularLM(table=draft.table)), None, 4), _batch_requests())
+    local = BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)),
+                      PerSlotLM(lambda: TabularLM(table=draft.table)), None, 4)
     leader, end = _linked(draft, f"t-batch-{lane}", lane)
+    phase = GlooDraftPhase(leader, 10.0)
     try:
-        phase = GlooDraftPhase(leader, 10.0)
+        assert (leader.lane is not None) == (lane is not None)
         loop = BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), phase, None, 4)
-        got = run_batch(loop, _batch_requests())
-        assert [ids for ids, _ in got] == [ids for ids, _ in want]
-        assert all(s.draft_failures == 0 for _, s in got)
-        assert [s.drafted_tokens for _, s in got] == [s.drafted_tokens for _, s in want]
-        assert 0 < end.batch_calls <= loop.rounds
-        # every slot still held on the draft is released with the next round's message
-        assert set(end.batched.mirrors) <= set(phase._releases)
+        for batch in range(2):
+            want = run_batch(local, _batch_requests())
+            calls, rounds = end.batch_calls, loop.rounds
+            got = run_batch(loop, _batch_requests())
+            assert [ids for ids, _ in got] == [ids for ids, _ in want], batch
+            assert all(s.draft_failures == 0 and s.fallback_rounds == 0 for _, s in got)
+            assert [s.drafted_tokens for _, s in got] == [s.drafted_tokens for _, s in want]
+            assert [s.draft_forwards for _, s in got] == [s.draft_forwards for _, s in want]
+            assert [s.rounds for _, s in got] == [s.rounds for _, s in want]
+            assert any(s.draft_forwards > 0 for _, s in got)
+            assert 0 < end.batch_calls - calls <= loop.rounds - rounds
+            # every slot still held on the draft is released with the next round's message
+            assert set(end.batched.mirrors) <= set(phase._releases)
     finally:
         phase.close()
         end.thread.join(10)
     assert end.result == "stopped"
 
 
+def _greedy_target_only(target):
+    """The batch's greedy requests, and what the target alone decodes for them (every fault must give these)."""
+    greedy = [r for r in _batch_requests() if r.params.temperature == 0]
+    return greedy, run_batch(BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), None, None, 4), greedy)
+
+
+def _check_target_only(got, want, greedy, loop, leader):
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    assert loop.draft_failures == 1 and leader.pg is None  # the link was closed: the coordinator relinks
+    drafting = [s for (_, s), r in zip(got, greedy) if r.uses_draft]
+    assert drafting and all(s.draft_failures == 1 and s.fallback_rounds > 0 for s in drafting)
+
+
 def test_a_stalled_draft_over_the_link_turns_the_batch_target_only():
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
-    greedy = [r for r in _batch_requests() if r.params.temperature == 0]
-    want = run_batch(BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), None, None, 4), greedy)
+    greedy, want = _greedy_target_only(target)
     leader, end = _linked(draft, "t-batch-stall")
     end.batched = BatchedDraftSide(PerSlotLM(lambda: SlowLM(TabularLM(table=draft.table), 3.0, after=4)))
     loop = BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), GlooDraftPhase(leader, 0.5), None, 4)
     t0 = time.monotonic()
     got = run_batch(loop, greedy)
-    assert [ids for ids, _ in got] == [ids for ids, _ in want]
     assert time.monotonic() - t0 < 8
-    assert loop.draft_failures == 1 and leader.pg is None  # the link was closed: the coordinator relinks
-    assert all(s.draft_failures == 1 for (_, s), r in zip(got, greedy) if r.uses_draft)
+    _check_target_only(got, want, greedy, loop, leader)
     end.thread.join(15)
     assert end.result is not None and end.result.startswith("link closed")
+
+
+def test_a_round_the_draft_fails_turns_the_batch_target_only_at_once():
+    """The draft's round raises: its loop answers with an error frame (no wait for the round timeout), the
+    leader closes the link and the batch goes on target-only; the draft's loop then ends."""
+    target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)
+    greedy, want = _greedy_target_only(target)
+    leader, end = _linked(draft, "t-batch-error", fail_after=3, failure=RuntimeError("the draft's round broke"))
+    loop = BatchLoop(PerSlotLM(lambda: TabularLM(table=target.table)), GlooDraftPhase(leader, 20.0), None, 4)
+    t0 = time.monotonic()
+    got = run_batch(loop, greedy)
+    assert time.monotonic() - t0 < 10
+    _check_target_only(got, want, greedy, loop, leader)
+    assert end.batch_calls == 4
+    end.thread.join(15)
+    assert end.result is not None and end.result.startswith("link closed")
+

@@ -14,16 +14,16 @@ Each round's window comes from the ``SpeculationPolicy`` for requests built with
 (0: plain decoding that round); a request with a fixed ``gamma`` keeps it. A draft failure turns the
 requests it touched into target-only decoding (still lossless: the same greedy output).
 
-The sides here run one after the other in the caller's thread (the local backend). ``iter_request`` in
-``core.loop`` is the single-request loop the Ray workers run; ``PerSlotLM`` below is the slow reference of
-``BatchedLM`` (one single-request model per slot).
+This loop serves every request: the local backend steps it in the caller's thread, the Ray target leader
+in its loop thread (``runtime.leader_loop``). The draft is reached through a ``DraftPhase``: in this process
+in turn (``LocalDraftPhase``) or at once on its own thread (``ThreadedDraftPhase``), or in another actor
+(``runtime.transports``). ``PerSlotLM`` below is the slow reference of ``BatchedLM`` (one single-request
+model per slot), and the ``BatchedLM`` of models that have no slot cache of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -34,91 +34,18 @@ import torch
 
 from .logprobs import TokenIds, logprob_rows, token_logprobs
 from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput
-from .metrics import GenerationStats, RoundTiming
+from .metrics import GenerationStats, RoundTiming, overlap_s
 from .policy import SeqView, SpeculationPolicy
+from .request import draft_start
 from .rounds import PearlState, RoundOptions, RoundPlan, fuse, pearl_step, plan_round
 from .sampling import make_generator, sample, warp_probs
-from .loop import draft_start, overlap_s
 from .sides import CausalLM, SeqMirror
 from .stopping import StopRule
 from ..errors import CacheBudgetError, RequestFailed
+from ..platform import adopt_thread_count, torch_threads
 
 if TYPE_CHECKING:
     from .request import Request
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Run the body with ``n`` torch threads (None: leave the count alone)."""
-    before = torch.get_num_threads()
-    if not n or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one, else the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def borrowed_threads(wanted: int | None, own: int, cpus: int | None = None) -> int | None:
-    """Threads for the target's forwards when the draft idles (prompt passes, rounds without drafting): the
-    ``wanted`` count (its own threads plus the draft's) but never more than the CPUs this process may use
-    (2 + 2 threads on a 2-core machine ran the batched rounds ~0.55x as fast as 2); None when that is no
-    more than ``own``, i.e. nothing to borrow."""
-    if not wanted:
-        return None
-    n = min(int(wanted), cpus or usable_cpus())
-    return n if n > own else None
-
-
-def adopt_thread_count(n: int | None = None) -> None:
-    """Make this thread's torch intra-op settings ``n`` threads (None: the process's count). The counts of
-    OpenMP and MKL are per thread: a thread that never set them runs with ``OMP_NUM_THREADS`` (which Ray
-    sets to the actor's ``num_cpus``) whatever ``torch.get_num_threads()`` says. Call it first in a
-    long-lived thread that runs model forwards."""
-    torch.set_num_threads(int(n or torch.get_num_threads()))
-
-
-def on_fresh_thread(fn: Callable, *args, timeout_s: float | None = None, name: str = "pearl-compute",
-                    threads: int | None = None):
-    """Run ``fn(*args)`` on a new thread that ends with it; return its result or raise its error
-    (``TimeoutError`` past ``timeout_s``; the thread is left to finish).
-
-    Why a thread of its own: GNU OpenMP, torch's CPU thread pool, keeps a pool of worker threads for each
-    thread that ever ran a parallel region, for as long as that thread lives. Once the pools' threads outnumber
-    the CPUs, it stops letting idle workers spin and parks them on a futex, so every small op then pays a
-    wake-up. A worker whose model passes run on one long-lived thread (the target leader's loop) but whose
-    setup or cost measurement ran multi-threaded on another (an actor's task thread) decoded ~1.5x slower
-    at batch 8 on 2 cores. One-off work (loading, measuring) runs here instead: its pool goes with the
-    thread, and the loop's thread stays the only one with a pool. The caller's thread count is carried over
-    (or ``threads``)."""
-    threads = threads or torch.get_num_threads()
-    box: dict = {}
-
-    def body() -> None:
-        try:
-            adopt_thread_count(threads)
-            box["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            box["error"] = exc
-
-    t = threading.Thread(target=body, name=name, daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        raise TimeoutError(f"{getattr(fn, '__name__', 'the call')} did not finish in {timeout_s:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
 
 
 def reservation(request: "Request") -> int:

@@ -19,6 +19,10 @@ averaging ratios.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .messages import DraftChunk, TargetOutput
 
 
 @dataclass
@@ -56,6 +60,15 @@ class RoundTiming:
         d = asdict(self)
         d.update(draft_idle_s=self.draft_idle_s, target_idle_s=self.target_idle_s)
         return d
+
+
+def overlap_s(chunk: "DraftChunk | None", target_out: "TargetOutput | None") -> float:
+    """Time both sides were busy at once in a round, from their own start timestamps and busy durations."""
+    if chunk is None or target_out is None or not chunk.busy_s or not target_out.busy_s:
+        return 0.0
+    start = max(chunk.started_at, target_out.started_at)
+    end = min(chunk.started_at + chunk.busy_s, target_out.started_at + target_out.busy_s)
+    return max(0.0, end - start)
 
 
 @dataclass

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from .messages import DraftStart
 from .rounds import RoundOptions
 
-if TYPE_CHECKING:
-    from ..config import SamplingParams
+
+class Params(Protocol):
+    """What the core reads of a request's sampling parameters; ``config.SamplingParams`` (validated, with
+    the defaults) is the one the engine builds."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...] | None
+    ignore_eos: bool
+    logprobs: int | None
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,7 @@ class Request:
     """One generation: everything the loop needs, and nothing that refers back to the engine."""
 
     prompt_ids: tuple[int, ...]
-    params: SamplingParams
+    params: Params
     method: str
     rounds: RoundOptions
     seed: int
@@ -32,3 +43,10 @@ class Request:
     def target_only(self) -> "Request":
         """The same request run on the target alone (the draft is down): still lossless."""
         return dataclasses.replace(self, rounds=dataclasses.replace(self.rounds, use_draft=False, pre_verify=True))
+
+
+def draft_start(request: Request) -> DraftStart:
+    """The ``DraftStart`` of a request (the draft seeds its sampling generator from ``request.seed``)."""
+    p = request.params
+    return DraftStart(list(request.prompt_ids), p.temperature, p.top_k, p.top_p, request.rounds.draft_greedy,
+                      request.seed)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CPU_KERNELS
-from ..core.batch import torch_threads
+from ..platform import torch_threads
 from ..errors import InvalidParameterError, ModelNotFoundError, TokenizerMismatchError
 from .families import check_model, full_cache
 from .kernels import pack_linears
@@ -79,7 +79,7 @@ PREFILL_MIN_TOKENS = 32
 """A forward of at least this many tokens is a prompt pass (decoding rounds feed gamma + 1 at most)."""
 
 
-_threads = torch_threads  # torch threads for a block (one helper, in the core)
+_threads = torch_threads  # torch threads for a block (``modeling.batched`` imports it from here too)
 
 
 class VocabMap:

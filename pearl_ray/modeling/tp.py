@@ -5,11 +5,13 @@ builds a DeepSpeed inference engine over a torch.distributed world that holds **
 (the draft never joins it: DeepSpeed builds its TP group over the whole world, and on CPU its shared-memory
 all-reduce waits for every rank of the world, so a foreign rank hangs the first forward).
 
-Rank 0 runs the decoding loop. Its model is a ``TPLeaderModel``: every ``forward`` / ``crop`` / ``reset``
-first hands the operation to the other ranks by broadcasting a small int64 tensor over the TP group (the
-same group the all-reduces use), then runs it locally; the forwards of all ranks meet in AutoTP's
-all-reduces. The other ranks sit in ``follow``: receive an operation, run it, repeat until ``OP_STOP``.
-Only rank 0 reads the logits.
+Rank 0 runs the decoding loop over ``TPBatchedLeader``, the slot cache of the batched rounds: every
+operation first goes to the other ranks as a broadcast of a small int64 tensor over the TP group (the same
+group the all-reduces use), then runs locally; the forwards of all ranks meet in AutoTP's all-reduces.
+Rank 0's model itself is a ``TPLeaderModel``, a one-sequence ``CausalLM`` on each rank's own runner cache,
+apart from the slot cache: ``TargetLeader.time_forward`` times the target with it (the auto gamma of
+``Coordinator.measure``) and ``TargetLeader.score`` reads logits. The other ranks sit in ``follow``:
+receive an operation, run it, repeat until ``OP_STOP``. Only rank 0 reads the logits.
 
 Loading: ``load_sharded`` builds the model on the meta device and lets AutoTP read the checkpoint's
 safetensors files one by one, keeping each rank's slice only, so no rank ever holds the whole model (the
@@ -32,6 +34,7 @@ from ..errors import InvalidParameterError, ModelNotFoundError
 log = logging.getLogger(__name__)
 
 OP_FORWARD, OP_CROP, OP_RESET, OP_STOP = 1, 2, 3, 4
+"""``TPLeaderModel``'s operations on the runners' own one-sequence caches, and the end of ``follow``."""
 OP_BATCH_FORWARD, OP_BATCH_CROP, OP_BATCH_RELEASE = 5, 6, 7
 """The slot cache's operations (``modeling.batched``): one broadcast carries a whole batched forward."""
 HEADER = 4  # op, n_ids, num_logits, crop length
@@ -67,7 +70,8 @@ class TPGroup:
 
 
 class TPLeaderModel:
-    """Rank 0's ``core.sides.CausalLM``: the local shard's runner, with every operation mirrored to the group."""
+    """Rank 0's one-sequence ``core.sides.CausalLM`` (timing and scoring, apart from the slot cache): the local
+    shard's runner, with every operation mirrored to the group."""
 
     def __init__(self, runner, group: TPGroup):
         self.runner, self.group = runner, group

@@ -18,7 +18,8 @@ import queue
 import threading
 import time
 
-from ..core.batch import BatchLoop, Event, adopt_thread_count
+from ..core.batch import BatchLoop, Event
+from ..platform import adopt_thread_count
 from ..core.logprobs import TokenIds
 from ..errors import PearlError, TargetUnavailable
 
@@ -132,7 +133,7 @@ class LeaderLoop:
                 old.close()  # between rounds: nothing of it is in flight (a gloo phase stops its link)
 
     def _run(self) -> None:
-        adopt_thread_count(self.threads)  # the only long-lived thread of this process that runs forwards (core.batch.on_fresh_thread)
+        adopt_thread_count(self.threads)  # the long-lived thread that runs the target's forwards (``platform``)
         while True:
             try:
                 self._take(self.inbox.get(timeout=None if self.loop.idle else 0.0))

@@ -1,8 +1,8 @@
 """A private gloo link between the target leader (rank 0) and the draft worker (rank 1), and its setup.
 
-The leader's side of the rounds is ``transports.GlooDraftPhase`` (the batched rounds of the leader's loop;
-``transports.GlooDraftChannel`` is the single-request reference); the draft's side is ``serve_rounds``
-running ``draft_frame_handler`` in a long-running ``DraftWorker.serve_link`` call.
+The leader's side of the rounds is ``transports.GlooDraftPhase`` (the batched rounds of the leader's loop);
+the draft's side is ``serve_rounds`` running ``draft_frame_handler`` in a long-running
+``DraftWorker.serve_link`` call.
 
 Why torch.distributed's ``ProcessGroupGloo`` built directly on a ``TCPStore``, and not
 ``ray.util.collective`` or ``init_process_group``: those set up the process-wide default group, and a
@@ -20,8 +20,8 @@ for the decision on both ends, where the leader's verification runs.)
 Gloo facts this relies on (checked with torch 2.13 on CPU): point-to-point send/recv over TCP,
 about 0.25 ms for a 1 KiB round trip to two peers; a dead peer fails a pending ``wait`` at once
 ("connection closed by peer"); a ``wait`` that times out closes the pair for good. So a timeout or error
-breaks the link: the rest of the request runs on the target alone and the coordinator replaces the draft,
-which brings a fresh link for the next request.
+breaks the link: the requests the draft held go on on the target alone and the coordinator replaces the draft,
+which brings a fresh link for the requests that join after it.
 """
 
 from __future__ import annotations
@@ -155,7 +155,6 @@ class GlooLink:
         self.host, self.port = host, self.store.port
         self.timeout_s = timeout_s  # the group's default; every wait below passes its own
         self.pg = None
-        self._posted: dict[int, tuple] = {}
 
     def connect(self) -> None:
         """Join the group (blocks until every rank has joined, bounded by the store's timeout)."""
@@ -199,22 +198,12 @@ class GlooLink:
             self.wait(w, deadline - time.monotonic(), f"send to rank {dst}")
 
     def recv_frame(self, src: int):
-        """Post a receive for the next frame from ``src``; returns (work, frame buffer). A receive posted
-        ahead with ``prepost`` is handed out first (messages from one peer arrive in order)."""
-        posted = self._posted.pop(src, None)
-        if posted is not None:
-            return posted
+        """Post a receive for the next frame from ``src``; returns (work, frame buffer)."""
         frame = torch.empty(wire.FRAME, dtype=torch.int64)
         try:
             return self.pg.recv([frame], src, 0), frame
         except (RuntimeError, AttributeError) as exc:
             raise LinkError(f"recv: {str(exc)[:200]}") from exc
-
-    def prepost(self, src: int) -> None:
-        """Post the receive for ``src``'s next frame now, off the critical path (posting one costs
-        0.1-0.3 ms of CPU here), so that it is ready before the request that triggers the reply is sent."""
-        if src not in self._posted:
-            self._posted[src] = self.recv_frame(src)
 
     def recv_tensor(self, src: int, shape, dtype, timeout_s: float) -> torch.Tensor:
         """The next tensor from ``src`` (fp32 ones from the tensor lane when there is one), on the host."""
@@ -243,21 +232,13 @@ class GlooLink:
 
 
 def draft_frame_handler(worker) -> Callable:
-    """The draft's answers to the leader's frames, for ``serve_rounds``. ``worker`` has
-    ``start(DraftStart)``, ``draft(DraftRequest)``, ``forwards()`` (the single-request rounds) and
-    ``batch_round(starts, releases, reqs)`` (the batched rounds), as ``workers.DraftWorker`` does."""
+    """The draft's answer to each batched round's message, for ``serve_rounds``: ``worker`` has
+    ``batch_round(starts, releases, reqs)``, as ``workers.DraftWorker`` does."""
 
     def on_frame(frame, recv):
         op = int(frame[0])
         if op == wire.OP_BATCH:
             return wire.encode_batch_reply(worker.batch_round(*wire.decode_batch(frame, recv)))
-        if op == wire.OP_DRAFT:
-            return wire.encode_reply(worker.draft(wire.decode_request(frame, recv)))
-        if op == wire.OP_START:
-            worker.start(wire.decode_start(frame, recv))
-            return [wire.ack_frame()]
-        if op == wire.OP_COUNT:
-            return [wire.ack_frame(worker.forwards())]
         raise ValueError(f"unexpected op {op}")
 
     return on_frame

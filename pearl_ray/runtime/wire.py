@@ -1,10 +1,13 @@
-"""The draft's round messages as tensors, for the gloo link (``runtime.link``, ``runtime.transports``).
+"""The draft's batched round messages as tensors, for the gloo link (``runtime.link``,
+``transports.GlooDraftPhase``).
 
-A message is one fixed-size int64 *frame* (header plus up to ``INLINE_IDS`` token ids, so a typical round
-is a single send each way), then, only when needed, an int64 tensor with the ids that did not fit and an
-fp32 ``[rows, vocab]`` tensor of probabilities (sampling only). Token ids always travel as int64; nothing
-is packed into float tensors. Pure torch, no transport: ``encode_*`` return the tensors to send in order,
-``decode_*`` take the frame plus a ``recv(shape, dtype)`` callable that fetches the next tensor.
+A message is one fixed-size int64 *frame* (header plus up to ``INLINE_IDS`` ints of body, so a typical
+round is a single send each way), then, only when needed, an int64 tensor with the body that did not fit,
+and a float tensor (fp64 settings of the slots a round starts; fp32 ``[rows, vocab]`` probabilities of the
+draft's reply when it samples). Token ids always travel as int64; nothing is packed into float tensors.
+Pure torch, no transport: ``encode_*`` return the tensors to send in order, ``decode_*`` take the frame
+plus a ``recv(shape, dtype)`` callable that fetches the next tensor. Besides the two round messages there
+are a stop frame (the leader ends the draft's loop) and an error frame (the draft failed a round).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ INLINE_IDS = 112
 FRAME = HEADER + INLINE_IDS  # 128 int64 = 1 KiB
 
 # op codes (frame[0])
-OP_DRAFT, OP_STOP, OP_REPLY, OP_ERROR, OP_START, OP_COUNT, OP_ACK = 1, 3, 4, 5, 6, 7, 8
+OP_STOP, OP_ERROR = 3, 5
 OP_BATCH, OP_BATCH_REPLY = 9, 10  # a batched round (``core.batch``): every slot's work in one message
 
 Recv = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
@@ -51,77 +54,9 @@ def error_frame(round_id: int, code: int = 1) -> torch.Tensor:
     return _build([OP_ERROR, round_id, code])[0]
 
 
-def ack_frame(value: int = 0) -> torch.Tensor:
-    return _build([OP_ACK, value])[0]
-
-
-def count_frame() -> torch.Tensor:
-    return _build([OP_COUNT])[0]
-
-
-def encode_start(start: DraftStart) -> list[torch.Tensor]:
-    """frame: OP_START, n_prompt, top_k, draft_greedy, seed; prompt ids inline (+ overflow); then fp64
-    [temperature, top_p] (floats travel in their own tensor, never in the int frame)."""
-    s = start
-    return _build([OP_START, len(s.prompt_ids), s.top_k, int(s.draft_greedy), s.seed], s.prompt_ids) + [
-        torch.tensor([s.temperature, s.top_p], dtype=torch.float64)]
-
-
-def decode_start(frame: torch.Tensor, recv: Recv) -> DraftStart:
-    op, n, top_k, draft_greedy, seed = frame[:5].tolist()
-    if op != OP_START:
-        raise ValueError(f"not a start frame (op {op})")
-    ids = _get_ids(frame, n, recv)
-    temperature, top_p = recv((2,), torch.float64).tolist()
-    return DraftStart(ids, temperature, top_k, top_p, bool(draft_greedy), seed)
-
-
-def encode_request(req: DraftRequest) -> list[torch.Tensor]:
-    """frame: OP_DRAFT, round_id, start_pos, num_steps, has_update, update.round_id, committed_len_before,
-    n_appended, n_pending; ids = appended + pending."""
-    header = [OP_DRAFT, req.round_id, req.start_pos, req.num_steps, int(req.update is not None)]
-    if req.update is None:
-        return _build(header)
-    u = req.update
-    header += [u.round_id, u.committed_len_before, len(u.appended_token_ids), len(u.pending_token_ids)]
-    return _build(header, list(u.appended_token_ids) + list(u.pending_token_ids))
-
-
-def decode_request(frame: torch.Tensor, recv: Recv) -> DraftRequest:
-    op, round_id, start_pos, num, has_update, u_round, before, n_app, n_pend = frame[:9].tolist()
-    if op != OP_DRAFT:
-        raise ValueError(f"not a draft request frame (op {op})")
-    update = None
-    if has_update:
-        ids = _get_ids(frame, n_app + n_pend, recv)
-        update = SeqUpdate(u_round, before, ids[:n_app], ids[n_app:])
-    return DraftRequest(round_id, start_pos, num, update)
-
-
-def encode_reply(msg: DraftChunk) -> list[torch.Tensor]:
-    """frame: OP_REPLY, round_id, start_pos, n_ids, prob_rows, prob_cols, busy_ns, started_at_us; ids inline;
-    then overflow ids; then the fp32 draft probabilities (only when the draft samples)."""
-    ids, probs = msg.draft_token_ids, msg.draft_probs
-    rows, cols = (0, 0) if probs is None else tuple(probs.shape)
-    out = _build([OP_REPLY, msg.round_id, msg.start_pos, len(ids), rows, cols, int(msg.busy_s * 1e9),
-                  int(msg.started_at * 1e6)], ids)
-    if probs is not None:
-        out.append(probs.detach().to("cpu", torch.float32).contiguous())
-    return out
-
-
-def decode_reply(frame: torch.Tensor, recv: Recv) -> DraftChunk:
-    op, round_id, start_pos, n_ids, rows, cols, busy_ns, started_us = frame[:8].tolist()
-    if op != OP_REPLY:
-        raise ValueError(f"not a reply frame (op {op})")
-    ids = _get_ids(frame, n_ids, recv)
-    probs = recv((rows, cols), torch.float32) if rows else None
-    return DraftChunk(round_id, start_pos, ids, probs, busy_ns / 1e9, started_us / 1e6)
-
-
 # -- batched rounds: one message per round each way, every slot's work in it --------------------------------
-# The frame's header holds the op and the counts; its id area and the overflow tensor hold one flat int body
-# (the same ``_build`` layout as above), so a round with a few requests and short updates is a single frame.
+# The frame's header holds the op and the counts; its inline area and the overflow tensor hold one flat int
+# body (``_build``), so a round with a few requests and short updates is a single frame.
 
 
 def encode_batch(starts: dict[int, DraftStart], releases: list[int],

@@ -1,4 +1,4 @@
-"""Ray actors: thin shells over ``core.sides.DraftSide`` / ``core.sides.TargetSide``. No acceptance math here.
+"""Ray actors around the batched loop (``core.batch``). No acceptance math here.
 
 Each worker builds its model through an injected factory (a picklable callable returning
 ``(CausalLM, tokenizer or None)``), so tests hand in tiny models and real runs hand in ``HFModelFactory``.
@@ -6,9 +6,10 @@ On CPU each worker pins torch to its own thread count.
 
 ``TargetLeader`` is the leader of the target group (rank 0): its continuous loop (``leader_loop.LeaderLoop``)
 runs batched rounds over every request in flight, reaches the draft through a draft phase (the gloo link, or
-one actor call per round), and streams each request's committed tokens back as a Ray streaming generator. With a tensor-parallel target its model is a ``modeling.tp.TPLeaderModel``
-and the other ranks are ``TargetShard`` actors sitting in ``follow``. ``DraftWorker`` answers the leader's
-round messages.
+one actor call per round; colocated: the draft in this worker), and streams each request's committed tokens
+back as a Ray streaming generator. With a tensor-parallel target its model is a ``modeling.tp.TPLeaderModel``
+and the other ranks are ``TargetShard`` actors sitting in ``follow``. ``DraftWorker`` drafts the leader's
+batched rounds (``batch_round``: one actor call, or one message on the gloo link, per round).
 """
 
 from __future__ import annotations
@@ -20,13 +21,10 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..core.batch import BatchedDraftSide, LocalDraftPhase, adopt_thread_count, borrowed_threads, on_fresh_thread
-from ..core.loop import start_draft
-from ..core.messages import DraftRequest, DraftStart
-from ..core.sides import DraftSide, TargetSide, time_forward
-# (module-level imports: a method of an actor class that Ray pickles by value and that also names ``torch``
-# must not import ``backends`` itself, or cloudpickle takes the name for ``torch.backends`` and fails on it)
-from ..backends import as_batched, concurrent_draft, decoder, local_cost_model
+from ..core.batch import BatchedDraftSide, LocalDraftPhase
+from ..core.sides import time_forward
+from ..pair import as_batched, concurrent_draft, decoder, local_cost_model
+from ..platform import adopt_thread_count, borrowed_threads, on_fresh_thread, torch_threads
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ class _WorkerBase:
         self.threads = max(1, int(num_threads))
         torch.set_num_threads(self.threads)
         # Loading and measuring run on short-lived threads, the rounds on one long-lived one (the leader's
-        # loop, the draft's link loop): see ``core.batch.on_fresh_thread`` for why this matters on CPU.
+        # loop, the draft's link loop): see ``platform`` for why this matters on CPU.
         self.model, self.tokenizer = on_fresh_thread(model_factory, name="pearl-load")
         # This thread lives as long as the actor and runs no forwards. With GNU OpenMP a thread that ever ran a
         # parallel region keeps a team, and once the teams outnumber the cores every team's workers sleep
@@ -98,6 +96,8 @@ class _WorkerBase:
                 "placement_group": pg.id.hex() if pg else None}
 
     def time_forward(self, context_len: int = 128, num_tokens: int = 1, reps: int = 30, warmup: int = 5) -> float:
+        """Median time of a ``num_tokens``-token forward of one sequence after ``context_len`` cached
+        positions (``core.sides.time_forward``, on the model's own cache; ``Coordinator.measure``)."""
         vocab = max(2, min(self.model.vocab_size, 1000))
         context = [(7 * i) % vocab for i in range(context_len)]
         with self.lock:
@@ -111,30 +111,14 @@ class _WorkerBase:
 class DraftWorker(_WorkerBase):
     def __init__(self, model_factory, num_threads: int = 1):
         super().__init__(model_factory, num_threads)
-        self.side = DraftSide(self.model)
         self.batched = None  # the batched rounds' slots (built on first use)
 
-    def start(self, start: DraftStart) -> bool:
-        with self.lock:
-            start_draft(self.side, start)
-        return True
-
-    def draft(self, req: DraftRequest):
-        with self.lock:
-            return self.side.draft(req)
-
-    def forwards(self) -> int:
-        return self.side.mirror.forwards
-
-    # -- batched rounds (core.batch): one call per round carries every slot's work ------------------------
     def batch_round(self, starts: dict, releases: list, reqs: dict) -> dict:
         """Release and start slots, then draft every slot's round (``BatchedDraftSide``); returns slot ->
-        ``DraftChunk``. ``transports.RemoteDraftPhase`` calls it once per round."""
+        ``DraftChunk``. One call per round carries every slot's work: ``transports.RemoteDraftPhase`` calls it,
+        and over the gloo link ``serve_link`` does for each round's message."""
         with self.lock:
             if self.batched is None:
-                from ..backends import as_batched
-                from ..core.batch import BatchedDraftSide
-
                 self.batched = BatchedDraftSide(as_batched(self.model))
             for slot in releases:
                 self.batched.release(slot)
@@ -145,19 +129,15 @@ class DraftWorker(_WorkerBase):
     def measure_batched(self, max_rows: int, context: int = 128) -> object:
         """Seconds per batched one-token draft step against rows (``core.policy.ForwardCosts``), on a fresh slot
         cache over this worker's model."""
-        from ..backends import as_batched
         from ..core.policy import measure_forward_costs
 
         with self.lock:
             return on_fresh_thread(measure_forward_costs, as_batched(self.model), max_rows, (), context)
 
-    def batch_forwards(self, slot: int) -> int:
-        return self.batched.forwards(slot) if self.batched is not None else 0
-
     def serve_link(self, host: str, port: int, name: str, reply_timeout_s: float, idle_timeout_s: float,
                    connect_timeout_s: float, lane: str | None = None) -> str:
-        """The draft's end of the leader's gloo link (rank 1 of 2): answers start / draft / count frames
-        until stopped, the link breaks or it sits idle too long. Returns why it ended."""
+        """The draft's end of the leader's gloo link (rank 1 of 2): answers each batched round's message with
+        ``batch_round`` until stopped, the link breaks or it sits idle too long. Returns why it ended."""
         from .link import GlooLink, draft_frame_handler, serve_rounds
 
         link = GlooLink(host, port, 1, 2, name, timeout_s=idle_timeout_s, connect_timeout_s=connect_timeout_s,
@@ -168,8 +148,9 @@ class DraftWorker(_WorkerBase):
 
 @ray.remote
 class TargetLeader(_WorkerBase):
-    """Leader of the target group: runs each request's loop and decides (the draft is reached over the
-    transport the coordinator set up: a gloo link, or the draft's actor handle)."""
+    """Leader of the target group: runs the batched loop over every request in flight and decides (the draft
+    is reached over the transport the coordinator set up: a gloo link, or the draft's actor handle; or it
+    sits in this worker too)."""
 
     def __init__(self, model_factory, num_threads: int = 1, prefill_threads: int = 0, draft_factory=None,
                  schedule: str = "auto"):
@@ -189,7 +170,6 @@ class TargetLeader(_WorkerBase):
         borrowed = borrowed_threads(prefill_threads, self.threads)
         if borrowed and getattr(self.model, "device", None) == torch.device("cpu"):
             self.model.prefill_threads = borrowed  # HFCausalLM: prompt passes borrow the draft's cores
-        self.side = TargetSide(self.model)
         self.link = None  # the newest gloo link to the draft (held by ``phase`` once attached)
         self.draft_handle = None
         self.batch = None  # the continuous loop (leader_loop.LeaderLoop), started by the first request
@@ -277,7 +257,6 @@ class TargetLeader(_WorkerBase):
         ``list[int]`` of newly committed tokens as rounds commit them (with ``hold_s`` > 0 at most once per
         ``hold_s`` after the first: ``RequestStream.next_item``), then a final ``{"token_ids", "stats"}``
         dict. Every wait is bounded; a caller that goes away cancels the request (its slot is freed)."""
-        from ..backends import as_batched
         from .leader_loop import LeaderLoop
 
         with self.batch_lock:
@@ -307,8 +286,6 @@ class TargetLeader(_WorkerBase):
         a few token counts, the draft's batched steps in its actor; a few seconds) and use it for the batched
         rounds: each round's window from these costs and the requests' running acceptance, the sides running
         at the same time (``CostModel(parallel=True)``). A tensor-parallel group keeps fixed windows."""
-        from ..backends import as_batched
-        from ..core.batch import torch_threads
         from ..core.policy import CostModel, SpeculationPolicy, measure_forward_costs, policy_widths
         from ..modeling.tp import TPLeaderModel
 
@@ -321,8 +298,6 @@ class TargetLeader(_WorkerBase):
             t = measure_forward_costs(as_batched(self.model), max_num_seqs, policy_widths(max_gamma), context)
             t_alone = None
             if alone:  # rounds without drafting run on the draft's threads too
-                # (no ``torch`` global here: Ray pickles this class by value, and cloudpickle would take the
-                # ``backends`` import above for ``torch.backends`` and fail on it)
                 with torch_threads(alone):
                     t_alone = measure_forward_costs(as_batched(self.model), max_num_seqs, (), context)
             return t, t_alone
@@ -369,17 +344,15 @@ class TargetLeader(_WorkerBase):
         """Requests running and waiting in the continuous loop, and rounds run so far."""
         return self.batch.status() if self.batch is not None else {"running": 0, "waiting": 0, "rounds": 0}
 
-    def forwards(self) -> int:
-        return self.side.mirror.forwards
-
     def score(self, token_ids: list[int]) -> torch.Tensor:
-        """The target's logits at every position of ``token_ids`` (a fresh cache; for checks and evals)."""
+        """The target's logits at every position of ``token_ids`` (on the model's own single-sequence cache,
+        apart from the loop's slot cache; for checks)."""
         def run():
-            self.side.mirror.start([])
+            self.model.reset()
             try:
                 return self.model.forward(list(token_ids), len(token_ids))
             finally:
-                self.side.mirror.start([])
+                self.model.reset()
 
         with self.lock:
             return on_fresh_thread(run)
