@@ -5,6 +5,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep instead of spinning (GNU OpenMP spins for a while by default). The suite's models
+# are tiny and it runs beside its own Ray workers and subprocesses on few cores, where every spinning thread
+# takes a core from a process with work to do: on 2 busy cores some tests ran 5-8x slower. Read by libgomp
+# when torch loads, so set before any import of torch; subprocesses and Ray workers inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
