@@ -34,6 +34,23 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir):
     return {"target": str(target), "draft": str(draft)}
 
 
+@pytest.fixture(scope="session")
+def tiny_default_pair(tmp_path_factory):
+    """Environment variables that make the names ``default-target`` and ``default-draft`` resolve to a tiny
+    random pair (a word tokenizer with a chat template): ``PEARL_RAY_CACHE`` holds the target where the
+    embedded one would be converted to, ``PEARL_RAY_DRAFT_DIR`` the draft. For the tests of what runs on the
+    default names (the CLI without models, ``serve``, ``jobs/gpu_check.py``) where the embedded pair itself
+    is not the subject: ``test_default_pair.py`` runs that one end to end."""
+    from pearl_ray.modeling.default_pair import TARGET_DIRNAME
+    from pearl_ray.testing import CHAT_TEMPLATE, make_word_tokenizer, save_tiny_llama
+
+    root = tmp_path_factory.mktemp("default_pair")
+    tok = make_word_tokenizer(root / "tok", WORDS, CHAT_TEMPLATE)
+    save_tiny_llama(root / "cache" / TARGET_DIRNAME, seed=0, num_layers=2, tokenizer_dir=tok)
+    save_tiny_llama(root / "draft", seed=1, num_layers=1, tokenizer_dir=tok)
+    return {"PEARL_RAY_CACHE": str(root / "cache"), "PEARL_RAY_DRAFT_DIR": str(root / "draft")}
+
+
 @pytest.fixture
 def run_main(capsys):
     """``run_main(main, argv)``: a command's ``main(argv)`` in the test process, returning what the command line
