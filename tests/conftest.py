@@ -16,6 +16,15 @@ import pytest  # noqa: E402
 WORDS = [f"w{i}" for i in range(92)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _end_the_shared_ray():
+    """The modules with ``ray_utils.private_ray`` share one private Ray; it ends with the session."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     from pearl_ray.testing import make_word_tokenizer
@@ -55,13 +64,14 @@ def tiny_default_pair(tmp_path_factory):
 def run_main(capsys):
     """``run_main(main, argv)``: a command's ``main(argv)`` in the test process, returning what the command line
     would give (``returncode``, ``stdout``, ``stderr``). It saves a torch import and start-up per run; torch's
-    thread count and global RNG are restored afterwards."""
+    thread count, its global RNG and the environment (commands set variables for their workers) are restored
+    afterwards."""
     from types import SimpleNamespace
 
     import torch
 
     def run(main, argv: list[str]) -> SimpleNamespace:
-        threads, status = torch.get_num_threads(), 0
+        threads, status, environ = torch.get_num_threads(), 0, dict(os.environ)
         with torch.random.fork_rng(devices=[]):
             try:
                 status = main(argv) or 0
@@ -71,6 +81,8 @@ def run_main(capsys):
                 status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             finally:
                 torch.set_num_threads(threads)
+                os.environ.clear()
+                os.environ.update(environ)
         out = capsys.readouterr()
         return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
 

@@ -32,7 +32,7 @@ from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.serve import ServeConfig, build_app, make_app
 from pearl_ray.testing import SlowLM, TabularLM, save_tiny_llama
 
-from ray_utils import free_port, run_threads, wait_for
+from ray_utils import free_port, release_shared_ray, run_threads, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 openai = pytest.importorskip("openai")
@@ -43,6 +43,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 @pytest.fixture(scope="module")
 def cluster(tiny_default_pair):
+    release_shared_ray()  # this module's driver joins the head below
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # no 30 s drain at the end
@@ -60,7 +61,7 @@ def cluster(tiny_default_pair):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: _try_init(address), timeout_s=90, interval_s=1.0), "the Ray head did not come up"
+        assert wait_for(lambda: _try_init(address), timeout_s=90, interval_s=0.25), "the Ray head did not come up"
         yield SimpleNamespace(address=address, metrics=f"http://127.0.0.1:{metrics}/metrics", env=env)
     finally:
         try:
@@ -129,8 +130,7 @@ def server(cluster, tiny_models, tiny_tokenizer_dir):
     assert wait_for(running, timeout_s=300, interval_s=1.0)
     base = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(base=base, tiny=tiny_models, toy_target=target, toy_tokenizer=tok)
-    for name in ("tiny", "faults", "keyed"):
-        serve.delete(name)
+    # the apps go with the cluster fixture's serve.shutdown() (all at once; deleting each waits for it)
 
 
 def replica_status(app: str) -> dict:
