@@ -5,10 +5,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep instead of spinning (GNU OpenMP spins for a while by default). The suite's models
+# are tiny and it runs beside its own Ray workers and subprocesses on few cores, where every spinning thread
+# takes a core from a process with work to do: on 2 busy cores some tests ran 5-8x slower. Read by libgomp
+# when torch loads, so set before any import of torch; subprocesses and Ray workers inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(92)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _end_the_shared_ray():
+    """The modules with ``ray_utils.private_ray`` share one private Ray; it ends with the session."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -29,17 +43,35 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir):
     return {"target": str(target), "draft": str(draft)}
 
 
+@pytest.fixture(scope="session")
+def tiny_default_pair(tmp_path_factory):
+    """Environment variables that make the names ``default-target`` and ``default-draft`` resolve to a tiny
+    random pair (a word tokenizer with a chat template): ``PEARL_RAY_CACHE`` holds the target where the
+    embedded one would be converted to, ``PEARL_RAY_DRAFT_DIR`` the draft. For the tests of what runs on the
+    default names (the CLI without models, ``serve``, ``jobs/gpu_check.py``) where the embedded pair itself
+    is not the subject: ``test_default_pair.py`` runs that one end to end."""
+    from pearl_ray.modeling.default_pair import TARGET_DIRNAME
+    from pearl_ray.testing import CHAT_TEMPLATE, make_word_tokenizer, save_tiny_llama
+
+    root = tmp_path_factory.mktemp("default_pair")
+    tok = make_word_tokenizer(root / "tok", WORDS, CHAT_TEMPLATE)
+    save_tiny_llama(root / "cache" / TARGET_DIRNAME, seed=0, num_layers=2, tokenizer_dir=tok)
+    save_tiny_llama(root / "draft", seed=1, num_layers=1, tokenizer_dir=tok)
+    return {"PEARL_RAY_CACHE": str(root / "cache"), "PEARL_RAY_DRAFT_DIR": str(root / "draft")}
+
+
 @pytest.fixture
 def run_main(capsys):
     """``run_main(main, argv)``: a command's ``main(argv)`` in the test process, returning what the command line
     would give (``returncode``, ``stdout``, ``stderr``). It saves a torch import and start-up per run; torch's
-    thread count and global RNG are restored afterwards."""
+    thread count, its global RNG and the environment (commands set variables for their workers) are restored
+    afterwards."""
     from types import SimpleNamespace
 
     import torch
 
     def run(main, argv: list[str]) -> SimpleNamespace:
-        threads, status = torch.get_num_threads(), 0
+        threads, status, environ = torch.get_num_threads(), 0, dict(os.environ)
         with torch.random.fork_rng(devices=[]):
             try:
                 status = main(argv) or 0
@@ -49,6 +81,8 @@ def run_main(capsys):
                 status = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
             finally:
                 torch.set_num_threads(threads)
+                os.environ.clear()
+                os.environ.update(environ)
         out = capsys.readouterr()
         return SimpleNamespace(returncode=status, stdout=out.out, stderr=out.err)
 

@@ -18,10 +18,27 @@ def start_local_ray(num_cpus: int = 2, num_gpus: int = 2) -> None:
 
 
 def private_ray():
-    """A module fixture body: a private local Ray (2 CPUs, 2 fake GPUs), shut down after the module."""
-    start_local_ray()
+    """A module fixture body: the suite's shared private local Ray (2 CPUs, 2 fake GPUs). The first module
+    that needs it starts it and later modules reuse it (a start costs several seconds); a module that needs
+    another Ray calls ``release_shared_ray`` first, and the session ends it (``conftest.py``). A module that
+    leaves actors or placement groups behind gets it shut down, so the next one starts a clean one."""
+    if not ray.is_initialized():
+        start_local_ray()
     yield
-    ray.shutdown()
+    if not wait_for(resources_all_free, timeout_s=30, interval_s=0.2):
+        ray.shutdown()
+
+
+def resources_all_free() -> bool:
+    """Every CPU and GPU of the connected Ray is free (nothing this module made still holds them)."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return all(free.get(k, 0.0) >= v for k, v in total.items() if k in ("CPU", "GPU"))
+
+
+def release_shared_ray() -> None:
+    """Before a module starts or joins another Ray: shut down the shared one if it is up."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def toy_pair():

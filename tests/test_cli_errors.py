@@ -2,7 +2,9 @@
 before any model loads (or Ray starts). "Before" is shown by naming a model path that does not exist beside the
 bad value: the message must be about the value, not the path.
 
-The commands run concurrently (each imports torch, a few seconds) in one module fixture."""
+Three cases run as the real command (``python -m pearl_ray``: nothing else may reach stderr, and ``serve`` must
+not start Ray), concurrently in one module fixture since each imports torch; the other ``generate`` cases call
+the same ``main`` in this process."""
 
 import os
 import shutil
@@ -55,11 +57,27 @@ def _run(case_id: str) -> dict:
     return {"returncode": res.returncode, "stderr": res.stderr, "ray_files": ray_files}
 
 
+AS_COMMAND = ["empty-prompt", *SERVE_CASES]
+
+
 @pytest.fixture(scope="module")
 def results():
-    ids = [*GENERATE_CASES, *SERVE_CASES]
-    with ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2))) as pool:
-        return dict(zip(ids, pool.map(_run, ids)))
+    with ThreadPoolExecutor(max_workers=len(AS_COMMAND)) as pool:
+        return dict(zip(AS_COMMAND, pool.map(_run, AS_COMMAND)))
+
+
+@pytest.fixture
+def generate_result(results, run_main):
+    """``generate_result(case_id)``: the command's result, run as a command or in this process."""
+    from pearl_ray.cli import main
+
+    def get(case_id: str) -> dict:
+        if case_id in results:
+            return results[case_id]
+        res = run_main(main, ["generate", "--target", MISSING, *GENERATE_CASES[case_id][0]])
+        return {"returncode": res.returncode, "stderr": res.stderr}
+
+    return get
 
 
 def _check_one_line_error(res: dict, words: list[str]) -> str:
@@ -76,8 +94,8 @@ def _check_one_line_error(res: dict, words: list[str]) -> str:
 
 
 @pytest.mark.parametrize("case_id", list(GENERATE_CASES))
-def test_generate_input_error_is_one_line_before_models_load(results, case_id):
-    line = _check_one_line_error(results[case_id], GENERATE_CASES[case_id][1])
+def test_generate_input_error_is_one_line_before_models_load(generate_result, case_id):
+    line = _check_one_line_error(generate_result(case_id), GENERATE_CASES[case_id][1])
     assert "nonexistent" not in line and "does not exist" not in line, line  # checked before loading the target
 
 

@@ -23,7 +23,7 @@ from pearl_ray.evals.dispatch import PairPool, WorkItem
 from pearl_ray.evals.gsm8k_job import is_pair_failure, main
 from pearl_ray.evals.records import ResultsFile, read_records
 
-from ray_utils import free_port, start_local_ray, stop_process, wait_for
+from ray_utils import free_port, private_ray, release_shared_ray, stop_process, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -277,21 +277,23 @@ def check_outputs(out: Path, questions: int) -> list[dict]:
     return records
 
 
+@pytest.fixture
+def shared_ray():
+    """The suite's shared private Ray (``ray_utils.private_ray``), for one test."""
+    yield from private_ray()
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_job_end_to_end_and_resume(tiny_pair_long, tmp_path):
+def test_job_end_to_end_and_resume(tiny_pair_long, tmp_path, shared_ray):
     import ray
 
     out = tmp_path / "run"
-    start_local_ray(num_cpus=2, num_gpus=0)
-    try:
-        assert main(job_args(tiny_pair_long, out, "--limit", "2", "--no-colocate")) == 0
-        first = (out / "results.jsonl").read_bytes()
-        with open(out / "results.jsonl", "ab") as f:
-            f.write(b'{"qid": 2, "method": "ar", "new_tok')  # an interrupted write
-        assert main(job_args(tiny_pair_long, out, "--limit", "3", "--no-colocate")) == 0  # resume: only question 2 runs
-    finally:
-        ray.shutdown()
+    assert main(job_args(tiny_pair_long, out, "--limit", "2", "--no-colocate")) == 0
+    first = (out / "results.jsonl").read_bytes()
+    with open(out / "results.jsonl", "ab") as f:
+        f.write(b'{"qid": 2, "method": "ar", "new_tok')  # an interrupted write
+    assert main(job_args(tiny_pair_long, out, "--limit", "3", "--no-colocate")) == 0  # resume: only question 2 runs
     data = (out / "results.jsonl").read_bytes()
     assert data.startswith(first) and data.count(b"\n") == 9
     records = check_outputs(out, 3)
@@ -317,6 +319,7 @@ def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
+    release_shared_ray()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")
     old = os.environ.get("RAY_TMPDIR")

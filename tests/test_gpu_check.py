@@ -1,4 +1,7 @@
-"""jobs/gpu_check.py: the same checks on CPU (the report's shape, ok), the no-CUDA exit, the comparison logic."""
+"""jobs/gpu_check.py: the same checks on CPU (the report's shape, ok), the no-CUDA exit, the comparison logic.
+
+The check runs on the names ``default-draft`` / ``default-target``; here they lead to a tiny pair
+(``tiny_default_pair``), since what is checked is the script, not the embedded pair (test_default_pair.py)."""
 
 import importlib.util
 import json
@@ -39,9 +42,11 @@ def check_report(report: dict, backends: list[str], new_tokens: int = 16) -> Non
             assert 0.0 <= r["acceptance"] <= 1.0 and r["drafted_tokens"] > 0
 
 
-def test_cpu_local_check_writes_a_passing_report(gpu_check, tmp_path, capsys):
+def test_cpu_local_check_writes_a_passing_report(gpu_check, tmp_path, capsys, monkeypatch, tiny_default_pair):
     """Every local schedule gives the target's tokens; each run counts its rounds per schedule and their cost:
     forced in turn, PEARL never runs at once; forced at once, every drafting PEARL round does."""
+    for name, value in tiny_default_pair.items():
+        monkeypatch.setenv(name, value)
     out = tmp_path / "report.json"
     backends = ["local", "local-turn", "local-once"]
     args = [*SMALL[:-1], "2", "--backends", ",".join(backends), "--timeout-s", "300", "--out", str(out)]
@@ -59,9 +64,10 @@ def test_cpu_local_check_writes_a_passing_report(gpu_check, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_cpu_ray_check_in_a_subprocess(tmp_path):
+def test_cpu_ray_check_in_a_subprocess(tmp_path, tiny_default_pair):
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own private Ray
+    env.update(tiny_default_pair)
     proc = subprocess.run([sys.executable, str(SCRIPT), *SMALL, "--backends", "ray,ray-colocated", "--timeout-s", "240",
                            "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     report = json.loads(out.read_text())
@@ -118,11 +124,13 @@ def test_compare_finds_mismatches_and_dtype_agreement(gpu_check):
     assert gpu_check.first_diff([1, 2], [1, 2, 3]) == 2 and gpu_check.first_diff([1], [1]) is None
 
 
-def test_ulp_and_tie_classification(gpu_check):
+def test_ulp_and_tie_classification(gpu_check, monkeypatch, tiny_default_pair):
     assert gpu_check.ulp("bfloat16", 2.5) == 2.0 ** -6 and gpu_check.ulp("bfloat16", 20.25) == 2.0 ** -3
     assert gpu_check.ulp("float32", 1.0) == 2.0 ** -23
     from pearl_ray.modeling.resolve import load_tokenizer, resolve_path
 
+    for name, value in tiny_default_pair.items():
+        monkeypatch.setenv(name, value)
     tokenizer = load_tokenizer(resolve_path("default-target"))
     prompts = [{"name": "code-0", "text": "def add(a, b):\n"}]
     runs = {"local": {"float32": {"methods": {"ar": {"tokens": [[]]}}}}}

@@ -1,31 +1,33 @@
 """The measurement suite (training/measure_pair.py) end to end on a tiny pair: every family, both protocols, the
 cost ratio and the side-by-side speed table."""
 
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
 from pearl_ray.testing import CHAT_TEMPLATE, make_word_tokenizer, save_tiny_llama
 
+from ray_utils import private_ray
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_measure_suite_on_a_tiny_pair(tmp_path):
+@pytest.fixture
+def shared_ray():
+    """The suite's shared private Ray (``ray_utils.private_ray``): the suite's PEARL-on-Ray engine joins it."""
+    yield from private_ray()
+
+
+def test_measure_suite_on_a_tiny_pair(tmp_path, run_main, shared_ray):
+    """``python -m training.measure_pair``'s ``main`` in the test process (the command form is the same
+    ``main``); the chat family's prompts, built from the stdlib's sources, are cached in this process."""
+    from training.measure_pair import main
+
     tok = make_word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(92)], chat_template=CHAT_TEMPLATE)
     target = save_tiny_llama(tmp_path / "t", seed=0, tokenizer_dir=tok, max_position_embeddings=2048)
     draft = save_tiny_llama(tmp_path / "d", seed=1, num_layers=1, tokenizer_dir=tok, max_position_embeddings=2048)
     out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               RAY_TMPDIR=tempfile.mkdtemp(prefix="rm", dir="/tmp"))
-    res = subprocess.run([sys.executable, "-m", "training.measure_pair", "--draft", str(draft), "--target",
-                          str(target), "--num-prompts", "2", "--speed-prompts", "1", "--max-new-tokens", "12",
-                          "--pearl-gamma", "3", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    res = run_main(main, ["--draft", str(draft), "--target", str(target), "--num-prompts", "2", "--speed-prompts",
+                          "1", "--max-new-tokens", "12", "--pearl-gamma", "3", "--out", str(out)])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "LOSSLESSNESS FAILURE" not in res.stdout
     acc = pd.read_csv(out / "acceptance.csv")

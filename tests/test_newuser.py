@@ -2,6 +2,7 @@
 fail at once, tiny temperatures, lone surrogates, the CLI's defaults, the report's usage line."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -102,8 +103,8 @@ def test_a_lone_surrogate_is_a_prompt_error_everywhere(tmp_path):
         eng.encode("x \udfff")
 
 
-def _cli(*args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def _cli(*args, timeout=300, env=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", "pearl_ray", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=REPO)
 
@@ -122,10 +123,16 @@ def test_a_flag_typo_prints_generates_usage():
 
 
 @pytest.mark.slow
-def test_generate_without_models_uses_the_embedded_pair_and_says_what_gamma_did():
-    res = _cli("generate", "--prompt", "Q: 2 + 3?\nA:", "--max-new-tokens", "8", "--ignore-eos")
+def test_generate_without_models_uses_the_default_pair_and_says_what_gamma_did(tiny_default_pair):
+    """No --draft or --target: the CLI decodes with PEARL on ``default-draft`` / ``default-target``. Here those
+    names lead to a tiny pair (``tiny_default_pair``): its word vocabulary in the output shows they were the
+    ones loaded. The embedded pair itself runs in test_default_pair.py."""
+    res = _cli("generate", "--prompt", "Q: 2 + 3?\nA:", "--max-new-tokens", "8", "--ignore-eos",
+               env=tiny_default_pair)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "gamma: adaptive policy" in res.stdout and "--- pearl | 8 tokens" in res.stdout
+    text = res.stdout.split("--- pearl | 8 tokens", 1)[1].split("\n", 1)[1]
+    assert re.fullmatch(r"\s*(w\d+\s*|<unk>\s*|</?s>\s*|<pad>\s*)+", text), res.stdout
     assert "Loading weights" not in res.stdout + res.stderr and "it/s]" not in res.stderr
 
 

@@ -175,23 +175,26 @@ def test_real_forwards_overlap_within_rounds(engines, tmp_path_factory, tiny_tok
     assert overlapping >= 0.8 * len(rounds), [round(t.overlap_s * 1e3, 2) for t in rounds]
 
 
-def test_cli_on_the_ray_backend_matches_local(tiny_pair):
-    """``python -m pearl_ray generate --backend ray --transport gloo`` in its own process (its own Ray)."""
+def test_cli_on_the_ray_backend_matches_local(tiny_pair, run_main):
+    """``python -m pearl_ray generate --backend ray --transport gloo`` in its own process (its own Ray); the
+    local run is the same command's ``main`` in this process."""
     import json
     import os
     import subprocess
     import sys
     import tempfile
 
+    from pearl_ray.cli import main
+
     env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
                RAY_TMPDIR=tempfile.mkdtemp(prefix="rcli", dir="/tmp"))
-    base = [sys.executable, "-m", "pearl_ray", "generate", "--draft", tiny_pair["draft"], "--target",
-            tiny_pair["target"], "--prompt", "w1 w2", "--max-new-tokens", "12", "--temperature", "0",
-            "--ignore-eos", "--json", "--gamma", "3"]
-    outs = {}
-    for name, extra in (("local", []), ("ray", ["--backend", "ray", "--transport", "gloo"])):
-        res = subprocess.run(base + extra, capture_output=True, text=True, timeout=240, env=env)
-        assert res.returncode == 0, res.stderr[-2000:]
-        outs[name] = json.loads(res.stdout)["outputs"][0]
+    args = ["generate", "--draft", tiny_pair["draft"], "--target", tiny_pair["target"], "--prompt", "w1 w2",
+            "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos", "--json", "--gamma", "3"]
+    local = run_main(main, args)
+    assert local.returncode == 0, local.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "pearl_ray", *args, "--backend", "ray", "--transport", "gloo"],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    outs = {"local": json.loads(local.stdout)["outputs"][0], "ray": json.loads(res.stdout)["outputs"][0]}
     assert outs["ray"]["token_ids"] == outs["local"]["token_ids"]
     assert outs["ray"]["stats"]["draft_forwards"] > 0

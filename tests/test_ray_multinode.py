@@ -17,6 +17,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def cluster():
     from ray.cluster_utils import Cluster
 
+    from ray_utils import release_shared_ray
+
+    release_shared_ray()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")

@@ -1,8 +1,8 @@
 """The OpenAI-compatible endpoint on Ray Serve (``pearl_ray/serve``), over real HTTP on 127.0.0.1.
 
 One private Ray head for the module (``ray start --head --block`` on free ports, its own temp dir, a
-metrics export port), ended by its process handle. The CLI test runs first, on the embedded default pair,
-and stops its own Serve. Then two applications share one Serve instance:
+metrics export port), ended by its process handle. The CLI test runs first, on the default names (which lead
+to a tiny pair here: ``tiny_default_pair``), and stops its own Serve. Then two applications share one Serve instance:
 - ``tiny`` at ``/``: tiny random Llama models loaded from disk (a tokenizer with a chat template);
 - ``faults`` at ``/faults``: slow tabular models injected, for disconnects and killed workers;
 - ``keyed`` at ``/keyed``: tabular models behind API keys (one in its config, two in the head's environment).
@@ -32,7 +32,7 @@ from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.serve import ServeConfig, build_app, make_app
 from pearl_ray.testing import SlowLM, TabularLM, save_tiny_llama
 
-from ray_utils import free_port, run_threads, wait_for
+from ray_utils import free_port, release_shared_ray, run_threads, wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 openai = pytest.importorskip("openai")
@@ -42,11 +42,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tiny_default_pair):
+    release_shared_ray()  # this module's driver joins the head below
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # no 30 s drain at the end
-               PEARL_TEST_API_KEYS=" sk-env1 , sk-env2 ")  # the ``keyed`` app's ingress reads these
+               PEARL_TEST_API_KEYS=" sk-env1 , sk-env2 ",  # the ``keyed`` app's ingress reads these
+               **tiny_default_pair)  # the CLI test's default names, wherever they are resolved
     env.pop("RAY_ADDRESS", None)
     port, metrics, tmp = free_port(), free_port(), tempfile.mkdtemp(prefix="rs", dir="/tmp")
     head = subprocess.Popen(  # 8 logical CPUs: two apps' pairs (1 + 1 CPU each) and the CLI's fit at once
@@ -59,7 +61,7 @@ def cluster():
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: _try_init(address), timeout_s=90, interval_s=1.0), "the Ray head did not come up"
+        assert wait_for(lambda: _try_init(address), timeout_s=90, interval_s=0.25), "the Ray head did not come up"
         yield SimpleNamespace(address=address, metrics=f"http://127.0.0.1:{metrics}/metrics", env=env)
     finally:
         try:
@@ -128,8 +130,7 @@ def server(cluster, tiny_models, tiny_tokenizer_dir):
     assert wait_for(running, timeout_s=300, interval_s=1.0)
     base = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(base=base, tiny=tiny_models, toy_target=target, toy_tokenizer=tok)
-    for name in ("tiny", "faults", "keyed"):
-        serve.delete(name)
+    # the apps go with the cluster fixture's serve.shutdown() (all at once; deleting each waits for it)
 
 
 def replica_status(app: str) -> dict:
@@ -159,7 +160,7 @@ def metric_sum(samples, name: str, **labels) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-# -- the CLI, on the embedded default pair (runs first: it starts and stops its own Serve) -----------------
+# -- the CLI, on the default names (runs first: it starts and stops its own Serve) ---------------------------
 def test_cli_serves_the_default_pair_and_shuts_down(cluster):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pearl_ray", "serve", "--port", str(port), "--gamma", "4",
@@ -176,6 +177,7 @@ def test_cli_serves_the_default_pair_and_shuts_down(cluster):
         out = client.chat.completions.create(model="default-target", max_tokens=24, temperature=0,
                                              messages=[{"role": "user", "content": "What is 2 + 3?"}])
         assert out.choices[0].message.role == "assistant" and out.choices[0].message.content.strip()
+        assert all(w.startswith("w") for w in out.choices[0].message.content.split())  # the tiny pair's words
         assert 0 < out.usage.completion_tokens <= 24 and out.usage.prompt_tokens > 5
         pearl = out.model_extra["pearl"]
         assert pearl["method"] == "pearl" and pearl["gamma"] == 4 and pearl["verified_tokens"] > 0, pearl
