@@ -89,6 +89,7 @@ def test_prompts(tiny_tokenizer_dir):
 def test_bad_input_fails_before_models_load(tiny_pair_long, tmp_path, capsys, args, message):
     import ray
 
+    release_shared_ray()  # an earlier module's shared Ray: this checks that the job starts none
     base = ["--draft", tiny_pair_long["draft"], "--target", tiny_pair_long["target"], "--out", str(tmp_path / "o")]
     assert main(base + args) == 2
     err = capsys.readouterr().err
