@@ -16,12 +16,42 @@ import pytest  # noqa: E402
 WORDS = [f"w{i}" for i in range(92)]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _end_the_shared_ray():
-    """The modules with ``ray_utils.private_ray`` share one private Ray; it ends with the session."""
+SHARED_RAY = "shared_ray"
+"""The fixture of the tests that share one private Ray (``ray_utils.private_ray``)."""
+
+
+def _on_shared_ray(items) -> bool:
+    return all(SHARED_RAY in item.fixturenames for item in items)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules whose every test runs on the shared private Ray run one after another, where the first of them
+    was (the others keep their order), so that one Ray serves them all."""
+    modules: dict = {}
+    for item in items:
+        modules.setdefault(item.module, []).append(item)
+    shared = [m for m, its in modules.items() if _on_shared_ray(its)]
+    if len(shared) < 2:
+        return
+    order, placed = [], False
+    for module, its in modules.items():
+        if module in shared:
+            if not placed:
+                order += [it for m in shared for it in modules[m]]
+                placed = True
+        else:
+            order += its
+    items[:] = order
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a test on the shared Ray, shut the Ray down unless the next test runs on it too: the others find
+    no Ray running in this process (some check that a command starts none)."""
     yield
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if (SHARED_RAY in item.fixturenames and (nextitem is None or SHARED_RAY not in nextitem.fixturenames)
+            and ray is not None and ray.is_initialized()):
         ray.shutdown()
 
 

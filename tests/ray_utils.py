@@ -18,10 +18,12 @@ def start_local_ray(num_cpus: int = 2, num_gpus: int = 2) -> None:
 
 
 def private_ray():
-    """A module fixture body: the suite's shared private local Ray (2 CPUs, 2 fake GPUs). The first module
-    that needs it starts it and later modules reuse it (a start costs several seconds); a module that needs
-    another Ray calls ``release_shared_ray`` first, and the session ends it (``conftest.py``). A module that
-    leaves actors or placement groups behind gets it shut down, so the next one starts a clean one."""
+    """The body of a fixture named ``shared_ray`` (module-scoped and autouse where a whole module runs on
+    Ray): the suite's private local Ray (2 CPUs, 2 fake GPUs), shared by consecutive tests that request it.
+    The first starts it; ``conftest.py`` runs such modules one after another and shuts it down before any
+    test that does not request it (a start costs several seconds). A module that needs another Ray calls
+    ``release_shared_ray`` first. A module that leaves actors or placement groups behind gets it shut down,
+    so the next one starts a clean one."""
     if not ray.is_initialized():
         start_local_ray()
     yield

@@ -14,7 +14,7 @@ from pearl_ray.runtime.workers import DraftWorker, HFModelFactory
 from ray_utils import private_ray, run_threads, wait_for
 
 pytestmark = pytest.mark.ray
-local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
+shared_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
 PROMPTS = [[5, 9, 14, 3], [7], [20, 21, 22, 23, 24, 25, 26], [40, 41], [8, 8, 8], [60, 61, 62]]
 
 

@@ -9,15 +9,10 @@ from pearl_ray.testing import CHAT_TEMPLATE, make_word_tokenizer, save_tiny_llam
 from ray_utils import private_ray
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
+shared_ray = pytest.fixture(scope="module", autouse=True)(private_ray)  # the suite's PEARL-on-Ray engine joins it
 
 
-@pytest.fixture
-def shared_ray():
-    """The suite's shared private Ray (``ray_utils.private_ray``): the suite's PEARL-on-Ray engine joins it."""
-    yield from private_ray()
-
-
-def test_measure_suite_on_a_tiny_pair(tmp_path, run_main, shared_ray):
+def test_measure_suite_on_a_tiny_pair(tmp_path, run_main):
     """``python -m training.measure_pair``'s ``main`` in the test process (the command form is the same
     ``main``); the chat family's prompts, built from the stdlib's sources, are cached in this process."""
     from training.measure_pair import main

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROMPTS = [[1, 2], [3], [4, 5, 1]]
 
 
-local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
+shared_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
 
 
 @pytest.fixture

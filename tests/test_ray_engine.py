@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PROMPTS = [[1, 2], [3], [4, 5, 1]]
 
 
-local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
+shared_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
 
 
 def test_stream_threads_and_tasks_on_one_engine():

@@ -14,7 +14,7 @@ from ray_utils import private_ray, run_threads
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-local_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
+shared_ray = pytest.fixture(scope="module", autouse=True)(private_ray)
 PROMPTS = [[1, 5, 9, 13], [2, 7]]
 RES = {"draft_num_cpus": 0.5, "target_num_cpus": 0.5}
 
