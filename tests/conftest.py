@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # takes a core from a process with work to do: on 2 busy cores some tests ran 5-8x slower. Read by libgomp
 # when torch loads, so set before any import of torch; subprocesses and Ray workers inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if sys.prefix != sys.base_prefix:  # in a venv: its own cache of torch's JIT-built ops, as `make` sets (Makefile)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import pytest  # noqa: E402
 
