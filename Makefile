@@ -41,13 +41,16 @@ $(STAMP): requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) jobs/eval_gsm8k.py --limit 3 --max-new-tokens 64 $(DEMO_ARGS)
 
-# the whole suite (what CI runs, .ci/run); it starts its own private Ray instances on 127.0.0.1
+# the whole suite (what CI runs, .ci/run); it starts its own private Ray instances on 127.0.0.1. Two pytest-xdist
+# workers, a test module each at a time: the suite waits on Ray and on subprocesses much of the time, and one
+# process keeps about one core busy. PYTEST_WORKERS=0 runs it in this one process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests
 
 # the suite without the tests marked slow (statistical tests, model loading)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # per-round overhead of each draft transport, then batch-1 latency of AR, SD, HF assisted generation and PEARL
 bench: $(STAMP)

@@ -57,6 +57,25 @@ def pytest_runtest_teardown(item, nextitem):
         ray.shutdown()
 
 
+@pytest.fixture
+def ray_default_ports():
+    """For a test that starts Ray processes binding Ray's fixed default ports, or needs them free
+    (``ray_utils.default_ports_lock``)."""
+    from ray_utils import default_ports_lock
+
+    with default_ports_lock():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_default_ports_module():
+    """``ray_default_ports`` for a module's cluster."""
+    from ray_utils import default_ports_lock
+
+    with default_ports_lock():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     from pearl_ray.testing import make_word_tokenizer

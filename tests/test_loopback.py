@@ -54,7 +54,8 @@ def listening(pid: int) -> list[tuple[str, int, str]]:
     return out
 
 
-def test_serve_as_a_user_runs_it_listens_on_loopback_only_and_a_second_ray_starts_beside_it(tiny_default_pair):
+def test_serve_as_a_user_runs_it_listens_on_loopback_only_and_a_second_ray_starts_beside_it(tiny_default_pair,
+                                                                                            ray_default_ports):
     import openai
 
     port, tmp = free_port(), tempfile.mkdtemp(prefix="lb", dir="/tmp")

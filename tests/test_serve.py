@@ -41,7 +41,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(ray_default_ports_module):
     release_shared_ray()  # this module's driver joins the head below
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
