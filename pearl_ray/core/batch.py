@@ -565,6 +565,13 @@ class BatchLoop:
                 self._release_draft(seq.slot)
         self.draft_failures += 1
 
+    def _reads_chunks(self, seq: _Seq) -> bool:
+        """Whether the draft caches ``seq``'s prompt chunk by chunk, with the target. An adaptive request on a
+        draft in this process does not: its chunks would lengthen rounds that the policy may never draft in,
+        so the draft reads the prompt in the first round that drafts for it (the policy prices that catch-up
+        as ``SeqView.behind``). A draft in another worker reads chunks while the target works."""
+        return seq.drafts and not (seq.opts.adaptive and isinstance(self.draft, LocalDraftPhase))
+
     def _draft_busy(self) -> bool:
         """A timed-out round at once still runs on the draft's thread (``ThreadedDraftPhase.busy``)."""
         return self.concurrent is not None and self.concurrent.busy()
@@ -646,6 +653,10 @@ class BatchLoop:
                 failed[s] = exc
         seqs = [s for s in ready if s not in failed]
         context = max((len(s.state.committed) for s in seqs), default=0)  # the forwards' longest row, before
+        # a drafting request whose first step reads more than rounds leave behind (a deferred prompt, rounds
+        # it sat out): that forward is no draft step's cost, and the policy must not learn from it
+        catch_up = any(len(s.state.committed) - s.draft_seen > 2 * (s.opts.gamma + 1)
+                       for s in seqs if s.drafts and plans[s].draft.num_steps > 0)
         at_once = schedule == "once" and self.concurrent is not None
         phase = self.concurrent if at_once else self.draft
         wall0, t0 = time.time(), time.perf_counter()
@@ -662,7 +673,7 @@ class BatchLoop:
         drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
         if not drafting:
             schedule = "plain"
-        draft_busy = drafting or any(s.drafts for s in prompt_chunks)  # drafting, or caching a prompt chunk
+        draft_busy = drafting or any(self._reads_chunks(s) for s in prompt_chunks)  # drafting, or caching a chunk
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
         threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
         with torch_threads(threads), self._target_stream(draft_busy and at_once):
@@ -672,6 +683,8 @@ class BatchLoop:
         t2 = time.perf_counter()
         if self.policy is not None and not prompt_pass:
             draft_s = max((c.busy_s for c in chunks.values()), default=0.0)
+            if catch_up:
+                draft_s = 0.0
             self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s,
                                 schedule if schedule != "plain" else None, context)
         self.rounds += 1
@@ -715,7 +728,7 @@ class BatchLoop:
         prompt, to the draft (it may work meanwhile, e.g. in another actor) and return a function that
         collects the chunks."""
         chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}
-        prefill = {s: len(s.target.cached) + n for s, n in (prompt_chunks or {}).items() if s.drafts}
+        prefill = {s: len(s.target.cached) + n for s, n in (prompt_chunks or {}).items() if self._reads_chunks(s)}
         # Only requests that draft this round are sent: a round with no drafting at all makes no call (on Ray,
         # no actor round trip). A holder left out misses this round's mirror update; the next time it
         # drafts it carries its whole sequence instead (the draft keeps its cache where it still matches).
