@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(g, GENERATE_OPTIONS, defaults={"gamma": 0, "transport": None})
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     sampling = SamplingParams()  # the request options: defaults (and, in check_generate_args, checks) are its own
-    for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int), ("seed", int)):
+    for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int),
+                       ("seed", int)):
         g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(sampling, name))
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="fixed-length output (the paper's protocol)")

@@ -64,7 +64,7 @@ JobSettings = dataclasses.make_dataclass("JobSettings", [
     ("shuffle", bool), ("seed", int), ("prompt_format", str), ("num_shots", int), ("protocol", str),
     ("max_new_tokens", int), ("temperature", float), ("num_pairs", int), ("max_attempts", int), ("out", str),
     *option_fields(ENGINE_OPTIONS, JOB_DEFAULTS)], frozen=True)
-JobSettings.__doc__ = """The job's checked settings (``config.json``'s "settings"): its own, then the engine's options."""
+JobSettings.__doc__ = """The job's checked settings (``config.json``'s "settings"): its own, then the engine options."""
 JobSettings.__module__ = __name__
 
 
