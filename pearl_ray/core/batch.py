@@ -24,6 +24,7 @@ model per slot), and the ``BatchedLM`` of models that have no slot cache of thei
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -46,6 +47,8 @@ from ..platform import adopt_thread_count, torch_threads
 
 if TYPE_CHECKING:
     from .request import Request
+
+log = logging.getLogger(__name__)
 
 
 def reservation(request: "Request") -> int:
@@ -464,6 +467,9 @@ class BatchLoop:
         self.draft_failures = 0
         self.request_failures = 0
         """Requests ended alone with ``RequestFailed`` (the batch went on)."""
+        self.retry_without_joiners = True
+        """A target forward that carried prompt passes and raised fails those requests alone and runs again
+        without them (``_target_forward``); False: its error is the batch's."""
 
     # -- membership --------------------------------------------------------------------------------------
     def add(self, request: "Request", key: object = None) -> object:
@@ -616,7 +622,11 @@ class BatchLoop:
                     request, self.kv_budget))))
         while self.waiting and len(self.active) < self.max_num_seqs and self._fits(self.waiting[0][1]):
             key, request = self.waiting.popleft()  # in arrival order: one that must wait holds the others back
-            self.active.append(self._join(key, request))
+            try:
+                self.active.append(self._join(key, request))
+            except Exception as exc:  # noqa: BLE001 - e.g. its stop rule cannot be built: this request's alone
+                self.request_failures += 1
+                refused.append(Event(key, [], True, error=_request_failed(exc)))
         if not self.active:
             return refused
         # A request whose own work raises (its plan, its rows' sampling, its stop rule) ends alone with
@@ -677,7 +687,7 @@ class BatchLoop:
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
         threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
         with torch_threads(threads), self._target_stream(draft_busy and at_once):
-            outs, width = self._target_phase(seqs, plans, failed, prompt_chunks, windows)
+            outs, width = self._target_forward(seqs, plans, failed, prompt_chunks, windows)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
@@ -705,9 +715,54 @@ class BatchLoop:
         """End one request with ``RequestFailed``; its slots are freed and the others carry on."""
         self._leave(seq)
         self.request_failures += 1
-        return Event(seq.key, [], True, error=RequestFailed(
-            f"this request failed in the decoding loop and was ended; the others went on: "
-            f"{type(exc).__name__}: {str(exc)[:300]}"))
+        return Event(seq.key, [], True, error=_request_failed(exc))
+
+    def _target_forward(self, seqs: list[_Seq], plans: dict, failed: dict, prompt_chunks: dict[_Seq, int],
+                        windows: dict[_Seq, list[int]]) -> tuple[dict, int]:
+        """``_target_phase``, where a forward that carried prompt tokens and raised is taken for the joining
+        requests' fault, not the batch's: a prompt pass is the part of a forward that grows with one request
+        (a long prompt that runs the device out of memory), and the slot cache runs it apart from the
+        decoding rows. The joining requests (their prompt not yet all cached) give up their slots, the
+        others' slots are cropped back to what their mirrors hold (the decoding rows may have run before the
+        prompt pass raised), and the forward runs again without them. If that one raises too, the error is
+        the batch's and propagates (the loop's owner fails every request; on Ray the worker is replaced).
+        Then each joining request runs its part alone, unless it was the only one: those that raise again
+        fail alone (``RequestFailed``), the others carry on. ``retry_without_joiners`` False (a
+        tensor-parallel group, whose ranks must run the same forwards) always propagates."""
+        forwards = {s: s.target.forwards for s in [*seqs, *prompt_chunks]}
+        try:
+            return self._target_phase(seqs, plans, failed, prompt_chunks, windows)
+        except Exception as exc:
+            joining = [s for s in [*seqs, *prompt_chunks]
+                       if s not in failed and len(s.target.cached) < s.state.prompt_len]
+            returned = any(s.target.forwards != n for s, n in forwards.items())  # it raised after the forward
+            if not joining or returned or not self.retry_without_joiners:
+                raise
+            log.warning("a forward with %d prompt pass(es) failed (%s: %s); it runs again without them",
+                        len(joining), type(exc).__name__, str(exc)[:200])
+            for s in joining:  # whatever part of its prompt pass went in: a retry reads the prompt from the start
+                self.target.release(s.slot)
+                s.target.cached = []
+            for s in self.active:
+                if s not in failed and s not in joining:
+                    self.target.crop(s.slot, len(s.target.cached))
+            rest = [s for s in seqs if s not in joining]
+            outs, width = self._target_phase(rest, plans, failed, {s: n for s, n in prompt_chunks.items()
+                                                                   if s not in joining}, windows)
+            if len(joining) == 1:
+                failed[joining[0]] = exc
+                return outs, width
+            for s in joining:  # which of them it was: each alone
+                try:
+                    alone, w = self._target_phase([s] if s in seqs else [], plans, failed,
+                                                  {s: prompt_chunks[s]} if s in prompt_chunks else {}, windows)
+                except Exception as own:  # noqa: BLE001 - this request's alone
+                    failed[s] = own
+                    self.target.release(s.slot)
+                    continue
+                outs.update(alone)
+                width = max(width, w)
+            return outs, width
 
     @contextlib.contextmanager
     def _target_stream(self, at_once: bool):
@@ -825,6 +880,11 @@ class BatchLoop:
             s.target_forwards += 1
             req, p = plans[s].target, s.request.params
             rows = logits[s.slot]
+            # NaN anywhere, +inf, or a row with no finite logit: no decision can come from it (greedy too:
+            # argmax would pick a NaN's index). The amax is small next to the forward, and on the host already.
+            if not bool(torch.isfinite(rows.amax(-1)).all()):
+                failed[s] = FloatingPointError("the target's logits for this request are not finite")
+                continue
             if s.logprobs is not None:  # only requests that asked: the raw distribution of each verified row
                 s.round_rows = logprob_rows(rows)
             if p.temperature == 0.0:
@@ -894,6 +954,11 @@ class BatchLoop:
             if clear is not None:
                 clear()
         return events
+
+
+def _request_failed(exc: BaseException) -> RequestFailed:
+    return RequestFailed(f"this request failed in the decoding loop and was ended; the others went on: "
+                         f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 def run_batch(loop: BatchLoop, requests: list["Request"],
