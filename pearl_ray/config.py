@@ -190,6 +190,10 @@ class EngineConfig:
     """On CPU, how linear layers run: ``"onednn"`` through oneDNN with weights packed at load time (2-3x
     faster per decode step here; ``modeling.kernels``), ``"eager"`` torch's default GEMM. Tensor-parallel
     targets keep DeepSpeed's layers."""
+    compile: bool = False
+    """Local backend: run both models' decoding forwards through ``torch.compile(fullgraph=True)``, rows and
+    widths padded to buckets (``modeling.batched``), as CUDA graphs on CUDA (``mode="reduce-overhead"``).
+    Each bucket compiles on its first use. Off by default: on CPU it does not pay."""
     num_threads: int | None = None
     """torch threads per model (local) or per worker (Ray; None = the worker's CPU count, at least 1)."""
     prefill_threads: int | None = None
