@@ -81,9 +81,12 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         s = self.store
-        # advanced indices around a slice: the indexed shape is [B, T, heads, dim]
-        self.keys[s.row_index[:, None], :, s.pos] = key_states.transpose(1, 2)
-        self.values[s.row_index[:, None], :, s.pos] = value_states.transpose(1, 2)
+        index = s.flat.get(self.heads)
+        if index is None:  # the first forward (the layer was just allocated)
+            index = s.flat[self.heads] = flat_index(s.row_index, s.pos, self.heads, self.keys.shape[2])
+        # one copy per layer: rows of head_dim values into the flattened store (cheaper than indexing it 4D)
+        self.keys.view(-1, self.k_dim).index_copy_(0, index, key_states.reshape(-1, self.k_dim))
+        self.values.view(-1, self.v_dim).index_copy_(0, index, value_states.reshape(-1, self.v_dim))
         if s.mode == "new":
             return key_states, value_states
         if s.mode == "row":
@@ -127,6 +130,12 @@ class SlotStore(Cache):
             raise ValueError(f"unknown slot store mode {mode!r}")
         self.mode, self.row_index, self.pos, self.kv_len = mode, row_index, pos, int(kv_len)
         self.batch, self.first_row = int(pos.shape[0]), int(first_row)
+        # where each (row, head, column) goes in a layer's store viewed as [rows * heads * length, dim], per
+        # head count (what every layer of that count shares this forward)
+        self.flat = {}
+        for layer in self.layers:
+            if layer.is_initialized and layer.heads not in self.flat:
+                self.flat[layer.heads] = flat_index(row_index, pos, layer.heads, self.length)
 
     def ensure(self, rows: int, length: int) -> bool:
         """Make room for ``rows`` rows of ``length`` positions; True when the store was reallocated."""
@@ -204,3 +213,14 @@ def slot_mask(pos: torch.Tensor, fed: torch.Tensor, kv_len: int, windows: dict[s
 
 def _round_up(n: int) -> int:
     return -(-n // LENGTH_STEP) * LENGTH_STEP
+
+
+def flat_index(row_index: torch.Tensor, pos: torch.Tensor, heads: int, length: int) -> torch.Tensor:
+    """``[B * heads * T]``: the index, in a ``[rows, heads, length, dim]`` store viewed as ``[-1, dim]``, of
+    each entry of a ``[B, heads, T, dim]`` tensor written at store row ``row_index[b]``, position
+    ``pos[b, t]``, in that tensor's own order (b, then head, then t).
+
+    Example: row_index = [1], pos = [[4, 5]], 2 heads, length 8 -> [20, 21, 28, 29]
+    """
+    h = torch.arange(heads, device=pos.device)
+    return ((row_index[:, None, None] * heads + h[None, :, None]) * length + pos[:, None, :]).reshape(-1)
