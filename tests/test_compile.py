@@ -3,7 +3,7 @@ with the tiny Llama pair.
 
 - Graph-safe: the decoder step over the slot store traces as one graph with no graph break
   (``torch._dynamo.explain``) at every (rows, width) bucket of the target's verify forwards and every rows
-  bucket of the draft's one-token steps.
+  bucket of the draft's one-token steps; on sliding-window families too (Mistral, Gemma-3).
 - Compiled with ``fullgraph=True`` (the ``aot_eager`` backend: dynamo's graph run by eager kernels, fast to
   build), decoding through the batched loop gives eager's greedy tokens for PEARL, SD and AR, and the
   compiled forwards are the ones that ran.
@@ -76,3 +76,15 @@ def test_the_engine_option_compiles_with_inductor(tiny_pair):
     want = _greedy(eager, methods=("pearl",))
     assert _greedy(compiled, methods=("pearl",)) == want
     assert compiled.backend.target_lm.compiled_forwards > 0 and compiled.backend.draft_lm.compiled_forwards > 0
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "gemma3"])
+def test_sliding_window_families_trace_as_one_graph(family_pair, name):
+    """Sliding layers (one 4D mask, or a dict of masks per layer type for Gemma-3's mix) trace whole too."""
+    model = AutoModelForCausalLM.from_pretrained(family_pair(name)["target"], dtype=torch.float32)
+    lm = BatchedHFCausalLM(model, rows=2, max_len=64)
+    lm.forward({s: ([3 + s, 4, 5, 6, 7, 8], 1) for s in range(2)})
+    x, fed = lm._bind("rows", [0, 1], [[7, 8], [9]], 2, compiled=True)
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(lm._step)(x, fed)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
