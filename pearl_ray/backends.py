@@ -65,6 +65,10 @@ class LocalBackend:
         self.max_context, self.vocab_size = target_model.max_context, target_model.vocab_size
         self.target_lm = as_batched(target_model)
         self.draft_lm = as_batched(draft_model) if draft_model is not None else None
+        if config.compile:  # the slot caches' decoding forwards through torch.compile (modeling.batched)
+            for lm in (self.target_lm, self.draft_lm):
+                if hasattr(lm, "enable_compile"):
+                    lm.enable_compile()
         self.loop = BatchLoop(self.target_lm, self.draft_lm, None, config.max_num_seqs, self.decode)
         self.loop.kv_budget = config.kv_budget_tokens
         self.loop.max_prefill_tokens = config.max_prefill_tokens_per_round

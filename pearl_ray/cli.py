@@ -17,8 +17,8 @@ from .modeling.presets import preset_names
 
 GENERATE_OPTIONS = ("tensor_parallel_size", "draft", "target", "method", "gamma", "backend", "transport", "num_threads",
                     "schedule", "colocate", "device", "dtype", "cpu_kernels", "max_prefill_tokens_per_round",
-                    "pre_verify", "post_verify")
-"""The engine options ``generate`` takes as flags (``--no-pre-verify``: the PEARL ablation)."""
+                    "pre_verify", "post_verify", "compile")
+"""The engine options ``generate`` takes as flags (``--no-pre-verify``: the PEARL ablation; ``--compile``)."""
 SERVE_OPTIONS = ("tensor_parallel_size", "draft", "target", "method", "gamma", "transport", "num_threads", "schedule",
                  "colocate", "device", "dtype", "cpu_kernels", "max_num_seqs", "kv_budget_tokens",
                  "max_prefill_tokens_per_round", "draft_num_cpus", "target_num_cpus", "draft_num_gpus",

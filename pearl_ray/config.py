@@ -213,6 +213,11 @@ class EngineConfig:
     """On CPU, how linear layers run: ``"onednn"`` through oneDNN with weights packed at load time (2-3x
     faster per decode step here; ``modeling.kernels``), ``"eager"`` torch's default GEMM. Tensor-parallel
     targets keep DeepSpeed's layers."""
+    compile: bool = option(False, "local backend: compile the decoding forwards (torch.compile, fullgraph; CUDA "
+                                  "graphs on CUDA)")
+    """Local backend: run both models' decoding forwards through ``torch.compile(fullgraph=True)``, rows and
+    widths padded to buckets (``modeling.batched``), as CUDA graphs on CUDA (``mode="reduce-overhead"``).
+    Each bucket compiles on its first use. Off by default: on CPU it does not pay."""
     num_threads: int | None = option(None, "torch threads per model (local) or per worker (ray)", ge=1)
     """torch threads per model (local) or per worker (Ray; None = the worker's CPU count, at least 1)."""
     prefill_threads: int | None = option(None, "ray on CPU: torch threads of the target's prompt passes", ge=0)
@@ -280,6 +285,8 @@ class EngineConfig:
                                         "its rank 0): it needs a packed placement")
         if self.tensor_parallel_size > 1 and self.backend != "ray":
             raise InvalidParameterError("tensor_parallel_size > 1 needs backend='ray' (one actor per target rank)")
+        if self.compile and self.backend != "local":
+            raise InvalidParameterError("compile=True runs on backend='local' only (Ray workers run eager forwards)")
 
     def shares_one_device(self) -> bool:
         """Whether a Ray pair's two sides would share one device: CPU sides (no GPU asked for), one target rank,

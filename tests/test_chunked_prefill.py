@@ -52,11 +52,10 @@ def test_chunks_in_a_staged_slot_match_the_single_request_runner(tiny_pair):
         last = fed + n == 100
         feeds = {s: (ids, 1) for s, ids in steps.items()}
         feeds[2] = (prompts[2][fed:fed + n], 3 if last else 0)
-        before = batched.physical_len
         out = batched.forward(feeds)
         if not last:
             assert set(out) == {0, 1} and 2 in batched.slots and batched.cache_len(2) == fed + n
-            assert batched.physical_len == before + 2  # the widest decoding feed, not the chunk
+            assert batched.last_shape == (2, 2, max(batched.cache_len(0), batched.cache_len(1)))  # not the chunk
         for s, ids in steps.items():
             got[s].append(out[s])
             want[s].append(singles[s].forward(ids, 1))
@@ -75,10 +74,10 @@ def test_chunks_in_a_staged_slot_match_the_single_request_runner(tiny_pair):
         assert len(got[s]) == len(want[s])
         for a, b in zip(want[s], got[s]):
             assert a.shape == b.shape and (a - b).abs().max().item() < 1e-5
-    batched.forward({3: (prompts[2][:20], 0)})  # a staged slot released mid-prompt frees its cache
-    staged_bytes = batched.cache_bytes()
+    batched.forward({3: (prompts[2][:20], 0)})  # a staged slot released mid-prompt frees its row
+    held = batched.held_positions()
     batched.release(3)
-    assert 3 not in batched.slots and batched.cache_bytes() < staged_bytes
+    assert 3 not in batched.slots and batched.held_positions() == held - 20
 
 
 def _loop(eng, budget, max_num_seqs=4, policy=None):

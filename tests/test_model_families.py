@@ -4,7 +4,7 @@ built from configs (no downloads).
 
 - Logits: the slot cache (``modeling.batched``) and the single-request runner against a slow reference that
   recomputes the whole sequence with the plain transformers model at every step (its own masks, windows and
-  soft-capping), over random feeds, rollbacks, joins, releases and compactions, with prompts several times
+  soft-capping), over random feeds, rollbacks, joins and releases, with prompts several times
   the window (fp32, to 1e-4).
 - Greedy: PEARL and SD (an unrelated draft, and the target as its own draft) equal target-only decoding,
   which equals transformers' ``generate`` and a cache-free greedy loop, on prompts shorter and longer
@@ -71,14 +71,14 @@ def test_runners_match_a_full_recompute(family_pair, name):
     model = _model(family_pair(name)["target"])
     rng = random.Random(0)
     scripts = [_script(rng, n) for n in (5, 11, 3, 40, 7)]  # sequences of up to ~70 tokens, many windows long
-    batched = BatchedHFCausalLM(model, compact_min=8)
+    batched = BatchedHFCausalLM(model)
     want, got = _replay(lambda: RecomputeLM(model), batched, scripts, rng)
     single_want, single_got = _replay(lambda: RecomputeLM(model), _OneSlot(model), scripts[:2], random.Random(1))
     for w, g in zip(want + single_want, got + single_got):
         assert len(w) == len(g)
         for a, b in zip(w, g):
             assert a.shape == b.shape and (a - b).abs().max().item() < 1e-4
-    assert batched.compactions >= 1 and batched.slots == []
+    assert batched.slots == [] and batched.held_positions() == 0
 
 
 class _OneSlot:
@@ -143,51 +143,42 @@ def test_seeded_sampling_is_valid_and_reproducible(family_pair, name):
     assert batch[0].token_ids == alone and all(len(o.token_ids) == 16 for o in batch)
 
 
-def _slow_masks(valid, pos, window):
-    """``slot_masks`` one entry at a time: each live key's logical position is counted along its row."""
-    rows, width = valid.shape
-    t = pos.shape[1]
-    out = torch.zeros(rows, 1, t, width, dtype=torch.bool)
+def _slow_masks(pos, fed, kv_len, window):
+    """``slot_mask`` one entry at a time: a real query at position q sees the row's positions k <= q (within
+    the window); a padding query sees key 0 only."""
+    rows, t = pos.shape
+    out = torch.zeros(rows, 1, t, kv_len, dtype=torch.bool)
     for r in range(rows):
-        logical = {}
-        for c in range(width):
-            if valid[r, c]:
-                logical[c] = len(logical)
         for j in range(t):
             q = int(pos[r, j])
-            for c, k in logical.items():
-                out[r, 0, j, c] = k <= q and (window is None or q - k < window)
-            if not valid[r, width - t + j]:  # a padding query sees itself
-                out[r, 0, j, width - t + j] = True
+            for k in range(kv_len):
+                if j < int(fed[r]):
+                    out[r, 0, j, k] = k <= q and (window is None or q - k < window)
+                else:
+                    out[r, 0, j, k] = k == 0
     return out
 
 
 def test_slot_masks_match_a_slow_reference():
-    """Rows laid out as ``_forward_rows`` lays them out: holes among the cached entries, new tokens left-padded
-    (a row may have none this forward), pads at the row's next position. No query row is ever empty, even
-    with a window of 1 on a row with nothing to feed (an empty row makes some attention kernels NaN)."""
-    from pearl_ray.modeling.batched import slot_masks
+    """Rows laid out as the slot store lays them out: each row at its own length, its new tokens right-padded
+    (a row may have none this forward), keys spanning the longest row or more (a compiled forward spans
+    the whole store). No query row is ever empty, even with a window of 1 on a row with nothing to feed (an
+    empty row makes some attention kernels NaN)."""
+    from pearl_ray.modeling.slot_cache import slot_mask
 
     rng = random.Random(5)
     for _ in range(20):
-        rows, length, t = rng.randint(1, 4), rng.randint(1, 12), rng.randint(1, 5)
-        cached = torch.zeros(rows, length, dtype=torch.bool)
-        new = torch.zeros(rows, t, dtype=torch.bool)
-        pos = torch.zeros(rows, t, dtype=torch.long)
-        for r in range(rows):
-            live = rng.sample(range(length), rng.randint(1, length))
-            cached[r, live] = True
-            fed = rng.randint(0, t)
-            new[r, t - fed:] = True
-            pos[r] = len(live)
-            pos[r, t - fed:] = torch.arange(len(live), len(live) + fed)
-        valid = torch.cat([cached, new], dim=1)
+        rows, t = rng.randint(1, 4), rng.randint(1, 5)
+        start = torch.tensor([rng.randint(0, 12) for _ in range(rows)])
+        fed = torch.tensor([rng.randint(0, t) for _ in range(rows)])
+        pos = start[:, None] + torch.arange(t)
+        kv_len = max(1, int((start + fed).max())) + rng.choice([0, 0, 7])
         windows = {"full_attention": None, "w1": 1, "w3": 3}
-        got = slot_masks(valid, pos, windows)
-        additive = slot_masks(valid, pos, windows, torch.float32)
+        got = slot_mask(pos, fed, kv_len, windows)
+        additive = slot_mask(pos, fed, kv_len, windows, torch.float32)
         for kind, window in windows.items():
-            want = _slow_masks(valid, pos, window)
-            assert torch.equal(got[kind], want), (kind, valid, pos)
+            want = _slow_masks(pos, fed, kv_len, window)
+            assert torch.equal(got[kind], want), (kind, pos, fed)
             assert got[kind].any(-1).all()
             assert torch.equal(additive[kind] == 0, want) and (additive[kind] < -1e30).eq(~want).all()
 

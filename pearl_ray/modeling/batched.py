@@ -1,135 +1,145 @@
 """A KV cache with one slot per request, and one forward over many slots: ``core.batch.BatchedLM`` for
 Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Phi-3, Gemma-2/3 families: any model that takes
-``position_ids`` and a 2D padding mask, or per-layer-type 4D masks where it has sliding-window layers; see
+``position_ids`` and ready-made 4D masks, per layer type where it has sliding-window layers; see
 ``modeling.families``), in float32 or bfloat16, on CPU or CUDA.
 
-Cache design (chosen for needing only standard transformers APIs):
+Cache design: a preallocated store (``modeling.slot_cache.SlotStore``), one row per slot.
 
-- One ``DynamicCache`` shared by every live slot; row ``r`` of its ``[rows, kv_heads, L, head_dim]``
-  tensors belongs to one slot. A row holds *physical* positions; each slot keeps the list of physical
-  indices of its logical positions (``phys``) and a validity mask ``valid [rows, L]`` marks which physical
-  entries are live. Rotary embeddings are applied before keys are cached, so a key carries its logical
-  position and attention does not care where it sits physically: only the mask matters.
-- A forward appends the same number ``T`` of physical positions to every row: each slot's new tokens are
-  left-padded to ``T`` (a row with nothing to do this forward gets ``T`` pad positions). The 2D
-  ``attention_mask`` is ``valid`` plus the new tokens' validity; ``position_ids`` are the slots' logical
-  positions. Left padding puts every slot's last real token at column ``T - 1``, and the LM head runs only
-  on the rows each slot asked for (hidden states are gathered first).
-- Sliding-window layers (Mistral v0.1, Gemma-2/3, ...): every layer keeps every position, and the windows
-  live in the masks. Transformers would slide windows over physical indices, which holes and padding put
-  out of step with the logical positions, so with such layers the masks come from ``slot_masks``: 4D,
-  one per layer type, from each row's logical positions.
-- Rollback (``crop``) only clears mask bits; ``release`` drops the slot's row (no fully masked row is
-  ever fed, which would make attention NaN). New slots' prompts are prefilled apart from the decoding rows,
-  those that join in the same forward together (right-padded; groups keep the padding within
-  ``prefill_pad_ratio`` of their real tokens), and their keys merged in as new rows. When masked holes pass ``compact_ratio`` of the physical length
-  (and ``compact_min`` positions), the rows are gathered back to their live positions.
-- A prompt fed in chunks (a feed that asks for no logits, ``num_logits == 0``, on a slot not yet in the
-  shared cache) builds up in a *staged* cache of its own, one forward per chunk over that slot alone, so
-  a chunk never pads the decoding rows (nor they it). The slot's first feed that asks for logits runs on
-  the staged cache too and then merges it in as a new row.
+- A slot takes the lowest free row when it first appears and keeps it until ``release``. The row holds the
+  slot's sequence at positions ``0 .. n - 1`` in order; ``n`` (``cache_len``) is an integer kept here.
+- A forward writes each row's new keys at its own positions (``start + j``); a rollback (``crop``) lowers
+  ``n``. A join or a leave touches only its own row: nothing is concatenated, gathered or compacted.
+- Decoding rows run as one forward over store rows ``0 .. B-1`` (``B`` = the highest row fed, plus one), each
+  row's tokens right-padded to the widest feed. A row with nothing to feed that forward is all padding; its
+  padding is written past its length, where nothing reads it. Attention reads a view of the store, each
+  query masked to its own row's positions (``slot_cache.slot_mask``, which also applies sliding windows), so
+  it spans the longest live row and no holes.
+- New slots' prompts run apart from the decoding rows: those that join in the same forward together
+  (right-padded; groups keep the padding within ``prefill_pad_ratio`` of their real tokens), attending to
+  their own new keys only, which are written into their rows.
+- A prompt fed in chunks (a feed that asks for no logits, ``num_logits == 0``, on a slot not yet decoding)
+  is *staged*: each chunk runs as a forward of that row alone, so a chunk never pads the decoding rows (nor
+  they it). The slot's first feed that asks for logits ends its prompt; from then on it decodes with the
+  others.
 
-Memory per slot: ``2 * layers * kv_heads * head_dim * bytes`` per physical position (SmolLM2-135M in
-fp32: 2 * 30 * 3 * 64 * 4 = 46 KB per position, 11 MB for 250 positions; the 4-layer draft: 6 KB), times
-the physical length ``L``, which is the longest slot plus at most ``compact_ratio`` of holes. A packed
-(varlen) layout would save the padding and holes, but needs a varlen attention kernel that transformers'
-CPU attention does not have.
+Capacity: every row has the same number of positions (the store is a rectangle; ``slot_cache`` says why).
+The store grows on demand, or is sized once with ``reserve`` (or the ``rows`` / ``max_len`` arguments);
+after that it is never reallocated. Memory: ``2 * layers * kv_heads * head_dim * bytes`` per position
+(SmolLM2-135M in fp32: 46 KB; the 4-layer draft: 6 KB) times rows times positions per row.
+``cache_bytes`` is what the store holds, ``held_positions`` what the live rows use.
 
-``PerSlotLM`` (in ``core.batch``) is the slow reference: one single-request ``CausalLM`` per slot.
+Compiled forwards (``enable_compile``): decoding forwards are padded to (rows, width) buckets and run through
+``torch.compile(fullgraph=True)`` over the whole store length, so each bucket is one static graph (on CUDA,
+``mode="reduce-overhead"`` captures it as a CUDA graph). Prompt passes, chunks and feeds wider than the
+largest bucket stay eager.
+
+The slow references: ``PerSlotLM`` (in ``core.batch``, one single-request ``CausalLM`` per slot), and in the
+tests the earlier ``DynamicCache`` slot cache (``tests/dynamic_slot_cache.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .families import check_model, full_cache, logits_transform
-from .hf import PREFILL_MIN_TOKENS, ModelRunner, _threads, crop_to
+from ..errors import UnsupportedModelError
+from .families import MASK_IMPLEMENTATIONS, check_model, logits_transform
+from .hf import PREFILL_MIN_TOKENS, ModelRunner, _threads
+from .slot_cache import LENGTH_STEP, SlotStore, slot_mask
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""Compiled decoding forwards pad their rows up to one of these counts (more rows run eagerly)."""
+WIDTH_BUCKETS = (1, 2, 4, 8, 16)
+"""Compiled decoding forwards pad their width (tokens per row) up to one of these (wider ones run eagerly)."""
 
 
 class BatchedHFCausalLM(ModelRunner):
-    """Implements ``core.batch.BatchedLM`` over one transformers causal LM (shared with other runners)."""
+    """Implements ``core.batch.BatchedLM`` over one transformers causal LM (shared with other runners).
+
+    ``rows`` / ``max_len``: the store's first size (it grows on demand past it)."""
 
     def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None,
-                 compact_ratio: float = 0.5, compact_min: int = 64, pad_id: int = 0,
-                 prefill_pad_ratio: float = 1.25):
+                 pad_id: int = 0, prefill_pad_ratio: float = 1.25, rows: int = 1, max_len: int = LENGTH_STEP):
         super().__init__(model, vocab_size, draft_to_target)
         self.layout = check_model(model)
+        impl = getattr(model.config, "_attn_implementation", None)
+        if impl not in MASK_IMPLEMENTATIONS:
+            raise UnsupportedModelError(f"model family {self.layout.family!r}: the slot cache gives the model 4D "
+                                        f"attention masks it builds itself; load it with attn_implementation "
+                                        f"'sdpa' or 'eager', not {impl!r}")
         self.base = model.get_decoder()
         self.head = model.get_output_embeddings()
         self._transform = logits_transform(model.config)
-        self._config = model.config
-        # sliding layers: the masks are built here (boolean for sdpa, additive in the model's dtype for eager)
-        eager = getattr(model.config, "_attn_implementation", None) == "eager"
-        self._mask_dtype = next(model.parameters()).dtype if eager else None
-        self.compact_ratio, self.compact_min, self.pad_id = compact_ratio, compact_min, pad_id
+        # masks: boolean for sdpa, additive in the model's dtype for eager
+        self._mask_dtype = next(model.parameters()).dtype if impl == "eager" else None
+        self.pad_id, self.prefill_pad_ratio = pad_id, prefill_pad_ratio
         self.prefill_threads: int | None = None
-        self.prefill_pad_ratio = prefill_pad_ratio
         self.to_host = True  # False: logits stay on the device (a tensor-parallel follower discards them)
         self.forwards = 0
-        self.compactions = 0
+        self.last_shape = (0, 0, 0)
+        """(rows, width, key positions) of the last decoding forward (prompt passes and chunks excluded)."""
+        layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.store = SlotStore(layers, rows, max_len, max_length=self.max_context + LENGTH_STEP)
+        self.compiled = None
+        self.compiled_forwards = 0  # decoding forwards that ran compiled
         self.clear()
 
     # -- bookkeeping -------------------------------------------------------------------------------------
     def clear(self) -> None:
-        self.cache = full_cache(self._config)
-        self.rows: list[int] = []  # slot id of each row
-        self.phys: dict[int, list[int]] = {}  # slot -> physical index of each logical position
-        self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
-        self.staged: dict[int, object] = {}  # slot -> its own DynamicCache while its prompt comes in chunks
+        """Forget every slot (the store keeps its memory)."""
+        self.row_of: dict[int, int] = {}  # slot -> its store row
+        self.lens: list[int] = []  # store row -> positions it holds (rows past the list hold none)
+        self.staged: set[int] = set()  # slots still reading their prompt in chunks
 
     @property
     def slots(self) -> list[int]:
-        return list(self.rows) + list(self.staged)
-
-    @property
-    def physical_len(self) -> int:
-        return int(self.valid.shape[1])
+        return list(self.row_of)
 
     def cache_len(self, slot: int) -> int:
-        if slot in self.staged:
-            return int(self.staged[slot].get_seq_length())
-        return len(self.phys.get(slot, ()))
+        row = self.row_of.get(slot)
+        return 0 if row is None else self.lens[row]
 
     def crop(self, slot: int, length: int) -> None:
-        if slot in self.staged:
-            current = self.cache_len(slot)
-            if not 0 <= length <= current:
-                raise ValueError(f"cannot crop slot {slot} of {current} positions to {length}")
-            if length == 0:
-                self.release(slot)
-            else:
-                crop_to(self.staged[slot], length)
-            return
-        phys = self.phys.get(slot)
-        if phys is None:
+        row = self.row_of.get(slot)
+        if row is None:
             if length:
                 raise ValueError(f"slot {slot} holds nothing; cannot crop it to {length}")
             return
-        if not 0 <= length <= len(phys):
-            raise ValueError(f"cannot crop slot {slot} of {len(phys)} positions to {length}")
-        if length == len(phys):
-            return
+        if not 0 <= length <= self.lens[row]:
+            raise ValueError(f"cannot crop slot {slot} of {self.lens[row]} positions to {length}")
         if length == 0:
             self.release(slot)
-            return
-        row = self.rows.index(slot)
-        self.valid[row, phys[length:]] = False
-        del phys[length:]
+        else:
+            self.lens[row] = length
 
     def release(self, slot: int) -> None:
-        if self.staged.pop(slot, None) is not None or slot not in self.phys:
-            return
-        row = self.rows.index(slot)
-        del self.phys[slot]
-        self.rows.pop(row)
-        if not self.rows:
-            self.clear()
-            return
-        keep = torch.tensor([r for r in range(len(self.rows) + 1) if r != row], device=self.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, keep)
-            layer.values = layer.values.index_select(0, keep)
-        self.valid = self.valid.index_select(0, keep)
+        row = self.row_of.pop(slot, None)
+        if row is not None:
+            self.lens[row] = 0
+            self.staged.discard(slot)
+
+    def reserve(self, rows: int, max_len: int) -> None:
+        """Size the store now for ``rows`` slots of ``max_len`` positions each, so that it is not reallocated
+        while requests within that run (a larger one still grows it)."""
+        self.store.reserve(rows, max_len)
+
+    def held_positions(self) -> int:
+        """Positions the live slots hold (what the KV budget counts), however large the store is."""
+        return sum(self.lens[r] for r in self.row_of.values())
+
+    def cache_bytes(self) -> int:
+        """Bytes the store holds (allocated once; see ``reserve``)."""
+        return self.store.nbytes()
+
+    def _take_row(self, slot: int) -> int:
+        used = set(self.row_of.values())
+        row = 0
+        while row in used:
+            row += 1
+        if row >= len(self.lens):
+            self.lens.extend([0] * (row + 1 - len(self.lens)))
+        self.lens[row] = 0
+        self.row_of[slot] = row
+        return row
 
     def _map_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.vocab.map_in(ids) if self.vocab is not None else ids
@@ -143,228 +153,133 @@ class BatchedHFCausalLM(ModelRunner):
 
     # -- forwards ----------------------------------------------------------------------------------------
     def forward(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
-        """``feeds``: slot -> (new token ids, how many of the last positions need logits). Slots not yet in
-        the cache are prefilled on their own and merged in; the others run as one padded forward. A feed
-        with 0 logits to a slot not in the shared cache is a prompt chunk: it goes to the slot's staged
-        cache (module docstring). Returns slot -> fp32 logits ``[num_logits, vocab]`` on the host, for the
-        slots that asked for logits."""
-        out: dict[int, torch.Tensor] = {}
+        """``feeds``: slot -> (new token ids, how many of the last positions need logits). Decoding slots run
+        as one padded forward; new slots' prompts run apart (grouped), and a feed with 0 logits to a slot
+        not yet decoding is a prompt chunk, run on its row alone (module docstring). Returns slot -> fp32
+        logits ``[num_logits, vocab]`` on the host, for the slots that asked for logits."""
         for s, (ids, k) in feeds.items():
             if not ids or not 0 <= k <= len(ids):
                 raise ValueError(f"slot {s}: a forward needs >= 1 token and 0..len(ids) logits, got {len(ids)}, {k}")
-        staged = {s: f for s, f in feeds.items() if s not in self.phys and (s in self.staged or f[1] == 0)}
-        fresh = {s: f for s, f in feeds.items() if s not in self.phys and s not in staged}
-        live = {s: f for s, f in feeds.items() if s in self.phys}
+        live, staged, fresh = {}, {}, {}
+        for s, f in feeds.items():
+            if s in self.row_of and s not in self.staged:
+                live[s] = f
+            elif s in self.staged or f[1] == 0:
+                staged[s] = f
+            else:
+                fresh[s] = f
+        for s in (*staged, *fresh):  # rows for the newcomers before any forward (the decoding rows pad them)
+            if s not in self.row_of:
+                self._take_row(s)
+                if feeds[s][1] == 0:
+                    self.staged.add(s)
+        out: dict[int, torch.Tensor] = {}
         if live:
-            out.update(self._forward_rows(live))
+            out.update(self._decode(live))
         for s, (ids, k) in staged.items():
-            out.update(self._extend_staged(s, ids, k))
+            out.update(self._forward("row", [self.row_of[s]], [ids], {0: (s, k)}))
+            if k:
+                self.staged.discard(s)
         for group in prefill_groups({s: len(ids) for s, (ids, _) in fresh.items()}, self.prefill_pad_ratio):
-            out.update(self._prefill({s: fresh[s] for s in group}))
+            picks = {b: (s, fresh[s][1]) for b, s in enumerate(group)}
+            out.update(self._forward("new", [self.row_of[s] for s in group], [fresh[s][0] for s in group], picks))
         self.forwards += 1
-        self._maybe_compact()
         return out
 
-    def _extend_staged(self, slot: int, token_ids: list[int], num_logits: int) -> dict[int, torch.Tensor]:
-        """One forward of ``slot`` alone on its staged cache (made on its first chunk). With ``num_logits``
-        > 0 the slot's prompt is complete: its logits come back and its cache joins the shared one."""
-        cache = self.staged.get(slot)
-        if cache is None:
-            cache = self.staged[slot] = full_cache(self._config)
-        x = self._map_ids(torch.tensor([token_ids], dtype=torch.long).to(self.device))
-        extra = {}
-        if self.layout.sliding:  # one contiguous row: the masks of ``slot_masks`` at its logical positions
-            past, n = int(cache.get_seq_length()), len(token_ids)
-            pos = torch.arange(past, past + n, device=self.device)[None]
-            valid = torch.ones((1, past + n), dtype=torch.bool, device=self.device)
-            extra = {"attention_mask": self._attention(valid, pos), "position_ids": pos}
-        threads = self.prefill_threads if len(token_ids) >= PREFILL_MIN_TOKENS else None
-        with torch.inference_mode(), _threads(threads):
-            hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True, **extra).last_hidden_state
-            logits = self._logits(hidden[0, len(token_ids) - num_logits:]) if num_logits else None
-        if logits is None:
-            return {}
-        del self.staged[slot]
-        self._merge([slot], cache, [int(cache.get_seq_length())])
-        return {slot: logits.cpu() if self.to_host else logits}
-
-    def _prefill(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
-        """Prompt passes of new slots as one forward: right-padded to the longest (a pad position attends to
-        its row's real tokens, so nothing is fully masked), the pads' entries left as holes."""
-        slots = list(feeds)
-        lens = [len(feeds[s][0]) for s in slots]
-        width = max(lens)
-        ids = torch.full((len(slots), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(slots), width), dtype=torch.bool)
-        for r, s in enumerate(slots):
-            ids[r, : lens[r]] = torch.tensor(feeds[s][0], dtype=torch.long)
-            mask[r, : lens[r]] = True
-        cache = full_cache(self._config)
-        x = self._map_ids(ids.to(self.device))
-        if self.layout.sliding:
-            pos = torch.arange(width).expand(len(slots), width).to(self.device)
-            extra = {"attention_mask": self._attention(mask.to(self.device), pos), "position_ids": pos}
-        else:
-            extra = {} if len(slots) == 1 else {"attention_mask": mask.to(self.device)}
-        threads = self.prefill_threads if sum(lens) >= PREFILL_MIN_TOKENS else None
-        with torch.inference_mode(), _threads(threads):
-            hidden = self.base(input_ids=x, past_key_values=cache, use_cache=True, **extra).last_hidden_state
-            logits = self._logits(torch.cat([hidden[r, n - feeds[s][1]: n] for r, (s, n) in enumerate(zip(slots, lens))]))
-        self._merge(slots, cache, lens)
-        logits = logits.cpu() if self.to_host else logits
-        out, at = {}, 0
-        for s in slots:
-            out[s] = logits[at: at + feeds[s][1]]
-            at += feeds[s][1]
-        return out
-
-    def _merge(self, slots: list[int], cache, lens: list[int]) -> None:
-        """Append the rows of ``cache`` (one per slot, its first ``lens[i]`` positions live) to the slot cache."""
-        length = self.physical_len
-        width = max(length, cache.layers[0].keys.shape[2])
-        rows = torch.zeros((len(slots), width), dtype=torch.bool, device=self.device)
-        for r, n in enumerate(lens):
-            rows[r, :n] = True
-        if not self.rows:
-            for dst, src in zip(self.cache.layers, cache.layers):
-                dst.lazy_initialization(src.keys, src.values)
-                dst.keys, dst.values = src.keys, src.values
-            self.valid = rows
-        else:
-            for dst, src in zip(self.cache.layers, cache.layers):
-                dst.keys = torch.cat([_pad_len(dst.keys, width), _pad_len(src.keys, width)])
-                dst.values = torch.cat([_pad_len(dst.values, width), _pad_len(src.values, width)])
-            old = torch.zeros((len(self.rows), width), dtype=torch.bool, device=self.device)
-            old[:, :length] = self.valid
-            self.valid = torch.cat([old, rows])
-        for s, n in zip(slots, lens):
-            self.rows.append(s)
-            self.phys[s] = list(range(n))
-
-    def _forward_rows(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+    def _decode(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:
+        """The decoding slots' forward over store rows ``0 .. B-1`` (rows not fed are padding)."""
+        slot_at = {self.row_of[s]: s for s in feeds}
+        rows = max(slot_at) + 1
         width = max(len(ids) for ids, _ in feeds.values())
-        rows = len(self.rows)
-        length = self.physical_len
-        ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((rows, width), dtype=torch.long)
-        new_valid = torch.zeros((rows, width), dtype=torch.bool)
-        for r, slot in enumerate(self.rows):
-            n0 = len(self.phys[slot])
-            pos[r] = n0  # pad positions: any in-range value (they are masked out and their outputs unused)
-            feed = feeds.get(slot)
-            if feed is None:
-                continue
-            t = len(feed[0])
-            ids[r, width - t:] = torch.tensor(feed[0], dtype=torch.long)
-            pos[r, width - t:] = torch.arange(n0, n0 + t)
-            new_valid[r, width - t:] = True
-        mask = torch.cat([self.valid, new_valid.to(self.device)], dim=1)
-        x = self._map_ids(ids.to(self.device))
-        pos = pos.to(self.device)
-        with torch.inference_mode():
-            hidden = self.base(input_ids=x, attention_mask=self._attention(mask, pos), position_ids=pos,
-                               past_key_values=self.cache, use_cache=True).last_hidden_state
-            picks, spans = [], []
-            for r, slot in enumerate(self.rows):
-                feed = feeds.get(slot)
-                if feed is None or not feed[1]:
-                    continue
-                picks.append(hidden[r, width - feed[1]:])
-                spans.append((slot, feed[1]))
-            logits = self._logits(torch.cat(picks)) if picks else None
-            logits = logits.cpu() if (self.to_host and logits is not None) else logits
-        self.valid = mask
-        for r, slot in enumerate(self.rows):
-            feed = feeds.get(slot)
-            if feed is not None:
-                t = len(feed[0])
-                self.phys[slot].extend(range(length + width - t, length + width))
+        compiled = self.compiled is not None and rows <= ROW_BUCKETS[-1] and width <= WIDTH_BUCKETS[-1]
+        if compiled:
+            rows, width = _bucket(rows, ROW_BUCKETS), _bucket(width, WIDTH_BUCKETS)
+        ids = [feeds[slot_at[r]][0] if r in slot_at else [] for r in range(rows)]
+        picks = {r: (s, feeds[s][1]) for r, s in slot_at.items()}
+        return self._forward("rows", list(range(rows)), ids, picks, width, compiled)
+
+    def _forward(self, mode: str, rows: list[int], ids: list[list[int]], picks: dict[int, tuple[int, int]],
+                 width: int | None = None, compiled: bool = False) -> dict[int, torch.Tensor]:
+        """One forward of the store rows ``rows`` (mode as in ``SlotStore.bind``), fed ``ids[b]`` each, right-
+        padded to ``width`` (default: the widest). ``picks``: batch row -> (slot, how many last positions of
+        its feed need logits). Returns slot -> logits for the picks that ask for some."""
+        fed = [len(x) for x in ids]
+        width = width or max(fed)
+        x, fed_t = self._bind(mode, rows, ids, width, compiled)
+        step = self.compiled if compiled else self._step
+        self.compiled_forwards += compiled
+        index, spans = [], []
+        for b, (slot, k) in sorted(picks.items()):
+            if k:
+                index.extend(range(b * width + fed[b] - k, b * width + fed[b]))
+                spans.append((slot, k))
+        # prompt passes and chunks may borrow threads (``prefill_threads``); decoding rows never do
+        threads = self.prefill_threads if mode != "rows" and sum(fed) >= PREFILL_MIN_TOKENS else None
+        with torch.inference_mode(), _threads(threads):
+            hidden = step(x, fed_t)
+            logits = None
+            if index:
+                flat = hidden.reshape(len(rows) * width, hidden.shape[-1])
+                logits = self._logits(flat.index_select(0, torch.tensor(index, device=hidden.device)))
+                logits = logits.cpu() if self.to_host else logits
+        for r, n in zip(rows, fed):
+            self.lens[r] += n
         out, at = {}, 0
         for slot, k in spans:
             out[slot] = logits[at: at + k]
             at += k
         return out
 
-    def _attention(self, valid: torch.Tensor, pos: torch.Tensor):
-        """What the model gets as ``attention_mask`` for keys ``valid [rows, K]`` (the last ``T`` columns this
-        forward's own tokens) and queries at logical positions ``pos [rows, T]``. Full attention only: ``valid``
-        itself (transformers adds causality by physical index, which within a row is the logical order). With
-        sliding layers: ``slot_masks``, one 4D mask per layer type (a dict for hybrid models, as Gemma's and
-        Qwen2's decoders take it)."""
-        if not self.layout.sliding:
-            return valid
-        masks = slot_masks(valid, pos, self.layout.windows, self._mask_dtype)
-        return masks if len(masks) > 1 else next(iter(masks.values()))
+    def _bind(self, mode: str, rows: list[int], ids: list[list[int]], width: int, compiled: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Make room in the store, bind the forward to it (``SlotStore.bind``) and build ``_step``'s inputs:
+        the ids ``[B, width]`` (right-padded) and the real tokens per row ``[B]``. Row lengths are unchanged
+        (``_forward`` adds the fed tokens once the forward has run)."""
+        fed = [len(x) for x in ids]
+        if len(self.lens) < max(rows) + 1:
+            self.lens.extend([0] * (max(rows) + 1 - len(self.lens)))
+        start = [self.lens[r] for r in rows]
+        # room for every column, padding included (it is written past each row's length)
+        self.store.ensure(max(rows) + 1, max(start) + width)
+        if mode == "new":
+            kv_len = width
+        elif compiled:  # the whole store: one static shape per bucket
+            kv_len = self.store.length
+        else:
+            kv_len = max(s + f for s, f in zip(start, fed))
+        dev = self.device
+        x = self._map_ids(torch.tensor([t + [self.pad_id] * (width - len(t)) for t in ids], dtype=torch.long).to(dev))
+        pos = (torch.tensor(start, dtype=torch.long)[:, None] + torch.arange(width)).to(dev)
+        self.store.bind(mode, torch.tensor(rows, dtype=torch.long).to(dev), pos, kv_len, rows[0])
+        if mode == "rows":
+            self.last_shape = (len(rows), width, kv_len)
+        return x, torch.tensor(fed, dtype=torch.long).to(dev)
 
-    def _maybe_compact(self) -> None:
-        length = self.physical_len
-        if not self.rows or length < self.compact_min:
-            return
-        live = max(len(p) for p in self.phys.values())
-        if length - live >= self.compact_ratio * length:
-            self.compact()
+    def _step(self, ids: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        """The decoder over the bound store: ``ids [B, T]`` (right-padded), ``fed [B]`` real tokens per row ->
+        hidden states ``[B, T, hidden]``. Graph-safe: what ``enable_compile`` compiles."""
+        store = self.store
+        masks = slot_mask(store.pos, fed, store.kv_len, self.layout.windows, self._mask_dtype)
+        mask = masks if len(masks) > 1 else next(iter(masks.values()))  # a dict for hybrid models (Gemma, Qwen2)
+        return self.base(input_ids=ids, attention_mask=mask, position_ids=store.pos, past_key_values=store,
+                         use_cache=True).last_hidden_state
 
-    def compact(self) -> None:
-        """Gather every row back to its live positions, in logical order (frees the holes)."""
-        if not self.rows:
-            return
-        width = max(len(self.phys[s]) for s in self.rows)
-        index = torch.zeros((len(self.rows), width), dtype=torch.long)
-        valid = torch.zeros((len(self.rows), width), dtype=torch.bool)
-        for r, slot in enumerate(self.rows):
-            p = self.phys[slot]
-            index[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-            valid[r, : len(p)] = True
-            self.phys[slot] = list(range(len(p)))
-        index = index.to(self.device)
-        for layer in self.cache.layers:
-            shape = layer.keys.shape
-            gather = index[:, None, :, None].expand(shape[0], shape[1], width, shape[3])
-            layer.keys = layer.keys.gather(2, gather)
-            layer.values = layer.values.gather(2, gather)
-        self.valid = valid.to(self.device)
-        self.compactions += 1
-
-    def cache_bytes(self) -> int:
-        return sum(layer.keys.numel() * layer.keys.element_size() * 2
-                   for cache in (self.cache, *self.staged.values()) for layer in cache.layers
-                   if getattr(layer, "keys", None) is not None and layer.keys.numel())
-
-
-def slot_masks(valid: torch.Tensor, pos: torch.Tensor, windows: dict[str, int | None],
-               float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """4D attention masks ``[rows, 1, T, K]`` (True / 0.0: attend) for a forward over the slot cache, one per
-    layer type in ``windows`` (type -> window, None for full attention).
-
-    ``valid [rows, K]``: which key entries are live, the last ``T`` columns being this forward's own tokens;
-    ``pos [rows, T]``: the queries' logical positions. A row's live entries are its logical positions in
-    order, so a key's logical position is the number of live entries before it. Query ``q`` sees live key
-    ``k`` when ``0 <= q - k`` (and ``q - k < window`` on a sliding layer). A padding query (its own column not
-    live) also sees itself, so that no query row is empty: an empty row would make attention NaN there, and
-    the NaN would reach the cache through that position's keys and values. ``float_dtype``: additive masks
-    of that dtype (eager attention) instead of booleans (sdpa).
-
-    Example: one row whose cache holds logical positions 0, 1, 2 with a hole (a rolled-back entry) between
-    1 and 2, and one new token at position 3::
-
-        valid = [[1, 1, 0, 1, 1]]   pos = [[3]]   window 2   ->   [[0, 0, 0, 1, 1]]
-    """
-    rows, width = valid.shape
-    t = pos.shape[1]
-    kpos = valid.long().cumsum(1) - 1  # [rows, K]
-    behind = pos[:, :, None] - kpos[:, None, :]  # [rows, T, K]
-    seen = valid[:, None, :] & (behind >= 0)
-    own = torch.zeros_like(seen)
-    own[:, :, width - t:] = torch.diag_embed(~valid[:, width - t:])
-    out = {}
-    for kind, window in windows.items():
-        mask = (seen if window is None else seen & (behind < window)) | own
-        mask = mask[:, None]
-        if float_dtype is not None:
-            mask = torch.zeros(mask.shape, dtype=float_dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(float_dtype).min)
-        out[kind] = mask
-    return out
+    def enable_compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """Run decoding forwards through ``torch.compile(fullgraph=True)``, padded to (rows, width) buckets
+        (``ROW_BUCKETS`` x ``WIDTH_BUCKETS``; one graph each). ``mode``: torch.compile's, default
+        "reduce-overhead" (CUDA graphs) on CUDA with the inductor backend, the default elsewhere."""
+        if self.device.type == "cuda":
+            if backend == "inductor":
+                mode = mode or "reduce-overhead"
+            self.store.static_addresses = True  # the graphs read and write the store where it is
+            for t in self.store.tensors():
+                torch._dynamo.mark_static_address(t)
+        # one graph per bucket, store size and model (all compile this one method): raise dynamo's limit on
+        # graphs per function to match
+        dynamo = torch._dynamo.config
+        name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, name, max(getattr(dynamo, name), 8 * len(ROW_BUCKETS) * len(WIDTH_BUCKETS)))
+        self.compiled = torch.compile(self._step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
 
 def prefill_groups(lens: dict[int, int], pad_ratio: float) -> list[list[int]]:
@@ -381,9 +296,5 @@ def prefill_groups(lens: dict[int, int], pad_ratio: float) -> list[list[int]]:
     return groups
 
 
-def _pad_len(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Zero-pad ``[rows, heads, L, dim]`` along L to ``width`` (zeros: finite, and masked out)."""
-    if t.shape[2] == width:
-        return t
-    pad = torch.zeros((t.shape[0], t.shape[1], width - t.shape[2], t.shape[3]), dtype=t.dtype, device=t.device)
-    return torch.cat([t, pad], dim=2)
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= n)

@@ -9,7 +9,8 @@ Per GPU:
 A target rank holds ``ceil(kv_heads / tensor_parallel_size)`` heads of every layer; the draft holds all of
 its own. Draft and target both cache every position a request holds, so the pair's budget in positions is
 the smallest ``usable / kv per token`` over its GPUs (a GPU the two share divides by the sum of their
-per-token bytes). The slot cache is a rectangle (one row per running request, as long as the longest), so
+per-token bytes). The slot cache is a rectangle (``modeling.slot_cache``: one row per running request, every
+row with room for the longest; ``BatchedHFCausalLM.reserve`` allocates it once), so
 ``max_num_seqs`` is the budget divided by the row length planned for (``TOKENS_PER_SEQ``), at most
 ``MAX_NUM_SEQS``.
 """

@@ -56,6 +56,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # an opaque call in a compiled graph (see ``packed_linear``)
+            return torch.ops.pearl_ray.packed_linear(x, self.packed, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
@@ -86,3 +88,17 @@ def pack_linears(model: nn.Module, batch_hint: int = 8) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child, batch_hint))
     return len(swaps)
+
+
+@torch.library.custom_op("pearl_ray::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``PackedLinear``'s product as one opaque operator, for compiled graphs (``torch.compile``): inductor's
+    own lowering of the oneDNN op accepts only weights it packed itself while freezing a graph, so a graph
+    over already-packed weights calls the kernel as it is. Eager forwards call the oneDNN op directly (a
+    custom operator costs a little more to dispatch)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x, packed, bias, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
