@@ -1,12 +1,15 @@
 """Batched PEARL rounds: one draft/target pair decodes many requests at once. No Ray.
 
 The per-request core stays per request: each request has its own ``PearlState``, plan (``plan_round``),
-decision (``pearl_step``), coins from its own seed, stop rule and method (pearl / sd / ar). What is shared
-is the models' work: one round runs every drafting request's draft steps as batched draft forwards, then
-every request's verify rows in **one** target forward (``BatchedLM``: a KV cache with one slot per
-request). Requests join at a round boundary (their prompt pass is their first forward, run on its own and
-merged into the batch's cache) and leave when they finish or are cancelled; the others carry on
-(continuous batching, not lock-step). With ``max_prefill_tokens`` a round feeds at most that many prompt
+candidates and state update (``round_candidates``, ``commit_round``), coins from its own seed, stop rule and
+method (pearl / sd / ar). What is shared is the models' work and the decisions: one round runs every drafting
+request's draft steps as batched draft forwards (each step's tokens drawn for all slots at once), then every
+request's verify rows in **one** target forward (``BatchedLM``: a KV cache with one slot per request), then
+every request's accept / recover / bonus decision in one batched call on the target's device
+(``core.decide``; ``rounds.pearl_step`` is the per-request reference). Only ids and counts come to the host:
+once per draft step, once per round for the target side. Requests join at a round boundary (their prompt
+pass is their first forward, run on its own and merged into the batch's cache) and leave when they finish or
+are cancelled; the others carry on (continuous batching, not lock-step). With ``max_prefill_tokens`` a round feeds at most that many prompt
 tokens: a longer prompt goes to both sides in chunks over several rounds (no logits; the draft must see
 the prompt too), and the running requests decode in each of those rounds (``_prefill_plan``).
 
@@ -32,15 +35,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .decide import gather_rows, rows_not_finite, verify_greedy_rows, verify_sampled_rows, warp_rows
 from .logprobs import TokenIds, logprob_rows, token_logprobs
 from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput
 from .metrics import GenerationStats, RoundTiming, overlap_s
 from .policy import SeqView, SpeculationPolicy
 from .request import draft_start
-from .rounds import PearlState, RoundOptions, RoundPlan, fuse, pearl_step, plan_round
-from .sampling import make_generator, sample, warp_probs
+from .rounds import PearlState, RoundOptions, RoundPlan, commit_round, fuse, plan_round, round_candidates
+from .sampling import inverse_cdf, make_generator, uniforms
 from .sides import CausalLM, SeqMirror
 from .stopping import StopRule
+from .verify import NO_TOKEN
 from ..errors import CacheBudgetError, RequestFailed
 from ..platform import adopt_thread_count, torch_threads
 
@@ -208,28 +213,53 @@ class BatchedDraftSide:
                 break
             logits = self.lm.forward({slot: (feeds[slot], 1) for slot in live})
             for slot in live:
-                m, st, gen = self.mirrors[slot], self.starts[slot], self.gens[slot]
-                m.cached.extend(feeds[slot])
-                m.forwards += 1
-                row = logits[slot][-1]
-                if gen is None:
-                    token = int(torch.argmax(row))
-                else:
-                    try:
-                        q = warp_probs(row, st.temperature, st.top_k, st.top_p)
-                        token = sample(q, gen)
-                    except RuntimeError:  # not a distribution (e.g. NaN): a shorter window for this slot only
-                        cut.add(slot)
-                        continue
-                    rows[slot].append(q)
-                ids[slot].append(token)
-                feeds[slot] = [token]
+                self.mirrors[slot].cached.extend(feeds[slot])
+                self.mirrors[slot].forwards += 1
+            tokens, ok, q = self._sample_step(live, logits)
+            for j, slot in enumerate(live):
+                if not ok[j]:  # not a distribution (e.g. NaN): a shorter window for this slot only
+                    cut.add(slot)
+                    continue
+                if q is not None and self.gens[slot] is not None:
+                    rows[slot].append(q[j])
+                ids[slot].append(tokens[j])
+                feeds[slot] = [tokens[j]]
         busy = time.perf_counter() - t0
         for slot in drafting:
             r = reqs[slot]
             probs = torch.stack(rows[slot]) if rows[slot] else None
             chunks[slot] = DraftChunk(r.round_id, r.start_pos, ids[slot], probs, busy, started)
         return chunks
+
+    def _sample_step(self, live: list[int], logits: dict[int, torch.Tensor]
+                     ) -> tuple[list[int], list[bool], torch.Tensor | None]:
+        """One draft step's tokens for the ``live`` slots at once, on the logits' device: argmax for greedy
+        slots, a draw from the warped row for sampling ones (one uniform from the slot's own generator, by
+        inverse CDF, as ``sampling.sample``). Returns the ids, whether each row was a distribution, and the
+        warped rows ``[len(live), vocab]`` (None when no slot samples). The ids come to the host in one
+        copy: the step's only sync, as the next forward takes them as Python ints."""
+        rows, first = gather_rows([logits[slot][-1:] for slot in live])
+        if first != list(range(len(live))):
+            rows = rows[first]
+        sampled = [j for j, slot in enumerate(live) if self.gens[slot] is not None]
+        if not sampled:
+            return rows.argmax(-1).tolist(), [True] * len(live), None
+        starts = [self.starts[slot] for slot in live]
+        greedy = len(sampled) < len(live)
+        # argmax draft slots take a one-hot row here (temperature 0), so every slot has a row of q
+        q = warp_rows(rows, [st.temperature if self.gens[slot] is not None else 0.0 for slot, st in zip(live, starts)],
+                      [st.top_k for st in starts], [st.top_p for st in starts])
+        u = torch.tensor([float(uniforms(self.gens[slot], 1)[0]) if self.gens[slot] is not None else 0.0
+                          for slot in live], dtype=torch.float64).to(q.device)
+        tokens = inverse_cdf(q, u)
+        if greedy:
+            argmax = rows.argmax(-1)
+            pick = torch.tensor([self.gens[slot] is None for slot in live]).to(q.device)
+            tokens = torch.where(pick, argmax, tokens)
+        finite = torch.isfinite(q).all(-1)
+        out = torch.cat([tokens, finite.long()]).tolist()
+        n = len(live)
+        return out[:n], [bool(f) for f in out[n:]], q
 
 
 class DraftPhase(Protocol):
@@ -253,6 +283,7 @@ class LocalDraftPhase:
 
     def __init__(self, side: BatchedDraftSide):
         self.side = side
+        keep_logits_on_device(side.lm)  # its chunks stay in this process: q rows need not visit the host
         self._chunks: dict[int, DraftChunk] = {}
 
     def start(self, slot, start):
@@ -369,6 +400,37 @@ class Event:
     logprobs: list | None = None
 
 
+def _tiles(first: list[int], counts: list[int], total: int) -> bool:
+    """Whether row spans (first row, count) cover rows 0 .. total - 1 exactly, each once."""
+    at = 0
+    for f, c in sorted(zip(first, counts)):
+        if f != at:
+            return False
+        at += c
+    return at == total
+
+
+def keep_logits_on_device(lm) -> None:
+    """Let ``lm``'s forwards leave their logits on the model's device: the batched loop decides there and
+    copies only ids and counts to the host. A ``modeling.batched`` slot cache has a ``to_host`` switch; a
+    tensor-parallel leader (``lm.lm``) passes its forwards to its shard's. Other models are left as they are."""
+    for obj in (lm, getattr(lm, "lm", None)):
+        if obj is not None and getattr(obj, "to_host", None) is True:
+            obj.to_host = False
+
+
+@dataclass
+class _RoundRows:
+    """A round's target rows for the decisions, on the forward's device (``BatchLoop._round_rows``)."""
+
+    argmax: torch.Tensor | None = None  # [greedy rows] the argmax id of each greedy request's row
+    first: dict = field(default_factory=dict)  # greedy seq -> its first row in ``argmax``
+    probs: torch.Tensor | None = None  # [sampled rows, vocab] warped p of the sampled requests
+    sampled_first: dict = field(default_factory=dict)  # sampled seq -> its first row in ``probs``
+    owner: dict = field(default_factory=dict)  # sampled seq -> its index in ``bad``
+    bad: torch.Tensor | None = None  # [sampled requests] count of rows with non-finite p
+
+
 @dataclass(eq=False)
 class _Seq:
     key: object
@@ -439,6 +501,7 @@ class BatchLoop:
         if draft is not None and not hasattr(draft, "submit"):
             draft = LocalDraftPhase(BatchedDraftSide(draft))
         self.target, self.draft, self.policy = target, draft, policy
+        keep_logits_on_device(target)  # the decisions run on the target's device (``_round_rows``, ``_verdicts``)
         self.concurrent: ThreadedDraftPhase | None = None
         self._deferred_releases: set[int] = set()  # draft slots to free once a timed-out round ends
         """The draft on its own thread, for rounds whose sides run at once (``set_concurrent``); None: every
@@ -666,7 +729,7 @@ class BatchLoop:
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
         threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
         with torch_threads(threads), self._target_stream(draft_busy and at_once):
-            outs, width = self._target_phase(seqs, plans, failed, prompt_chunks, windows)
+            outs, width, rows = self._target_phase(seqs, plans, failed, prompt_chunks, windows)
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
@@ -676,12 +739,13 @@ class BatchLoop:
                                 schedule if schedule != "plain" else None, context)
         self.rounds += 1
         events = refused
+        verdicts = self._verdicts(seqs, plans, chunks, outs, rows, failed)
         for seq in seqs:
             if seq in failed:
                 continue
             try:
-                events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs),
-                                           schedule))
+                events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], verdicts[seq], wall0, t0, t1, t2,
+                                           len(seqs), schedule))
             except Exception as exc:  # noqa: BLE001 - this request's alone
                 failed[seq] = exc
         for seq, exc in failed.items():
@@ -797,7 +861,7 @@ class BatchLoop:
         prompt = {s: s.target.tokens[len(s.target.cached): len(s.target.cached) + n]
                   for s, n in (prompt_chunks or {}).items()}
         if not feeds and not prompt:
-            return outs, 0
+            return outs, 0, _RoundRows()
         batch = {s.slot: (feeds[s], plans[s].target.num_rows) for s in feeds}
         batch.update({s.slot: (ids, 0) for s, ids in prompt.items()})
         logits = self.target.forward(batch)
@@ -810,25 +874,100 @@ class BatchLoop:
             s.target.cached.extend(feed)
             s.target.forwards += 1
             s.target_forwards += 1
-            req, p = plans[s].target, s.request.params
-            rows = logits[s.slot]
+            req = plans[s].target
             if s.logprobs is not None:  # only requests that asked: the raw distribution of each verified row
-                s.round_rows = logprob_rows(rows)
-            if p.temperature == 0.0:
-                out = TargetOutput(req.round_id, req.start_pos, target_argmax_ids=rows.argmax(-1).tolist())
+                s.round_rows = logprob_rows(logits[s.slot])
+            outs[s] = TargetOutput(req.round_id, req.start_pos, busy_s=busy, started_at=started)
+        return outs, width, self._round_rows(list(feeds), logits)
+
+    def _round_rows(self, seqs: list[_Seq], logits: dict[int, torch.Tensor]) -> "_RoundRows":
+        """The decision rows of a round's requests, on the forward's device: the argmax of the greedy ones'
+        rows and the warped p of the sampled ones' (``decide.warp_rows``, each row with its request's
+        settings). Nothing comes to the host here."""
+        greedy = [s for s in seqs if s.request.params.temperature == 0.0]
+        sampled = [s for s in seqs if s.request.params.temperature != 0.0]
+        rows = _RoundRows()
+        if greedy:
+            block, first = gather_rows([logits[s.slot] for s in greedy])
+            rows.argmax = block.argmax(-1)
+            rows.first.update(zip(greedy, first))
+        if sampled:
+            block, first = gather_rows([logits[s.slot] for s in sampled])
+            counts = [logits[s.slot].shape[0] for s in sampled]
+            if not _tiles(first, counts, block.shape[0]):
+                # a view that spans other requests' rows too: keep only these requests' rows, in order
+                block = torch.cat([block[f: f + c] for f, c in zip(first, counts)])
+                first = [sum(counts[:i]) for i in range(len(counts))]
+            settings = [None] * block.shape[0]
+            owners = [0] * block.shape[0]
+            for b, (s, f, c) in enumerate(zip(sampled, first, counts)):
+                p = s.request.params
+                settings[f: f + c] = [(p.temperature, p.top_k, p.top_p)] * c
+                owners[f: f + c] = [b] * c
+            temps, ks, ps = zip(*settings)
+            rows.probs = warp_rows(block, temps, ks, ps)
+            rows.bad = rows_not_finite(rows.probs, owners, len(sampled))
+            rows.sampled_first.update(zip(sampled, first))
+            rows.owner.update((s, b) for b, s in enumerate(sampled))
+        return rows
+
+    def _verdicts(self, seqs: list[_Seq], plans: dict, chunks: dict, outs: dict, rows: "_RoundRows",
+                  failed: dict) -> dict:
+        """Every request's decision of this round: one batched call per kind (greedy, sampled) on the target's
+        device, and one copy of the results to the host. Returns seq -> (candidates, accepted count, extra
+        token). A request whose own part raises, or whose rows are not finite, goes into ``failed``."""
+        cands, greedy, sampled = {}, [], []
+        for s in seqs:
+            if s in failed:
+                continue
+            try:
+                got = plans[s].target.num_rows if (s in rows.first or s in rows.sampled_first) else 0
+                cands[s] = c = round_candidates(s.state, plans[s], chunks[s], outs[s], s.opts, target_rows=got)
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                failed[s] = exc
+                continue
+            if c.num_rows:
+                (greedy if s in rows.first else sampled).append(s)
+        # each sampled request's uniforms from its own generator: n + 1 per round, whatever it decides
+        coins = {s: uniforms(s.coins, len(cands[s].token_ids) + 1) for s in sampled}
+
+        def decide(g: list[_Seq], sm: list[_Seq]) -> dict:
+            parts = []
+            if g:
+                parts.append(verify_greedy_rows(rows.argmax, [cands[s].token_ids for s in g],
+                                                [rows.first[s] for s in g], [cands[s].allow_bonus for s in g]))
+            if sm:
+                parts.append(verify_sampled_rows(
+                    rows.probs, [cands[s].token_ids for s in sm], [rows.sampled_first[s] for s in sm],
+                    [cands[s].allow_bonus for s in sm], [cands[s].draft_probs for s in sm], [coins[s] for s in sm]))
+                bad = rows.bad[torch.tensor([rows.owner[s] for s in sm]).to(rows.bad.device)]
+                parts.append(torch.stack([bad, bad], dim=1))
+            host = torch.cat(parts).tolist() if parts else []  # the round's one copy to the host
+            out = {s: (a, e, False) for s, (a, e) in zip(g + sm, host)}
+            for s, (bad, _) in zip(sm, host[len(g) + len(sm):]):
+                out[s] = (*out[s][:2], bool(bad))
+            return out
+
+        try:
+            decided = decide(greedy, sampled)
+        except Exception:  # noqa: BLE001 - find whose it is: each request alone, the same uniforms
+            decided = {}
+            for s in greedy + sampled:
+                try:
+                    decided.update(decide([s] if s in rows.first else [], [s] if s in rows.sampled_first else []))
+                except Exception as exc:  # noqa: BLE001 - this request's alone
+                    failed[s] = exc
+        verdicts = {s: (c, 0, NO_TOKEN) for s, c in cands.items() if not c.num_rows}
+        for s, (accepted, extra, bad) in decided.items():
+            if bad:
+                failed[s] = FloatingPointError("the target's probabilities for this request are not finite")
             else:
-                probs = warp_probs(rows, p.temperature, p.top_k, p.top_p)
-                if not bool(torch.isfinite(probs).all()):
-                    failed[s] = FloatingPointError("the target's probabilities for this request are not finite")
-                    continue
-                out = TargetOutput(req.round_id, req.start_pos, target_probs=probs)
-            out.busy_s, out.started_at = busy, started
-            outs[s] = out
-        return outs, width
+                verdicts[s] = (cands[s], accepted, extra)
+        return verdicts
 
     def _decide(self, seq: _Seq, plan: RoundPlan, chunk: DraftChunk, target_out: TargetOutput | None,
-                wall0: float, t0: float, t1: float, t2: float, batch: int, schedule: str = "") -> Event:
-        outcome = pearl_step(seq.state, plan, chunk, target_out, seq.coins, seq.opts)  # reads greedy/draft_greedy only
+                verdict: tuple, wall0: float, t0: float, t1: float, t2: float, batch: int, schedule: str = "") -> Event:
+        outcome = commit_round(seq.state, plan, chunk, *verdict)
         if seq.logprobs is not None:
             # the i-th appended token was scored by the target's row i (``core.logprobs``)
             appended = outcome.update.appended_token_ids
