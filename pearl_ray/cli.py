@@ -1,5 +1,8 @@
 """Command line: ``python -m pearl_ray generate --draft D --target T --method pearl --prompt "..." --json`` and
-``python -m pearl_ray serve --draft D --target T --port P`` (the OpenAI-compatible endpoint on Ray Serve)."""
+``python -m pearl_ray serve --draft D --target T --port P`` (the OpenAI-compatible endpoint on Ray Serve).
+
+The engine's options are not declared here: their flags, defaults, choices, help and checks come from their
+one declaration in ``config.EngineConfig`` (``config.add_options``, ``config.check_flags``)."""
 
 from __future__ import annotations
 
@@ -8,14 +11,19 @@ import json
 import math
 import sys
 
-from .config import CPU_KERNELS, DEFAULT_MAX_PREFILL_TOKENS, MAX_GAMMA, METHODS, SCHEDULES, TRANSPORTS, SamplingParams
+from .config import OPTIONS, SamplingParams, add_options, check_flags, options_from_args
 from .errors import InvalidParameterError, PearlError, PromptError
 from .modeling.presets import preset_names
 
-
-PREFILL_HELP = (f"prompt tokens one decoding round feeds; a longer prompt goes in chunks over several rounds while "
-                f"the running requests keep decoding (default {DEFAULT_MAX_PREFILL_TOKENS}; 0 = each prompt whole "
-                f"in one forward)")
+GENERATE_OPTIONS = ("tensor_parallel_size", "draft", "target", "method", "gamma", "backend", "transport", "num_threads",
+                    "schedule", "colocate", "device", "dtype", "cpu_kernels", "max_prefill_tokens_per_round",
+                    "pre_verify", "post_verify")
+"""The engine options ``generate`` takes as flags (``--no-pre-verify``: the PEARL ablation)."""
+SERVE_OPTIONS = ("tensor_parallel_size", "draft", "target", "method", "gamma", "transport", "num_threads", "schedule",
+                 "colocate", "device", "dtype", "cpu_kernels", "max_num_seqs", "kv_budget_tokens",
+                 "max_prefill_tokens_per_round", "draft_num_cpus", "target_num_cpus", "draft_num_gpus",
+                 "target_num_gpus")
+"""The engine options ``serve`` takes; a flag not given leaves the option to ``ServeConfig`` (and a preset)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,42 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for one or more prompts",
                        description="Without --draft/--target/--preset it uses the embedded default pair.")
-    g.add_argument("--preset", choices=preset_names(),
-                   help="a named pair: 'default' = the embedded CPU pair; the others are GPU pairs "
-                        "(pearl_ray.modeling.presets: models, TP size, dtype, gamma, GPUs)")
-    g.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="target ranks, one actor each (DeepSpeed AutoTP; needs --backend ray)")
-    g.add_argument("--draft", help="draft model dir, preset name or hub id (default: default-draft)")
-    g.add_argument("--target", help="target model dir, preset name or hub id (default: default-target)")
-    g.add_argument("--method", default="pearl", choices=METHODS)
-    g.add_argument("--gamma", type=int, default=0,
-                   help="fixed draft window; 0 = auto (locally the adaptive policy, on ray the measured ratio)")
-    g.add_argument("--backend", default="local", choices=["local", "ray"])
-    g.add_argument("--transport", choices=TRANSPORTS,
-                   help="ray backend only: how the target leader reaches the draft (default gloo)")
-    g.add_argument("--num-threads", type=int, help="torch threads per model (local) or per worker (ray)")
-    g.add_argument("--schedule", default="auto", choices=SCHEDULES,
-                   help="one process holding both models (local, or a colocated ray pair): the sides in turn, "
-                        "at once (PEARL), or the policy's choice per round (auto, default)")
-    g.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
-                   help="ray backend: both models in the target leader's worker, one bundle, no draft actor or link "
-                        "(default: yes for a CPU pair with one target rank; --no-colocate keeps two actors)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="float32")
-    g.add_argument("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
-                   help="CPU linear layers: oneDNN with packed weights (default) or torch's default GEMM")
-    g.add_argument("--max-prefill-tokens-per-round", type=int, default=DEFAULT_MAX_PREFILL_TOKENS,
-                   help=PREFILL_HELP)
+    add_options(g, ("preset",), choices={"preset": preset_names()},
+                helps={"preset": "a named pair: 'default' = the embedded CPU pair; the others are GPU pairs "
+                                 "(pearl_ray.modeling.presets: models, TP size, dtype, gamma, GPUs)"})
+    # gamma 0 = auto; transport and colocate, Ray's, only where given (the local backend refuses Ray's options)
+    add_options(g, GENERATE_OPTIONS, defaults={"gamma": 0, "transport": None})
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
+    sampling = SamplingParams()  # the request options: defaults (and, in check_generate_args, checks) are its own
+    for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_p", float), ("top_k", int),
+                       ("seed", int)):
+        g.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(sampling, name))
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="fixed-length output (the paper's protocol)")
-    g.add_argument("--no-pre-verify", action="store_true", help="PEARL ablation")
-    g.add_argument("--no-post-verify", action="store_true", help="PEARL ablation")
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object with outputs and stats")
     add_serve_parser(sub)
@@ -72,43 +56,27 @@ def add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="serve an OpenAI-compatible endpoint on Ray Serve (blocks until Ctrl-C)",
                        description="Starts or joins Ray, deploys the endpoint and blocks until interrupted; then "
                                    "deletes the deployment. Without --draft/--target it serves the default pair.")
-    s.add_argument("--preset", choices=[n for n in preset_names() if n != "default"],
-                   help="a GPU pair preset: models, TP size, dtype, device, gamma, GPUs (unless given)")
-    s.add_argument("--tensor-parallel-size", type=int, help="target ranks per replica (default 1)")
-    s.add_argument("--draft", help="draft model dir, preset name or hub id (default: default-draft)")
-    s.add_argument("--target", help="target model dir, preset name or hub id (default: default-target)")
+    add_options(s, ("preset",), choices={"preset": [n for n in preset_names() if n != "default"]},
+                helps={"preset": "a GPU pair preset: models, TP size, dtype, device, gamma, GPUs (unless given)"})
+    # not given (None): ServeConfig's default, or the preset's; gamma 0 = auto, measured at start-up
+    add_options(s, SERVE_OPTIONS, defaults={**{n: None for n in SERVE_OPTIONS}, "gamma": 0},
+                helps={"tensor_parallel_size": "target ranks per replica (default 1)",
+                       "max_num_seqs": "requests a replica's pair decodes at once (default 8)",
+                       "kv_budget_tokens": "KV-cache positions a replica's pair may hold at once (default: no limit)",
+                       "gamma": "draft window (0 = auto, measured at start-up)"})
     s.add_argument("--model-name", help="the model id clients send (default: the target's name)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                    help="a key clients must send as 'Authorization: Bearer KEY' on /v1/* (repeatable; "
                         "also read from $PEARL_RAY_API_KEY, comma-separated); /health stays open")
-    s.add_argument("--method", choices=METHODS, help="default method (default pearl)")
-    s.add_argument("--gamma", type=int, default=0, help="draft window (0 = auto, measured at start-up)")
-    s.add_argument("--transport", choices=TRANSPORTS)
-    s.add_argument("--num-threads", type=int, help="torch threads per worker")
-    s.add_argument("--schedule", choices=SCHEDULES, help="a colocated pair's drafting rounds: turn, once or auto "
-                                                         "(default)")
-    s.add_argument("--colocate", action=argparse.BooleanOptionalAction, default=None,
-                   help="both models in the target leader's worker: one bundle with the pair's CPUs, no draft actor "
-                        "or link (default: yes for a CPU pair with one target rank; --no-colocate keeps two actors)")
-    s.add_argument("--device")
-    s.add_argument("--dtype")
-    s.add_argument("--cpu-kernels", choices=CPU_KERNELS, help="CPU linear layers (default onednn)")
     s.add_argument("--num-replicas", type=int, help="model replicas, one draft/target pair each (default 1)")
-    s.add_argument("--max-num-seqs", type=int, help="requests a replica's pair decodes at once (default 8)")
-    s.add_argument("--kv-budget-tokens", type=int,
-                   help="KV-cache positions a replica's pair may hold at once (default: no limit)")
-    s.add_argument("--max-prefill-tokens-per-round", type=int, help=PREFILL_HELP)
     s.add_argument("--max-ongoing-requests", type=int,
                    help="requests one replica holds at once (default max-num-seqs + 4)")
     s.add_argument("--max-queued-requests", type=int, help="requests queued for a replica; past it 503 (default 8)")
     s.add_argument("--backpressure-status", type=int, choices=[503, 429])
     s.add_argument("--retry-after-s", type=float)
-    for side in ("draft", "target", "replica"):
-        s.add_argument(f"--{side}-num-cpus", type=float)
-    for side in ("draft", "target"):
-        s.add_argument(f"--{side}-num-gpus", type=float)
+    s.add_argument("--replica-num-cpus", type=float)
     s.add_argument("--default-max-tokens", type=int)
     s.add_argument("--app-name", default="pearl")
     s.add_argument("--route-prefix", default="/")
@@ -124,18 +92,6 @@ def fail(exc: BaseException) -> int:
     return 2
 
 
-def check_gamma_option(gamma: int) -> None:
-    if not 0 <= gamma <= MAX_GAMMA:
-        raise InvalidParameterError(f"--gamma must be in 0..{MAX_GAMMA} (0 = auto), got {gamma}")
-
-
-def check_at_least(args, names: tuple[str, ...], low: int) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise InvalidParameterError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-
-
 def check_not_empty(args, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(args, name, None)
@@ -145,15 +101,14 @@ def check_not_empty(args, names: tuple[str, ...]) -> None:
 
 def check_generate_args(args) -> SamplingParams:
     """Everything ``generate`` can check before a model loads; returns the request's sampling parameters.
-    The sampling ranges are ``SamplingParams``' own (one rule for the API, the endpoint and the CLI)."""
+    The engine options' checks are their declarations' and the sampling ranges ``SamplingParams``' own (one
+    rule for the API, the endpoint and the CLI)."""
     for i, prompt in enumerate(args.prompt, 1):
         if not prompt.strip():
             which = f" (prompt {i} of {len(args.prompt)})" if len(args.prompt) > 1 else ""
             raise PromptError(f"--prompt is empty{which}: give the text to continue")
     check_not_empty(args, ("draft", "target", "device", "dtype"))
-    check_gamma_option(args.gamma)
-    check_at_least(args, ("num_threads", "tensor_parallel_size"), 1)
-    check_at_least(args, ("max_prefill_tokens_per_round",), 0)
+    check_flags(args, GENERATE_OPTIONS)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
@@ -173,13 +128,13 @@ SERVE_FLOATS = ("retry_after_s", "replica_num_cpus", "draft_num_cpus", "target_n
 
 
 def check_serve_args(args) -> None:
-    """What ``serve`` checks itself before Ray starts (``ServeConfig`` checks the rest)."""
+    """What ``serve`` checks itself before Ray starts: its own flags, finite numbers, and the options whose flag
+    writes None as a value (``--gamma 0``); ``ServeConfig`` checks the rest."""
     for name in ("port", "metrics_export_port"):
         value = getattr(args, name)
         if value is not None and not 1 <= value <= 65535:
             raise InvalidParameterError(f"--{name.replace('_', '-')} must be in 1..65535, got {value}")
-    check_gamma_option(args.gamma)
-    check_at_least(args, ("max_prefill_tokens_per_round",), 0)
+    check_flags(args, [n for n in SERVE_OPTIONS if OPTIONS[n].metadata["flag_none"] is not None])
     for name in SERVE_FLOATS:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
@@ -202,12 +157,13 @@ def serve_config(args):
 
     check_serve_args(args)
     fields = {k: v for k, v in vars(args).items() if k in ServeConfig.model_fields and v is not None}
+    # the engine's options that were given, stand-ins mapped (gamma 0: None, the preset's or auto;
+    # max_prefill_tokens_per_round 0: None, whole prompts)
+    fields.update(options_from_args(args, SERVE_OPTIONS, keep_unset=False))
     # the keys from this shell's environment travel in the config: a joined cluster's ingress has another one
     fields["api_keys"] = [*(args.api_keys or []), *env_api_keys()]
-    if args.max_prefill_tokens_per_round == 0:
-        fields["max_prefill_tokens_per_round"] = None  # whole prompts
     try:
-        return ServeConfig(**{**fields, "gamma": args.gamma or None})  # gamma None: the preset's, or auto
+        return ServeConfig(**fields)
     except ValidationError as exc:
         raise InvalidParameterError(describe_validation_error(exc)) from None
 
@@ -281,22 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     except PearlError as exc:
         return fail(exc)
 
-    draft, target = args.draft, args.target
-    if target is None and draft is None and not args.preset:
-        draft, target = "default-draft", "default-target"  # the embedded pair, as `serve` does
+    # the options given (a flag left at None was not: the engine's default, or the preset's, applies), with
+    # their stand-ins mapped: --gamma 0 is None (auto), --max-prefill-tokens-per-round 0 None (whole prompts)
+    options = options_from_args(args, GENERATE_OPTIONS, keep_unset=False)
+    if args.preset:
+        options["preset"] = args.preset
+    elif options.get("target") is None and options.get("draft") is None:
+        options.update(draft="default-draft", target="default-target")  # the embedded pair, as `serve` does
     try:
-        extra = {"transport": args.transport} if args.transport else {}
-        if args.colocate is not None:
-            extra["colocate"] = args.colocate
-        if args.preset:
-            extra["preset"] = args.preset
-        if args.tensor_parallel_size != 1:
-            extra["tensor_parallel_size"] = args.tensor_parallel_size
-        with PearlEngine(draft=draft, target=target, method=args.method, gamma=args.gamma or None,
-                         backend=args.backend, device=args.device, dtype=args.dtype, num_threads=args.num_threads,
-                         cpu_kernels=args.cpu_kernels, pre_verify=not args.no_pre_verify,
-                         post_verify=not args.no_post_verify, schedule=args.schedule,
-                         max_prefill_tokens_per_round=args.max_prefill_tokens_per_round or None, **extra) as engine:
+        with PearlEngine(**options) as engine:
             prompts = [chat_prompt(engine.tokenizer, p) for p in args.prompt] if args.chat else args.prompt
             outs = engine.generate(prompts, params)
     except PearlError as exc:

@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, get_args, get_type_hints
 
 from .core.request import Request  # noqa: F401 - re-exported: the engine builds requests from here
 from .core.rounds import RoundOptions
-from .errors import InvalidParameterError
+from .errors import ContextLengthError, InvalidParameterError, PromptError
 
 Method = Literal["pearl", "sd", "ar"]
 """How a request decodes: PEARL, vanilla speculative decoding, or the target alone."""
@@ -137,45 +138,66 @@ class SamplingParams:
         raise InvalidParameterError(f"params must be SamplingParams or a dict, got {type(params).__name__}")
 
 
+def option(default=None, help: str = "", *, ge=None, gt=None, le=None, choices=None, flag_none=None):
+    """One option, declared once: its default, its check and its command-line help (``dataclasses.field``
+    metadata, read by ``check_option``, ``add_options`` and ``serve.config.serve_field``).
+
+    ``ge``, ``gt``, ``le``: bounds of a number; ``choices``: the values allowed; ``flag_none``: ``(value, meaning)``
+    when a command line writes None as a value, e.g. ``(0, "auto")`` for ``--gamma 0``. An option with none of
+    these is not checked (any value is taken as given). The field's docstring says what it does."""
+    checks = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("choices", choices)) if v is not None}
+    return dataclasses.field(default=default, metadata={"help": help, "checks": checks, "flag_none": flag_none})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that decides how an engine is built. ``engine.config`` holds the resolved copy (model
-    paths instead of names, the chosen gamma) and ``to_dict()`` is what jobs save beside their results."""
+    paths instead of names, the chosen gamma) and ``to_dict()`` is what jobs save beside their results.
 
-    draft: str | None = None
-    target: str | None = None
-    method: str = "pearl"
+    Each field is the one declaration of its option (``option``): ``ServeConfig``, the command line and the
+    GSM8K job take their options, defaults and checks from here."""
+
+    draft: str | None = option(None, "draft model dir, preset name or hub id (default: default-draft)")
+    target: str | None = option(None, "target model dir, preset name or hub id (default: default-target)")
+    method: str = option("pearl", "default method of the requests", choices=METHODS)
     """Default method of the engine's requests: "pearl", "sd" (vanilla speculative decoding) or "ar"."""
-    gamma: int | None = DEFAULT_GAMMA
+    gamma: int | None = option(DEFAULT_GAMMA, "fixed draft window; 0 = auto (locally the adaptive policy, on ray "
+                                              "the measured ratio)", ge=1, le=MAX_GAMMA, flag_none=(0, "auto"))
     """Draft window; None = auto: the adaptive speculation policy (``core.policy``: each round's window from
     measured forward costs and running acceptance), up to ``POLICY_MAX_GAMMA`` locally and up to the
     measured cost ratio on Ray (a tensor-parallel target keeps that ratio as a fixed window).
     ``PearlEngine``'s default is None."""
-    adaptive: bool = False
+    adaptive: bool = option(False)
     """Set when the engine resolves ``gamma=None``: requests follow the policy, and ``gamma`` holds its
     largest window. Requests with an explicit ``gamma=`` keep a fixed window."""
-    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_seqs: int = option(DEFAULT_MAX_NUM_SEQS, "requests one pair decodes at once", ge=1)
     """Requests one pair decodes at once: locally a call's prompts (further ones join as slots free up); on
     Ray the calls in flight, which the target leader's continuous loop batches (``runtime.leader_loop``)."""
-    kv_budget_tokens: int | None = None
+    kv_budget_tokens: int | None = option(None, "KV-cache positions one pair may hold at once (default: no limit)",
+                                          ge=1)
     """KV-cache positions one pair may hold for the requests it decodes at once (vLLM's counterpart is its
     memory fraction); None: no limit beyond ``max_num_seqs``. The slot cache is a rectangle (one row per
     request, as long as the longest), so admitting a request needs (running + 1) x the longest reservation
     <= the budget, a request reserving prompt + max_new_tokens + its window + 1. One that does not fit now
     waits; one that could never fit is refused up front (``CacheBudgetError``, with the numbers). Bytes per
     position: 2 x layers x kv_heads x head_dim x dtype size (the target's; the draft's is far smaller)."""
-    max_prefill_tokens_per_round: int | None = DEFAULT_MAX_PREFILL_TOKENS
+    max_prefill_tokens_per_round: int | None = option(
+        DEFAULT_MAX_PREFILL_TOKENS, f"prompt tokens one decoding round feeds; a longer prompt goes in chunks over "
+        f"several rounds while the running requests keep decoding (default {DEFAULT_MAX_PREFILL_TOKENS})",
+        ge=1, flag_none=(0, "each prompt whole in one forward"))
     """Prompt tokens one round of the batched loop feeds, over every request that is joining (vLLM's
     counterpart is its chunked-prefill token budget). A longer prompt is fed in chunks over several rounds,
     to the target and the draft alike, while the running requests' rows decode in every one of those
     rounds; requests join in arrival order, and a prompt that fits what a round has left goes in whole.
     Greedy output is the same as with the whole prompt in one forward. None: each request's first round
     feeds its whole prompt at once (every running request waits for it)."""
-    pre_verify: bool = True
-    post_verify: bool = True
-    draft_greedy: bool = False
+    pre_verify: bool = option(True, "PEARL's pre-verify (--no-pre-verify: the ablation)")
+    post_verify: bool = option(True, "PEARL's post-verify (--no-post-verify: the ablation)")
+    draft_greedy: bool = option(False, "draft by argmax when sampling (still lossless)")
     """When sampling, draft by argmax (q one-hot, ids only on the wire). Still lossless."""
-    schedule: str = "auto"
+    schedule: str = option("auto", "one process holding both models (local, or a colocated ray pair): the sides in "
+                                   "turn, at once (PEARL), or the policy's choice per round (auto, default)",
+                           choices=SCHEDULES)
     """Where one process holds both models (the local backend): how the sides share the device in a drafting
     round. "turn": the draft's window, then the target's verification, each with the whole device (adaptive
     PEARL requests then run vanilla SD rounds); "once": PEARL with the sides at the same time (on CPU two
@@ -183,76 +205,74 @@ class EngineConfig:
     choice each round between those two and plain decoding (from their measured costs), else "once" for a
     fixed-window PEARL request. "once" and "auto" need a device that can be split: CUDA, or at least 2 CPU
     threads (``num_threads``); otherwise every round is in turn."""
-    backend: str = "local"
-    device: str = "cpu"
-    dtype: str = "float32"
-    cpu_kernels: str = "onednn"
+    backend: str = option("local", "where the pair runs", choices=BACKENDS)
+    device: str = option("cpu", "cpu | cuda | cuda:N")
+    dtype: str = option("float32", "float32 | bfloat16 | float16")
+    cpu_kernels: str = option("onednn", "CPU linear layers: oneDNN with packed weights (default) or torch's default "
+                                        "GEMM", choices=CPU_KERNELS)
     """On CPU, how linear layers run: ``"onednn"`` through oneDNN with weights packed at load time (2-3x
     faster per decode step here; ``modeling.kernels``), ``"eager"`` torch's default GEMM. Tensor-parallel
     targets keep DeepSpeed's layers."""
-    num_threads: int | None = None
+    num_threads: int | None = option(None, "torch threads per model (local) or per worker (ray)", ge=1)
     """torch threads per model (local) or per worker (Ray; None = the worker's CPU count, at least 1)."""
-    prefill_threads: int | None = None
+    prefill_threads: int | None = option(None, "ray on CPU: torch threads of the target's prompt passes", ge=0)
     """Ray on CPU: torch threads the target leader uses for a prompt pass (a forward of at least
     ``PREFILL_MIN_TOKENS`` tokens). While the target reads the prompt the draft has little to do (its own
     prompt pass is several times shorter), so by default (None) the target borrows the draft's threads for
     it: the pair's cores, no more. 0 = never borrow. Ignored on GPUs and for tensor-parallel targets."""
-    max_queued: int = 64
+    max_queued: int = option(64, "requests that may wait behind the running ones", ge=0)
     """Requests that may wait behind the running one; past it a call raises ``QueueFullError``."""
-    queue_timeout_s: float = 600.0
+    queue_timeout_s: float = option(600.0, "longest wait for a turn in the queue", gt=0)
     # Ray backend
-    colocate: bool | None = None
+    colocate: bool | None = option(None, "ray backend: both models in the target leader's worker, one bundle, no "
+                                         "draft actor or link (default: yes for a CPU pair with one target rank; "
+                                         "--no-colocate keeps two actors)")
     """Ray: one worker, the target leader, holds both models in one placement bundle with the pair's
     resources (their CPUs, or one GPU); no draft actor and no link. Its rounds then pick a schedule as the
     local backend's (``schedule``). With a tensor-parallel target (explicit ``colocate=True`` only) the draft
     sits beside rank 0, in its bundle, and rounds keep fixed windows. None (default): colocated when
     both sides would share one device anyway, i.e. a CPU pair (no GPUs asked for) with one target rank and
     a packed placement; False keeps two actors joined by the link (separate GPUs or nodes)."""
-    transport: str = "gloo"
-    placement: str = "STRICT_PACK"
-    draft_num_cpus: float = 1.0
-    target_num_cpus: float = 1.0
-    draft_num_gpus: float = 0.0
-    target_num_gpus: float = 0.0
-    round_timeout_s: float = 30.0
-    result_interval_s: float = 1.0
+    transport: str = option("gloo", "ray backend only: how the target leader reaches the draft (default gloo)",
+                            choices=TRANSPORTS)
+    placement: str = option("STRICT_PACK", "placement group strategy of the pair (STRICT_SPREAD: draft and target "
+                                           "on different nodes)", choices=PLACEMENTS)
+    draft_num_cpus: float = option(1.0, "CPUs of the draft's bundle", ge=0)
+    target_num_cpus: float = option(1.0, "CPUs of each target rank's bundle", ge=0)
+    draft_num_gpus: float = option(0.0, "GPUs of the draft's bundle", ge=0)
+    target_num_gpus: float = option(0.0, "GPUs of each target rank's bundle", ge=0)
+    round_timeout_s: float = option(30.0, "longest wait for one side's round", gt=0)
+    result_interval_s: float = option(1.0, "ray: at most one message per this many seconds for a result-only "
+                                           "request", ge=0)
     """Ray: for a request whose caller wants its result rather than each round's tokens (``generate``
     without ``on_tokens``, a non-streamed HTTP request, ``stream(result_only=True)``), the target leader
     sends its tokens at most once per this many seconds after the first. Each message costs CPU on the
     leader's cores (at batch 8 on a 2-core machine one per round per request cost ~5% of the throughput).
     0: every round, as for streams."""
-    start_timeout_s: float = 600.0
+    start_timeout_s: float = option(600.0, "longest wait for the models to load in the workers", gt=0)
     """Loading the models in the workers."""
-    placement_timeout_s: float = 60.0
+    placement_timeout_s: float = option(60.0, "longest wait for the cluster to grant the pair's resources", gt=0)
     """Waiting for the cluster to grant the draft's and the target's resources."""
-    measure_context: int = 128
-    ray_address: str | None = None
+    measure_context: int = option(128)
+    ray_address: str | None = option(None, "Ray to join: an address, or 'auto' for the cluster `ray start` runs on "
+                                           "this machine (default: the Ray this process is in, else $RAY_ADDRESS, "
+                                           "else a new private one on 127.0.0.1)")
     """Where to join Ray when it is not running in this process; None: $RAY_ADDRESS or a private local one."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = option(1, "target ranks, one actor (GPU) each: a DeepSpeed AutoTP group (needs "
+                                          "the ray backend)", ge=1)
     """Target ranks (one GPU each with ``target_num_gpus=1``): a DeepSpeed AutoTP group led by rank 0."""
-    load_sharded: bool = True
+    load_sharded: bool = option(True)
     """TP > 1: build the target on the meta device and load only each rank's slice of the checkpoint."""
-    kernel_inject: bool = False
+    kernel_inject: bool = option(False)
     """TP > 1 on CUDA: DeepSpeed's fused inference kernels instead of plain AutoTP."""
-    tensor_lane: str = "auto"
-    preset: str | None = None
+    tensor_lane: str = option("auto", choices=TENSOR_LANES)
+    preset: str | None = option(None, "a named pair (pearl_ray.modeling.presets: models, TP size, dtype, gamma, "
+                                      "GPUs), unless those are given")
     """The pair preset this config came from (``modeling.presets``), for the record."""
 
     def __post_init__(self) -> None:
-        check_method(self.method)
-        check_gamma(self.gamma, allow_auto=True)
-        if self.backend not in BACKENDS:
-            raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.transport not in TRANSPORTS:
-            raise InvalidParameterError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if self.schedule not in SCHEDULES:
-            raise InvalidParameterError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.cpu_kernels not in CPU_KERNELS:
-            raise InvalidParameterError(f"cpu_kernels must be one of {CPU_KERNELS}, got {self.cpu_kernels!r}")
-        if self.tensor_lane not in TENSOR_LANES:
-            raise InvalidParameterError(f"tensor_lane must be one of {TENSOR_LANES}, got {self.tensor_lane!r}")
-        if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
-            raise InvalidParameterError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        for f in dataclasses.fields(self):
+            check_option(f.name, getattr(self, f.name))
         if self.colocate is None:
             object.__setattr__(self, "colocate", self.shares_one_device())
         if self.colocate and self.placement in ("STRICT_SPREAD", "SPREAD"):
@@ -260,30 +280,6 @@ class EngineConfig:
                                         "its rank 0): it needs a packed placement")
         if self.tensor_parallel_size > 1 and self.backend != "ray":
             raise InvalidParameterError("tensor_parallel_size > 1 needs backend='ray' (one actor per target rank)")
-        if self.placement not in PLACEMENTS:
-            raise InvalidParameterError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
-        if self.num_threads is not None and (not _is_int(self.num_threads) or self.num_threads < 1):
-            raise InvalidParameterError(f"num_threads must be an integer >= 1, got {self.num_threads!r}")
-        if self.prefill_threads is not None and (not _is_int(self.prefill_threads) or self.prefill_threads < 0):
-            raise InvalidParameterError(f"prefill_threads must be an integer >= 0, got {self.prefill_threads!r}")
-        if not _is_int(self.max_num_seqs) or self.max_num_seqs < 1:
-            raise InvalidParameterError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
-        if self.kv_budget_tokens is not None and (not _is_int(self.kv_budget_tokens) or self.kv_budget_tokens < 1):
-            raise InvalidParameterError(f"kv_budget_tokens must be an integer >= 1 or None, got {self.kv_budget_tokens!r}")
-        if self.max_prefill_tokens_per_round is not None and (not _is_int(self.max_prefill_tokens_per_round)
-                                                              or self.max_prefill_tokens_per_round < 1):
-            raise InvalidParameterError(f"max_prefill_tokens_per_round must be an integer >= 1, or None for whole "
-                                        f"prompts, got {self.max_prefill_tokens_per_round!r}")
-        if not _is_int(self.max_queued) or self.max_queued < 0:
-            raise InvalidParameterError(f"max_queued must be an integer >= 0, got {self.max_queued!r}")
-        if not (isinstance(self.result_interval_s, (int, float)) and self.result_interval_s >= 0):
-            raise InvalidParameterError(f"result_interval_s must be >= 0, got {self.result_interval_s!r}")
-        for name in ("round_timeout_s", "start_timeout_s", "placement_timeout_s", "queue_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise InvalidParameterError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus"):
-            if not getattr(self, name) >= 0:
-                raise InvalidParameterError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
     def shares_one_device(self) -> bool:
         """Whether a Ray pair's two sides would share one device: CPU sides (no GPU asked for), one target rank,
@@ -306,6 +302,117 @@ class EngineConfig:
         return dataclasses.asdict(self)
 
 
+# -- the options, as every entry point sees them ---------------------------------------------------------------
+OPTIONS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(EngineConfig)}
+OPTION_TYPES: dict[str, object] = get_type_hints(EngineConfig)
+
+
+def option_kind(name: str) -> tuple[type, bool]:
+    """(the value's type, whether None is allowed) of option ``name``, from its annotation."""
+    hint = OPTION_TYPES[name]
+    args = [a for a in get_args(hint) if a is not type(None)] or [hint]
+    return args[0], type(None) in get_args(hint)
+
+
+def describe_rule(name: str, none_ok: bool = True) -> str:
+    """What option ``name`` may be, in words: "an integer in [1, 16]", "one of ('a', 'b')", ... (and "or None"
+    where None is allowed, unless ``none_ok`` is False: a command line has no None)."""
+    checks = OPTIONS[name].metadata["checks"]
+    kind, optional = option_kind(name)
+    if "choices" in checks:
+        rule = f"one of {tuple(checks['choices'])}"
+    else:
+        rule = "an integer" if kind is int else "a number"
+        if "ge" in checks and "le" in checks:
+            rule += f" in [{checks['ge']}, {checks['le']}]"
+        else:
+            rule += "".join(f" {op} {checks[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<=")) if k in checks)
+    return rule + (" or None" if optional and none_ok else "")
+
+
+def check_option(name: str, value, label: str | None = None) -> None:
+    """The one check of option ``name`` (its declaration's bounds or choices); ``label`` names it in the
+    message (e.g. a command-line flag). An option declared without a check takes any value."""
+    checks = OPTIONS[name].metadata["checks"]
+    if not checks:
+        return
+    kind, optional = option_kind(name)
+    if value is None:
+        ok = optional
+    elif "choices" in checks:
+        ok = value in checks["choices"]
+    else:
+        ok = _is_int(value) if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
+        bounds = (("ge", lambda a, b: a >= b), ("gt", lambda a, b: a > b), ("le", lambda a, b: a <= b))
+        ok = ok and all(test(value, checks[k]) for k, test in bounds if k in checks)
+    if not ok:
+        raise InvalidParameterError(f"{label or name} must be {describe_rule(name)}, got {value!r}")
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser, names, defaults: dict | None = None, helps: dict | None = None,
+                choices: dict | None = None) -> None:
+    """Command-line flags for the options ``names`` (``--max-num-seqs`` for ``max_num_seqs``): type, choices
+    and help from each declaration. ``defaults``: the entry point's own defaults where they differ from the
+    declaration's (e.g. None: "not given, the config decides"); ``helps``, ``choices``: its own help texts and
+    narrower choices. A bool option takes ``--x/--no-x``; a ``flag_none`` option takes its stand-in value
+    (``options_from_args`` maps it to None)."""
+    import argparse
+
+    defaults, helps, choices = defaults or {}, helps or {}, choices or {}
+    for name in names:
+        field = OPTIONS[name]
+        kind, _ = option_kind(name)
+        default = defaults.get(name, field.default)
+        help_ = helps.get(name, field.metadata["help"]) or None
+        if kind is bool:
+            parser.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=default, help=help_)
+            continue
+        allowed = choices.get(name, field.metadata["checks"].get("choices"))
+        parser.add_argument(flag_name(name), type=kind, default=default, choices=allowed, help=help_)
+
+
+def check_flags(args, names) -> None:
+    """``check_option`` for the flags ``names`` as given on a command line (a flag left at None was not given;
+    a ``flag_none`` stand-in is fine); the message names the flag. Numbers must be finite."""
+    for name in names:
+        value = getattr(args, name, None)
+        stand_in = OPTIONS[name].metadata["flag_none"]
+        if value is None or isinstance(value, bool) or (stand_in is not None and value == stand_in[0]):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidParameterError(f"{flag_name(name)} must be a finite number, got {value}")
+        try:
+            check_option(name, value)
+        except InvalidParameterError:
+            alt = f" ({stand_in[0]} = {stand_in[1]})" if stand_in is not None else ""
+            raise InvalidParameterError(f"{flag_name(name)} must be {describe_rule(name, none_ok=False)}{alt}, "
+                                        f"got {value}") from None
+
+
+def options_from_args(args, names, keep_unset: bool = True) -> dict:
+    """The options ``names`` from parsed flags, a ``flag_none`` stand-in mapped to None. ``keep_unset=False``
+    leaves out the flags left at None (not given: the config's default applies)."""
+    out = {}
+    for name in names:
+        value = getattr(args, name)
+        if value is None and not keep_unset:
+            continue
+        stand_in = OPTIONS[name].metadata["flag_none"]
+        out[name] = None if stand_in is not None and value == stand_in[0] else value
+    return out
+
+
+def option_fields(names, defaults: dict | None = None) -> list[tuple]:
+    """``dataclasses.make_dataclass`` fields for the options ``names`` (their declared types and defaults,
+    ``defaults`` overriding): a settings record that carries engine options, as the GSM8K job's."""
+    defaults = defaults or {}
+    return [(n, OPTION_TYPES[n], dataclasses.field(default=defaults.get(n, OPTIONS[n].default))) for n in names]
+
+
 def bundle(cpu: float, gpu: float) -> dict:
     """A placement bundle for one side. Ray refuses empty bundles, so a side that asks for nothing reserves
     one byte of ``memory`` (not a sliver of CPU, which would keep a 2-CPU node from holding a 1+1 CPU pair)."""
@@ -314,9 +421,28 @@ def bundle(cpu: float, gpu: float) -> dict:
 
 def context_room(max_context: int, prompt_len: int, window: int) -> int:
     """New tokens that fit a context of ``max_context`` after a ``prompt_len``-token prompt: the draft window
-    (``window``, 0 for target-only) and one position for the next token need room too. The one rule every
-    entry point checks lengths with (engine, endpoint, GSM8K job)."""
+    (``window``, 0 for target-only) and one position for the next token need room too."""
     return max_context - prompt_len - window - 1
+
+
+def fit_context(max_context: int, prompt_len: int, window: int, max_new_tokens: int | None = None) -> int:
+    """The one length rule, checked by every entry point (the engine, the endpoint, the GSM8K job): the prompt,
+    the draft window (``window``, 0 for target-only), one position for the next token and ``max_new_tokens``
+    new tokens must fit ``max_context``. Returns the room (``context_room``: new tokens that fit). Raises
+    ``PromptError`` when the prompt alone leaves no room, else ``ContextLengthError`` naming the part to
+    shorten ("prompt": the window leaves no room past it; "max_new_tokens"), with the numbers."""
+    n, ctx = prompt_len, max_context
+    if n + 1 >= ctx:
+        raise PromptError(f"prompt has {n} tokens, too long for the model's context of {ctx}")
+    room = context_room(ctx, n, window)
+    if room < 1:
+        raise ContextLengthError("prompt", f"gamma {window} is too large for a {n}-token prompt in a context of "
+                                           f"{ctx}: the draft window needs room past the prompt")
+    if max_new_tokens is not None and max_new_tokens > room:
+        raise ContextLengthError("max_new_tokens", f"max_new_tokens {max_new_tokens} does not fit: prompt {n} tokens "
+                                                   f"+ {max_new_tokens} new tokens + draft window {window} + 1 exceed "
+                                                   f"the context of {ctx} tokens; at most {room} fit")
+    return room
 
 
 def request_seed(seed: int, index: int) -> int:

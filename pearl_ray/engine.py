@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from .config import (DEFAULT_GAMMA, POLICY_MAX_GAMMA, EngineConfig, Request, SamplingParams, check_gamma,
-                     check_method, context_room, request_seed)
+                     check_method, fit_context, request_seed)
 from .core.logprobs import TokenLogprob
 from .core.metrics import GenerationStats
 from .modeling.chat import check_text
@@ -140,16 +140,14 @@ class _Admission:
 
 
 def apply_preset(name: str, draft, target, method, gamma, backend, options: dict):
-    """Fill the engine's arguments from a pair preset; what the caller set away from the defaults wins."""
-    from .modeling.presets import EMBEDDED_PRESET, engine_overrides, get_preset
+    """Fill the engine's arguments from a pair preset (``presets.apply_preset``: what the caller set away from
+    ``EngineConfig``'s defaults wins)."""
+    from .config import OPTIONS
+    from .modeling.presets import apply_preset as preset_rule
 
-    over = ({"draft": "default-draft", "target": "default-target"} if name == EMBEDDED_PRESET
-            else engine_overrides(get_preset(name)))
-    from .modeling.presets import fill_unset
-
-    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    defaults = {name_: f.default for name_, f in OPTIONS.items()}
     given = {"draft": draft, "target": target, "method": method, "gamma": gamma, "backend": backend, **options}
-    merged = fill_unset(given, over, lambda k, v: v is None or v == defaults.get(k))
+    merged = preset_rule(name, given, defaults)
     rest = {k: v for k, v in merged.items() if k not in ("draft", "target", "method", "gamma", "backend")}
     return merged["draft"], merged["target"], merged["method"], merged["gamma"], merged["backend"], rest
 
@@ -302,17 +300,7 @@ class PearlEngine:
             raise InvalidParameterError("stop strings need a tokenizer")
         ids = self.encode(prompt)
         window = gamma if method != "ar" else 0
-        n, ctx = len(ids), self.max_context
-        if n + 1 >= ctx:
-            raise PromptError(f"prompt has {n} tokens, too long for the model's context of {ctx}")
-        if n + window + 1 >= ctx:
-            raise InvalidParameterError(f"gamma {gamma} is too large for a {n}-token prompt in a context of {ctx}: "
-                                        f"the draft window needs room past the prompt")
-        room = context_room(ctx, n, window)
-        if params.max_new_tokens > room:
-            raise InvalidParameterError(
-                f"max_new_tokens {params.max_new_tokens} does not fit: prompt {n} tokens + {params.max_new_tokens} "
-                f"new tokens + draft window {window} + 1 exceed the context of {ctx} tokens; at most {room} fit")
+        fit_context(self.max_context, len(ids), window, params.max_new_tokens)  # lengths up front, never clamped
         rounds = self.config.round_options(method, gamma, params.greedy, adaptive)
         request = Request(tuple(ids), params, method, rounds, request_seed(params.seed, index), self.eos_token_ids)
         budget = self.config.kv_budget_tokens

@@ -17,6 +17,15 @@ class PromptError(PearlError, ValueError):
     """A prompt is empty, not text or token ids, or longer than the model's context allows."""
 
 
+class ContextLengthError(InvalidParameterError):
+    """A request does not fit the model's context (``config.fit_context``): ``part`` says what to shorten,
+    "prompt" (with the draft window it leaves no room to generate) or "max_new_tokens"."""
+
+    def __init__(self, part: str, message: str):
+        super().__init__(message)
+        self.part = part
+
+
 class ModelNotFoundError(PearlError, FileNotFoundError):
     """A model path does not exist or holds no loadable model."""
 

@@ -203,3 +203,41 @@ class BrokenLM(TabularLM):
         if self.calls > self.after:
             raise RuntimeError(f"draft forward {self.calls} failed (broken after {self.after})")
         return super().forward(token_ids, num_logits)
+
+
+class FaultyLM(TabularLM):
+    """A tabular LM that fails the requests whose prompt starts with ``marker``, and only those: the fault
+    injection of the per-request failure tests. Each slot of the batched loop holds its own copy
+    (``core.batch.PerSlotLM``), whose first forward is its request's prompt pass:
+
+    - ``fault="nan"``: from that request's ``after``-th forward on (1: the prompt pass), its logits are NaN;
+    - ``fault="oom"``: its prompt pass raises ``torch.OutOfMemoryError`` (a prompt too long for the device).
+
+    Other requests get exactly ``base``'s logits, and ``marker`` requests up to the fault too. ``delay_s``: each
+    forward sleeps that long (rounds long enough for requests to share them in tests over Ray)."""
+
+    def __init__(self, base: TabularLM, marker: list[int], fault: str = "nan", after: int = 1, delay_s: float = 0.0):
+        if fault not in ("nan", "oom"):
+            raise ValueError(f"fault must be 'nan' or 'oom', got {fault!r}")
+        super().__init__(base.vocab_size, table=base.table, max_context=base.max_context)
+        self.marker, self.fault, self.after, self.delay_s = list(marker), fault, after, delay_s
+        self.doomed, self.calls = False, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.doomed, self.calls = False, 0
+
+    def forward(self, token_ids, num_logits):
+        if not self.ids:  # a prompt pass: whose request is this?
+            self.doomed, self.calls = list(token_ids[: len(self.marker)]) == self.marker, 0
+        self.calls += 1
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
+        if self.doomed and self.fault == "oom" and not self.ids:
+            raise torch.OutOfMemoryError(f"injected: no memory for the prompt pass of {len(token_ids)} tokens")
+        logits = super().forward(token_ids, num_logits)
+        if self.doomed and self.fault == "nan" and self.calls >= self.after:
+            logits = torch.full_like(logits, float("nan"))
+        return logits

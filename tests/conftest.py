@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # takes a core from a process with work to do: on 2 busy cores some tests ran 5-8x slower. Read by libgomp
 # when torch loads, so set before any import of torch; subprocesses and Ray workers inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if sys.prefix != sys.base_prefix:  # in a venv: its own cache of torch's JIT-built ops, as `make` sets (Makefile)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import pytest  # noqa: E402
 
@@ -53,6 +55,25 @@ def pytest_runtest_teardown(item, nextitem):
     if (SHARED_RAY in item.fixturenames and (nextitem is None or SHARED_RAY not in nextitem.fixturenames)
             and ray is not None and ray.is_initialized()):
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_default_ports():
+    """For a test that starts Ray processes binding Ray's fixed default ports, or needs them free
+    (``ray_utils.default_ports_lock``)."""
+    from ray_utils import default_ports_lock
+
+    with default_ports_lock():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_default_ports_module():
+    """``ray_default_ports`` for a module's cluster."""
+    from ray_utils import default_ports_lock
+
+    with default_ports_lock():
+        yield
 
 
 @pytest.fixture(scope="session")

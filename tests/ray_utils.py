@@ -43,6 +43,23 @@ def release_shared_ray() -> None:
         ray.shutdown()
 
 
+_DEFAULT_PORTS_LOCK = None
+
+
+def default_ports_lock(timeout_s: float = 1800.0):
+    """A lock (a context manager) held while Ray processes that bind Ray's fixed default ports run: the
+    dashboard agent's 52365 and the metrics ports 44217 and 44227 (a ``ray start --head`` binds some of them,
+    ``ray.cluster_utils.Cluster`` all three, test_loopback.py needs them free). One file lock for the machine:
+    tests in other pytest-xdist workers, or another checkout's suite, wait instead of finding them taken.
+    Reentrant within this process."""
+    global _DEFAULT_PORTS_LOCK
+    if _DEFAULT_PORTS_LOCK is None:
+        from filelock import FileLock
+
+        _DEFAULT_PORTS_LOCK = FileLock(os.path.join(tempfile.gettempdir(), "pearl-ray-tests-default-ports.lock"))
+    return _DEFAULT_PORTS_LOCK.acquire(timeout=timeout_s)
+
+
 def toy_pair():
     """(target, draft) tabular models that disagree often."""
     from pearl_ray.testing import TabularLM

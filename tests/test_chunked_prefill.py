@@ -132,11 +132,12 @@ class _Counting:
 class _RecordingPolicy:
     """A fixed window, and every ``observe`` call recorded (the policy's interface)."""
 
-    def __init__(self, window):
-        self.window, self.observed = window, []
+    def __init__(self, window, plain_first=0):
+        self.window, self.observed, self.plain_first = window, [], plain_first
 
     def decide(self, views, prompt_tokens=0):
-        return "turn", self.window
+        self.plain_first -= 1
+        return "turn", (0 if self.plain_first >= 0 else self.window)
 
     def observe(self, *args):
         self.observed.append(args)
@@ -190,6 +191,46 @@ def test_running_requests_advance_in_the_rounds_that_carry_chunks(tiny_pair):
     assert len(policy.observed) - observed_before == len(per_round) - len(chunk_rounds) - 1
     for key in list(range(3)) + ["long"]:
         loop.cancel(key)
+
+
+def test_an_adaptive_request_defers_its_prompt_on_a_local_draft(tiny_pair):
+    """Under the policy, on a draft in the loop's process, the draft reads a long prompt in the first round
+    that drafts for it, not chunk by chunk: chunk rounds run the target alone. That round's draft time is
+    kept out of the policy's step costs, and the tokens are target-only decoding's."""
+    from pearl_ray.core.batch import BatchedDraftSide, LocalDraftPhase
+
+    budget = 16
+    eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], max_num_seqs=4,
+                      max_prefill_tokens_per_round=budget)
+    target, draft = _Counting(eng.backend.target_lm), _Counting(eng.backend.draft_lm)
+    policy = _RecordingPolicy(3, plain_first=2)  # the first decoding round, one more plain, then windows of 3
+    loop = BatchLoop(target, LocalDraftPhase(BatchedDraftSide(draft)), policy, 4)
+    loop.max_prefill_tokens = budget
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    request = eng.make_request(LONG, params, method="pearl")
+    assert request.rounds.adaptive
+    loop.add(request, key="long")
+    rounds = []
+    done = None
+    while done is None:
+        n_target, n_draft, n_observed = len(target.calls), len(draft.calls), len(policy.observed)
+        for ev in loop.step():
+            if ev.finished:
+                done = ev
+        rounds.append((sum(n for c in target.calls[n_target:] for n, _ in c.values()),
+                       max((n for c in draft.calls[n_draft:] for n, _ in c.values()), default=0),
+                       policy.observed[n_observed:]))
+    chunk_rounds = len(LONG) // budget - (len(LONG) % budget == 0)
+    assert all(fed == budget and drafted == 0 for fed, drafted, _ in rounds[:chunk_rounds]), rounds
+    # the prompt's rest and its first token, then a plain round: the draft still reads nothing
+    assert [drafted for _, drafted, _ in rounds[chunk_rounds:chunk_rounds + 2]] == [0, 0], rounds
+    catch_up = rounds[chunk_rounds + 2]
+    assert catch_up[1] == len(LONG) + 2  # the prompt and the two tokens since, in one forward
+    assert len(catch_up[2]) == 1 and catch_up[2][0][3] > 0 and catch_up[2][0][5] == 0.0  # no step cost learned
+    assert any(obs[5] > 0 for _, _, observed in rounds[chunk_rounds + 3:] for obs in observed)
+    ar = PearlEngine(target=tiny_pair["target"], method="ar")
+    assert done.output_ids == ar.generate([LONG], params)[0].token_ids
+    assert done.stats.draft_forwards > 0
 
 
 def test_the_per_slot_reference_gives_the_same_tokens_sampled_too():

@@ -316,7 +316,7 @@ def test_job_end_to_end_and_resume(tiny_pair_long, tmp_path, shared_ray):
 
 
 @pytest.fixture
-def two_node_cluster():
+def two_node_cluster(ray_default_ports):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -369,7 +369,7 @@ def dashboard_up(address: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_job_submit_to_a_head_started_by_the_test(tiny_pair_long, tmp_path):
+def test_ray_job_submit_to_a_head_started_by_the_test(tiny_pair_long, tmp_path, ray_default_ports):
     """`ray start --head --block` (token auth, its own ports and temp dir) and `ray job submit --working-dir`;
     the job must end SUCCEEDED with its files written. The head is ended by its process handle."""
     ray_bin = str(Path(sys.executable).parent / "ray")

@@ -1,10 +1,12 @@
-"""Nothing listens off loopback, and a second Ray on the machine still starts.
+"""`python -m pearl_ray serve` as a user runs it, and nothing listens off loopback; a second Ray still starts.
 
-A default ``python -m pearl_ray serve`` (its own private Ray) answers a request that drafts (so the gloo link
-and its store exist); then every listening socket of its whole process tree must be bound to 127.0.0.1, and
-none may hold Ray's fixed default ports. While it serves, a ``ray start --head`` with Ray's defaults and a
-dashboard comes up and runs a submitted job (it failed with "No available agent to submit job" while the
-private Ray held the agent's port 52365).
+A default ``python -m pearl_ray serve`` (its own private Ray, the default model names: a tiny pair here, see
+``tiny_default_pair``) answers the ``openai`` client and a request that drafts (so the gloo link and its store
+exist); then every listening socket of its whole process tree must be bound to 127.0.0.1, and none may hold
+Ray's fixed default ports. While it serves, a ``ray start --head`` with Ray's defaults and a dashboard comes up
+and runs a submitted job (it failed with "No available agent to submit job" while the private Ray held the
+agent's port 52365). Then its target worker is killed (the server recovers and says so on the console), and
+Ctrl-C ends it cleanly.
 """
 
 import os
@@ -28,33 +30,58 @@ LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 RAY_FIXED_PORTS = {52365, 44217, 44227}  # the dashboard agent, the autoscaler's and the dashboard's metrics
 
 
-def listening(pid: int) -> list[tuple[str, int, str]]:
-    """(address, port, command line) of every listening TCP socket of ``pid`` and its descendants."""
+def processes(pid: int) -> list[tuple[psutil.Process, str]]:
+    """``pid`` and its descendants, each with its command line (Ray names its workers ``ray::ActorClass``)."""
     root = psutil.Process(pid)
     out = []
     for proc in [root] + root.children(recursive=True):
         try:
-            conns, cmd = proc.net_connections(kind="inet"), " ".join(proc.cmdline())[:120]
+            out.append((proc, " ".join(proc.cmdline())))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        out += [(c.laddr.ip, c.laddr.port, cmd) for c in conns if c.status == psutil.CONN_LISTEN]
     return out
 
 
-def test_serve_listens_on_loopback_only_and_a_second_ray_starts_beside_it(tiny_pair):
+def listening(pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, command line) of every listening TCP socket of ``pid`` and its descendants."""
+    out = []
+    for proc, cmd in processes(pid):
+        try:
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out += [(c.laddr.ip, c.laddr.port, cmd[:120]) for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+def test_serve_as_a_user_runs_it_listens_on_loopback_only_and_a_second_ray_starts_beside_it(tiny_default_pair,
+                                                                                            ray_default_ports):
+    import openai
+
     port, tmp = free_port(), tempfile.mkdtemp(prefix="lb", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env.update(HF_HUB_OFFLINE="1", RAY_TMPDIR=tmp)  # what a user has: nothing set for Ray
-    serve = subprocess.Popen([sys.executable, "-m", "pearl_ray", "serve", "--draft", tiny_pair["draft"], "--target",
-                              tiny_pair["target"], "--port", str(port), "--gamma", "2", "--num-threads", "1",
-                              "--no-colocate"],  # two actors: the draft link's sockets exist too
+    env.update(HF_HUB_OFFLINE="1", RAY_TMPDIR=tmp, **tiny_default_pair)  # what a user has: nothing set for Ray
+    serve = subprocess.Popen([sys.executable, "-m", "pearl_ray", "serve", "--port", str(port), "--gamma", "2",
+                              "--num-threads", "1", "--no-colocate"],  # two actors: the draft link's sockets exist too
                              cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(serve.stdout), daemon=True).start()
-    head = None
+    head, rc = None, None
     try:
         assert wait_for(lambda: any("serving" in ln for ln in lines) or serve.poll() is not None, 300, 0.5)
         assert serve.poll() is None, "".join(lines[-40:])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        out = client.chat.completions.create(model="default-target", max_tokens=24, temperature=0,
+                                             messages=[{"role": "user", "content": "What is 2 + 3?"}])
+        assert out.choices[0].message.role == "assistant" and out.choices[0].message.content.strip()
+        assert all(w.startswith("w") for w in out.choices[0].message.content.split())  # the tiny pair's words
+        assert 0 < out.usage.completion_tokens <= 24 and out.usage.prompt_tokens > 5
+        pearl = out.model_extra["pearl"]
+        assert pearl["method"] == "pearl" and pearl["gamma"] == 2 and pearl["verified_tokens"] > 0, pearl
+        # the console: one access line per request
+        access = f"/v1/chat/completions 200 prompt_tokens={out.usage.prompt_tokens} " \
+                 f"completion_tokens={out.usage.completion_tokens} latency_s="
+        assert wait_for(lambda: any(access in ln for ln in lines), 30, 0.5), "".join(lines[-40:])
         r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
                           json={"prompt": "w1 w2", "max_tokens": 6, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["pearl"]["drafted_tokens"] > 0, r.text
@@ -77,12 +104,12 @@ def test_serve_listens_on_loopback_only_and_a_second_ray_starts_beside_it(tiny_p
                                 env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         from ray.job_submission import JobStatus, JobSubmissionClient
 
-        client = None
+        jobs = None
 
         def dashboard_up() -> bool:
-            nonlocal client
+            nonlocal jobs
             try:
-                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+                jobs = JobSubmissionClient(f"http://127.0.0.1:{dash}")
                 return True
             except Exception:  # noqa: BLE001 - not up yet
                 return False
@@ -92,20 +119,44 @@ def test_serve_listens_on_loopback_only_and_a_second_ray_starts_beside_it(tiny_p
         deadline = time.monotonic() + 120
         while job is None and time.monotonic() < deadline:  # the agent may need a moment after the dashboard
             try:
-                job = client.submit_job(entrypoint=f"{sys.executable} -c \"print('second ray ok')\"")
+                job = jobs.submit_job(entrypoint=f"{sys.executable} -c \"print('second ray ok')\"")
             except Exception as exc:  # noqa: BLE001 - "No available agent" while it starts; a bound port never
                 last = exc
                 time.sleep(2)
         assert job is not None, f"no job could be submitted: {last}"
-        assert wait_for(lambda: client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED), 120, 1.0)
-        assert client.get_job_status(job) == JobStatus.SUCCEEDED and "second ray ok" in client.get_job_logs(job)
+        assert wait_for(lambda: jobs.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED), 120, 1.0)
+        assert jobs.get_job_status(job) == JobStatus.SUCCEEDED and "second ray ok" in jobs.get_job_logs(job)
+        stop_process(head, 60)
+        head = None
+
+        # its target worker dies: the next requests are served again, and the console says what happened
+        leaders = [proc for proc, cmd in processes(serve.pid) if "TargetLeader" in cmd]
+        assert len(leaders) == 1, leaders
+        leaders[0].kill()
+
+        def recovered() -> bool:
+            try:
+                client.completions.create(model="default-target", prompt="Q: 2 + 3?\nA:", max_tokens=2)
+                return True
+            except openai.APIStatusError:
+                return False
+
+        assert wait_for(recovered, 180, 1.0), "".join(lines[-40:])
+        assert wait_for(lambda: any("WARNING" in ln and "target worker" in ln and "restarted" in ln
+                                    for ln in lines), 60, 0.5), "".join(lines[-40:])
+        assert not any("Connecting to existing Serve app" in ln for ln in lines), "".join(lines)
+        serve.send_signal(2)  # SIGINT (Ctrl-C): it deletes its app and stops the Serve and the Ray it started
+        rc = serve.wait(120)
     finally:
         if head is not None:
             stop_process(head, 60)
         if serve.poll() is None:
-            serve.send_signal(2)  # SIGINT: it deletes its app and stops the Ray it started
+            serve.send_signal(2)
             try:
                 serve.wait(120)
             except subprocess.TimeoutExpired:
                 serve.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+    assert rc == 0, "".join(lines[-40:])
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=5)

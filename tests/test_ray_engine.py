@@ -246,7 +246,7 @@ def test_held_resources_fail_in_bounded_time_and_dropped_engines_free_theirs():
         assert again.generate([[1]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0].token_ids
 
 
-def test_joins_the_cluster_named_by_ray_address(tiny_pair):
+def test_joins_the_cluster_named_by_ray_address(tiny_pair, ray_default_ports):
     """A `ray start --head --block` cluster on free ports with its own temp dir, ended by its process handle;
     a fresh process with RAY_ADDRESS set builds an engine that joins it."""
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(ray_default_ports_module):
     from ray.cluster_utils import Cluster
 
     from ray_utils import release_shared_ray

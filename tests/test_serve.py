@@ -1,8 +1,8 @@
 """The OpenAI-compatible endpoint on Ray Serve (``pearl_ray/serve``), over real HTTP on 127.0.0.1.
 
 One private Ray head for the module (``ray start --head --block`` on free ports, its own temp dir, a
-metrics export port), ended by its process handle. The CLI test runs first, on the default names (which lead
-to a tiny pair here: ``tiny_default_pair``), and stops its own Serve. Then two applications share one Serve instance:
+metrics export port), ended by its process handle. Three applications share one Serve instance (the
+``serve`` command runs in test_loopback.py, with its own Ray, as a user runs it):
 - ``tiny`` at ``/``: tiny random Llama models loaded from disk (a tokenizer with a chat template);
 - ``faults`` at ``/faults``: slow tabular models injected, for disconnects and killed workers;
 - ``keyed`` at ``/keyed``: tabular models behind API keys (one in its config, two in the head's environment).
@@ -13,7 +13,6 @@ import collections
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,16 +41,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_default_pair):
+def cluster(ray_default_ports_module):
     release_shared_ray()  # this module's driver joins the head below
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # no 30 s drain at the end
-               PEARL_TEST_API_KEYS=" sk-env1 , sk-env2 ",  # the ``keyed`` app's ingress reads these
-               **tiny_default_pair)  # the CLI test's default names, wherever they are resolved
+               PEARL_TEST_API_KEYS=" sk-env1 , sk-env2 ")  # the ``keyed`` app's ingress reads these
     env.pop("RAY_ADDRESS", None)
     port, metrics, tmp = free_port(), free_port(), tempfile.mkdtemp(prefix="rs", dir="/tmp")
-    head = subprocess.Popen(  # 8 logical CPUs: two apps' pairs (1 + 1 CPU each) and the CLI's fit at once
+    head = subprocess.Popen(  # 8 logical CPUs: the apps' pairs (1 + 1 CPU each) fit at once
         [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", f"--port={port}",
          "--num-cpus=8", "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}",
          "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
@@ -158,60 +156,6 @@ def metric_samples(url: str) -> list:
 
 def metric_sum(samples, name: str, **labels) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-# -- the CLI, on the default names (runs first: it starts and stops its own Serve) ---------------------------
-def test_cli_serves_the_default_pair_and_shuts_down(cluster):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pearl_ray", "serve", "--port", str(port), "--gamma", "4",
-                             "--num-threads", "1", "--app-name", "cli"], cwd=REPO, text=True,
-                            env=dict(cluster.env, RAY_ADDRESS=cluster.address), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        assert wait_for(lambda: any("serving" in ln for ln in lines) or proc.poll() is not None, 400, 0.5), lines
-        assert proc.poll() is None, "".join(lines[-40:])
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        out = client.chat.completions.create(model="default-target", max_tokens=24, temperature=0,
-                                             messages=[{"role": "user", "content": "What is 2 + 3?"}])
-        assert out.choices[0].message.role == "assistant" and out.choices[0].message.content.strip()
-        assert all(w.startswith("w") for w in out.choices[0].message.content.split())  # the tiny pair's words
-        assert 0 < out.usage.completion_tokens <= 24 and out.usage.prompt_tokens > 5
-        pearl = out.model_extra["pearl"]
-        assert pearl["method"] == "pearl" and pearl["gamma"] == 4 and pearl["verified_tokens"] > 0, pearl
-        print(f"\n[default pair via CLI] {out.choices[0].message.content!r} {pearl['tokens_per_s']:.1f} tok/s, "
-              f"acceptance {pearl['acceptance_rate']:.2f}")
-        # the console: one access line per request, and a worker restart as a warning
-        access = f"/v1/chat/completions 200 prompt_tokens={out.usage.prompt_tokens} " \
-                 f"completion_tokens={out.usage.completion_tokens} latency_s="
-        assert wait_for(lambda: any(access in ln for ln in lines), 30, 0.5), "".join(lines[-40:])
-        target = replica_status("cli")["workers"]["target"]
-        ray.kill(target)
-
-        def recovered() -> bool:
-            try:
-                client.completions.create(model="default-target", prompt="Q: 2 + 3?\nA:", max_tokens=2)
-                return True
-            except openai.APIStatusError:
-                return False
-
-        assert wait_for(recovered, 180, 1.0)
-        assert wait_for(lambda: any("WARNING" in ln and "target worker" in ln and "restarted" in ln
-                                    for ln in lines), 60, 0.5), "".join(lines[-40:])
-        assert not any("Connecting to existing Serve app" in ln for ln in lines), "".join(lines)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert rc == 0, "".join(lines[-40:])
-    with pytest.raises(requests.ConnectionError):  # it stopped the Serve it started
-        requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
 
 
 # -- the tiny app ------------------------------------------------------------------------------------------

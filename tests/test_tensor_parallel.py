@@ -52,6 +52,26 @@ def test_sharded_logits_match_the_unsharded_model(tp_engine, reference):
     assert all(r["param_bytes"] < full for r in info["ranks"])  # each rank holds a slice, never the whole model
 
 
+def shm_buffers(pid: int) -> list[str]:
+    """The lines of ``pid``'s memory map that map DeepSpeed's shared-memory all-reduce buffers."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.strip() for line in f if "deepspeed_allreduce_buffer" in line]
+
+
+def test_the_ranks_shared_memory_leaves_no_file_behind(tp_engine):
+    """Each rank maps both ranks' all-reduce buffers, and none of them is still a file in /dev/shm (RAM), so
+    the memory goes when the group's processes do, even when they are killed."""
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    assert tp_engine.generate([PROMPTS[0]], params)[0].token_ids  # the all-reduce has run
+    pids = [r["pid"] for r in tp_engine.backend.info["target"]["ranks"]]
+    maps = {pid: shm_buffers(pid) for pid in pids}
+    if not any(maps.values()):
+        pytest.skip("DeepSpeed's shared-memory all-reduce op is not built here (no compiler): plain gloo, no files")
+    for pid, lines in maps.items():
+        assert len({ln.split()[-2] if ln.endswith("(deleted)") else ln.split()[-1] for ln in lines}) == 2, lines
+        assert all(ln.endswith("(deleted)") for ln in lines), lines
+
+
 @pytest.mark.parametrize("method", ["pearl", "sd", "ar"])
 def test_greedy_output_equals_tp1_and_target_only(tp_engine, reference, method):
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)

@@ -27,6 +27,7 @@ model per slot), and the ``BatchedLM`` of models that have no slot cache of thei
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -51,6 +52,8 @@ from ..platform import adopt_thread_count, torch_threads
 
 if TYPE_CHECKING:
     from .request import Request
+
+log = logging.getLogger(__name__)
 
 
 def reservation(request: "Request") -> int:
@@ -400,6 +403,17 @@ class Event:
     logprobs: list | None = None
 
 
+def _stack_rows(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``decide.gather_rows`` holding exactly these blocks' rows (a view that also spans other rows of the
+    forward's buffer is copied): the rows, each block's first row and row count."""
+    rows, first = gather_rows(blocks)
+    counts = [b.shape[0] for b in blocks]
+    if not _tiles(first, counts, rows.shape[0]):
+        rows = torch.cat([rows[f: f + c] for f, c in zip(first, counts)])
+        first = [sum(counts[:i]) for i in range(len(counts))]
+    return rows, first, counts
+
+
 def _tiles(first: list[int], counts: list[int], total: int) -> bool:
     """Whether row spans (first row, count) cover rows 0 .. total - 1 exactly, each once."""
     at = 0
@@ -427,8 +441,8 @@ class _RoundRows:
     first: dict = field(default_factory=dict)  # greedy seq -> its first row in ``argmax``
     probs: torch.Tensor | None = None  # [sampled rows, vocab] warped p of the sampled requests
     sampled_first: dict = field(default_factory=dict)  # sampled seq -> its first row in ``probs``
-    owner: dict = field(default_factory=dict)  # sampled seq -> its index in ``bad``
-    bad: torch.Tensor | None = None  # [sampled requests] count of rows with non-finite p
+    owner: dict = field(default_factory=dict)  # seq -> its index in ``bad``
+    bad: torch.Tensor | None = None  # [requests] count of bad rows (``BatchLoop._round_rows``)
 
 
 @dataclass(eq=False)
@@ -452,6 +466,7 @@ class _Seq:
     cancelled: bool = False
     logprobs: list | None = None  # one TokenLogprob per committed output token, where the request asked
     round_rows: torch.Tensor | None = None  # [rows, vocab] this round's target log-probabilities (same requests)
+    round_logits: torch.Tensor | None = None  # [rows, vocab] this round's target logits, until it is decided
 
     @property
     def opts(self) -> RoundOptions:
@@ -527,6 +542,9 @@ class BatchLoop:
         self.draft_failures = 0
         self.request_failures = 0
         """Requests ended alone with ``RequestFailed`` (the batch went on)."""
+        self.retry_without_joiners = True
+        """A target forward that carried prompt passes and raised fails those requests alone and runs again
+        without them (``_target_forward``); False: its error is the batch's."""
 
     # -- membership --------------------------------------------------------------------------------------
     def add(self, request: "Request", key: object = None) -> object:
@@ -628,6 +646,13 @@ class BatchLoop:
                 self._release_draft(seq.slot)
         self.draft_failures += 1
 
+    def _reads_chunks(self, seq: _Seq) -> bool:
+        """Whether the draft caches ``seq``'s prompt chunk by chunk, with the target. An adaptive request on a
+        draft in this process does not: its chunks would lengthen rounds that the policy may never draft in,
+        so the draft reads the prompt in the first round that drafts for it (the policy prices that catch-up
+        as ``SeqView.behind``). A draft in another worker reads chunks while the target works."""
+        return seq.drafts and not (seq.opts.adaptive and isinstance(self.draft, LocalDraftPhase))
+
     def _draft_busy(self) -> bool:
         """A timed-out round at once still runs on the draft's thread (``ThreadedDraftPhase.busy``)."""
         return self.concurrent is not None and self.concurrent.busy()
@@ -672,7 +697,11 @@ class BatchLoop:
                     request, self.kv_budget))))
         while self.waiting and len(self.active) < self.max_num_seqs and self._fits(self.waiting[0][1]):
             key, request = self.waiting.popleft()  # in arrival order: one that must wait holds the others back
-            self.active.append(self._join(key, request))
+            try:
+                self.active.append(self._join(key, request))
+            except Exception as exc:  # noqa: BLE001 - e.g. its stop rule cannot be built: this request's alone
+                self.request_failures += 1
+                refused.append(Event(key, [], True, error=_request_failed(exc)))
         if not self.active:
             return refused
         # A request whose own work raises (its plan, its rows' sampling, its stop rule) ends alone with
@@ -709,6 +738,10 @@ class BatchLoop:
                 failed[s] = exc
         seqs = [s for s in ready if s not in failed]
         context = max((len(s.state.committed) for s in seqs), default=0)  # the forwards' longest row, before
+        # a drafting request whose first step reads more than rounds leave behind (a deferred prompt, rounds
+        # it sat out): that forward is no draft step's cost, and the policy must not learn from it
+        catch_up = any(len(s.state.committed) - s.draft_seen > 2 * (s.opts.gamma + 1)
+                       for s in seqs if s.drafts and plans[s].draft.num_steps > 0)
         at_once = schedule == "once" and self.concurrent is not None
         phase = self.concurrent if at_once else self.draft
         wall0, t0 = time.time(), time.perf_counter()
@@ -725,21 +758,28 @@ class BatchLoop:
         drafting = any(s.drafts and plans[s].draft.num_steps > 0 for s in seqs)
         if not drafting:
             schedule = "plain"
-        draft_busy = drafting or any(s.drafts for s in prompt_chunks)  # drafting, or caching a prompt chunk
+        draft_busy = drafting or any(self._reads_chunks(s) for s in prompt_chunks)  # drafting, or caching a chunk
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
         threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
+        for s in seqs:
+            s.round_logits = None
         with torch_threads(threads), self._target_stream(draft_busy and at_once):
-            outs, width, rows = self._target_phase(seqs, plans, failed, prompt_chunks, windows)
+            outs, width = self._target_forward(seqs, plans, failed, prompt_chunks, windows)
+            rows = self._round_rows([s for s in seqs if s.round_logits is not None and s not in failed])
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
         if self.policy is not None and not prompt_pass:
             draft_s = max((c.busy_s for c in chunks.values()), default=0.0)
+            if catch_up:
+                draft_s = 0.0
             self.policy.observe(len(seqs), width, t_target, draft_rows, draft_steps, draft_s,
                                 schedule if schedule != "plain" else None, context)
         self.rounds += 1
         events = refused
         verdicts = self._verdicts(seqs, plans, chunks, outs, rows, failed)
+        for s in seqs:
+            s.round_logits = None
         for seq in seqs:
             if seq in failed:
                 continue
@@ -756,9 +796,54 @@ class BatchLoop:
         """End one request with ``RequestFailed``; its slots are freed and the others carry on."""
         self._leave(seq)
         self.request_failures += 1
-        return Event(seq.key, [], True, error=RequestFailed(
-            f"this request failed in the decoding loop and was ended; the others went on: "
-            f"{type(exc).__name__}: {str(exc)[:300]}"))
+        return Event(seq.key, [], True, error=_request_failed(exc))
+
+    def _target_forward(self, seqs: list[_Seq], plans: dict, failed: dict, prompt_chunks: dict[_Seq, int],
+                        windows: dict[_Seq, list[int]]) -> tuple[dict, int]:
+        """``_target_phase``, where a forward that carried prompt tokens and raised is taken for the joining
+        requests' fault, not the batch's: a prompt pass is the part of a forward that grows with one request
+        (a long prompt that runs the device out of memory), and the slot cache runs it apart from the
+        decoding rows. The joining requests (their prompt not yet all cached) give up their slots, the
+        others' slots are cropped back to what their mirrors hold (the decoding rows may have run before the
+        prompt pass raised), and the forward runs again without them. If that one raises too, the error is
+        the batch's and propagates (the loop's owner fails every request; on Ray the worker is replaced).
+        Then each joining request runs its part alone, unless it was the only one: those that raise again
+        fail alone (``RequestFailed``), the others carry on. ``retry_without_joiners`` False (a
+        tensor-parallel group, whose ranks must run the same forwards) always propagates."""
+        forwards = {s: s.target.forwards for s in [*seqs, *prompt_chunks]}
+        try:
+            return self._target_phase(seqs, plans, failed, prompt_chunks, windows)
+        except Exception as exc:
+            joining = [s for s in [*seqs, *prompt_chunks]
+                       if s not in failed and len(s.target.cached) < s.state.prompt_len]
+            returned = any(s.target.forwards != n for s, n in forwards.items())  # it raised after the forward
+            if not joining or returned or not self.retry_without_joiners:
+                raise
+            log.warning("a forward with %d prompt pass(es) failed (%s: %s); it runs again without them",
+                        len(joining), type(exc).__name__, str(exc)[:200])
+            for s in joining:  # whatever part of its prompt pass went in: a retry reads the prompt from the start
+                self.target.release(s.slot)
+                s.target.cached = []
+            for s in self.active:
+                if s not in failed and s not in joining:
+                    self.target.crop(s.slot, len(s.target.cached))
+            rest = [s for s in seqs if s not in joining]
+            outs, width = self._target_phase(rest, plans, failed, {s: n for s, n in prompt_chunks.items()
+                                                                   if s not in joining}, windows)
+            if len(joining) == 1:
+                failed[joining[0]] = exc
+                return outs, width
+            for s in joining:  # which of them it was: each alone
+                try:
+                    alone, w = self._target_phase([s] if s in seqs else [], plans, failed,
+                                                  {s: prompt_chunks[s]} if s in prompt_chunks else {}, windows)
+                except Exception as own:  # noqa: BLE001 - this request's alone
+                    failed[s] = own
+                    self.target.release(s.slot)
+                    continue
+                outs.update(alone)
+                width = max(width, w)
+            return outs, width
 
     @contextlib.contextmanager
     def _target_stream(self, at_once: bool):
@@ -779,7 +864,7 @@ class BatchLoop:
         prompt, to the draft (it may work meanwhile, e.g. in another actor) and return a function that
         collects the chunks."""
         chunks = {s: DraftChunk(plans[s].round_id, plans[s].draft.start_pos, []) for s in seqs}
-        prefill = {s: len(s.target.cached) + n for s, n in (prompt_chunks or {}).items() if s.drafts}
+        prefill = {s: len(s.target.cached) + n for s, n in (prompt_chunks or {}).items() if self._reads_chunks(s)}
         # Only requests that draft this round are sent: a round with no drafting at all makes no call (on Ray,
         # no actor round trip). A holder left out misses this round's mirror update; the next time it
         # drafts it carries its whole sequence instead (the draft keeps its cache where it still matches).
@@ -861,7 +946,7 @@ class BatchLoop:
         prompt = {s: s.target.tokens[len(s.target.cached): len(s.target.cached) + n]
                   for s, n in (prompt_chunks or {}).items()}
         if not feeds and not prompt:
-            return outs, 0, _RoundRows()
+            return outs, 0
         batch = {s.slot: (feeds[s], plans[s].target.num_rows) for s in feeds}
         batch.update({s.slot: (ids, 0) for s, ids in prompt.items()})
         logits = self.target.forward(batch)
@@ -875,29 +960,32 @@ class BatchLoop:
             s.target.forwards += 1
             s.target_forwards += 1
             req = plans[s].target
+            s.round_logits = logits[s.slot]  # the decisions read them after the forward (``_round_rows``)
             if s.logprobs is not None:  # only requests that asked: the raw distribution of each verified row
                 s.round_rows = logprob_rows(logits[s.slot])
             outs[s] = TargetOutput(req.round_id, req.start_pos, busy_s=busy, started_at=started)
-        return outs, width, self._round_rows(list(feeds), logits)
+        return outs, width
 
-    def _round_rows(self, seqs: list[_Seq], logits: dict[int, torch.Tensor]) -> "_RoundRows":
-        """The decision rows of a round's requests, on the forward's device: the argmax of the greedy ones'
-        rows and the warped p of the sampled ones' (``decide.warp_rows``, each row with its request's
-        settings). Nothing comes to the host here."""
+    def _round_rows(self, seqs: list[_Seq]) -> "_RoundRows":
+        """The decision rows of a round's requests (their ``round_logits``), on the forward's device: the
+        argmax of the greedy ones' rows and the warped p of the sampled ones' (``decide.warp_rows``, each row
+        with its request's settings), and per request a count of bad rows: for greedy ones a row with NaN,
+        +inf or no finite logit (its row max is not finite: argmax would pick a NaN's index), for sampled ones
+        any non-finite p. Nothing comes to the host here: ``_verdicts`` copies the counts with the decisions."""
         greedy = [s for s in seqs if s.request.params.temperature == 0.0]
         sampled = [s for s in seqs if s.request.params.temperature != 0.0]
         rows = _RoundRows()
+        bad = []
         if greedy:
-            block, first = gather_rows([logits[s.slot] for s in greedy])
+            block, first, counts = _stack_rows([s.round_logits for s in greedy])
             rows.argmax = block.argmax(-1)
             rows.first.update(zip(greedy, first))
+            owners = [0] * block.shape[0]
+            for b, (f, c) in enumerate(zip(first, counts)):
+                owners[f: f + c] = [b] * c
+            bad.append(rows_not_finite(block.amax(-1, keepdim=True), owners, len(greedy)))
         if sampled:
-            block, first = gather_rows([logits[s.slot] for s in sampled])
-            counts = [logits[s.slot].shape[0] for s in sampled]
-            if not _tiles(first, counts, block.shape[0]):
-                # a view that spans other requests' rows too: keep only these requests' rows, in order
-                block = torch.cat([block[f: f + c] for f, c in zip(first, counts)])
-                first = [sum(counts[:i]) for i in range(len(counts))]
+            block, first, counts = _stack_rows([s.round_logits for s in sampled])
             settings = [None] * block.shape[0]
             owners = [0] * block.shape[0]
             for b, (s, f, c) in enumerate(zip(sampled, first, counts)):
@@ -906,9 +994,10 @@ class BatchLoop:
                 owners[f: f + c] = [b] * c
             temps, ks, ps = zip(*settings)
             rows.probs = warp_rows(block, temps, ks, ps)
-            rows.bad = rows_not_finite(rows.probs, owners, len(sampled))
+            bad.append(rows_not_finite(rows.probs, owners, len(sampled)))
             rows.sampled_first.update(zip(sampled, first))
-            rows.owner.update((s, b) for b, s in enumerate(sampled))
+        rows.owner.update((s, b) for b, s in enumerate(greedy + sampled))
+        rows.bad = torch.cat(bad) if bad else None
         return rows
 
     def _verdicts(self, seqs: list[_Seq], plans: dict, chunks: dict, outs: dict, rows: "_RoundRows",
@@ -940,13 +1029,12 @@ class BatchLoop:
                 parts.append(verify_sampled_rows(
                     rows.probs, [cands[s].token_ids for s in sm], [rows.sampled_first[s] for s in sm],
                     [cands[s].allow_bonus for s in sm], [cands[s].draft_probs for s in sm], [coins[s] for s in sm]))
-                bad = rows.bad[torch.tensor([rows.owner[s] for s in sm]).to(rows.bad.device)]
+            if g or sm:  # each request's count of bad rows, in the same copy
+                bad = rows.bad[torch.tensor([rows.owner[s] for s in g + sm]).to(rows.bad.device)]
                 parts.append(torch.stack([bad, bad], dim=1))
             host = torch.cat(parts).tolist() if parts else []  # the round's one copy to the host
-            out = {s: (a, e, False) for s, (a, e) in zip(g + sm, host)}
-            for s, (bad, _) in zip(sm, host[len(g) + len(sm):]):
-                out[s] = (*out[s][:2], bool(bad))
-            return out
+            n = len(g) + len(sm)
+            return {s: (a, e, bool(bad)) for s, (a, e), (bad, _) in zip(g + sm, host[:n], host[n:])}
 
         try:
             decided = decide(greedy, sampled)
@@ -960,7 +1048,8 @@ class BatchLoop:
         verdicts = {s: (c, 0, NO_TOKEN) for s, c in cands.items() if not c.num_rows}
         for s, (accepted, extra, bad) in decided.items():
             if bad:
-                failed[s] = FloatingPointError("the target's probabilities for this request are not finite")
+                what = "logits" if s in rows.first else "probabilities"
+                failed[s] = FloatingPointError(f"the target's {what} for this request are not finite")
             else:
                 verdicts[s] = (cands[s], accepted, extra)
         return verdicts
@@ -1020,6 +1109,11 @@ class BatchLoop:
             if clear is not None:
                 clear()
         return events
+
+
+def _request_failed(exc: BaseException) -> RequestFailed:
+    return RequestFailed(f"this request failed in the decoding loop and was ended; the others went on: "
+                         f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
 def run_batch(loop: BatchLoop, requests: list["Request"],

@@ -33,10 +33,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import CPU_KERNELS, MAX_GAMMA, METHODS, PLACEMENTS, SCHEDULES, SEED_LIMIT, TRANSPORTS, context_room
+from ..config import MAX_GAMMA, METHODS, SEED_LIMIT, add_options, check_flags, fit_context, option_fields
+from ..errors import InvalidParameterError, PromptError
 from .dispatch import PairPool, WorkItem
 from .gsm8k import DATA_DIR, STOP_STRINGS, answer_text, build_prompt, chat_prompt, gold_answer, score
-from ..modeling.presets import EMBEDDED_PRESET, engine_overrides, fill_unset, get_preset, preset_names
+from ..modeling.presets import EMBEDDED_PRESET, apply_preset, preset_names
 from .records import ResultsFile
 
 log = logging.getLogger("eval_gsm8k")
@@ -46,48 +47,25 @@ RESUME_KEYS = ("data_sha256", "draft", "target", "prompt_format", "num_shots", "
                "temperature", "seed", "gamma")
 """Settings that must match to add records to an existing ``--out`` (the rest may change between sessions)."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
+ENGINE_OPTIONS = ("preset", "draft", "target", "gamma", "num_threads", "max_num_seqs", "placement", "transport",
+                  "colocate", "schedule", "draft_num_cpus", "target_num_cpus", "draft_num_gpus", "target_num_gpus",
+                  "tensor_parallel_size", "device", "dtype", "cpu_kernels", "ray_address")
+"""The engine options the job takes: flags, defaults and checks from their declaration (``config.EngineConfig``),
+except the job's own defaults (``JOB_DEFAULTS``). ``--gamma 0`` stays 0 in the settings (auto, recorded as 0)."""
+JOB_DEFAULTS = {"draft": "default-draft", "target": "default-target", "gamma": 0, "max_num_seqs": 1}
 
 
 class UsageError(Exception):
     """Bad input, reported before any model loads (exit code 2)."""
 
 
-@dataclass(frozen=True)
-class JobSettings:
-    draft: str
-    target: str
-    methods: tuple[str, ...]
-    data: str
-    data_sha256: str
-    limit: int | None
-    offset: int
-    shuffle: bool
-    seed: int
-    prompt_format: str
-    num_shots: int
-    protocol: str
-    max_new_tokens: int
-    temperature: float
-    gamma: int
-    num_pairs: int
-    placement: str
-    transport: str
-    colocate: bool | None
-    schedule: str
-    draft_num_cpus: float
-    target_num_cpus: float
-    draft_num_gpus: float
-    target_num_gpus: float
-    num_threads: int | None
-    device: str
-    dtype: str
-    max_attempts: int
-    ray_address: str | None
-    out: str
-    preset: str | None = None
-    tensor_parallel_size: int = 1
-    max_num_seqs: int = 1
-    cpu_kernels: str = "onednn"
+JobSettings = dataclasses.make_dataclass("JobSettings", [
+    ("methods", tuple), ("data", str), ("data_sha256", str), ("limit", "int | None"), ("offset", int),
+    ("shuffle", bool), ("seed", int), ("prompt_format", str), ("num_shots", int), ("protocol", str),
+    ("max_new_tokens", int), ("temperature", float), ("num_pairs", int), ("max_attempts", int), ("out", str),
+    *option_fields(ENGINE_OPTIONS, JOB_DEFAULTS)], frozen=True)
+JobSettings.__doc__ = """The job's checked settings (``config.json``'s "settings"): its own, then the engine options."""
+JobSettings.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -101,11 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="eval_gsm8k.py", description="GSM8K: AR vs vanilla SD vs PEARL on Ray, "
                                  "same prompts and pairs; writes results.jsonl, summary.csv/.md, plots, config.json.")
     a = ap.add_argument
-    a("--preset", default=None, choices=[n for n in preset_names() if n != EMBEDDED_PRESET],
-      help="a GPU pair preset (pearl_ray.modeling.presets): sets the models, --tensor-parallel-size, --dtype, "
-           "--device, --gamma and the GPUs per side, unless given explicitly")
-    a("--draft", default="default-draft", help="draft model: path, preset or hub id (default: %(default)s)")
-    a("--target", default="default-target", help="target model (default: %(default)s)")
     a("--methods", default="ar,sd,pearl", help="comma-separated, from ar, sd, pearl (default: %(default)s)")
     a("--data", default=str(DATA_DIR / "test.jsonl"), help="GSM8K JSON lines (default: the repo's test split)")
     a("--limit", type=int, default=None, help="number of questions (default: all)")
@@ -119,50 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
       help="paper: exactly --max-new-tokens tokens (EOS ignored); eos: stop at EOS or the next 'Q:'")
     a("--max-new-tokens", type=int, default=256)
     a("--temperature", type=float, default=0.0, help="0 = greedy (outputs must match across methods)")
-    a("--gamma", type=int, default=0, help=f"draft window in [1, {MAX_GAMMA}]; 0 = auto (measured per pair)")
     a("--num-pairs", type=int, default=1, help="draft/target pairs working in parallel (default: %(default)s)")
-    a("--max-num-seqs", type=int, default=1,
-      help="questions each pair decodes at once (its target leader batches them; 1: per-request speed alone, "
-           "default: %(default)s)")
-    a("--placement", default="STRICT_PACK", choices=PLACEMENTS,
-      help="placement group strategy of each pair (STRICT_SPREAD: draft and target on different nodes)")
-    a("--transport", default="gloo", choices=TRANSPORTS)
-    a("--colocate", action=argparse.BooleanOptionalAction, default=None,
-      help="both models in the target leader's worker: one bundle with the pair's CPUs, no draft actor or link "
-           "(default: yes for a CPU pair with one target rank; --no-colocate keeps two actors)")
-    a("--schedule", default="auto", choices=SCHEDULES,
-      help="a colocated pair's drafting rounds: in turn, at once (PEARL), or the policy's choice (default: %(default)s)")
-    a("--draft-num-cpus", type=float, default=1.0)
-    a("--target-num-cpus", type=float, default=1.0)
-    a("--draft-num-gpus", type=float, default=0.0)
-    a("--target-num-gpus", type=float, default=0.0)
-    a("--num-threads", type=int, default=None, help="torch threads per worker (default: its CPU count)")
-    a("--tensor-parallel-size", type=int, default=1,
-      help="target ranks per pair, one actor (GPU) each: a DeepSpeed AutoTP group (default: %(default)s)")
-    a("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
-    a("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    a("--cpu-kernels", default="onednn", choices=CPU_KERNELS,
-      help="CPU linear layers: oneDNN with packed weights, or torch's default GEMM (default: %(default)s)")
     a("--max-attempts", type=int, default=3, help="tries per question when pairs fail (default: %(default)s)")
-    a("--ray-address", default=None,
-      help="Ray to join: an address, or 'auto' for the cluster `ray start` runs on this machine (default: "
-           "the Ray this process is in, else $RAY_ADDRESS, else a new private one on 127.0.0.1)")
     a("--out", default=None, help="output folder; an existing one is resumed (default: results/gsm8k/<time>/)")
+    add_options(ap, ENGINE_OPTIONS, defaults=JOB_DEFAULTS, helps={
+        "preset": "a GPU pair preset (pearl_ray.modeling.presets): sets the models, --tensor-parallel-size, --dtype, "
+                  "--device, --gamma and the GPUs per side, unless given explicitly",
+        "draft": "draft model: path, preset or hub id (default: %(default)s)",
+        "target": "target model (default: %(default)s)",
+        "gamma": f"draft window in [1, {MAX_GAMMA}]; 0 = auto (measured per pair)",
+        "max_num_seqs": "questions each pair decodes at once (its target leader batches them; 1: per-request speed "
+                        "alone, default: %(default)s)",
+        "num_threads": "torch threads per worker (default: its CPU count)"},
+        choices={"preset": [n for n in preset_names() if n != EMBEDDED_PRESET],
+                 "dtype": ("float32", "bfloat16", "float16")})
     return ap
 
 
 def apply_job_preset(args, parser) -> None:
-    """Fill the options a preset sets, where the command line left them at their defaults; its models must be
-    on this machine (the error names what to download)."""
+    """Fill the options a preset sets, where the command line left them at their defaults (the one preset
+    rule, ``presets.apply_preset``); its models must be on this machine (the error names what to download)."""
     from ..errors import PearlError
 
+    given = vars(args)
     try:
-        over = engine_overrides(get_preset(args.preset))
+        merged = apply_preset(args.preset, given, {k: parser.get_default(k) for k in given}, keys=given)
     except PearlError as exc:
         raise UsageError(f"--preset {args.preset}: {exc}") from None
-    given = vars(args)
-    merged = fill_unset(given, {k: v for k, v in over.items() if k in given},
-                        lambda k, v: (k == "gamma" and v == 0) or v == parser.get_default(k))
     for key, value in merged.items():
         setattr(args, key, value)
 
@@ -187,16 +143,16 @@ def parse_settings(argv: list[str]) -> JobSettings:
               (args.num_pairs >= 1, f"--num-pairs must be >= 1, got {args.num_pairs}"),
               (args.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"),
               (args.temperature >= 0, f"--temperature must be >= 0, got {args.temperature}"),
-              (0 <= args.gamma <= MAX_GAMMA, f"--gamma must lie in [0, {MAX_GAMMA}] (0 = auto), got {args.gamma}"),
               (1 <= args.num_shots <= 8, f"--num-shots must lie in [1, 8], got {args.num_shots}"),
               (0 <= args.seed < SEED_LIMIT, f"--seed must lie in [0, 2**63), got {args.seed}"),
-              (args.max_attempts >= 1, f"--max-attempts must be >= 1, got {args.max_attempts}"),
-              (args.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {args.max_num_seqs}"),
-              (args.num_threads is None or args.num_threads >= 1, "--num-threads must be >= 1"),
-              (args.tensor_parallel_size >= 1, f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")]
+              (args.max_attempts >= 1, f"--max-attempts must be >= 1, got {args.max_attempts}")]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    try:
+        check_flags(args, ENGINE_OPTIONS)  # the engine's options: their declared checks
+    except InvalidParameterError as exc:
+        raise UsageError(str(exc)) from None
     data = Path(args.data).expanduser()
     if not data.is_file():
         raise UsageError(f"GSM8K data file {str(data)!r} not found (--data)")
@@ -253,9 +209,11 @@ def load_questions(settings: JobSettings, tokenizer, max_context: int) -> list[Q
         else:
             prompt = build_prompt(question, num_shots=settings.num_shots)
         n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if settings.max_new_tokens > context_room(max_context, n, room):
-            raise UsageError(f"question {qid}: a {n}-token prompt + --max-new-tokens {settings.max_new_tokens} + a "
-                             f"draft window of {room} do not fit the target's context of {max_context} tokens")
+        try:  # the engine's length rule, before any model loads
+            fit_context(max_context, n, room, settings.max_new_tokens)
+        except (PromptError, InvalidParameterError) as exc:
+            raise UsageError(f"question {qid} does not fit the target's context (--max-new-tokens, --gamma): "
+                             f"{exc}") from None
         questions.append(Question(qid, prompt, gold_answer(answer)))
     return questions
 
@@ -408,15 +366,13 @@ class Progress:
 
 # -- the job -----------------------------------------------------------------------------------------------
 def engine_options(settings: JobSettings) -> dict:
+    """A pair's ``PearlEngine`` options: the settings' engine options (a preset's values are in them already),
+    on Ray, with the draft only where a method drafts."""
     needs_draft = any(m != "ar" for m in settings.methods)
-    return dict(draft=settings.draft if needs_draft else None, target=settings.target,
-                method="pearl" if needs_draft else "ar", gamma=settings.gamma or None, backend="ray",
-                transport=settings.transport, colocate=settings.colocate, schedule=settings.schedule,
-                placement=settings.placement, draft_num_cpus=settings.draft_num_cpus,
-                target_num_cpus=settings.target_num_cpus, draft_num_gpus=settings.draft_num_gpus,
-                target_num_gpus=settings.target_num_gpus, num_threads=settings.num_threads, device=settings.device,
-                dtype=settings.dtype, tensor_parallel_size=settings.tensor_parallel_size,
-                max_num_seqs=settings.max_num_seqs, cpu_kernels=settings.cpu_kernels)
+    options = {name: getattr(settings, name) for name in ENGINE_OPTIONS if name not in ("preset", "ray_address")}
+    options.update(draft=settings.draft if needs_draft else None, method="pearl" if needs_draft else "ar",
+                   gamma=settings.gamma or None, backend="ray")
+    return options
 
 
 def is_pair_failure(exc: BaseException) -> bool:

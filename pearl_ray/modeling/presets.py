@@ -301,19 +301,39 @@ def resolve_preset_models(preset: PairPreset) -> tuple[str, str]:
 
 
 def fill_unset(given: dict, preset_values: dict, is_unset) -> dict:
-    """The one rule of preset application: every option the caller left unset (``is_unset(key, value)``:
-    None, or the entry point's default) takes the preset's value; what the caller set wins."""
+    """Every option the caller left unset (``is_unset(key, value)``) takes the preset's value; what the caller
+    set wins. ``apply_preset`` is the rule the entry points use."""
     return {**given, **{k: v for k, v in preset_values.items() if is_unset(k, given.get(k))}}
+
+
+def preset_options(name: str, resolve: bool = True) -> dict:
+    """The options pair preset ``name`` sets: its models, tensor-parallel size, dtype, device, gamma, GPUs per side,
+    batching and the Ray backend (the embedded preset: its two model names only). ``resolve``: the models as
+    local dirs (``ModelNotFoundError`` names what is missing); False: as hub ids, found later where the models
+    load (a Serve replica's node)."""
+    if name == EMBEDDED_PRESET:
+        return {"draft": "default-draft", "target": "default-target"}
+    preset = get_preset(name)
+    draft, target = resolve_preset_models(preset) if resolve else (preset.draft, preset.target)
+    return {"draft": draft, "target": target, "tensor_parallel_size": preset.tensor_parallel_size,
+            "dtype": preset.dtype, "device": preset.device, "gamma": preset.gamma,
+            "draft_num_gpus": preset.draft_num_gpus, "target_num_gpus": preset.target_num_gpus, "backend": "ray",
+            **batching_overrides(preset)}
+
+
+def apply_preset(name: str, given: dict, defaults: dict, keys=None, resolve: bool = True) -> dict:
+    """The one preset rule of every entry point (the engine, ``ServeConfig``, the GSM8K job): each option the
+    caller left unset, i.e. absent, None or the entry point's own default (``defaults``), takes the preset's
+    value; what the caller set wins. ``keys``: the options the entry point has (``ServeConfig`` has no
+    ``backend``); None: all."""
+    values = {k: v for k, v in preset_options(name, resolve).items() if keys is None or k in keys}
+    return fill_unset(given, values, lambda k, v: v is None or (k in defaults and v == defaults[k]))
 
 
 def engine_overrides(preset: PairPreset) -> dict:
     """The ``EngineConfig`` fields a preset sets, with its models resolved to local dirs (raises
     ``ModelNotFoundError`` as ``resolve_preset_models`` does). Presets run on the Ray backend."""
-    draft_dir, target_dir = resolve_preset_models(preset)
-    return {"draft": draft_dir, "target": target_dir, "tensor_parallel_size": preset.tensor_parallel_size,
-            "dtype": preset.dtype, "device": preset.device, "gamma": preset.gamma,
-            "draft_num_gpus": preset.draft_num_gpus, "target_num_gpus": preset.target_num_gpus, "backend": "ray",
-            **batching_overrides(preset)}
+    return preset_options(preset.name)
 
 
 def batching_overrides(preset: PairPreset) -> dict:

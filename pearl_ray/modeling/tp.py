@@ -229,6 +229,24 @@ def _device_for(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's file of DeepSpeed's shared-memory all-reduce from /dev/shm, keeping its mapping.
+
+    On CPU, DeepSpeed's all-reduce gives each rank a 66 MB file in /dev/shm (RAM) that every rank maps while
+    ``init_distributed`` runs, and it never removes them: each group's start would leave its files behind until
+    the machine's memory runs out. After a barrier every rank has mapped every file, so each rank unlinks its
+    own; the memory is freed when the last process that maps it exits, however it exits. A build without the
+    shared-memory op (no compiler) makes no file, and this only passes the barrier."""
+    import torch.distributed as dist
+
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    dist.barrier()
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
+
+
 def build_tp_rank(f: TPModelFactory):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -253,6 +271,8 @@ def build_tp_rank(f: TPModelFactory):
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=f.timeout_s))
+        if on_cpu:
+            unlink_shm_buffer(f.rank)
     if dist.get_world_size() != f.world_size:
         raise RuntimeError(f"this process's torch.distributed world has {dist.get_world_size()} ranks, "
                            f"the target group {f.world_size}: the world must hold exactly the target's ranks")

@@ -3,8 +3,9 @@
 Built from a resolved ``EngineConfig`` and ``PairInfo`` (never from the engine). It joins the Ray cluster
 this process belongs to (``connect_ray``), reserves the pair's resources (its own placement group, or one
 handed in, e.g. a Serve replica's), starts the ``Coordinator``, measures the cost ratio for automatic
-gamma and the speculation policy, and streams each request's tokens from the target leader (the coordinator
-only routes). A coordinator that dies is rebuilt for the next request.
+gamma and the speculation policy, and streams each request's tokens from the target leader. The coordinator
+is not on the request path: its route is kept until the coordinator pushes a change (``Coordinator.watch``)
+or a request fails on it. A coordinator that dies is rebuilt for the next request.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -23,7 +25,7 @@ from ray.util.placement_group import remove_placement_group
 from ..config import EngineConfig, Request
 from ..errors import (CoordinatorUnavailable, InvalidParameterError, PearlError, ResourcesUnavailable, TargetUnavailable,
                       pearl_cause)
-from .coordinator import Coordinator
+from .coordinator import ROUTE_TTL_S, Coordinator
 from .link import free_port
 from .workers import HFModelFactory, ObjectFactory
 
@@ -110,6 +112,19 @@ def wait_for_placement(pg, bundles: list[dict], strategy: str, timeout_s: float,
             log.warning("waiting for Ray to grant bundles %s (%s); free now: %s; giving up after %.0f s",
                         bundles, strategy, free, timeout_s)
             warned = True
+
+
+@dataclass(frozen=True)
+class _Route:
+    """A route kept by ``RayBackend._route``: valid while ``watch`` (the coordinator's ``watch(epoch)``
+    call) has not returned."""
+
+    coord: object
+    target: object  # the target leader's handle
+    draft: object  # the draft worker's handle (None: colocated, or routed for a request that does not draft)
+    drafts: bool  # routed for a drafting request, which got the draft
+    epoch: int
+    watch: object  # ObjectRef
 
 
 class RayBackend:
@@ -218,7 +233,8 @@ class RayBackend:
         elif c.device == "cpu" and draft is not None and tp == 1:
             target["prefill_threads"] = target["threads"] + draft["threads"]
         self.coordinator = None
-        self.lock = threading.Lock()  # guards ``coordinator`` against requests that fail at the same time
+        self.kept: _Route | None = None  # where requests run, while it holds (``_route``)
+        self.lock = threading.Lock()  # guards ``coordinator`` and ``kept`` against requests that fail at once
         self.starting = threading.Lock()  # one coordinator start at a time
         try:
             self.info = self._start_coordinator()
@@ -273,6 +289,8 @@ class RayBackend:
         with self.lock:
             if self.coordinator is coord:
                 self.coordinator = None
+            if self.kept is not None and self.kept.coord is coord:
+                self.kept = None
         try:
             ray.kill(coord)
         except Exception:  # noqa: BLE001 - already gone
@@ -295,19 +313,54 @@ class RayBackend:
         except (RayActorError, GetTimeoutError) as exc:
             raise self._coordinator_failed(coord, exc) from None
 
+    def _route(self, coord, request: Request) -> dict:
+        """Where ``request`` runs (``Coordinator.route``'s answer). The answer is kept and reused, with no call
+        to the coordinator, until the coordinator's ``watch`` for it returns (the placement changed, or the
+        route's ``ROUTE_TTL_S`` is up) or a request reports a failure on it (``_forget``). Only complete answers
+        are kept: a drafting request sent target-only (the draft loading, or given up) asks again next time."""
+        kept = self.kept
+        if kept is not None and kept.coord is coord and (kept.drafts or not request.uses_draft):
+            if not ray.wait([kept.watch], timeout=0)[0]:  # local: has the watch call returned?
+                return {"target": kept.target, "draft": kept.draft if request.uses_draft else None,
+                        "request": request}
+            self._forget(lambda k: k is kept)
+        route = self._lifecycle(coord, "route", request, timeout_s=2 * self.config.start_timeout_s + 60)
+        if route["request"].uses_draft == request.uses_draft:
+            self._keep(coord, route, drafts=request.uses_draft)
+        return route
+
+    def _keep(self, coord, route: dict, drafts: bool) -> None:
+        with self.lock:
+            kept = self.kept
+            if (kept is not None and kept.coord is coord and kept.epoch == route["epoch"]
+                    and (kept.drafts or not drafts)):
+                return  # as good, and watched already (requests routed at the same time)
+            if self.coordinator is not coord:
+                return  # forgotten meanwhile
+            watch = coord.watch.remote(route["epoch"], ROUTE_TTL_S)
+            self.kept = _Route(coord, route["target"], route["draft"], drafts, route["epoch"], watch)
+
+    def _forget(self, which) -> None:
+        """Drop the kept route if ``which(route)``: a failure was reported on it."""
+        with self.lock:
+            if self.kept is not None and which(self.kept):
+                self.kept = None
+
     def stream(self, request: Request, hold_s: float = 0.0):
         """Yields ``list[int]`` per round of newly committed tokens (``hold_s`` > 0: after the first, at most
         one list per ``hold_s``, gathered in the leader); returns (ids, stats).
 
-        The coordinator says where the request runs (``route``); its tokens then come straight from the target
-        leader's stream (``TargetLeader.submit``: the request joins the leader's continuous loop), one Ray hop.
-        A failure is reported back to the coordinator, which replaces what failed for the next requests."""
+        The coordinator says where requests run (``_route``: asked once, then kept until it changes); the
+        tokens then come straight from the target leader's stream (``TargetLeader.submit``: the request joins
+        the leader's continuous loop), one Ray hop. A request's own failure (``RequestFailed``: its rows, its
+        decision) ends it alone; a failure of the worker is reported to the coordinator, which replaces what
+        failed for the next requests."""
         if self.pg is None:
             raise PearlError("this backend was shut down")
         coord = self._coordinator()
         c = self.config
         item_timeout = c.round_timeout_s * 4 + 60
-        route = self._lifecycle(coord, "route", request, timeout_s=2 * c.start_timeout_s + 60)
+        route = self._route(coord, request)
         target, request = route["target"], route["request"]
         gen = target.submit.options(num_returns="streaming").remote(request, c.round_timeout_s, c.max_num_seqs,
                                                                      c.kv_budget_tokens, hold_s,
@@ -330,6 +383,7 @@ class RayBackend:
                     ended = True
                     if request.uses_draft and item["stats"].draft_failures:
                         # before the result goes out, so that the caller's next request finds a new draft
+                        self._forget(lambda k: k.drafts)
                         self._lifecycle(coord, "draft_failed", route["draft"], item["stats"].draft_failures,
                                         timeout_s=c.start_timeout_s + 30)
                     return item["token_ids"], item["stats"]
@@ -354,6 +408,7 @@ class RayBackend:
     def _target_failed(self, coord, target, exc: BaseException) -> TargetUnavailable:
         """Tell the coordinator (it rebuilds the group once for the whole batch) and say what failed. A dead
         coordinator (its workers died with it) makes this ``CoordinatorUnavailable``."""
+        self._forget(lambda k: k.target == target)
         why = self._lifecycle(coord, "target_failed", target, timeout_s=self.config.start_timeout_s + 30)
         if isinstance(exc, TargetUnavailable):
             return TargetUnavailable(f"{exc}{'; ' + why if why else ''}")

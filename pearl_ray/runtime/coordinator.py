@@ -1,7 +1,14 @@
 """The coordinator actor: lifecycle only. It creates and places the draft worker and the target leader,
 measures their forwards (auto gamma, the speculation policy), connects the draft to the leader over the
-chosen transport, routes each request to the leader (``route``: the caller then streams the request's tokens
-from the leader itself, with no relay here), and restarts what failed:
+chosen transport, says where requests run (``route``: the caller then streams each request's tokens from the
+leader itself, with no relay here), and restarts what failed.
+
+Routing is not a per-request call: a caller keeps the answer (``RayBackend``) and holds a ``watch`` call
+that returns as soon as the placement changes (``epoch``: a draft or target replaced, a restarted draft
+ready, the draft's link ended) or after ``ROUTE_TTL_S``; it asks again only then, or after a failure it
+reported itself. Only a degraded answer (the draft loading or given up) is asked for per request.
+
+What is restarted, and when:
 
 - a draft that failed during a request (the leader finished it on the target alone) is replaced after it
   (``draft_failed``); while the new draft loads, requests run on the target alone; a draft that cannot start
@@ -32,6 +39,10 @@ from .workers import DraftWorker, TargetLeader, TargetShard
 log = logging.getLogger(__name__)
 MAX_DRAFT_STARTS = 3
 LINK_IDLE_S = 1800.0
+ROUTE_TTL_S = LINK_IDLE_S / 4
+"""How long a caller may keep a route without hearing from ``watch``. The link's idle clock is reset by
+rounds, ``link_used`` only by routes: a route at most this old keeps ``_connect``'s rule (a link idle for
+``LINK_IDLE_S / 2`` is replaced before it ends) true of the link's real idle time."""
 
 
 def choose_gamma(t_draft: float, t_target: float, lo: int = 1, hi: int = MAX_GAMMA) -> int:
@@ -63,7 +74,10 @@ class Coordinator:
         self.lifecycle = threading.RLock()  # routing, creating and replacing: one at a time
         self.closing = False
         self.lost_ranks: list = []  # (leader handle, why): groups taken down because a rank left
-        threading.Thread(target=self._watch_ranks, name="pearl-rank-watch", daemon=True).start()
+        self.epoch = 0  # bumped whenever a route handed out may no longer hold (``watch``)
+        self.changes = threading.Condition()
+        self.routes = 0  # ``route`` calls answered (callers keep the answer: one per placement, not per request)
+        threading.Thread(target=self._watch_workers, name="pearl-worker-watch", daemon=True).start()
 
     def _make(self, side: str, cls=None, bundle: int | None = None, factory=None):
         s = self.spec[side]
@@ -137,8 +151,23 @@ class Coordinator:
                                                              context_len), timeout=self.spec["start_timeout_s"])
 
     def status(self) -> dict:
-        return {"draft_ready": bool(self.spec.get("colocated")) or self._draft_ready(), "draft_error": self.draft_error, "restarts": dict(self.restarts),
+        return {"draft_ready": bool(self.spec.get("colocated")) or self._draft_ready(), "draft_error": self.draft_error,
+                "restarts": dict(self.restarts), "routes": self.routes, "epoch": self.epoch,
                 "handles": {"draft": self.draft, "target": self.target, "target_ranks": [self.target] + self.shards}}
+
+    # -- pushed changes ----------------------------------------------------------------------------------
+    def _changed(self) -> None:
+        """A route handed out may be stale now: wake every ``watch``."""
+        with self.changes:
+            self.epoch += 1
+            self.changes.notify_all()
+
+    def watch(self, epoch: int, timeout_s: float = ROUTE_TTL_S) -> int:
+        """Returns the current epoch once it differs from ``epoch`` (or on shutdown), at the latest after
+        ``timeout_s``. A caller holds one such call per route it keeps and drops the route when it returns."""
+        with self.changes:
+            self.changes.wait_for(lambda: self.epoch != epoch or self.closing, timeout=max(0.0, timeout_s))
+            return self.epoch
 
     # -- draft lifecycle ---------------------------------------------------------------------------------
     def _draft_ready(self) -> bool:
@@ -152,6 +181,7 @@ class Coordinator:
             try:
                 ray.get(self.draft_starting)
                 self.draft_starts_failed, self.draft_starting = 0, None
+                self._changed()  # callers routed target-only meanwhile may use the draft now
             except Exception as exc:  # noqa: BLE001 - the draft failed to come up: try again, a bounded number of times
                 self.draft_starts_failed += 1
                 self._replace_draft(f"start failed: {str(exc)[:300]}")
@@ -163,6 +193,7 @@ class Coordinator:
         self.draft_error = reason
         _kill(self.draft)
         self.linked, self.draft, self.draft_starting = None, None, None
+        self._changed()
         if self.draft_starts_failed >= MAX_DRAFT_STARTS:
             return  # given up: requests that need the draft raise DraftUnavailable
         self.draft = self._make("draft")
@@ -204,10 +235,11 @@ class Coordinator:
     def route(self, request) -> dict:
         """Where ``request`` runs: makes sure the target group is up and, for a method that drafts, that the
         leader reaches a ready draft (else the request goes target-only, or ``DraftUnavailable`` once the
-        draft was given up). Returns ``{"target", "draft", "request"}``: the caller then streams the tokens
-        from ``target.submit`` itself (``RayBackend.stream``), and reports a failure with ``target_failed`` /
-        ``draft_failed``."""
+        draft was given up). Returns ``{"target", "draft", "request", "epoch"}``: the caller then streams the
+        tokens from ``target.submit`` itself (``RayBackend.stream``), may route later requests the same way
+        until ``watch(epoch)`` returns, and reports a failure with ``target_failed`` / ``draft_failed``."""
         with self.lifecycle:
+            self.routes += 1
             if self.target_starting is not None:
                 try:
                     ray.get(self.target_starting, timeout=self.spec["start_timeout_s"])
@@ -227,7 +259,8 @@ class Coordinator:
                                            f"({self.draft_error}); method 'ar' still works")
                 request = request.target_only()
             self.link_used = time.monotonic()
-            return {"target": self.target, "draft": self.draft if request.uses_draft else None, "request": request}
+            return {"target": self.target, "draft": self.draft if request.uses_draft else None, "request": request,
+                    "epoch": self.epoch}
 
     def draft_failed(self, draft, failures: int) -> bool:
         """A request finished on the target alone because ``draft`` failed; one failure reaches every request
@@ -273,12 +306,36 @@ class Coordinator:
             self.lost_ranks = (self.lost_ranks + [(target, reason)])[-8:]
             self._restart_target()
 
-    def _watch_ranks(self) -> None:
+    def _watch_workers(self) -> None:
+        """Push, not poll: a tensor-parallel rank that left, a restarted draft that came up (or failed to), and
+        a draft link whose loop ended (idle, stopped, broken) each change the placement at once, so callers
+        holding a route hear of it from ``watch`` before their next request."""
         while not self.closing:
             if self.follow_refs:
-                self._check_ranks(timeout=1.0)
+                self._check_ranks(timeout=0.5)
             else:
                 time.sleep(0.5)
+            try:
+                self._check_draft()
+            except Exception as exc:  # noqa: BLE001 - keep watching; the next route looks again
+                log.debug("draft watch: %s", exc)
+
+    def _check_draft(self) -> None:
+        starting = self.draft_starting
+        loop = self.linked[2] if self.linked is not None else None
+        refs = [r for r in (starting, loop) if r is not None]
+        if not refs or not ray.wait(refs, num_returns=1, timeout=0)[0]:
+            return
+        with self.lifecycle:
+            if self.closing:
+                return
+            if starting is not None and self.draft_starting is starting:
+                self._draft_ready()  # settles the start: ready (epoch bumped) or replaced again
+            if (loop is not None and self.linked is not None and self.linked[2] is loop
+                    and ray.wait([loop], timeout=0)[0]):
+                log.info("the draft link's loop ended; the next route opens a new one")
+                self.linked = None
+                self._changed()
 
     def _restart_target(self) -> None:
         for handle in [self.target] + self.shards:
@@ -287,9 +344,11 @@ class Coordinator:
         self.target = self._make_target()
         self.target_starting = self.target.ping.remote()
         self.restarts["target"] += 1
+        self._changed()
 
     def shutdown(self) -> None:
         self.closing = True
+        self._changed()  # release every ``watch``
         if self.shards:  # release the followers from ``follow`` (OP_STOP) before the actors go
             try:
                 ray.get(self.target.stop_group.remote(), timeout=10)

@@ -5,10 +5,12 @@ waits for a slow reader (its tokens accumulate in the stream, at most the reques
 
 The draft is reached through a draft phase: ``transports.GlooDraftPhase`` (one message each way per round on
 the leader's gloo link) or ``transports.RemoteDraftPhase`` (one actor call per round); either carries every
-drafting request's work, and the draft computes while this process runs the target's forward. One fault
-rule for the batch: a draft failure turns every active request target-only (still lossless), and a failure
-of the target's forward ends every request with ``TargetUnavailable``. No Ray calls here except through the
-draft phase; the actor (``workers.TargetLeader``) owns this object.
+drafting request's work, and the draft computes while this process runs the target's forward. Fault rules:
+a draft failure turns every active request target-only (still lossless); an error that belongs to one
+request (non-finite rows, its own decision or stop rule, its prompt pass) ends that request alone with
+``RequestFailed`` inside ``BatchLoop.step`` and the batch goes on; only a failure of the target's forward
+over the whole batch ends every request with ``TargetUnavailable`` (the worker is then replaced). No Ray
+calls here except through the draft phase; the actor (``workers.TargetLeader``) owns this object.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from ..core.batch import BatchLoop, Event
 from ..platform import adopt_thread_count
 from ..core.logprobs import TokenIds
-from ..errors import PearlError, TargetUnavailable
+from ..errors import PearlError, RequestFailed, TargetUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,18 @@ class LeaderLoop:
 
     # -- the loop thread --------------------------------------------------------------------------------------
     def _take(self, item) -> None:
+        """Apply one message from the inbox; a message that raises costs its own request at most, never the
+        loop thread (every stream would then wait out its timeout)."""
+        try:
+            self._apply(item)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("the leader loop could not apply %r", item[0])
+            if item[1] is not None:
+                self.streams.pop(item[1], None)
+                item[1].fail(RequestFailed(f"the leader could not take this request: {type(exc).__name__}: "
+                                           f"{str(exc)[:300]}"))
+
+    def _apply(self, item) -> None:
         kind, stream, arg = item
         if kind == "add":
             self.streams[stream] = None
@@ -150,7 +164,10 @@ class LeaderLoop:
                 with self.lock:
                     events = self.loop.step()
                 self.rounds += 1
-            except Exception as exc:  # noqa: BLE001 - the target's forward failed: every request ends, typed
+            except Exception as exc:  # noqa: BLE001 - the target's forward failed for the whole batch
+                # A request's own errors (its rows, its decision, its prompt pass) end it alone inside ``step``
+                # (``RequestFailed``); what escapes is the forward over every row, after which the cache is
+                # not to be trusted: every request ends, typed, and its callers report the worker as failed.
                 log.exception("the batched round failed")
                 events = self.loop.fail_all(TargetUnavailable(f"the target failed a batched round: "
                                                               f"{exc.__class__.__name__}: {str(exc)[:300]}"))

@@ -265,6 +265,10 @@ class TargetLeader(_WorkerBase):
                 self.batch = LeaderLoop(as_batched(self.model), decoder(self.tokenizer), max_num_seqs, self.lock,
                                         self.policy, getattr(self.model, "prefill_threads", None), self.threads)
                 self.batch.set_draft(self.phase)
+                from ..modeling.tp import TPLeaderModel
+
+                # a tensor-parallel group's ranks run the same forwards: one that raised is the group's error
+                self.batch.loop.retry_without_joiners = not isinstance(self.model, TPLeaderModel)
                 if self.draft_model is not None:  # before any request: the loop thread reads these in rounds
                     self.batch.loop.set_concurrent(self.concurrent, self.split_threads)
                     self.batch.loop.schedule = None if self.schedule == "auto" else self.schedule

@@ -2,7 +2,8 @@
 
 It is what ``build_app`` takes, what a ``serve run``/``serve deploy`` config file (and so a KubeRay
 ``RayService``) passes as the application's ``args``, and what the CLI builds from its flags. Unknown keys
-are refused, so a typo fails at deploy time instead of being dropped.
+are refused, so a typo fails at deploy time instead of being dropped. The engine's options in it are
+``serve_field``s: their defaults and checks come from their one declaration (``config.EngineConfig``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import DEFAULT_MAX_PREFILL_TOKENS, MAX_GAMMA, Method, Transport
+from ..config import CPU_KERNELS, OPTIONS, PLACEMENTS, SCHEDULES, Method, Transport
 
 API_KEY_ENV = "PEARL_RAY_API_KEY"
+_UNSET = object()
+
+
+def serve_field(name: str, default=_UNSET):
+    """A ``ServeConfig`` field for engine option ``name``: its declared default (or ``default``, where the
+    endpoint's differs), bounds and help (``config.option``). Choices are the field's ``Literal`` type."""
+    declared = OPTIONS[name]
+    bounds = {k: v for k, v in declared.metadata["checks"].items() if k in ("ge", "gt", "le")}
+    return Field(declared.default if default is _UNSET else default, description=declared.metadata["help"] or None,
+                 **bounds)
 
 
 def env_api_keys(name: str = API_KEY_ENV, environ=None) -> list[str]:
@@ -29,52 +40,52 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # -- the pair (one per model replica) ------------------------------------------------------------------
-    preset: str | None = None
+    preset: str | None = serve_field("preset")
     """A GPU pair preset (``pearl_ray.modeling.presets``): fills draft, target, tensor_parallel_size, dtype,
     device, gamma and the GPUs per side where this config does not set them. Its models are found on the
     replica's node ($PEARL_RAY_MODEL_DIR or the Hugging Face cache)."""
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = serve_field("tensor_parallel_size")
     """Target ranks per replica, one bundle (GPU) each: a DeepSpeed AutoTP group."""
     draft: str | None = "default-draft"
     """Draft model dir, preset or hub id; None serves target-only ("ar")."""
     target: str = "default-target"
     model_name: str | None = None
     """The id clients pass as ``model`` (default: the target's name); any other id is answered 404."""
-    method: Method = "pearl"
+    method: Method = serve_field("method")
     """Default method; a request may pick another with the ``method`` extension field."""
-    gamma: int | None = Field(None, ge=1, le=MAX_GAMMA)
+    gamma: int | None = serve_field("gamma", None)
     """Draft window; None measures the pair at start-up and picks it (auto gamma)."""
-    transport: Transport = "gloo"
-    colocate: bool | None = None
+    transport: Transport = serve_field("transport")
+    colocate: bool | None = serve_field("colocate")
     """Both models in the target leader's worker (its bundle; the draft's bundle's CPUs become its threads):
     no draft actor and no link; rounds pick plain decoding, SD in turn or PEARL at once (``schedule``).
     None (default): colocated for a CPU pair with one target rank (``EngineConfig.colocate``)."""
-    schedule: Literal["auto", "turn", "once"] = "auto"
+    schedule: Literal[SCHEDULES] = serve_field("schedule")
     """With ``colocate``: how the sides share the device in drafting rounds (``EngineConfig.schedule``)."""
-    num_threads: int | None = Field(None, ge=1)
-    device: str = "cpu"
-    dtype: str = "float32"
-    cpu_kernels: Literal["onednn", "eager"] = "onednn"
+    num_threads: int | None = serve_field("num_threads")
+    device: str = serve_field("device")
+    dtype: str = serve_field("dtype")
+    cpu_kernels: Literal[CPU_KERNELS] = serve_field("cpu_kernels")
     """On CPU: linear layers through oneDNN with packed weights, or torch's default (``EngineConfig``)."""
     engine_options: dict = Field(default_factory=dict)
     """Further ``PearlEngine`` options (``round_timeout_s``, ``pre_verify``, ``draft_greedy``, ...)."""
     # -- resources: placement_group_bundles = [replica, draft, target] -------------------------------------
     replica_num_cpus: float = Field(0.0, ge=0)
-    draft_num_cpus: float = Field(1.0, ge=0)
-    target_num_cpus: float = Field(1.0, ge=0)
-    draft_num_gpus: float = Field(0.0, ge=0)
-    target_num_gpus: float = Field(0.0, ge=0)
-    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    draft_num_cpus: float = serve_field("draft_num_cpus")
+    target_num_cpus: float = serve_field("target_num_cpus")
+    draft_num_gpus: float = serve_field("draft_num_gpus")
+    target_num_gpus: float = serve_field("target_num_gpus")
+    placement_strategy: Literal[PLACEMENTS] = serve_field("placement")
     # -- scaling and backpressure ------------------------------------------------------------------------
     num_replicas: int = Field(1, ge=1)
     autoscaling_config: dict | None = None
     """Serve's autoscaling config for the model replicas (then ``num_replicas`` is not used)."""
-    max_num_seqs: int = Field(8, ge=1)
+    max_num_seqs: int = serve_field("max_num_seqs")
     """Requests a replica's pair decodes at once (its target leader's continuous loop)."""
-    kv_budget_tokens: int | None = Field(None, ge=1)
+    kv_budget_tokens: int | None = serve_field("kv_budget_tokens")
     """KV-cache positions the replica's pair may hold for the requests it decodes at once (the engine's
     ``kv_budget_tokens``); a request that cannot fit waits, one that never could gets a 400. None: no limit."""
-    max_prefill_tokens_per_round: int | None = Field(DEFAULT_MAX_PREFILL_TOKENS, ge=1)
+    max_prefill_tokens_per_round: int | None = serve_field("max_prefill_tokens_per_round")
     """Prompt tokens one round of the replica's pair feeds (the engine's ``max_prefill_tokens_per_round``):
     a longer prompt goes in chunks while the running streams keep getting tokens. None: whole prompts."""
     max_ongoing_requests: int | None = Field(None, ge=1)
@@ -107,13 +118,11 @@ class ServeConfig(BaseModel):
     @classmethod
     def _fill_from_preset(cls, data):
         if isinstance(data, dict) and data.get("preset"):
-            from ..modeling.presets import batching_overrides, fill_unset, get_preset
+            from ..modeling.presets import apply_preset
 
-            p = get_preset(data["preset"])  # an unknown name fails validation, listing the known ones
-            values = {"draft": p.draft, "target": p.target, "tensor_parallel_size": p.tensor_parallel_size,
-                      "dtype": p.dtype, "device": p.device, "gamma": p.gamma, "draft_num_gpus": p.draft_num_gpus,
-                      "target_num_gpus": p.target_num_gpus, **batching_overrides(p)}
-            return fill_unset(dict(data), values, lambda k, v: v is None)
+            # the models stay hub ids, found on the replica's node; an unknown name fails validation, listing
+            # the known ones; what this config leaves out (or None) takes the preset's value
+            return apply_preset(data["preset"], dict(data), {}, keys=cls.model_fields, resolve=False)
         return data
 
     @model_validator(mode="after")

@@ -17,10 +17,11 @@ import time
 import ray
 from ray import serve
 
-from ..config import SamplingParams, context_room
+from ..config import SamplingParams, fit_context
 from ..engine import PearlEngine
-from ..errors import (CoordinatorUnavailable, DraftUnavailable, EngineClosedError, InvalidParameterError,
-                      PromptError, QueueFullError, RequestFailed, ResourcesUnavailable, TargetUnavailable)
+from ..errors import (ContextLengthError, CoordinatorUnavailable, DraftUnavailable, EngineClosedError,
+                      InvalidParameterError, PromptError, QueueFullError, RequestFailed, ResourcesUnavailable,
+                      TargetUnavailable)
 from .binding import bind_replica_server_to_node_ip
 from .config import ServeConfig
 from .metrics import ServerMetrics
@@ -101,18 +102,15 @@ class PearlServer:
             method, gamma = payload.get("method") or engine.method, payload.get("gamma")
             sampling = dict(payload["sampling"])
             window = (gamma or engine.gamma) if method != "ar" else 0
-            room = context_room(engine.max_context, len(ids), window)
             where = "messages" if payload["kind"] == "chat" else "prompt"
-            if room < 1:
-                raise ApiError(400, f"This model's maximum context length is {engine.max_context} tokens; the "
-                               f"{where} has {len(ids)} tokens and the draft window needs {window} more, which "
-                               f"leaves no room to generate", where, "context_length_exceeded")
+            try:  # the engine's length rule, checked here to name the field at fault and to fill max_tokens
+                room = fit_context(engine.max_context, len(ids), window, sampling["max_new_tokens"])
+            except (PromptError, ContextLengthError) as exc:
+                param = "max_tokens" if getattr(exc, "part", None) == "max_new_tokens" else where
+                raise ApiError(400, f"This model's maximum context length is {engine.max_context} tokens: {exc}",
+                               param, "context_length_exceeded") from None
             if sampling["max_new_tokens"] is None:
                 sampling["max_new_tokens"] = min(c.default_max_tokens, room)
-            elif sampling["max_new_tokens"] > room:
-                raise ApiError(400, f"max_tokens {sampling['max_new_tokens']} does not fit: the {where} has "
-                               f"{len(ids)} tokens, the draft window {window} and the context "
-                               f"{engine.max_context}; at most {room} fit", "max_tokens", "context_length_exceeded")
             params = SamplingParams(**sampling)
             # a non-streamed answer needs the text, not each round's tokens: fewer messages from the leader
             result_only = not payload.get("stream", True)
