@@ -1,12 +1,15 @@
 """Batched PEARL rounds: one draft/target pair decodes many requests at once. No Ray.
 
 The per-request core stays per request: each request has its own ``PearlState``, plan (``plan_round``),
-decision (``pearl_step``), coins from its own seed, stop rule and method (pearl / sd / ar). What is shared
-is the models' work: one round runs every drafting request's draft steps as batched draft forwards, then
-every request's verify rows in **one** target forward (``BatchedLM``: a KV cache with one slot per
-request). Requests join at a round boundary (their prompt pass is their first forward, run on its own and
-merged into the batch's cache) and leave when they finish or are cancelled; the others carry on
-(continuous batching, not lock-step). With ``max_prefill_tokens`` a round feeds at most that many prompt
+candidates and state update (``round_candidates``, ``commit_round``), coins from its own seed, stop rule and
+method (pearl / sd / ar). What is shared is the models' work and the decisions: one round runs every drafting
+request's draft steps as batched draft forwards (each step's tokens drawn for all slots at once), then every
+request's verify rows in **one** target forward (``BatchedLM``: a KV cache with one slot per request), then
+every request's accept / recover / bonus decision in one batched call on the target's device
+(``core.decide``; ``rounds.pearl_step`` is the per-request reference). Only ids and counts come to the host:
+once per draft step, once per round for the target side. Requests join at a round boundary (their prompt
+pass is their first forward, run on its own and merged into the batch's cache) and leave when they finish or
+are cancelled; the others carry on (continuous batching, not lock-step). With ``max_prefill_tokens`` a round feeds at most that many prompt
 tokens: a longer prompt goes to both sides in chunks over several rounds (no logits; the draft must see
 the prompt too), and the running requests decode in each of those rounds (``_prefill_plan``).
 
@@ -33,15 +36,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .decide import gather_rows, rows_not_finite, verify_greedy_rows, verify_sampled_rows, warp_rows
 from .logprobs import TokenIds, logprob_rows, token_logprobs
 from .messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate, TargetOutput
 from .metrics import GenerationStats, RoundTiming, overlap_s
 from .policy import SeqView, SpeculationPolicy
 from .request import draft_start
-from .rounds import PearlState, RoundOptions, RoundPlan, fuse, pearl_step, plan_round
-from .sampling import make_generator, sample, warp_probs
+from .rounds import PearlState, RoundOptions, RoundPlan, commit_round, fuse, plan_round, round_candidates
+from .sampling import inverse_cdf, make_generator, uniforms
 from .sides import CausalLM, SeqMirror
 from .stopping import StopRule
+from .verify import NO_TOKEN
 from ..errors import CacheBudgetError, RequestFailed
 from ..platform import adopt_thread_count, torch_threads
 
@@ -211,28 +216,53 @@ class BatchedDraftSide:
                 break
             logits = self.lm.forward({slot: (feeds[slot], 1) for slot in live})
             for slot in live:
-                m, st, gen = self.mirrors[slot], self.starts[slot], self.gens[slot]
-                m.cached.extend(feeds[slot])
-                m.forwards += 1
-                row = logits[slot][-1]
-                if gen is None:
-                    token = int(torch.argmax(row))
-                else:
-                    try:
-                        q = warp_probs(row, st.temperature, st.top_k, st.top_p)
-                        token = sample(q, gen)
-                    except RuntimeError:  # not a distribution (e.g. NaN): a shorter window for this slot only
-                        cut.add(slot)
-                        continue
-                    rows[slot].append(q)
-                ids[slot].append(token)
-                feeds[slot] = [token]
+                self.mirrors[slot].cached.extend(feeds[slot])
+                self.mirrors[slot].forwards += 1
+            tokens, ok, q = self._sample_step(live, logits)
+            for j, slot in enumerate(live):
+                if not ok[j]:  # not a distribution (e.g. NaN): a shorter window for this slot only
+                    cut.add(slot)
+                    continue
+                if q is not None and self.gens[slot] is not None:
+                    rows[slot].append(q[j])
+                ids[slot].append(tokens[j])
+                feeds[slot] = [tokens[j]]
         busy = time.perf_counter() - t0
         for slot in drafting:
             r = reqs[slot]
             probs = torch.stack(rows[slot]) if rows[slot] else None
             chunks[slot] = DraftChunk(r.round_id, r.start_pos, ids[slot], probs, busy, started)
         return chunks
+
+    def _sample_step(self, live: list[int], logits: dict[int, torch.Tensor]
+                     ) -> tuple[list[int], list[bool], torch.Tensor | None]:
+        """One draft step's tokens for the ``live`` slots at once, on the logits' device: argmax for greedy
+        slots, a draw from the warped row for sampling ones (one uniform from the slot's own generator, by
+        inverse CDF, as ``sampling.sample``). Returns the ids, whether each row was a distribution, and the
+        warped rows ``[len(live), vocab]`` (None when no slot samples). The ids come to the host in one
+        copy: the step's only sync, as the next forward takes them as Python ints."""
+        rows, first = gather_rows([logits[slot][-1:] for slot in live])
+        if first != list(range(len(live))):
+            rows = rows[first]
+        sampled = [j for j, slot in enumerate(live) if self.gens[slot] is not None]
+        if not sampled:
+            return rows.argmax(-1).tolist(), [True] * len(live), None
+        starts = [self.starts[slot] for slot in live]
+        greedy = len(sampled) < len(live)
+        # argmax draft slots take a one-hot row here (temperature 0), so every slot has a row of q
+        q = warp_rows(rows, [st.temperature if self.gens[slot] is not None else 0.0 for slot, st in zip(live, starts)],
+                      [st.top_k for st in starts], [st.top_p for st in starts])
+        u = torch.tensor([float(uniforms(self.gens[slot], 1)[0]) if self.gens[slot] is not None else 0.0
+                          for slot in live], dtype=torch.float64).to(q.device)
+        tokens = inverse_cdf(q, u)
+        if greedy:
+            argmax = rows.argmax(-1)
+            pick = torch.tensor([self.gens[slot] is None for slot in live]).to(q.device)
+            tokens = torch.where(pick, argmax, tokens)
+        finite = torch.isfinite(q).all(-1)
+        out = torch.cat([tokens, finite.long()]).tolist()
+        n = len(live)
+        return out[:n], [bool(f) for f in out[n:]], q
 
 
 class DraftPhase(Protocol):
@@ -256,6 +286,7 @@ class LocalDraftPhase:
 
     def __init__(self, side: BatchedDraftSide):
         self.side = side
+        keep_logits_on_device(side.lm)  # its chunks stay in this process: q rows need not visit the host
         self._chunks: dict[int, DraftChunk] = {}
 
     def start(self, slot, start):
@@ -372,6 +403,48 @@ class Event:
     logprobs: list | None = None
 
 
+def _stack_rows(blocks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``decide.gather_rows`` holding exactly these blocks' rows (a view that also spans other rows of the
+    forward's buffer is copied): the rows, each block's first row and row count."""
+    rows, first = gather_rows(blocks)
+    counts = [b.shape[0] for b in blocks]
+    if not _tiles(first, counts, rows.shape[0]):
+        rows = torch.cat([rows[f: f + c] for f, c in zip(first, counts)])
+        first = [sum(counts[:i]) for i in range(len(counts))]
+    return rows, first, counts
+
+
+def _tiles(first: list[int], counts: list[int], total: int) -> bool:
+    """Whether row spans (first row, count) cover rows 0 .. total - 1 exactly, each once."""
+    at = 0
+    for f, c in sorted(zip(first, counts)):
+        if f != at:
+            return False
+        at += c
+    return at == total
+
+
+def keep_logits_on_device(lm) -> None:
+    """Let ``lm``'s forwards leave their logits on the model's device: the batched loop decides there and
+    copies only ids and counts to the host. A ``modeling.batched`` slot cache has a ``to_host`` switch; a
+    tensor-parallel leader (``lm.lm``) passes its forwards to its shard's. Other models are left as they are."""
+    for obj in (lm, getattr(lm, "lm", None)):
+        if obj is not None and getattr(obj, "to_host", None) is True:
+            obj.to_host = False
+
+
+@dataclass
+class _RoundRows:
+    """A round's target rows for the decisions, on the forward's device (``BatchLoop._round_rows``)."""
+
+    argmax: torch.Tensor | None = None  # [greedy rows] the argmax id of each greedy request's row
+    first: dict = field(default_factory=dict)  # greedy seq -> its first row in ``argmax``
+    probs: torch.Tensor | None = None  # [sampled rows, vocab] warped p of the sampled requests
+    sampled_first: dict = field(default_factory=dict)  # sampled seq -> its first row in ``probs``
+    owner: dict = field(default_factory=dict)  # seq -> its index in ``bad``
+    bad: torch.Tensor | None = None  # [requests] count of bad rows (``BatchLoop._round_rows``)
+
+
 @dataclass(eq=False)
 class _Seq:
     key: object
@@ -393,6 +466,7 @@ class _Seq:
     cancelled: bool = False
     logprobs: list | None = None  # one TokenLogprob per committed output token, where the request asked
     round_rows: torch.Tensor | None = None  # [rows, vocab] this round's target log-probabilities (same requests)
+    round_logits: torch.Tensor | None = None  # [rows, vocab] this round's target logits, until it is decided
 
     @property
     def opts(self) -> RoundOptions:
@@ -442,6 +516,7 @@ class BatchLoop:
         if draft is not None and not hasattr(draft, "submit"):
             draft = LocalDraftPhase(BatchedDraftSide(draft))
         self.target, self.draft, self.policy = target, draft, policy
+        keep_logits_on_device(target)  # the decisions run on the target's device (``_round_rows``, ``_verdicts``)
         self.concurrent: ThreadedDraftPhase | None = None
         self._deferred_releases: set[int] = set()  # draft slots to free once a timed-out round ends
         """The draft on its own thread, for rounds whose sides run at once (``set_concurrent``); None: every
@@ -686,8 +761,11 @@ class BatchLoop:
         draft_busy = drafting or any(self._reads_chunks(s) for s in prompt_chunks)  # drafting, or caching a chunk
         # the draft idles (plain, or its turn is over): the target takes its cores; at once: its share only
         threads = self.split_threads if (draft_busy and at_once) else (None if draft_busy else self.alone_threads)
+        for s in seqs:
+            s.round_logits = None
         with torch_threads(threads), self._target_stream(draft_busy and at_once):
             outs, width = self._target_forward(seqs, plans, failed, prompt_chunks, windows)
+            rows = self._round_rows([s for s in seqs if s.round_logits is not None and s not in failed])
         t_target = time.perf_counter() - t1
         chunks, draft_rows, draft_steps = collect()
         t2 = time.perf_counter()
@@ -699,12 +777,15 @@ class BatchLoop:
                                 schedule if schedule != "plain" else None, context)
         self.rounds += 1
         events = refused
+        verdicts = self._verdicts(seqs, plans, chunks, outs, rows, failed)
+        for s in seqs:
+            s.round_logits = None
         for seq in seqs:
             if seq in failed:
                 continue
             try:
-                events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], wall0, t0, t1, t2, len(seqs),
-                                           schedule))
+                events.append(self._decide(seq, plans[seq], chunks[seq], outs[seq], verdicts[seq], wall0, t0, t1, t2,
+                                           len(seqs), schedule))
             except Exception as exc:  # noqa: BLE001 - this request's alone
                 failed[seq] = exc
         for seq, exc in failed.items():
@@ -878,30 +959,104 @@ class BatchLoop:
             s.target.cached.extend(feed)
             s.target.forwards += 1
             s.target_forwards += 1
-            req, p = plans[s].target, s.request.params
-            rows = logits[s.slot]
-            # NaN anywhere, +inf, or a row with no finite logit: no decision can come from it (greedy too:
-            # argmax would pick a NaN's index). The amax is small next to the forward, and on the host already.
-            if not bool(torch.isfinite(rows.amax(-1)).all()):
-                failed[s] = FloatingPointError("the target's logits for this request are not finite")
-                continue
+            req = plans[s].target
+            s.round_logits = logits[s.slot]  # the decisions read them after the forward (``_round_rows``)
             if s.logprobs is not None:  # only requests that asked: the raw distribution of each verified row
-                s.round_rows = logprob_rows(rows)
-            if p.temperature == 0.0:
-                out = TargetOutput(req.round_id, req.start_pos, target_argmax_ids=rows.argmax(-1).tolist())
-            else:
-                probs = warp_probs(rows, p.temperature, p.top_k, p.top_p)
-                if not bool(torch.isfinite(probs).all()):
-                    failed[s] = FloatingPointError("the target's probabilities for this request are not finite")
-                    continue
-                out = TargetOutput(req.round_id, req.start_pos, target_probs=probs)
-            out.busy_s, out.started_at = busy, started
-            outs[s] = out
+                s.round_rows = logprob_rows(logits[s.slot])
+            outs[s] = TargetOutput(req.round_id, req.start_pos, busy_s=busy, started_at=started)
         return outs, width
 
+    def _round_rows(self, seqs: list[_Seq]) -> "_RoundRows":
+        """The decision rows of a round's requests (their ``round_logits``), on the forward's device: the
+        argmax of the greedy ones' rows and the warped p of the sampled ones' (``decide.warp_rows``, each row
+        with its request's settings), and per request a count of bad rows: for greedy ones a row with NaN,
+        +inf or no finite logit (its row max is not finite: argmax would pick a NaN's index), for sampled ones
+        any non-finite p. Nothing comes to the host here: ``_verdicts`` copies the counts with the decisions."""
+        greedy = [s for s in seqs if s.request.params.temperature == 0.0]
+        sampled = [s for s in seqs if s.request.params.temperature != 0.0]
+        rows = _RoundRows()
+        bad = []
+        if greedy:
+            block, first, counts = _stack_rows([s.round_logits for s in greedy])
+            rows.argmax = block.argmax(-1)
+            rows.first.update(zip(greedy, first))
+            owners = [0] * block.shape[0]
+            for b, (f, c) in enumerate(zip(first, counts)):
+                owners[f: f + c] = [b] * c
+            bad.append(rows_not_finite(block.amax(-1, keepdim=True), owners, len(greedy)))
+        if sampled:
+            block, first, counts = _stack_rows([s.round_logits for s in sampled])
+            settings = [None] * block.shape[0]
+            owners = [0] * block.shape[0]
+            for b, (s, f, c) in enumerate(zip(sampled, first, counts)):
+                p = s.request.params
+                settings[f: f + c] = [(p.temperature, p.top_k, p.top_p)] * c
+                owners[f: f + c] = [b] * c
+            temps, ks, ps = zip(*settings)
+            rows.probs = warp_rows(block, temps, ks, ps)
+            bad.append(rows_not_finite(rows.probs, owners, len(sampled)))
+            rows.sampled_first.update(zip(sampled, first))
+        rows.owner.update((s, b) for b, s in enumerate(greedy + sampled))
+        rows.bad = torch.cat(bad) if bad else None
+        return rows
+
+    def _verdicts(self, seqs: list[_Seq], plans: dict, chunks: dict, outs: dict, rows: "_RoundRows",
+                  failed: dict) -> dict:
+        """Every request's decision of this round: one batched call per kind (greedy, sampled) on the target's
+        device, and one copy of the results to the host. Returns seq -> (candidates, accepted count, extra
+        token). A request whose own part raises, or whose rows are not finite, goes into ``failed``."""
+        cands, greedy, sampled = {}, [], []
+        for s in seqs:
+            if s in failed:
+                continue
+            try:
+                got = plans[s].target.num_rows if (s in rows.first or s in rows.sampled_first) else 0
+                cands[s] = c = round_candidates(s.state, plans[s], chunks[s], outs[s], s.opts, target_rows=got)
+            except Exception as exc:  # noqa: BLE001 - this request's alone
+                failed[s] = exc
+                continue
+            if c.num_rows:
+                (greedy if s in rows.first else sampled).append(s)
+        # each sampled request's uniforms from its own generator: n + 1 per round, whatever it decides
+        coins = {s: uniforms(s.coins, len(cands[s].token_ids) + 1) for s in sampled}
+
+        def decide(g: list[_Seq], sm: list[_Seq]) -> dict:
+            parts = []
+            if g:
+                parts.append(verify_greedy_rows(rows.argmax, [cands[s].token_ids for s in g],
+                                                [rows.first[s] for s in g], [cands[s].allow_bonus for s in g]))
+            if sm:
+                parts.append(verify_sampled_rows(
+                    rows.probs, [cands[s].token_ids for s in sm], [rows.sampled_first[s] for s in sm],
+                    [cands[s].allow_bonus for s in sm], [cands[s].draft_probs for s in sm], [coins[s] for s in sm]))
+            if g or sm:  # each request's count of bad rows, in the same copy
+                bad = rows.bad[torch.tensor([rows.owner[s] for s in g + sm]).to(rows.bad.device)]
+                parts.append(torch.stack([bad, bad], dim=1))
+            host = torch.cat(parts).tolist() if parts else []  # the round's one copy to the host
+            n = len(g) + len(sm)
+            return {s: (a, e, bool(bad)) for s, (a, e), (bad, _) in zip(g + sm, host[:n], host[n:])}
+
+        try:
+            decided = decide(greedy, sampled)
+        except Exception:  # noqa: BLE001 - find whose it is: each request alone, the same uniforms
+            decided = {}
+            for s in greedy + sampled:
+                try:
+                    decided.update(decide([s] if s in rows.first else [], [s] if s in rows.sampled_first else []))
+                except Exception as exc:  # noqa: BLE001 - this request's alone
+                    failed[s] = exc
+        verdicts = {s: (c, 0, NO_TOKEN) for s, c in cands.items() if not c.num_rows}
+        for s, (accepted, extra, bad) in decided.items():
+            if bad:
+                what = "logits" if s in rows.first else "probabilities"
+                failed[s] = FloatingPointError(f"the target's {what} for this request are not finite")
+            else:
+                verdicts[s] = (cands[s], accepted, extra)
+        return verdicts
+
     def _decide(self, seq: _Seq, plan: RoundPlan, chunk: DraftChunk, target_out: TargetOutput | None,
-                wall0: float, t0: float, t1: float, t2: float, batch: int, schedule: str = "") -> Event:
-        outcome = pearl_step(seq.state, plan, chunk, target_out, seq.coins, seq.opts)  # reads greedy/draft_greedy only
+                verdict: tuple, wall0: float, t0: float, t1: float, t2: float, batch: int, schedule: str = "") -> Event:
+        outcome = commit_round(seq.state, plan, chunk, *verdict)
         if seq.logprobs is not None:
             # the i-th appended token was scored by the target's row i (``core.logprobs``)
             appended = outcome.update.appended_token_ids

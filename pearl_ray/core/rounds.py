@@ -100,18 +100,34 @@ def fuse(plan: RoundPlan, num_drafted: int) -> RoundPlan:
                    verify_first_draft=num_drafted > 0, fused=True)
 
 
-def pearl_step(
-    state: PearlState,
-    plan: RoundPlan,
-    chunk: DraftChunk,
-    target_out: TargetOutput | None,
-    generator: torch.Generator | None,
-    opts: RoundOptions,
-) -> Outcome:
-    """Decide one round and advance ``state`` in place. The only place coins are drawn.
+@dataclass(frozen=True)
+class RoundCandidates:
+    """What one request's round verifies (``round_candidates``): the decision's input, whoever decides it."""
 
-    ``chunk.draft_token_ids`` may be empty even if the plan asked for a window (draft failure): then the
-    round verifies the pending tokens and takes a bonus token from the target's last row.
+    token_ids: list[int]  # the pending window, then this round's drafted tokens that are candidates
+    positions: list[int]  # index of each candidate in its draft window
+    q_parts: tuple[torch.Tensor, ...]  # q rows of the candidates in order (pending, then drafted); () if q is one-hot
+    num_rows: int  # target rows this round: one per candidate, then a bonus row if allow_bonus; 0: the target sat out
+    take: int  # how many of this round's drafted tokens are candidates
+
+    @property
+    def allow_bonus(self) -> bool:
+        return self.num_rows > len(self.token_ids)
+
+    @property
+    def draft_probs(self) -> torch.Tensor | None:
+        """``[len(token_ids), vocab]`` q rows, or None for a greedy or argmax draft (q one-hot)."""
+        if not self.q_parts:
+            return None
+        return self.q_parts[0] if len(self.q_parts) == 1 else torch.cat(self.q_parts)
+
+
+def round_candidates(state: PearlState, plan: RoundPlan, chunk: DraftChunk, target_out: TargetOutput | None,
+                     opts: RoundOptions, target_rows: int | None = None) -> RoundCandidates:
+    """Check that both messages belong to this round and position, and list the candidates.
+
+    ``target_rows``: how many rows the target computed, where ``target_out`` carries none itself (the batched
+    loop keeps them on the device); None: ``target_out.num_rows``.
     """
     # 1. Check that both messages belong to this round and this position.
     if chunk.round_id != plan.round_id or chunk.start_pos != plan.draft.start_pos:
@@ -121,8 +137,9 @@ def pearl_step(
     if num_rows:
         if target_out is None or target_out.round_id != plan.round_id or target_out.start_pos != plan.target.start_pos:
             raise RuntimeError(f"stale target output for round {plan.round_id}")
-        if target_out.num_rows != num_rows:
-            raise RuntimeError(f"target returned {target_out.num_rows} rows, expected {num_rows}")
+        got = target_out.num_rows if target_rows is None else target_rows
+        if got != num_rows:
+            raise RuntimeError(f"target returned {got} rows, expected {num_rows}")
     drafted = chunk.draft_token_ids
     # 2. Candidates: the pending window, then d[0] unless the target sits out or the draft produced nothing
     # (a fused round: the whole window drafted this round).
@@ -133,19 +150,30 @@ def pearl_step(
                            f"and {len(drafted)} drafted tokens")
     candidates = list(state.pending) + list(drafted[:take])
     positions = list(state.pending_positions) + list(range(take))
-    cand_q = None
+    q_parts: tuple[torch.Tensor, ...] = ()
     if not opts.greedy and not opts.draft_greedy:
-        parts = [t for t in (state.pending_q, chunk.draft_probs[:take] if take else None) if t is not None]
-        cand_q = torch.cat(parts) if parts else None
-    # 3. Verify: one coin per candidate in order; a bonus row exists only when the target has a row to spare.
-    allow_bonus = num_rows > len(candidates)
-    if not num_rows:
-        num_accepted, extra = 0, NO_TOKEN
-    elif opts.greedy:
-        num_accepted, extra = verify_greedy(target_out.target_argmax_ids, candidates, allow_bonus)
-    else:
-        num_accepted, extra = verify_sampled(target_out.target_probs, candidates, cand_q, generator, allow_bonus)
-    # 4. Advance the state: commit accepted (+ recovered or bonus) tokens; carry the rest of the window.
+        q_parts = tuple(t for t in (state.pending_q, chunk.draft_probs[:take] if take else None) if t is not None)
+    return RoundCandidates(candidates, positions, q_parts, num_rows, take)
+
+
+def verify_round(cands: RoundCandidates, target_out: TargetOutput | None, generator: torch.Generator | None,
+                 opts: RoundOptions) -> tuple[int, int]:
+    """The per-request reference decision: (accepted count, recovered or bonus id or ``NO_TOKEN``). One coin
+    per candidate in order; a bonus row exists only when the target has a row to spare."""
+    if not cands.num_rows:
+        return 0, NO_TOKEN
+    if opts.greedy:
+        return verify_greedy(target_out.target_argmax_ids, cands.token_ids, cands.allow_bonus)
+    return verify_sampled(target_out.target_probs, cands.token_ids, cands.draft_probs, generator, cands.allow_bonus)
+
+
+def commit_round(state: PearlState, plan: RoundPlan, chunk: DraftChunk, cands: RoundCandidates,
+                 num_accepted: int, extra: int) -> Outcome:
+    """Advance ``state`` by a round's decision: commit the accepted tokens (+ the recovered or bonus token),
+    carry the rest of the window as pending."""
+    candidates, drafted = cands.token_ids, chunk.draft_token_ids
+    if not 0 <= num_accepted <= len(candidates):
+        raise RuntimeError(f"round {plan.round_id}: {num_accepted} accepted of {len(candidates)} candidates")
     committed_before = len(state.committed)
     recovered = bonus = NO_TOKEN
     if extra != NO_TOKEN:
@@ -156,8 +184,10 @@ def pearl_step(
             bonus = extra
         new_pending, new_q, new_pos = [], None, []
     else:
+        if num_accepted < len(candidates):
+            raise RuntimeError(f"round {plan.round_id}: a rejection without a recovered token")
         appended = candidates
-        skip = take
+        skip = cands.take
         new_pending = list(drafted[skip:])
         new_pos = list(range(skip, len(drafted)))
         new_q = chunk.draft_probs[skip:] if chunk.draft_probs is not None and new_pending else None
@@ -167,4 +197,23 @@ def pearl_step(
     update = SeqUpdate(plan.round_id, committed_before, appended, list(new_pending))
     state.last_update = update
     return Outcome(plan.round_id, len(candidates), num_accepted, recovered, bonus, len(drafted), update,
-                   positions[: len(candidates)])
+                   cands.positions[: len(candidates)])
+
+
+def pearl_step(
+    state: PearlState,
+    plan: RoundPlan,
+    chunk: DraftChunk,
+    target_out: TargetOutput | None,
+    generator: torch.Generator | None,
+    opts: RoundOptions,
+) -> Outcome:
+    """Decide one round with the per-request reference and advance ``state`` in place.
+
+    ``chunk.draft_token_ids`` may be empty even if the plan asked for a window (draft failure): then the
+    round verifies the pending tokens and takes a bonus token from the target's last row. The batched loop
+    runs the same three steps with the decision of the whole round made at once (``core.decide``).
+    """
+    cands = round_candidates(state, plan, chunk, target_out, opts)
+    num_accepted, extra = verify_round(cands, target_out, generator, opts)
+    return commit_round(state, plan, chunk, cands, num_accepted, extra)

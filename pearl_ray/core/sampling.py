@@ -53,14 +53,35 @@ def warp_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: 
     return torch.softmax(logits, dim=-1)
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Draw from each row of ``probs`` (``[..., vocab]``, non-negative, any positive total) with the uniform
+    ``u`` (``[...]`` in [0, 1)): the first id whose cumulative mass exceeds ``u`` times the row's total.
+
+    The cumulative sum runs in float64. An id of probability 0 is never returned: it adds nothing to the
+    sum, so the first id past ``u * total`` always has mass (``u * total`` is kept strictly below the total,
+    which rounding could otherwise reach). A row that is not a distribution (NaN) gives some id in range;
+    callers check such rows themselves.
+
+    Example:
+        >>> inverse_cdf(torch.tensor([0.25, 0.0, 0.75]), torch.tensor(0.3, dtype=torch.float64)).item()
+        2
+    """
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    total = cdf[..., -1:]
+    x = torch.minimum(u.double().unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    ids = torch.searchsorted(cdf, x, right=True).squeeze(-1)
+    return ids.clamp_(max=probs.shape[-1] - 1)
+
+
+def uniforms(generator: torch.Generator, n: int) -> torch.Tensor:
+    """``n`` float64 uniforms in [0, 1) from ``generator`` (on its device: the host for request generators)."""
+    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw one token id from a normalised fp32 row ``[vocab]`` using ``generator``."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-def uniform(generator: torch.Generator) -> float:
-    """One coin r ~ U[0, 1) from ``generator``."""
-    return float(torch.rand((), generator=generator).item())
+    """Draw one token id from a normalised fp32 row ``[vocab]`` with one uniform from ``generator``
+    (``inverse_cdf``; the batched decisions draw the same way, so both give the same ids)."""
+    return int(inverse_cdf(probs, uniforms(generator, 1)[0]))
 
 
 def make_generator(seed: int, stream: int) -> torch.Generator:

@@ -10,13 +10,19 @@ Vocabulary (as in vLLM's rejection sampler):
 
 A verification returns ``(num_accepted, extra_token_id)`` where ``extra_token_id`` is the recovered token,
 the bonus token, or ``NO_TOKEN`` (-1).
+
+Randomness: a verification of ``n`` candidates draws ``n + 1`` uniforms from the request's generator, whatever
+it decides: coin ``i`` for candidate ``i``, then one uniform for the recovered or bonus draw (by inverse CDF).
+A seeded request thus consumes a fixed amount of its stream per round. This module is the per-request
+reference; ``core.decide`` makes the same decisions for a whole round at once on the logits' device, with the
+same uniforms, and is tested against it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .sampling import sample, uniform
+from .sampling import inverse_cdf, uniforms
 
 NO_TOKEN = -1
 
@@ -37,7 +43,7 @@ def verify_sampled(
     generator: torch.Generator,
     allow_bonus: bool,
 ) -> tuple[int, int]:
-    """Speculative sampling over ``candidate_ids`` in order; one coin per verified candidate.
+    """Speculative sampling over ``candidate_ids`` in order: coin ``i`` decides candidate ``i``.
 
     With ``allow_bonus`` and every candidate accepted, a bonus token is drawn from
     ``target_probs[len(candidate_ids)]``.
@@ -48,6 +54,8 @@ def verify_sampled(
         >>> verify_sampled(p, [1], None, g, allow_bonus=True)   # p(1) = 1: accepted, then bonus 0
         (1, 0)
     """
+    n = len(candidate_ids)
+    u = uniforms(generator, n + 1).tolist()  # n coins, then the recovered or bonus draw
     for i, x in enumerate(candidate_ids):
         p_row = target_probs[i]
         if draft_probs is None:
@@ -57,13 +65,11 @@ def verify_sampled(
         else:
             q_row = draft_probs[i]
             q_x = float(q_row[x])
-        r = uniform(generator)
-        if r * q_x < float(p_row[x]):
+        if u[i] * q_x < float(p_row[x]):
             continue
-        return i, sample(residual_probs(p_row, q_row), generator)
-    n = len(candidate_ids)
+        return i, int(inverse_cdf(residual_probs(p_row, q_row), torch.tensor(u[n], dtype=torch.float64)))
     if allow_bonus:
-        return n, sample(target_probs[n], generator)
+        return n, int(inverse_cdf(target_probs[n], torch.tensor(u[n], dtype=torch.float64)))
     return n, NO_TOKEN
 
 
