@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from pearl_ray.modeling.batched import prefill_groups
+from pearl_ray.modeling.batched import BatchedHFCausalLM, prefill_groups
 from pearl_ray.modeling.families import check_model, full_cache, logits_transform
 from pearl_ray.modeling.hf import PREFILL_MIN_TOKENS, ModelRunner, _threads, crop_to
 
@@ -103,15 +103,9 @@ class DynamicSlotLM(ModelRunner):
             layer.values = layer.values.index_select(0, keep)
         self.valid = self.valid.index_select(0, keep)
 
-    def _map_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.vocab.map_in(ids) if self.vocab is not None else ids
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # [1, n, hidden]: AutoTP's sharded LM head (LmHeadLinearAllreduce) slices a 3-d input
-        logits = self.head(hidden.unsqueeze(0))[0].float()
-        if self._transform is not None:  # what the family's ForCausalLM does after its head (Gemma's soft-cap)
-            logits = self._transform(logits)
-        return self.vocab.map_out(logits) if self.vocab is not None else logits
+    # the same ids in and logits out as the store's runner
+    _map_ids = BatchedHFCausalLM._map_ids
+    _logits = BatchedHFCausalLM._logits
 
     # -- forwards ----------------------------------------------------------------------------------------
     def forward(self, feeds: dict[int, tuple[list[int], int]]) -> dict[int, torch.Tensor]:

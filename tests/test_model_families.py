@@ -33,13 +33,7 @@ PROMPTS = [[1, 5, 9, 13], [1] + list(range(20, 50)), [1, 40, 7, 7, 61, 3, 88, 12
 NEW = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread is fastest, and far faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecomputeLM:

@@ -26,13 +26,7 @@ from test_batch import _replay, _script
 PROMPTS = [[1, 5, 9, 13], [1] + list(range(20, 50)), [1, 40, 7, 7, 61, 3, 88, 12, 30, 45, 2, 17, 70], [7, 8]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one torch thread is fastest, and far faster than two on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _layout(lm: BatchedHFCausalLM) -> list[tuple[int, tuple[int, ...]]]:
