@@ -1,6 +1,6 @@
 """A draft/target pair's models as the batched loop uses them, for the local backend and the Ray workers:
 
-- ``as_batched``: the slot cache (``core.batch.BatchedLM``) over a model's weights;
+- ``as_batched``: the slot cache (``core.sides.BatchedLM``) over a model's weights;
 - ``decoder``: token ids -> text, for stop strings;
 - one process holding both models (the local backend, a colocated Ray leader): the draft's own thread or
   CUDA stream for rounds that run the sides at once (``concurrent_draft``, ``split_threads``), and the
@@ -14,7 +14,8 @@ import threading
 
 import torch
 
-from .core.batch import BatchedLM, PerSlotLM, ThreadedDraftPhase
+from .core.proposer import ThreadedDraftPhase
+from .core.sides import BatchedLM, PerSlotLM
 from .core.policy import CostModel, measure_forward_costs, policy_widths
 from .errors import InvalidParameterError
 from .platform import torch_threads
@@ -28,7 +29,7 @@ def decoder(tokenizer):
 
 
 def as_batched(model) -> "BatchedLM":
-    """A ``core.batch.BatchedLM`` over ``model``: a ``modeling.hf.HFCausalLM`` gets the slot cache of
+    """A ``core.sides.BatchedLM`` over ``model``: a ``modeling.hf.HFCausalLM`` gets the slot cache of
     ``modeling.batched`` (sharing its weights); any other ``CausalLM`` the per-slot reference (copies)."""
     from .modeling.hf import HFCausalLM
     from .modeling.tp import TPBatchedLeader, TPLeaderModel

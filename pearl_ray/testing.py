@@ -208,7 +208,7 @@ class BrokenLM(TabularLM):
 class FaultyLM(TabularLM):
     """A tabular LM that fails the requests whose prompt starts with ``marker``, and only those: the fault
     injection of the per-request failure tests. Each slot of the batched loop holds its own copy
-    (``core.batch.PerSlotLM``), whose first forward is its request's prompt pass:
+    (``core.sides.PerSlotLM``), whose first forward is its request's prompt pass:
 
     - ``fault="nan"``: from that request's ``after``-th forward on (1: the prompt pass), its logits are NaN;
     - ``fault="oom"``: its prompt pass raises ``torch.OutOfMemoryError`` (a prompt too long for the device).

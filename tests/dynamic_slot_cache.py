@@ -19,7 +19,7 @@ from pearl_ray.modeling.hf import PREFILL_MIN_TOKENS, ModelRunner, _threads, cro
 
 
 class DynamicSlotLM(ModelRunner):
-    """``core.batch.BatchedLM`` over a shared DynamicCache (the earlier slot cache; the tests' reference)."""
+    """``core.sides.BatchedLM`` over a shared DynamicCache (the earlier slot cache; the tests' reference)."""
 
     def __init__(self, model, vocab_size: int | None = None, draft_to_target: list[int] | None = None,
                  compact_ratio: float = 0.5, compact_min: int = 64, pad_id: int = 0,

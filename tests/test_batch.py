@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM
 from pearl_ray import PearlEngine, SamplingParams
 from pearl_ray.pair import as_batched
 from pearl_ray.config import EngineConfig, Request
-from pearl_ray.core.batch import BatchLoop, PerSlotLM, run_batch
+from pearl_ray.core.batch import BatchLoop, run_batch
+from pearl_ray.core.sides import PerSlotLM
 from pearl_ray.core.policy import CostModel, ForwardCosts, SeqView, SpeculationPolicy, breakeven_acceptance
 from pearl_ray.modeling.batched import BatchedHFCausalLM
 from pearl_ray.modeling.hf import HFCausalLM
@@ -314,7 +315,7 @@ class _CountingPhase:
 def test_rounds_without_drafting_make_no_draft_call_and_stay_lossless(tiny_pair):
     """Plain-decoding rounds (window 0) skip the draft entirely; the draft's mirror is resynchronised by the
     whole sequence when drafting resumes, so greedy output still equals target-only decoding."""
-    from pearl_ray.core.batch import BatchedDraftSide, LocalDraftPhase
+    from pearl_ray.core.proposer import BatchedDraftSide, LocalDraftPhase
 
     eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], max_num_seqs=4)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)

@@ -150,7 +150,7 @@ def test_running_requests_advance_in_the_rounds_that_carry_chunks(tiny_pair):
     feeds part of it each running request commits at least one token, no round feeds more than 16 of its
     tokens, the draft caches the same chunk as the target in the same round, and the policy hears nothing
     of those rounds (nor of the round that feeds the prompt's rest and gives its first token)."""
-    from pearl_ray.core.batch import BatchedDraftSide, LocalDraftPhase
+    from pearl_ray.core.proposer import BatchedDraftSide, LocalDraftPhase
 
     budget = 16
     eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], gamma=3, max_num_seqs=4,
@@ -196,7 +196,7 @@ def test_an_adaptive_request_defers_its_prompt_on_a_local_draft(tiny_pair):
     """Under the policy, on a draft in the loop's process, the draft reads a long prompt in the first round
     that drafts for it, not chunk by chunk: chunk rounds run the target alone. That round's draft time is
     kept out of the policy's step costs, and the tokens are target-only decoding's."""
-    from pearl_ray.core.batch import BatchedDraftSide, LocalDraftPhase
+    from pearl_ray.core.proposer import BatchedDraftSide, LocalDraftPhase
 
     budget = 16
     eng = PearlEngine(draft=tiny_pair["draft"], target=tiny_pair["target"], max_num_seqs=4,
@@ -236,7 +236,7 @@ def test_the_per_slot_reference_gives_the_same_tokens_sampled_too():
     """Over the slow reference ``BatchedLM`` (one tabular model per slot, exact logits) chunked prompts change
     nothing, sampled requests included: a chunk draws no coin and the draft samples nothing while caching."""
     from pearl_ray.config import EngineConfig, Request
-    from pearl_ray.core.batch import PerSlotLM
+    from pearl_ray.core.sides import PerSlotLM
     from pearl_ray.testing import TabularLM
 
     target, draft = TabularLM(6, seed=0), TabularLM(6, seed=5)

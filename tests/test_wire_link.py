@@ -12,7 +12,9 @@ import torch
 from pearl_ray.runtime import wire
 from pearl_ray.runtime.link import GlooLink, draft_frame_handler, serve_rounds
 from pearl_ray.runtime.transports import GlooDraftPhase
-from pearl_ray.core.batch import BatchedDraftSide, BatchLoop, PerSlotLM, run_batch
+from pearl_ray.core.batch import BatchLoop, run_batch
+from pearl_ray.core.proposer import BatchedDraftSide
+from pearl_ray.core.sides import PerSlotLM
 from pearl_ray.config import EngineConfig, Request, SamplingParams
 from pearl_ray.core.messages import DraftChunk, DraftRequest, DraftStart, SeqUpdate
 from pearl_ray.testing import SlowLM, TabularLM

@@ -1,4 +1,4 @@
-"""A KV cache with one slot per request, and one forward over many slots: ``core.batch.BatchedLM`` for
+"""A KV cache with one slot per request, and one forward over many slots: ``core.sides.BatchedLM`` for
 Hugging Face causal LMs (Llama, Qwen2/3, Mistral, Phi-3, Gemma-2/3 families: any model that takes
 ``position_ids`` and ready-made 4D masks, per layer type where it has sliding-window layers; see
 ``modeling.families``), in float32 or bfloat16, on CPU or CUDA.
@@ -53,7 +53,7 @@ WIDTH_BUCKETS = (1, 2, 4, 8, 16)
 
 
 class BatchedHFCausalLM(ModelRunner):
-    """Implements ``core.batch.BatchedLM`` over one transformers causal LM (shared with other runners).
+    """Implements ``core.sides.BatchedLM`` over one transformers causal LM (shared with other runners).
 
     ``rows`` / ``max_len``: the store's first size (it grows on demand past it)."""
 

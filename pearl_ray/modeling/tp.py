@@ -121,7 +121,7 @@ def decode_feeds(payload: list[int]) -> dict[int, tuple[list[int], int]]:
 
 
 class TPBatchedLeader:
-    """Rank 0's ``core.batch.BatchedLM``: the local shard's slot cache, each operation first broadcast to the
+    """Rank 0's ``core.sides.BatchedLM``: the local shard's slot cache, each operation first broadcast to the
     group (a batched forward is one op: every slot's new ids, lengths and logit counts), so that every rank's
     cache makes the same moves and their forwards meet in AutoTP's all-reduces."""
 

@@ -1,4 +1,4 @@
-"""How the target leader's batched loop reaches a draft in another actor: the ``core.batch.DraftPhase``
+"""How the target leader's batched loop reaches a draft in another actor: the ``core.proposer.DraftPhase``
 implementations of the Ray backend. The target runs in the leader's own process, so p rows never leave it
 and the target's next forward starts right after the decision (the spec's placement of the decider,
 section 4); each round the loop submits every drafting request's work, runs the target's forward, then
@@ -29,7 +29,7 @@ class DraftFailed(RuntimeError):
 
 
 class RemoteDraftPhase:
-    """``core.batch.DraftPhase`` over a ``DraftWorker`` actor: slot starts and releases ride with the next
+    """``core.proposer.DraftPhase`` over a ``DraftWorker`` actor: slot starts and releases ride with the next
     round's call (``DraftWorker.batch_round``), which ``submit`` sends without waiting, so the draft works
     on its round while the caller runs the target's forward; ``collect`` waits at most ``timeout_s``. Any
     failure (timeout, dead actor, an error in the round) raises: the loop turns the requests target-only."""
@@ -67,7 +67,7 @@ class RemoteDraftPhase:
 
 
 class GlooDraftPhase(RemoteDraftPhase):
-    """``core.batch.DraftPhase`` over the leader's gloo link (transport "gloo"): each round is one batched
+    """``core.proposer.DraftPhase`` over the leader's gloo link (transport "gloo"): each round is one batched
     message each way (``wire.encode_batch`` / ``encode_batch_reply``), answered by the draft's
     ``serve_link`` loop with ``DraftWorker.batch_round``. ``submit`` posts the reply's receive and the send
     without waiting; ``collect`` waits at most ``timeout_s``. Any failure raises ``DraftFailed`` and closes

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from ..core.batch import BatchedDraftSide, LocalDraftPhase
+from ..core.proposer import BatchedDraftSide, LocalDraftPhase
 from ..core.sides import time_forward
 from ..pair import as_batched, concurrent_draft, decoder, local_cost_model
 from ..platform import adopt_thread_count, borrowed_threads, on_fresh_thread, torch_threads
